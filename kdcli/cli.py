@@ -1,0 +1,386 @@
+"""kdcli's command line. Thin on purpose: each command parses options, calls one library function and
+prints. Heavy libraries (torch, timm, h5py) are imported inside the commands, so `--help` and shell
+completion stay fast."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kdcli.errors import KdcliError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Distil a multi-modal teacher into a single-modality student, from raw data to "
+                       "evaluated, explained models.")
+synth_app = typer.Typer(no_args_is_help=True, help="Write phantom datasets in each dataset's real layout.")
+prepare_app = typer.Typer(no_args_is_help=True, help="Turn a raw download into a shard directory.")
+app.add_typer(synth_app, name="synth")
+app.add_typer(prepare_app, name="prepare")
+
+
+def err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def friendly_errors(function):
+    """KdcliError and OS errors become one `error:` line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except KdcliError as exc:
+            err(f"error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except (OSError, MemoryError) as exc:
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            err(f"error: {where}{exc.strerror or exc}")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err("interrupted; finished outputs are intact (rerun with --resume where offered)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def command(typer_app: typer.Typer = app, name: str | None = None):
+    return lambda function: typer_app.command(name)(friendly_errors(function))
+
+
+def parse_params(values: list[str] | None) -> dict[str, str] | None:
+    if not values:
+        return None
+    params = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+# ----------------------------------------------------------------------------------------------- synth
+@command(synth_app, "multieye")
+def synth_multieye(
+    out: Annotated[Path, typer.Argument(help="Folder to write (MultiEYE layout: assemble/, assemble_oct/).")],
+    per_class: Annotated[int, typer.Option(help="Images per class and modality, all splits together.")] = 20,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    paired: Annotated[bool, typer.Option(help="Same eyes in both modalities (for --method kd).")] = False,
+    workers: Annotated[int, typer.Option(help="Processes.")] = 1,
+) -> None:
+    """MultiEYE phantoms: OCT shows each class's concepts clearly, fundus only faintly."""
+    from kdcli.synth import SYNTHS
+
+    summary = SYNTHS.get("multieye")(out, per_class=per_class, size=size, seed=seed, paired=paired,
+                                     workers=workers)
+    err(f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}")
+
+
+# --------------------------------------------------------------------------------------------- prepare
+class Compression(str, Enum):
+    none = "none"
+    lzf = "lzf"
+    gzip = "gzip"
+
+
+PrepOut = Annotated[Path, typer.Option("--out", "-o", help="Shard directory to create.")]
+PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to square, then resize).")]
+PrepWorkers = Annotated[int, typer.Option(help="Parallel processes.")]
+PrepResume = Annotated[bool, typer.Option(help="Finish an interrupted prepare; finished shards are kept.")]
+PrepOverwrite = Annotated[bool, typer.Option(help="Replace an existing --out (only once the new one is done).")]
+PrepShardSize = Annotated[int, typer.Option(help="Samples per HDF5 shard.")]
+PrepCompression = Annotated[Compression, typer.Option(help="HDF5 compression of the pixel arrays.")]
+
+
+def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resume: bool, overwrite: bool,
+                shard_size: int, compression: Compression, source_options: dict[str, Any]) -> None:
+    from tqdm import tqdm
+
+    from kdcli.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
+                             overwrite=overwrite, shard_size=shard_size,
+                             compression=None if compression is Compression.none else compression.value,
+                             source_options=source_options)
+    bars: list = []
+
+    def progress_factory(total: int):
+        bar = tqdm(total=total, unit="img", desc=f"prepare {source}", file=sys.stderr, leave=False,
+                   disable=None)  # None: silent when stderr is not a terminal (CI logs)
+        bars.append(bar)
+        return bar.update
+
+    try:
+        result = prepare(options, progress_factory)
+    finally:
+        for bar in bars:
+            bar.close()
+    for note in result.notes:
+        err(f"note: {note}")
+    counts = ", ".join(f"{m}: " + "/".join(str(c[s]) for s in ("train", "dev", "test"))
+                       for m, c in result.meta.counts.items())
+    err(f"prepared {out} ({counts} train/dev/test; {result.written} shards written, {result.reused} reused, "
+        f"{result.seconds:.1f}s) {result.meta.content_hash[:19]}")
+
+
+@command(prepare_app, "multieye")
+def prepare_multieye(
+    raw: Annotated[Path, typer.Argument(help="Folder holding assemble/ and assemble_oct/.")],
+    out: PrepOut,
+    size: PrepSize = 224,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: PrepOverwrite = False,
+    shard_size: PrepShardSize = 512,
+    compression: PrepCompression = Compression.none,
+    clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
+    median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
+    list_name: Annotated[Optional[str], typer.Option(help="List file name in each split folder.")] = None,
+) -> None:
+    """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
+    run_prepare("multieye", raw, out, size, workers, resume, overwrite, shard_size, compression,
+                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})})
+
+
+# --------------------------------------------------------------------------------------------- inspect
+@command()
+def inspect(
+    data: Annotated[Path, typer.Argument(help="Shard directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    verify: Annotated[bool, typer.Option(help="Re-hash every shard and compare with dataset.json.")] = False,
+) -> None:
+    """Counts per split, modality and class; shapes; content hash."""
+    from kdcli.inspect import inspect_dataset
+
+    report = inspect_dataset(data, verify=verify)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{data} — {report['source']}, {report['pairing']}, {report['samples']} samples")
+    table.add_column("modality")
+    table.add_column("shape")
+    for split in ("train", "dev", "test"):
+        table.add_column(split, justify="right")
+    for modality, info in report["modalities"].items():
+        per_split = report["per_class"].get(modality, {})
+        table.add_row(modality, "x".join(map(str, info["shape"])),
+                      *[str(report["counts"][modality].get(s, 0)) for s in ("train", "dev", "test")])
+        for name in report["classes"]:
+            table.add_row("", f"  {name}", *[str(per_split.get(s, {}).get(name, 0)) for s in ("train", "dev", "test")])
+    out = console(stderr=False)
+    out.print(table)
+    out.print(f"hash {report['content_hash']}" + ("  (verified)" if verify else ""))
+
+
+# ------------------------------------------------------------------------------------- teach / distill
+Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory from `kdcli prepare`.")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint to write (best); siblings: "
+                                             ".last.pt, .metrics.csv/.jsonl, .config.json.")]
+Model = Annotated[Optional[str], typer.Option(help="timm model name (default resnet50; distill: the teacher's).")]
+Head = Annotated[Optional[str], typer.Option(help="auto | linear | concept (auto: concept when the data has "
+                                                  "a concept bank).")]
+Epochs = Annotated[Optional[int], typer.Option(help="Epochs (default 100, MultiEYE's).")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Batch size (default 32).")]
+Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed (sampling, init, augmentation).")]
+Device = Annotated[Optional[str], typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps.")]
+Config = Annotated[Optional[Path], typer.Option(help="YAML/TOML file of options; flags override it.")]
+Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")]
+Resume = Annotated[bool, typer.Option(help="Continue from <out>.last.pt.")]
+Pretrained = Annotated[Optional[str], typer.Option(help="Local backbone weights (.pth/.safetensors).")]
+Param = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Method parameter KEY=VALUE "
+                                                    "(repeatable); `kdcli methods` lists them.")]
+Patience = Annotated[Optional[int], typer.Option(help="Early stop after N epochs without dev gain (0=off).")]
+Balanced = Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.")]
+Amp = Annotated[Optional[str], typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the student.")]
+Concepts = Annotated[Optional[str], typer.Option(help="Concept bank (.npy like concepts_raw.npy, or text).")]
+ConceptEmb = Annotated[Optional[str], typer.Option(help="Concept embeddings (K, D) .npy.")]
+Extra = Annotated[Optional[list[str]], typer.Option("--set", help="Any other engine option KEY=VALUE, e.g. "
+                                                    "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05.")]
+
+
+def _train_flags(**flags: Any) -> dict[str, Any]:
+    extra = parse_params(flags.pop("extra")) or {}
+    flags["params"] = parse_params(flags.pop("param"))
+    for key in ("data", "out", "pretrained", "concepts", "concept_embeddings"):
+        if flags.get(key) is not None:
+            flags[key] = str(flags[key])
+    flags["resume"] = flags["resume"] or None
+    return {**extra, **flags}
+
+
+def _report_fit(result, out: Path) -> None:
+    err(f"best dev score {result.best_value:.4f} at epoch {result.best_epoch}; wrote {out} "
+        f"({result.seconds:.0f}s)")
+
+
+@command()
+def teach(
+    data: Data, modality: Annotated[Optional[str], typer.Option(help="Modality to train on, e.g. oct.")] = None,
+    out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    config: Config = None, workers: Workers = None, resume: Resume = False, pretrained: Pretrained = None,
+    patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
+    concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
+) -> None:
+    """Train a model on one modality (the teacher, or a baseline)."""
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    from kdcli.train import resolve_config
+    from kdcli.train import teach as run_teach
+
+    cfg = resolve_config(_train_flags(**flags), config)
+    result = run_teach(cfg, log=err)
+    _report_fit(result, Path(cfg.out))
+
+
+@command()
+def distill(
+    data: Data,
+    teacher: Annotated[Optional[list[Path]], typer.Option(help="Teacher checkpoint(s).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="The student's modality, e.g. fundus.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Distillation method; `kdcli methods` lists them.")] = None,
+    out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    config: Config = None, workers: Workers = None, resume: Resume = False, pretrained: Pretrained = None,
+    patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
+    concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
+) -> None:
+    """Distil a teacher into a single-modality student."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "student")}
+    from kdcli.train import distill as run_distill
+    from kdcli.train import resolve_config
+
+    flags["modality"] = student
+    flags["teacher"] = [str(t) for t in teacher] if teacher else None
+    cfg = resolve_config(_train_flags(**flags), config)
+    if cfg.method == "supervised":
+        raise typer.BadParameter("choose a distillation method, e.g. --method coda", param_hint="--method")
+    result = run_distill(cfg, log=err)
+    _report_fit(result, Path(cfg.out))
+
+
+# ------------------------------------------------------------------------------------ evaluate/explain
+@command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
+    data: Data,
+    split: Annotated[str, typer.Option(help="train, dev or test.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout; the table goes to stderr.")] = False,
+    predictions: Annotated[Optional[Path], typer.Option(help="Per-sample ids, labels, probabilities "
+                                                        "(.csv or .parquet).")] = None,
+    figure: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default beside the checkpoint).")] = None,
+    device: Device = None,
+) -> None:
+    """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1."""
+    from kdcli.evaluate.run import EvaluateOptions
+    from kdcli.evaluate.run import evaluate as run_evaluate
+
+    report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto"))
+    _print_metrics(report, to_stderr=as_json)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+
+
+def _print_metrics(report: dict, to_stderr: bool) -> None:
+    from rich.table import Table
+
+    metrics = report["metrics"]
+    table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']} (n={metrics['n']})")
+    for key in ("accuracy", "macro_f1", "kappa", "auc", "ap", "macro_precision", "macro_recall"):
+        table.add_column(key, justify="right")
+    table.add_row(*[("-" if metrics[k] is None else f"{metrics[k]:.4f}") for k in (
+        "accuracy", "macro_f1", "kappa", "auc", "ap", "macro_precision", "macro_recall")])
+    console(stderr=to_stderr).print(table)
+    console(stderr=to_stderr).print("per-class F1: " + ", ".join(
+        f"{name} {value:.2f}" for name, value in metrics["per_class_f1"].items()))
+
+
+@command()
+def explain(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for PNGs and index.html.")] = Path("explain"),
+    split: Annotated[str, typer.Option(help="Split to draw images from.")] = "test",
+    count: Annotated[int, typer.Option("--count", "-n", help="Images to explain.")] = 12,
+    top_concepts: Annotated[int, typer.Option(help="Concepts listed per image (concept models).")] = 5,
+    device: Device = None,
+) -> None:
+    """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html."""
+    from kdcli.explain.run import ExplainOptions
+    from kdcli.explain.run import explain as run_explain
+
+    index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto"))
+    err(f"wrote {index}")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+@command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False) -> None:
+    """List distillation methods and their parameters (the papers' defaults)."""
+    from kdcli.methods import METHODS
+    from kdcli.methods.base import params_table
+
+    listing = {name: {"help": METHODS.help(name), "params": {p: d for p, d, _ in params_table(
+        METHODS.get(name).Params)}} for name in METHODS.names()}
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+        return
+    for name, info in listing.items():
+        typer.echo(f"{name:<12} {info['help']}")
+        for key, default in info["params"].items():
+            typer.echo(f"{'':<14}-p {key}={default}")
+
+
+class Shell(str, Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@command()
+def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:
+    """Print the shell completion script (the files in completions/ are this output)."""
+    from kdcli.completion import completion_script
+
+    typer.echo(completion_script(shell.value), nl=False)
+
+
+@command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder (phantoms, shards, checkpoints).")]
+    = Path("kdcli-demo"),
+    seeds: Annotated[int, typer.Option(help="Repeat training over this many seeds (mean ± spread).")] = 1,
+    epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 12,
+    per_class: Annotated[int, typer.Option(help="Phantom images per class and modality.")] = 40,
+    size: Annotated[int, typer.Option(help="Image side.")] = 64,
+    model: Annotated[str, typer.Option(help="timm model for teacher and students.")] = "test_resnet",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON results on stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Reuse --out even if it exists.")] = True,
+) -> None:
+    """synth -> prepare -> teach OCT -> fundus baseline -> CoDA student -> evaluate, on small phantoms."""
+    from kdcli.demo import DemoOptions, render_table, run_demo
+
+    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, model, overwrite), log=err)
+    console(stderr=as_json).print(render_table(results))
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    app(prog_name="kdcli")

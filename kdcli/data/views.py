@@ -1,0 +1,103 @@
+"""Torch datasets over a ShardStore. Items are dicts of uint8 CHW tensors and ints."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
+
+from kdcli.shards.reader import ShardStore
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class ModalityView(Dataset):
+    """One modality of one split: {"image", "label", "index"}."""
+
+    def __init__(self, store: ShardStore, split: str, modality: str, augment=None):
+        store.require_modality(modality)
+        self.store, self.split, self.modality, self.augment = store, split, modality, augment
+        rows = store.rows(split, modality)
+        self.ids = rows["id"].to_list()
+        self.labels = rows["label"].to_numpy()
+        self.shards = rows["shard"].to_list()
+        self.indices = rows["index"].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, i: int, modality: str | None = None) -> np.ndarray:
+        array = self.store.read(self.shards[i], int(self.indices[i]), modality or self.modality)
+        if self.augment is not None:
+            array = self.augment(image=array)["image"]
+            if array.ndim == 2:
+                array = array[:, :, None]
+        return array
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": to_tensor(self.image(i)), "label": int(self.labels[i]), "index": i}
+
+
+class UnpairedPartnerView(Dataset):
+    """Each student item gets a teacher-modality item of the same class drawn from the other pool
+    (MultiEYE's unpaired sampling); a random one when the class has none. Deterministic per (seed, epoch)."""
+
+    def __init__(self, student: ModalityView, partner: ModalityView, seed: int = 0):
+        self.student, self.partner, self.seed, self.epoch = student, partner, seed, 0
+        self.by_class: dict[int, np.ndarray] = {
+            int(c): np.flatnonzero(partner.labels == c) for c in np.unique(partner.labels)
+        }
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.student)
+
+    def partner_index(self, i: int) -> int:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        pool = self.by_class.get(int(self.student.labels[i]))
+        if pool is None or len(pool) == 0:
+            return int(rng.integers(len(self.partner)))
+        return int(pool[rng.integers(len(pool))])
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.student[i]
+        j = self.partner_index(i)
+        partner = self.partner[j]
+        item["teacher_image"], item["teacher_label"] = partner["image"], partner["label"]
+        return item
+
+
+class PairedView(Dataset):
+    """Records that carry both modalities: the student's image and the teacher's, same augmentation seed."""
+
+    def __init__(self, store: ShardStore, split: str, student: str, teacher: str, augment=None):
+        self.student = ModalityView(store, split, student, augment)
+        self.teacher = ModalityView(store, split, teacher, augment)
+        keep = set(self.student.ids) & set(self.teacher.ids)
+        if len(keep) != len(self.student.ids):
+            from kdcli.errors import KdcliError
+
+            raise KdcliError(f"{len(self.student.ids) - len(keep)} {student} records have no {teacher} image",
+                             path=store.root, hint="paired methods (kd) need paired data; use --method coda")
+
+    def __len__(self) -> int:
+        return len(self.student)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.student[i]
+        item["teacher_image"] = self.teacher[i]["image"]
+        item["teacher_label"] = item["label"]
+        return item
+
+
+def class_balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> Sampler:
+    """Weights 1/class count, with replacement (as MultiEYE trains)."""
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples,
+                                 replacement=True, generator=generator)

@@ -1,0 +1,73 @@
+"""Checkpoints: one torch file holding tensors and a JSON string, loaded with weights_only=True so that
+opening a checkpoint never unpickles code. Written under a temporary name, then renamed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcli.errors import KdcliError
+
+FORMAT = "kdcli-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, epoch... (last only)
+
+
+def save_checkpoint(path: Path, meta: dict[str, Any], model_state: dict[str, torch.Tensor],
+                    state: dict[str, Any] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta),
+               "model": {k: v.detach().cpu() for k, v in model_state.items()}, "state": state or {}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise KdcliError("checkpoint not found", path=path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise KdcliError(f"not a readable kdcli checkpoint ({type(exc).__name__})", path=path,
+                         hint="the file is damaged or was not written by kdcli; retrain or restore it") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise KdcliError("not a kdcli checkpoint", path=path, hint="pass a .pt written by kdcli teach/distill")
+    if payload.get("version") != VERSION:
+        raise KdcliError(f"checkpoint version {payload.get('version')}, this kdcli reads {VERSION}", path=path)
+    return Checkpoint(path, json.loads(payload["meta"]), payload["model"], payload.get("state") or {})
+
+
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return "sha256:" + hasher.hexdigest()
+
+
+def sibling(out: Path, suffix: str) -> Path:
+    """oct.pt -> oct.last.pt, oct.metrics.csv, ..."""
+    out = Path(out)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(stem + suffix)

@@ -1,0 +1,262 @@
+"""The one training loop under `teach` and `distill`: every method, every dataset.
+
+Per epoch: train the method's loss terms, evaluate the student on the dev split, log metrics (JSONL and
+CSV), keep `last` (with optimizer state, for --resume) and `best` (by `metric`), stop early on patience.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint, sibling
+from kdcli.engine.device import amp_dtype, seed_everything, select_device
+from kdcli.errors import KdcliError
+
+
+@dataclass
+class EngineConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    grad_clip: float = 0.0
+    accumulate: int = 1
+    ema: float = 0.0
+    patience: int = 0
+    metric: str = "macro_f1"
+    balanced: bool = True
+    samples_per_epoch: int = 0  # 0 = the training set's size
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_value: float
+    epochs_run: int
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
+    """Multiplier for LambdaLR: linear warm-up, then half-cycle cosine down to min_lr (MultiEYE's schedule)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = min_lr / base_lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_loader(dataset: Dataset, cfg: EngineConfig, device: torch.device, labels: np.ndarray | None,
+                train: bool) -> DataLoader:
+    sampler = None
+    if train:
+        num_samples = cfg.samples_per_epoch or len(dataset)
+        if cfg.balanced and labels is not None:
+            from kdcli.data.views import class_balanced_sampler
+
+            sampler = class_balanced_sampler(labels, num_samples, cfg.seed)
+        else:
+            sampler = RandomSampler(dataset, num_samples=num_samples,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", drop_last=train and len(dataset) >= cfg.batch_size,
+        persistent_workers=cfg.workers > 0, worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+            dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Probabilities, labels and any extra outputs (e.g. concept similarities) over a loader."""
+    model.eval()
+    probs, labels, extras = [], [], defaultdict(list)
+    for batch in loader:
+        batch = to_device(batch, device, False)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(batch["image"])
+        probs.append(out["logits"].float().softmax(1).cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+        if "sims" in out:
+            extras["sims"].append(out["sims"][:, 0].float().cpu().numpy())
+    return np.concatenate(probs), np.concatenate(labels), {k: np.concatenate(v) for k, v in extras.items()}
+
+
+class MetricsLog:
+    def __init__(self, out: Path, resume: bool):
+        self.jsonl, self.csv = sibling(out, ".metrics.jsonl"), sibling(out, ".metrics.csv")
+        if not resume:
+            for path in (self.jsonl, self.csv):
+                path.unlink(missing_ok=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.jsonl, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.csv.with_name(self.csv.name + ".tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.csv)
+
+
+def fit(method: torch.nn.Module, train_set: Dataset, dev_set: Dataset, cfg: EngineConfig, out: Path,
+        meta: dict[str, Any], evaluate: Callable[[np.ndarray, np.ndarray], dict], resume: bool = False,
+        log: Callable[[str], None] = print, train_labels: np.ndarray | None = None) -> FitResult:
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    dtype = amp_dtype(device, cfg.amp)
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    method.to(device)
+    method.teacher_to(device)
+    student = method.student
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+        if method.teacher is not None:
+            method.teacher.to(memory_format=torch.channels_last)
+    forward = torch.compile(student) if cfg.compile else student
+
+    train_loader = make_loader(train_set, cfg, device, train_labels, train=True)
+    dev_loader = make_loader(dev_set, cfg, device, None, train=False)
+    steps_per_epoch = max(1, len(train_loader) // cfg.accumulate)
+    total_steps = steps_per_epoch * cfg.epochs
+    parameters = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.lr, cfg.min_lr))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+
+    metrics_log = MetricsLog(out, resume)
+    start_epoch, best_epoch, best_value, history, stale = 0, -1, -math.inf, [], 0
+    last_path = sibling(out, ".last.pt")
+    if resume:
+        if not last_path.is_file():
+            raise KdcliError("nothing to resume", path=last_path, hint="drop --resume to start a new run")
+        last = load_checkpoint(last_path)
+        method.load_state_dict(last.state["method"])
+        optimizer.load_state_dict(last.state["optimizer"])
+        scheduler.load_state_dict(last.state["scheduler"])
+        if ema is not None and "ema" in last.state:
+            ema.load_state_dict(last.state["ema"])
+        start_epoch = int(last.state["epoch"]) + 1
+        best_epoch, best_value = int(last.state["best_epoch"]), float(last.state["best_value"])
+        stale = int(last.state.get("stale", 0))
+        log(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (best {cfg.metric} {best_value:.4f})")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
+        if hasattr(train_loader.sampler, "generator") and train_loader.sampler.generator is not None:
+            train_loader.sampler.generator.manual_seed(cfg.seed * 1000 + epoch)
+        method.train()
+        if method.teacher is not None:
+            method.teacher.eval()
+        sums: dict[str, float] = defaultdict(float)
+        batches, seen, epoch_start = 0, 0, time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for step, batch in enumerate(train_loader):
+            batch = to_device(batch, device, channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                terms = method.loss(batch, forward(batch["image"]))
+            loss = sum(v for k, v in terms.items() if not k.startswith("_"))
+            if not torch.isfinite(loss):
+                raise KdcliError(f"loss became {loss.item()} at epoch {epoch + 1}",
+                                 hint="lower --lr, or try --amp off")
+            scaler.scale(loss / cfg.accumulate).backward()
+            if (step + 1) % cfg.accumulate == 0:
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(student)
+            for key, value in terms.items():
+                sums[key] += float(value.detach())
+            sums["loss"] += float(loss.detach())
+            batches += 1
+            seen += len(batch["label"])
+        train_seconds = time.perf_counter() - epoch_start
+
+        eval_model = ema.module if ema is not None else student
+        probs, labels, _ = predict(eval_model, dev_loader, device, dtype)
+        dev = evaluate(labels, probs)
+        value = dev[cfg.metric]
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               **{f"train_{k.lstrip('_')}": v / max(1, batches) for k, v in sums.items()},
+               **{f"dev_{k}": v for k, v in dev.items() if isinstance(v, (int, float)) or v is None},
+               "train_samples_per_s": seen / max(train_seconds, 1e-9)}
+        history.append(row)
+        metrics_log.write(row)
+        improved = value is not None and value > best_value
+        if improved:
+            best_epoch, best_value, stale = epoch + 1, value, 0
+            save_checkpoint(out, {**meta, "best": {"epoch": epoch + 1, "metric": cfg.metric, "value": value,
+                                                  "dev": {k: dev[k] for k in ("accuracy", "macro_f1", "kappa", "auc")}}},
+                            eval_model.state_dict())
+        else:
+            stale += 1
+        save_checkpoint(last_path, {**meta, "last_epoch": epoch + 1}, eval_model.state_dict(), {
+            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_epoch": best_epoch,
+            "best_value": best_value, "stale": stale, **({"ema": ema.state_dict()} if ema is not None else {}),
+        })
+        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {value:.4f}"
+            f"  acc {dev['accuracy']:.3f}{'  *' if improved else ''}  ({seen / max(train_seconds, 1e-9):.0f} img/s)")
+        if cfg.patience and stale >= cfg.patience:
+            log(f"early stop: no {cfg.metric} gain for {cfg.patience} epochs")
+            break
+    return FitResult(best_epoch, best_value, len(history), history, time.perf_counter() - started)
+
+
+def config_dict(cfg: EngineConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,60 @@
+"""`kdcli inspect`: what a shard directory holds, and (with verify) whether its bytes still match its hash."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import h5py
+import polars as pl
+
+from kdcli.errors import KdcliError
+from kdcli.shards.format import SHARD_DIR, content_hash
+from kdcli.shards.reader import ShardStore
+
+
+def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
+    store = ShardStore(root)
+    meta = store.meta
+    manifest = store.manifest.with_columns(pl.col("modality").str.split("+").alias("modalities"))
+    per_class: dict[str, dict[str, dict[str, int]]] = {}
+    exploded = manifest.explode("modalities")
+    grouped = exploded.group_by(["modalities", "split", "label"]).len().sort(["modalities", "split", "label"])
+    for modality, split, label, count in grouped.iter_rows():
+        per_class.setdefault(modality, {}).setdefault(split, {})[meta.classes[label]] = int(count)
+    report: dict[str, Any] = {
+        "path": str(root), "source": meta.source, "task": meta.task, "pairing": meta.pairing,
+        "classes": meta.classes, "modalities": meta.modalities, "counts": meta.counts,
+        "per_class": per_class, "samples": manifest.height,
+        "shards": manifest["shard"].n_unique(), "content_hash": meta.content_hash,
+        "kdcli_version": meta.kdcli_version, "prepare": meta.prepare,
+    }
+    if verify:
+        report["verified"] = verify_hash(store)
+    return report
+
+
+def verify_hash(store: ShardStore) -> bool:
+    """Recompute every shard's digest from its pixels; raise naming the first shard that differs."""
+    digests = {}
+    rows = store.manifest.select(list(store.manifest.columns)).rows()
+    for shard in sorted(store.manifest["shard"].unique().to_list()):
+        path = store.root / SHARD_DIR / shard
+        with h5py.File(path, "r") as handle:
+            hasher = hashlib.sha256()
+            ids = [i.decode() if isinstance(i, bytes) else i for i in handle["id"][:]]
+            hasher.update("\n".join(ids).encode())
+            hasher.update(handle["label"][:].tobytes())
+            modalities = sorted(k for k in handle if k not in ("id", "label"))
+            for index in range(len(ids)):
+                for modality in modalities:
+                    hasher.update(handle[modality][index].tobytes())
+            if hasher.hexdigest() != handle.attrs["digest"]:
+                raise KdcliError("shard content differs from its recorded digest", path=path,
+                                 hint="the file was modified or damaged; re-run `kdcli prepare`")
+            digests[shard] = hasher.hexdigest()
+    if content_hash(digests, rows) != store.meta.content_hash:
+        raise KdcliError("manifest or shards differ from dataset.json's content_hash", path=store.root,
+                         hint="re-run `kdcli prepare`")
+    return True

@@ -1,0 +1,67 @@
+"""The contract every method keeps with the engine.
+
+A method names the data view it needs (`pairing`), holds the frozen teacher if any, and returns its
+loss as named terms; the engine sums them, logs each and backpropagates the sum.
+Terms whose name starts with "_" are logged, not summed (e.g. how often a gate opened).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kdcli.errors import UsageError
+
+
+@dataclasses.dataclass
+class NoParams:
+    pass
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    needs_teacher: ClassVar[bool] = False
+    pairing: ClassVar[str] = "none"  # "none" | "unpaired" (class-matched partner) | "paired"
+
+    def __init__(self, params: Any, student: nn.Module, teacher: nn.Module | None = None):
+        super().__init__()
+        self.params = params
+        self.student = student
+        # The teacher is frozen and kept out of state_dict/optimizer/DDP: a plain attribute, not a module.
+        self.__dict__["teacher"] = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def teacher_to(self, device: torch.device) -> None:
+        if self.teacher is not None:
+            self.teacher.to(device)
+
+    def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def parse_params(params_cls: type, overrides: dict[str, Any], method: str) -> Any:
+    """Build the method's params dataclass from defaults (the paper's) and `-p key=value` overrides."""
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    values = {}
+    for key, raw in overrides.items():
+        if key not in fields:
+            known = ", ".join(f"{f.name}={f.default}" for f in fields.values()) or "none"
+            raise UsageError(f"method {method!r} has no parameter {key!r}; known: {known}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                values[key] = str(raw).lower() in ("1", "true", "yes", "on") if isinstance(raw, str) else bool(raw)
+            else:
+                values[key] = type(default)(raw)
+        except (TypeError, ValueError):
+            raise UsageError(f"method {method!r}: {key}={raw!r} is not a {type(default).__name__}") from None
+    return params_cls(**values)
+
+
+def params_table(params_cls: type) -> list[tuple[str, Any, str]]:
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(params_cls)]

@@ -1,0 +1,110 @@
+"""Image classifier = normalisation + timm backbone + head. Returns features and logits so every
+method can reach either. The head is `linear` or `concept` (OCT-CoDA's concept-similarity head)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcli.errors import KdcliError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def default_normalisation(in_chans: int) -> tuple[list[float], list[float]]:
+    if in_chans == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [0.5] * in_chans, [0.25] * in_chans
+
+
+class ConceptHead(nn.Module):
+    """s = norm(W_v norm(f)) T^T (cosine to each concept), logits = W_c s + b; a second similarity
+    layer s' = (P f) T^T (unnormalised, as the official `project_4`) is used only by distillation."""
+
+    def __init__(self, in_features: int, concepts: torch.Tensor, num_classes: int, scale: float = 10.0):
+        super().__init__()
+        # Cosines live in [-1, 1]; a fixed scale in front of the classifier is only a re-parameterisation
+        # of W_c, but it lets short runs learn (the official trains 100 epochs x 562 steps without it).
+        self.scale = scale
+        self.register_buffer("concepts", concepts.float())
+        dim = concepts.shape[1]
+        self.embed = nn.Linear(in_features, dim, bias=False)
+        self.project = nn.Linear(in_features, dim)
+        self.classifier = nn.Linear(concepts.shape[0], num_classes)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        visual = F.normalize(self.embed(F.normalize(features, dim=-1)), dim=-1)
+        sims = visual @ self.concepts.t()
+        sims_projected = self.project(features) @ self.concepts.t()
+        return {"logits": self.classifier(self.scale * sims), "sims": torch.stack([sims, sims_projected], dim=1)}
+
+
+class Classifier(nn.Module):
+    def __init__(self, spec: dict[str, Any], concepts: torch.Tensor | None = None):
+        super().__init__()
+        self.spec = spec
+        in_chans, num_classes = spec["in_chans"], spec["num_classes"]
+        self.register_buffer("mean", torch.tensor(spec["mean"]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(spec["std"]).view(1, -1, 1, 1))
+        try:
+            self.backbone = timm.create_model(spec["backbone"], pretrained=False, num_classes=0,
+                                              in_chans=in_chans, **spec.get("backbone_kwargs", {}))
+        except RuntimeError as exc:
+            raise KdcliError(f"unknown timm model {spec['backbone']!r} ({exc})",
+                             hint="see `python -c 'import timm; print(timm.list_models())'`") from None
+        self.feature_map = nn.Identity()  # Grad-CAM's target: the last spatial feature map
+        features = self.backbone.num_features
+        if spec["head"] == "concept":
+            if concepts is None:
+                concepts = torch.zeros(len(spec["concepts"]), spec["concept_dim"])
+            self.head: nn.Module = ConceptHead(features, concepts, num_classes, spec.get("concept_scale", 10.0))
+        elif spec["head"] == "linear":
+            self.head = nn.Linear(features, num_classes)
+        else:
+            raise KdcliError(f"unknown head {spec['head']!r}; known: linear, concept")
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feature_map = self.feature_map(self.backbone.forward_features(self.normalise(images)))
+        features = self.backbone.forward_head(feature_map, pre_logits=True)
+        if isinstance(self.head, ConceptHead):
+            return {"features": features, **self.head(features)}
+        return {"features": features, "logits": self.head(features)}
+
+
+def load_pretrained_backbone(model: Classifier, path: str) -> list[str]:
+    """Local weights only (no hub): a state dict, or a checkpoint dict with 'state_dict'/'model'."""
+    from pathlib import Path
+
+    path_obj = Path(path)
+    if not path_obj.is_file():
+        raise KdcliError("pretrained weights not found", path=path, hint="give a local .pth/.safetensors file")
+    if path_obj.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path_obj))
+    else:
+        state = torch.load(path_obj, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    backbone_state = model.backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in backbone_state and v.shape == backbone_state[k].shape}
+    if not usable:
+        raise KdcliError("no tensor in the file matches the backbone", path=path,
+                         hint=f"weights must be for {model.spec['backbone']}")
+    model.backbone.load_state_dict(usable, strict=False)
+    return sorted(set(backbone_state) - set(usable))
+
+
+def build_classifier(spec: dict[str, Any], concepts: torch.Tensor | None = None) -> Classifier:
+    return Classifier(spec, concepts)

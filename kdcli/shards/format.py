@@ -1,0 +1,113 @@
+"""Names, metadata and hashing of the shard format (v1). No torch here: readable by plain h5py users too."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcli.errors import KdcliError
+
+SCHEMA_VERSION = 1
+DATASET_JSON = "dataset.json"
+MANIFEST = "manifest.parquet"
+SHARD_DIR = "shards"
+PLAN_JSON = "plan.json"
+SPLITS = ("train", "dev", "test")
+MANIFEST_COLUMNS = ("id", "group", "split", "modality", "label", "shard", "index")
+
+
+def modality_key(modalities: list[str] | tuple[str, ...]) -> str:
+    """The manifest's `modality` value: the record's modalities, sorted, joined by '+'."""
+    return "+".join(sorted(modalities))
+
+
+def shard_name(split: str, modalities: list[str] | tuple[str, ...], number: int) -> str:
+    return f"{split}-{modality_key(modalities)}-{number:05d}.h5"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+
+
+def content_hash(shard_digests: dict[str, str], manifest_rows: list[tuple]) -> str:
+    """One hash for the whole dataset: every shard's pixel digest plus every manifest row."""
+    hasher = hashlib.sha256()
+    for name in sorted(shard_digests):
+        hasher.update(f"{name}={shard_digests[name]}\n".encode())
+    for row in sorted(manifest_rows, key=lambda r: (str(r[5]), int(r[6]))):
+        hasher.update(("\t".join(map(str, row)) + "\n").encode())
+    return "sha256:" + hasher.hexdigest()
+
+
+@dataclass
+class DatasetMeta:
+    """dataset.json: what a shard directory holds and how it was made (the nnU-Net fingerprint habit)."""
+
+    source: str
+    task: str
+    classes: list[str]
+    modalities: dict[str, dict[str, Any]]
+    pairing: str
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    prepare: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+    kdcli_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "kdcli_version": self.kdcli_version,
+            "source": self.source,
+            "task": self.task,
+            "classes": self.classes,
+            "modalities": self.modalities,
+            "pairing": self.pairing,
+            "counts": self.counts,
+            "prepare": self.prepare,
+            "extra": self.extra,
+            "content_hash": self.content_hash,
+        }
+
+    @classmethod
+    def load(cls, root: Path) -> DatasetMeta:
+        path = Path(root) / DATASET_JSON
+        if not path.is_file():
+            hint = "run `kdcli prepare` first, or point --data at a prepared shard directory"
+            partial = Path(str(root) + ".partial")
+            if partial.is_dir():
+                hint = f"{partial} holds an unfinished prepare; rerun it with --resume"
+            raise KdcliError("not a kdcli shard directory (no dataset.json)", path=root, hint=hint)
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise KdcliError(f"unreadable JSON ({exc.msg})", path=path, hint="re-run `kdcli prepare`") from None
+        version = payload.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise KdcliError(
+                f"shard schema version {version}, this kdcli reads {SCHEMA_VERSION}",
+                path=path,
+                hint="re-run `kdcli prepare` with this kdcli",
+            )
+        return cls(**{k: payload[k] for k in cls.__dataclass_fields__ if k in payload})

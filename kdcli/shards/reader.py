@@ -1,0 +1,72 @@
+"""Read a shard directory. HDF5 files open lazily, once per process, so DataLoader workers each get
+their own handles (h5py handles must not cross a fork)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+
+from kdcli.errors import KdcliError
+from kdcli.shards.format import MANIFEST, SHARD_DIR, DatasetMeta
+
+
+class ShardStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.meta = DatasetMeta.load(self.root)
+        manifest_path = self.root / MANIFEST
+        try:
+            self.manifest = pl.read_parquet(manifest_path)
+        except Exception as exc:  # polars raises several types for a missing or damaged file
+            raise KdcliError(f"unreadable manifest ({type(exc).__name__})", path=manifest_path,
+                             hint="re-run `kdcli prepare`") from None
+        self._handles: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+    def rows(self, split: str | None = None, modality: str | None = None) -> pl.DataFrame:
+        """Manifest rows of a split whose records carry `modality` (alone or with others)."""
+        frame = self.manifest
+        if split is not None:
+            frame = frame.filter(pl.col("split") == split)
+        if modality is not None:
+            frame = frame.filter(pl.col("modality").str.split("+").list.contains(modality))
+        return frame
+
+    def require_modality(self, modality: str) -> None:
+        if modality not in self.meta.modalities:
+            raise KdcliError(f"dataset has no modality {modality!r}; it has {', '.join(self.meta.modalities)}",
+                             path=self.root, hint="pick one of those with --modality/--student")
+
+    def _handle(self, shard: str) -> h5py.File:
+        if os.getpid() != self._pid:  # forked into a worker: never reuse the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(shard)
+        if handle is None:
+            path = self.root / SHARD_DIR / shard
+            try:
+                handle = h5py.File(path, "r", rdcc_nbytes=4 * 1024 * 1024)
+            except OSError as exc:
+                raise KdcliError(f"cannot open shard ({exc})", path=path, hint="re-run `kdcli prepare`") from None
+            self._handles[shard] = handle
+        return handle
+
+    def read(self, shard: str, index: int, modality: str) -> np.ndarray:
+        return self._handle(shard)[modality][index]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

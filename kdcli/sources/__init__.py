@@ -1,0 +1,10 @@
+"""Raw dataset readers, one file each, registered by name (listing them imports nothing heavy)."""
+
+from kdcli.registry import Registry
+
+SOURCES = Registry("dataset source")
+SOURCES.add(
+    "multieye",
+    "kdcli.sources.multieye:MultiEyeSource",
+    "MultiEYE fundus + OCT (assemble/ and assemble_oct/ folders), 9 classes",
+)

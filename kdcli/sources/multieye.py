@@ -1,0 +1,192 @@
+"""MultiEYE (xmed-lab/MultiEYE): unpaired fundus photographs and OCT B-scans, 9 retinal classes.
+
+Layout as released (and as the official loader reads it):
+    <root>/assemble/{train,dev,test}/large9cls.txt             "<name> <label>" per line, no extension
+    <root>/assemble/train/ImageData/cfp-clahe-224x224/<name>.png    every split's fundus images
+    <root>/assemble_oct/{train,dev,test}/large9cls.txt
+    <root>/assemble_oct/train/ImageData/oct-filter-448x448/<name>.png
+
+Quirks handled: lists separated by spaces or tabs (the official `test_file` override is tab-separated),
+names without extension and with inner dots, `large9cls_balance.txt` as the fundus list in some copies,
+8- and 16-bit PNGs of any size (zero-padded to square like the paper's offline step).
+The class order is the code's, not the README's (the README omits MYO at index 6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdcli.errors import KdcliError
+from kdcli.shards.format import SPLITS
+from kdcli.sources.base import Record, Scan, Source
+from kdcli.sources.imaging import clahe_rgb, median_filter, read_image, resize_square
+
+CLASSES = ["NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD"]
+LAYOUT = {  # modality -> (folder, image subfolder, channels)
+    "fundus": ("assemble", "cfp-clahe-224x224", 3),
+    "oct": ("assemble_oct", "oct-filter-448x448", 1),
+}
+LIST_NAMES = ("large9cls.txt", "large9cls_balance.txt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+# Textual concepts per class (ours, after the paper's GPT-4 bank); `--concepts FILE` replaces them.
+CONCEPTS = [
+    "normal foveal contour", "intact retinal layers", "healthy optic disc rim",
+    "drusen: small yellowish deposits under the retina", "irregular retinal pigment epithelium",
+    "subretinal fluid: serous detachment of the neuroretina", "round macular discolouration",
+    "intraretinal haemorrhage dots", "hard exudates", "intraretinal cysts",
+    "optic disc cupping", "thinned nerve fibre layer",
+    "epiretinal membrane: hyperreflective line on the inner retina", "retinal surface wrinkling",
+    "myopic tessellated fundus", "peripapillary atrophy crescent", "posterior staphyloma curvature",
+    "occluded retinal vein with flame haemorrhages", "retinal thickening with oedema",
+    "pigment epithelial detachment", "choroidal neovascular membrane", "subretinal haemorrhage",
+]
+
+
+def find_root(raw: Path) -> Path:
+    for candidate in (raw, raw / "multieye_data"):
+        if (candidate / "assemble").is_dir() or (candidate / "assemble_oct").is_dir():
+            return candidate
+    raise KdcliError(
+        "no MultiEYE layout found (expected assemble/ and assemble_oct/ folders)",
+        path=raw,
+        hint="point RAW at the folder that holds assemble/ and assemble_oct/ (e.g. multieye_data/)",
+    )
+
+
+def parse_list(path: Path) -> list[tuple[str, int, int]]:
+    """(name, label, line number) for every non-empty line; space- or tab-separated."""
+    entries = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split("\t") if "\t" in line else line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise KdcliError(f"line {number} is not '<name> <label>': {line!r}", path=path,
+                             hint="fix or delete that line")
+        name, label_text = parts[0].strip(), parts[1].strip()
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise KdcliError(f"line {number}: label {label_text!r} is not an integer", path=path,
+                             hint="labels are class indices 0..8") from None
+        if not 0 <= label < len(CLASSES):
+            raise KdcliError(f"line {number}: label {label} outside 0..{len(CLASSES) - 1}", path=path,
+                             hint=f"classes are {', '.join(CLASSES)} in that order")
+        entries.append((name, label, number))
+    return entries
+
+
+def resolve_image(image_dir: Path, name: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = image_dir / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    plain = image_dir / name
+    return plain if plain.is_file() else None
+
+
+class MultiEyeSource(Source):
+    """Options: clahe (bool, fundus), median (odd kernel, OCT; 0 = off), list_name (override)."""
+
+    name = "multieye"
+
+    def scan(self, raw: Path) -> Scan:
+        root = find_root(Path(raw))
+        notes: list[str] = []
+        entries: dict[str, list[tuple[str, str, int, Path]]] = {}
+        for modality, (folder, subfolder, _) in LAYOUT.items():
+            if not (root / folder).is_dir():
+                continue
+            image_dir = root / folder / "train" / "ImageData" / subfolder
+            if not image_dir.is_dir():
+                image_dir = self._fallback_image_dir(root / folder, subfolder, notes)
+            entries[modality] = self._scan_modality(root / folder, image_dir, notes)
+        if not entries:
+            raise KdcliError("neither assemble/ nor assemble_oct/ holds list files", path=root)
+        records, pairing = self._pair(entries)
+        return Scan(
+            records=records,
+            classes=list(CLASSES),
+            modalities={m: LAYOUT[m][2] for m in entries},
+            pairing=pairing,
+            extra={"concepts": list(CONCEPTS)},
+            notes=notes,
+        )
+
+    def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
+        arrays = {}
+        for modality, path in record.files.items():
+            image = read_image(path, LAYOUT[modality][2])
+            if modality == "fundus" and self.options.get("clahe"):
+                image = clahe_rgb(image)
+            if modality == "oct" and int(self.options.get("median", 0)):
+                image = median_filter(image, int(self.options["median"]))
+            arrays[modality] = resize_square(image, size)
+        return arrays
+
+    def _fallback_image_dir(self, folder: Path, expected: str, notes: list[str]) -> Path:
+        parent = folder / "train" / "ImageData"
+        subdirs = sorted(p for p in parent.glob("*") if p.is_dir()) if parent.is_dir() else []
+        if len(subdirs) != 1:
+            raise KdcliError(f"image folder train/ImageData/{expected} not found", path=folder,
+                             hint="MultiEYE keeps every split's images under train/ImageData/<subfolder>/")
+        notes.append(f"{folder.name}: images found in {subdirs[0].name}/ instead of {expected}/")
+        return subdirs[0]
+
+    def _scan_modality(self, folder: Path, image_dir: Path, notes: list[str]) -> list:
+        found, seen = [], {}
+        for split in SPLITS:
+            list_path = self._list_path(folder / split)
+            rows = parse_list(list_path)
+            if not rows:
+                raise KdcliError(f"empty split {split!r}", path=list_path,
+                                 hint="every split needs at least one image")
+            raw_text = list_path.read_text(errors="replace")
+            if "\t" in raw_text:
+                notes.append(f"{folder.name}/{split}/{list_path.name} is tab-separated")
+            for name, label, number in rows:
+                if name in seen:
+                    if seen[name] != split:
+                        raise KdcliError(f"line {number}: {name!r} is also listed in split {seen[name]!r}",
+                                         path=list_path, hint="an image may belong to one split only")
+                    notes.append(f"{list_path}: {name!r} listed twice, kept once")
+                    continue
+                seen[name] = split
+                image = resolve_image(image_dir, name)
+                if image is None:
+                    raise KdcliError(f"line {number}: listed image {name!r} not found in {image_dir}",
+                                     path=list_path, hint="restore the image or delete the line")
+                found.append((name, split, label, image))
+        return found
+
+    def _list_path(self, split_dir: Path) -> Path:
+        names = (self.options["list_name"],) if self.options.get("list_name") else LIST_NAMES
+        for name in names:
+            if (split_dir / name).is_file():
+                return split_dir / name
+        raise KdcliError(f"missing list file {names[0]}", path=split_dir,
+                         hint="each of train/, dev/ and test/ needs its large9cls.txt")
+
+    @staticmethod
+    def _pair(entries: dict[str, list]) -> tuple[list[Record], str]:
+        """Paired when both modalities list the same eyes with the same label and split."""
+        keyed = {m: {name: (split, label, path) for name, split, label, path in rows} for m, rows in entries.items()}
+        if len(keyed) == 2 and keyed["fundus"].keys() == keyed["oct"].keys() and all(
+            keyed["fundus"][n][:2] == keyed["oct"][n][:2] for n in keyed["fundus"]
+        ):
+            return [
+                Record(id=name, group=name, split=split, label=label,
+                       files={"fundus": str(path), "oct": str(keyed["oct"][name][2])})
+                for name, (split, label, path) in sorted(keyed["fundus"].items())
+            ], "paired"
+        records = [
+            Record(id=f"{modality}:{name}", group=f"{modality}:{name}", split=split, label=label,
+                   files={modality: str(path)})
+            for modality, rows in keyed.items()
+            for name, (split, label, path) in sorted(rows.items())
+        ]
+        return records, "unpaired"

@@ -1,0 +1,6 @@
+"""Phantom datasets written in each real dataset's on-disk layout, registered by name."""
+
+from kdcli.registry import Registry
+
+SYNTHS = Registry("synthetic dataset")
+SYNTHS.add("multieye", "kdcli.synth.multieye:synth_multieye", "MultiEYE fundus + OCT phantoms")

@@ -1,0 +1,281 @@
+"""`teach` and `distill` as library calls: resolve the config, build data views, models and the method,
+then hand them to the one engine. Everything the CLI does, tests can do by calling these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kdcli import __version__
+from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint, sibling
+from kdcli.engine.loop import EngineConfig, FitResult, fit
+from kdcli.errors import KdcliError, UsageError
+from kdcli.methods import METHODS
+from kdcli.methods.base import parse_params
+from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_backbone
+from kdcli.shards.reader import ShardStore
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    modality: str = ""  # teach: the modality trained; distill: the student's modality
+    teacher: list[str] = field(default_factory=list)
+    method: str = "supervised"
+    params: dict[str, Any] = field(default_factory=dict)
+    model: str = ""  # timm name; distill defaults to the teacher's
+    head: str = "auto"  # auto | linear | concept
+    concepts: str = ""  # concept file (.npy or .txt); default: the dataset's bank
+    concept_embeddings: str = ""  # (K, D) .npy; default: fixed deterministic unit vectors
+    concept_dim: int = 512
+    pretrained: str = ""
+    augment: str = "light"
+    resume: bool = False
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
+TOP_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"engine"}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise KdcliError("config file not found", path=path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as exc:  # yaml and toml raise their own error types
+        raise KdcliError(f"cannot parse config ({exc})".replace("\n", " "), path=path) from None
+    if not isinstance(values, dict):
+        raise KdcliError("config must be a mapping of option names to values", path=path)
+    return values
+
+
+def resolve_config(flags: dict[str, Any], config_file: Path | None = None) -> TrainConfig:
+    """Defaults < config file < flags given on the command line (None means 'not given')."""
+    merged: dict[str, Any] = {}
+    if config_file:
+        file_values = read_config_file(config_file)
+        file_values.update(file_values.pop("engine", {}) or {})
+        merged.update(file_values)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "params" and isinstance(value, dict):
+            merged["params"] = {**merged.get("params", {}), **value}
+        else:
+            merged[key] = value
+    unknown = set(merged) - TOP_KEYS - ENGINE_KEYS
+    if unknown:
+        raise UsageError(f"unknown config key(s): {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(TOP_KEYS | ENGINE_KEYS))}")
+    engine_values = {k: v for k, v in merged.items() if k in ENGINE_KEYS}
+    top_values = {k: v for k, v in merged.items() if k in TOP_KEYS}
+    if isinstance(top_values.get("teacher"), str):
+        top_values["teacher"] = [top_values["teacher"]]
+    engine_fields = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+    try:
+        engine = EngineConfig(**{k: _coerce(v, EngineConfig.__dataclass_fields__[k].default)
+                                 for k, v in engine_values.items()})
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad engine option ({exc}); fields: {', '.join(engine_fields)}") from None
+    return TrainConfig(**top_values, engine=engine)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+    if isinstance(default, (int, float)) and isinstance(value, str):
+        return type(default)(float(value)) if isinstance(default, int) else float(value)
+    return value
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    values = dataclasses.asdict(cfg)
+    values.update(values.pop("engine"))
+    return values
+
+
+def _concept_bank(cfg: TrainConfig, store: ShardStore) -> tuple[list[str], torch.Tensor]:
+    from kdcli.models.concepts import (
+        deterministic_embeddings,
+        load_concept_embeddings,
+        load_concept_texts,
+    )
+
+    texts = load_concept_texts(Path(cfg.concepts)) if cfg.concepts else store.meta.extra.get("concepts")
+    if not texts:
+        raise KdcliError("no concept bank: the dataset has none", path=store.root,
+                         hint="pass --concepts FILE (.npy as MultiEYE's concepts_raw.npy, or one per line)")
+    if cfg.concept_embeddings:
+        vectors = load_concept_embeddings(Path(cfg.concept_embeddings), len(texts))
+    else:
+        vectors = deterministic_embeddings(texts, cfg.concept_dim)
+    return list(texts), torch.from_numpy(vectors)
+
+
+def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: dict | None = None) -> Classifier:
+    """A classifier for `modality`; `template` (the teacher's spec) supplies backbone, head and concepts."""
+    store.require_modality(modality)
+    channels = store.meta.modalities[modality]["shape"][2]
+    mean, std = default_normalisation(channels)
+    head = cfg.head if cfg.head != "auto" else (template or {}).get("head") or (
+        "concept" if store.meta.extra.get("concepts") else "linear")
+    spec: dict[str, Any] = {
+        "backbone": cfg.model or (template or {}).get("backbone") or "resnet50",
+        "head": head, "in_chans": channels, "num_classes": len(store.classes), "mean": mean, "std": std,
+    }
+    concepts = None
+    if head == "concept":
+        if template and template.get("head") == "concept" and not cfg.concepts:
+            texts, concepts = template["concepts"], None  # the teacher's bank; tensors copied below
+            spec.update(concepts=texts, concept_dim=template["concept_dim"],
+                        concept_scale=template.get("concept_scale", 10.0))
+        else:
+            texts, concepts = _concept_bank(cfg, store)
+            spec.update(concepts=texts, concept_dim=int(concepts.shape[1]), concept_scale=10.0)
+    model = Classifier(spec, concepts)
+    if cfg.pretrained:
+        load_pretrained_backbone(model, cfg.pretrained)
+    return model
+
+
+def load_model(checkpoint: Checkpoint) -> Classifier:
+    model = Classifier(checkpoint.meta["model"])
+    try:
+        model.load_state_dict(checkpoint.model)
+    except RuntimeError as exc:
+        raise KdcliError(f"weights do not fit the recorded architecture ({str(exc).splitlines()[0]})",
+                         path=checkpoint.path, hint="the checkpoint is damaged; retrain") from None
+    return model.eval()
+
+
+def check_compatible(checkpoint: Checkpoint, store: ShardStore, modality: str | None = None) -> None:
+    """A checkpoint is used only on data with its class list and its modality."""
+    meta = checkpoint.meta
+    if meta["classes"] != store.classes:
+        raise KdcliError(f"checkpoint classes {meta['classes']} differ from the dataset's {store.classes}",
+                         path=checkpoint.path, hint="use a checkpoint trained on this dataset's label set")
+    wanted = modality or meta["modality"]
+    if wanted not in store.meta.modalities:
+        raise KdcliError(f"checkpoint expects modality {wanted!r}; dataset has "
+                         f"{', '.join(store.meta.modalities)}", path=checkpoint.path,
+                         hint="evaluate it on a dataset with that modality")
+    if store.meta.modalities[wanted]["shape"][2] != meta["model"]["in_chans"]:
+        raise KdcliError(f"checkpoint takes {meta['model']['in_chans']} channels, {wanted} has "
+                         f"{store.meta.modalities[wanted]['shape'][2]}", path=checkpoint.path)
+
+
+def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: str | None):
+    from kdcli.data.transforms import train_augmentation
+    from kdcli.data.views import ModalityView, PairedView, UnpairedPartnerView
+
+    size = store.meta.modalities[cfg.modality]["shape"][0]
+    augment = train_augmentation(size, cfg.augment)
+    student_train = ModalityView(store, "train", cfg.modality, augment)
+    dev = ModalityView(store, "dev", cfg.modality)
+    if len(student_train) == 0 or len(dev) == 0:
+        raise KdcliError(f"no {cfg.modality} samples in train or dev", path=store.root)
+    if pairing == "unpaired":
+        teacher_size = store.meta.modalities[teacher_modality]["shape"][0]
+        partner = ModalityView(store, "train", teacher_modality, train_augmentation(teacher_size, cfg.augment))
+        return UnpairedPartnerView(student_train, partner, cfg.engine.seed), dev, student_train.labels
+    if pairing == "paired":
+        view = PairedView(store, "train", cfg.modality, teacher_modality, augment)
+        return view, dev, view.student.labels
+    return student_train, dev, student_train.labels
+
+
+def _metric_fn(store: ShardStore) -> Callable:
+    from kdcli.evaluate.metrics import classification_metrics
+
+    return lambda labels, probs: classification_metrics(labels, probs, store.classes)
+
+
+def _check_out(cfg: TrainConfig) -> Path:
+    if not cfg.out:
+        raise UsageError("--out is required (the checkpoint to write, e.g. oct.pt)")
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name such as {out}/model.pt")
+    return out
+
+
+def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, params: Any,
+          teacher: dict | None) -> dict[str, Any]:
+    return {
+        "kdcli_version": __version__, "kind": kind, "task": store.meta.task,
+        "model": model.spec, "classes": store.classes, "modality": cfg.modality,
+        "size": store.meta.modalities[cfg.modality]["shape"][0],
+        "method": cfg.method, "method_params": dataclasses.asdict(params),
+        "config": config_to_dict(cfg),
+        "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
+                 "content_hash": store.meta.content_hash},
+        "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
+    out = _check_out(cfg)
+    store = ShardStore(cfg.data)
+    if not cfg.modality:
+        raise UsageError(f"--modality is required; the dataset has {', '.join(store.meta.modalities)}")
+    cfg.method = "supervised"
+    method_cls = METHODS.get("supervised")
+    params = parse_params(method_cls.Params, cfg.params, "supervised")
+    model = build_student(cfg, store, cfg.modality)
+    train_set, dev_set, labels = _views(cfg, store, "none", None)
+    meta = _meta(cfg, store, model, "teacher", params, None)
+    _write_config(out, meta)
+    return fit(method_cls(params, model), train_set, dev_set, cfg.engine, out, meta, _metric_fn(store),
+               resume=cfg.resume, log=log, train_labels=labels)
+
+
+def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
+    out = _check_out(cfg)
+    store = ShardStore(cfg.data)
+    if not cfg.modality:
+        raise UsageError(f"--student is required; the dataset has {', '.join(store.meta.modalities)}")
+    method_cls = METHODS.get(cfg.method)
+    if method_cls.needs_teacher and len(cfg.teacher) != 1:
+        raise UsageError(f"--method {cfg.method} needs exactly one --teacher checkpoint")
+    params = parse_params(method_cls.Params, cfg.params, cfg.method)
+    teacher_ckpt = load_checkpoint(Path(cfg.teacher[0]))
+    check_compatible(teacher_ckpt, store)
+    teacher = load_model(teacher_ckpt)
+    teacher_modality = teacher_ckpt.meta["modality"]
+    if method_cls.pairing == "paired" and store.meta.pairing != "paired":
+        raise KdcliError(f"--method {cfg.method} needs paired data; this dataset is {store.meta.pairing}",
+                         path=store.root, hint="use --method coda for unpaired data")
+    student = build_student(cfg, store, cfg.modality, template=teacher.spec)
+    if student.spec.get("head") == "concept" and teacher.spec.get("head") == "concept" and not cfg.concepts:
+        student.head.concepts.copy_(teacher.head.concepts)
+    method = method_cls(params, student, teacher)
+    train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality)
+    teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
+                    "modality": teacher_modality, "backbone": teacher.spec["backbone"],
+                    "data_hash": teacher_ckpt.meta["data"]["content_hash"]}
+    meta = _meta(cfg, store, student, "student", params, teacher_info)
+    _write_config(out, meta)
+    return fit(method, train_set, dev_set, cfg.engine, out, meta, _metric_fn(store), resume=cfg.resume,
+               log=log, train_labels=labels)
+
+
+def _write_config(out: Path, meta: dict) -> None:
+    from kdcli.shards.format import atomic_write_bytes
+
+    atomic_write_bytes(sibling(out, ".config.json"), (json.dumps(meta["config"], indent=2) + "\n").encode())

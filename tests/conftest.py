@@ -1,0 +1,56 @@
+"""Shared fixtures: one tiny MultiEYE phantom, its shards and two quick checkpoints per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub download must fail fast, not hang
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_MODEL = "test_resnet"
+FAST = ["--epochs", "2", "--batch-size", "16", "--workers", "0", "--model", TINY_MODEL, "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="session")
+def multieye_raw(tmp_path_factory) -> Path:
+    from kdcli.synth.multieye import synth_multieye
+
+    root = tmp_path_factory.mktemp("raw") / "multieye"
+    synth_multieye(root, per_class=5, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def multieye_shards(multieye_raw, tmp_path_factory) -> Path:
+    from kdcli.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("shards") / "multieye"
+    prepare(PrepareOptions(source="multieye", raw=multieye_raw, out=out, size=32, shard_size=16))
+    return out
+
+
+def _train(args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="session")
+def oct_teacher(multieye_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "oct.pt"
+    _train(["teach", "--data", str(multieye_shards), "--modality", "oct", "--out", str(out), *FAST])
+    return out
+
+
+@pytest.fixture(scope="session")
+def fundus_student(multieye_shards, oct_teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "fundus.pt"
+    _train(["distill", "--data", str(multieye_shards), "--teacher", str(oct_teacher), "--student", "fundus",
+            "--method", "coda", "--out", str(out), *FAST])
+    return out
