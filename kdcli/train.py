@@ -15,6 +15,7 @@ import torch
 
 from kdcli import __version__
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint, sibling
+from kdcli.engine.device import seed_everything
 from kdcli.engine.loop import EngineConfig, FitResult, fit
 from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
@@ -184,18 +185,20 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
     from kdcli.data.transforms import train_augmentation
     from kdcli.data.views import ModalityView, PairedView, UnpairedPartnerView
 
-    size = store.meta.modalities[cfg.modality]["shape"][0]
-    augment = train_augmentation(size, cfg.augment)
-    student_train = ModalityView(store, "train", cfg.modality, augment)
+    def augment(modality: str):
+        return train_augmentation(store.meta.modalities[modality]["shape"][0], cfg.augment)
+
+    seed = cfg.engine.seed
+    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed)
     dev = ModalityView(store, "dev", cfg.modality)
     if len(student_train) == 0 or len(dev) == 0:
         raise KdcliError(f"no {cfg.modality} samples in train or dev", path=store.root)
     if pairing == "unpaired":
-        teacher_size = store.meta.modalities[teacher_modality]["shape"][0]
-        partner = ModalityView(store, "train", teacher_modality, train_augmentation(teacher_size, cfg.augment))
-        return UnpairedPartnerView(student_train, partner, cfg.engine.seed), dev, student_train.labels
+        partner = ModalityView(store, "train", teacher_modality, augment(teacher_modality), seed + 1)
+        return UnpairedPartnerView(student_train, partner, seed), dev, student_train.labels
     if pairing == "paired":
-        view = PairedView(store, "train", cfg.modality, teacher_modality, augment)
+        view = PairedView(store, "train", cfg.modality, teacher_modality, augment(cfg.modality),
+                          augment(teacher_modality), seed)
         return view, dev, view.student.labels
     return student_train, dev, student_train.labels
 
@@ -235,6 +238,7 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     if not cfg.modality:
         raise UsageError(f"--modality is required; the dataset has {', '.join(store.meta.modalities)}")
     cfg.method = "supervised"
+    seed_everything(cfg.engine.seed)  # before the model is built: its initial weights depend on it
     method_cls = METHODS.get("supervised")
     params = parse_params(method_cls.Params, cfg.params, "supervised")
     model = build_student(cfg, store, cfg.modality)
@@ -254,6 +258,7 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     if method_cls.needs_teacher and len(cfg.teacher) != 1:
         raise UsageError(f"--method {cfg.method} needs exactly one --teacher checkpoint")
     params = parse_params(method_cls.Params, cfg.params, cfg.method)
+    seed_everything(cfg.engine.seed)
     teacher_ckpt = load_checkpoint(Path(cfg.teacher[0]))
     check_compatible(teacher_ckpt, store)
     teacher = load_model(teacher_ckpt)

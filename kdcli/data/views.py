@@ -14,11 +14,14 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class ModalityView(Dataset):
-    """One modality of one split: {"image", "label", "index"}."""
+    """One modality of one split: {"image", "label", "index"}.
 
-    def __init__(self, store: ShardStore, split: str, modality: str, augment=None):
+    Augmentation is seeded per (seed, epoch, item), so a run gives the same batches with 0 or N workers."""
+
+    def __init__(self, store: ShardStore, split: str, modality: str, augment=None, seed: int = 0):
         store.require_modality(modality)
         self.store, self.split, self.modality, self.augment = store, split, modality, augment
+        self.seed, self.epoch = seed, 0
         rows = store.rows(split, modality)
         self.ids = rows["id"].to_list()
         self.labels = rows["label"].to_numpy()
@@ -28,9 +31,13 @@ class ModalityView(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def image(self, i: int, modality: str | None = None) -> np.ndarray:
         array = self.store.read(self.shards[i], int(self.indices[i]), modality or self.modality)
         if self.augment is not None:
+            self.augment.set_random_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
             array = self.augment(image=array)["image"]
             if array.ndim == 2:
                 array = array[:, :, None]
@@ -52,6 +59,8 @@ class UnpairedPartnerView(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.student.set_epoch(epoch)
+        self.partner.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.student)
@@ -74,9 +83,10 @@ class UnpairedPartnerView(Dataset):
 class PairedView(Dataset):
     """Records that carry both modalities: the student's image and the teacher's, same augmentation seed."""
 
-    def __init__(self, store: ShardStore, split: str, student: str, teacher: str, augment=None):
-        self.student = ModalityView(store, split, student, augment)
-        self.teacher = ModalityView(store, split, teacher, augment)
+    def __init__(self, store: ShardStore, split: str, student: str, teacher: str, augment=None,
+                 teacher_augment=None, seed: int = 0):
+        self.student = ModalityView(store, split, student, augment, seed)
+        self.teacher = ModalityView(store, split, teacher, teacher_augment, seed + 1)
         keep = set(self.student.ids) & set(self.teacher.ids)
         if len(keep) != len(self.student.ids):
             from kdcli.errors import KdcliError
@@ -86,6 +96,10 @@ class PairedView(Dataset):
 
     def __len__(self) -> int:
         return len(self.student)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.student.set_epoch(epoch)
+        self.teacher.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> dict:
         item = self.student[i]

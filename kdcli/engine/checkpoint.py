@@ -17,6 +17,7 @@ from kdcli.errors import KdcliError
 
 FORMAT = "kdcli-checkpoint"
 VERSION = 1
+REQUIRED_META = ("kind", "task", "model", "classes", "modality", "data")
 
 
 @dataclass
@@ -55,7 +56,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise KdcliError("not a kdcli checkpoint", path=path, hint="pass a .pt written by kdcli teach/distill")
     if payload.get("version") != VERSION:
         raise KdcliError(f"checkpoint version {payload.get('version')}, this kdcli reads {VERSION}", path=path)
-    return Checkpoint(path, json.loads(payload["meta"]), payload["model"], payload.get("state") or {})
+    try:
+        meta = json.loads(payload["meta"])
+        missing = [key for key in REQUIRED_META if key not in meta]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        missing = ["meta"]
+    if missing or not isinstance(payload.get("model"), dict):
+        raise KdcliError(f"checkpoint lacks {', '.join(missing) or 'weights'}", path=path,
+                         hint="the file is damaged or was written by hand; retrain or restore it")
+    return Checkpoint(path, meta, payload["model"], payload.get("state") or {})
 
 
 def file_sha256(path: Path) -> str:

@@ -1,0 +1,1 @@
+"""Grad-CAM overlays and concept read-outs for trained checkpoints (`kdcli explain`)."""

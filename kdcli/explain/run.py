@@ -1,0 +1,236 @@
+"""`kdcli explain`: Grad-CAM overlays (and top concepts for concept-head models) for a few images of one
+split, written as PNGs, explain.json and a self-contained index.html that is written last."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from kdcli.data.views import ModalityView
+from kdcli.engine.checkpoint import load_checkpoint
+from kdcli.engine.device import select_device
+from kdcli.errors import KdcliError, UsageError
+from kdcli.models.classifier import Classifier
+from kdcli.shards.format import atomic_write_bytes
+from kdcli.shards.reader import ShardStore
+from kdcli.train import check_compatible, load_model
+
+SPLITS = ("train", "dev", "test")
+MIN_SIDE = 192  # phantoms are 32-128 px: too small to read a heat map without upscaling
+GAP = 6
+
+
+@dataclass
+class ExplainOptions:
+    checkpoint: Path
+    data: Path
+    out: Path
+    split: str = "test"
+    count: int = 12
+    top_concepts: int = 5
+    device: str = "auto"
+    batch_size: int = 32
+
+
+class LogitsOnly(nn.Module):
+    """pytorch_grad_cam calls the model and indexes the result as a logits tensor; ours returns a dict."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)["logits"]
+
+
+def pick_indices(labels: np.ndarray, count: int) -> list[int]:
+    """Round-robin over classes, first images of each class first: deterministic, and every class shows
+    up once count reaches the number of classes present."""
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    picks: list[int] = []
+    for rank in range(max((len(m) for m in by_class), default=0)):
+        for members in by_class:
+            if rank < len(members):
+                picks.append(int(members[rank]))
+            if len(picks) == count:
+                return picks
+    return picks
+
+
+def predict(model: Classifier, images: torch.Tensor, device: torch.device,
+            batch_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """Probabilities, concept similarities (None for linear heads) and the CAM layer's grid size."""
+    grids: list[tuple[int, int]] = []
+    hook = model.feature_map.register_forward_hook(lambda _m, _i, out: grids.append(tuple(out.shape[-2:])))
+    probs, sims = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                out = model(images[start:start + batch_size].to(device))
+                probs.append(out["logits"].float().softmax(1).cpu().numpy())
+                if "sims" in out:
+                    sims.append(out["sims"][:, 0].float().cpu().numpy())
+    finally:
+        hook.remove()
+    return np.concatenate(probs), (np.concatenate(sims) if sims else None), grids[0]
+
+
+def grad_cams(model: Classifier, images: torch.Tensor, targets: list[int], device: torch.device,
+              batch_size: int = 32) -> np.ndarray:
+    """(N, H, W) Grad-CAM maps in [0, 1] for uint8 NCHW `images`, one target class per image."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    maps = []
+    with GradCAM(model=LogitsOnly(model).eval(), target_layers=[model.feature_map]) as cam:
+        for start in range(0, len(images), batch_size):
+            # Float in [0, 1]: Classifier.normalise rescales uint8 only, and autograd needs floats anyway.
+            chunk = images[start:start + batch_size].to(device).float().div(255.0)
+            chunk_targets = [ClassifierOutputTarget(int(t)) for t in targets[start:start + batch_size]]
+            maps.append(cam(input_tensor=chunk, targets=chunk_targets))
+    model.zero_grad(set_to_none=True)
+    return np.concatenate(maps).astype(np.float32)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """CHW uint8 with 1, 3 or other channel counts -> HWC RGB uint8 (first channel as grey otherwise)."""
+    hwc = image.transpose(1, 2, 0)
+    return hwc if hwc.shape[2] == 3 else np.repeat(hwc[:, :, :1], 3, axis=2)
+
+
+def render_panel(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """Original | overlay, upscaled by a whole factor: nearest for the pixels (shows what the model saw),
+    bilinear for the heat map (already a smooth upsampling of the coarse grid)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = to_rgb(image)
+    height, width = rgb.shape[:2]
+    scale = max(1, math.ceil(MIN_SIDE / min(height, width)))
+    size = (width * scale, height * scale)
+    big = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST)
+    big_cam = np.clip(cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    overlay = show_cam_on_image(big.astype(np.float32) / 255.0, big_cam, use_rgb=True)
+    gap = np.full((size[1], GAP, 3), 255, np.uint8)
+    return np.concatenate([big, gap, overlay], axis=1)
+
+
+def safe_name(sample_id: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", sample_id).strip("_")[:60]
+    return name or "image"
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise KdcliError("cannot encode PNG", path=path)
+    atomic_write_bytes(path, encoded.tobytes())
+
+
+def top_concepts(sims: np.ndarray | None, names: list[str], k: int) -> list[dict[str, Any]]:
+    if sims is None or k <= 0:
+        return []
+    order = np.argsort(-sims, kind="stable")[:k]
+    return [{"name": names[i], "similarity": round(float(sims[i]), 4)} for i in order]
+
+
+def check_options(options: ExplainOptions) -> Path:
+    if options.split not in SPLITS:
+        raise UsageError(f"--split {options.split!r}: use train, dev or test")
+    if options.count < 1:
+        raise UsageError(f"--count {options.count}: explain at least one image")
+    if options.top_concepts < 0:
+        raise UsageError(f"--top-concepts {options.top_concepts}: use 0 or more")
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    return out
+
+
+def explain(options: ExplainOptions) -> Path:
+    out = check_options(options)
+    checkpoint = load_checkpoint(Path(options.checkpoint))
+    store = ShardStore(options.data)
+    check_compatible(checkpoint, store)
+    modality = checkpoint.meta["modality"]
+    view = ModalityView(store, options.split, modality)
+    if len(view) == 0:
+        raise KdcliError(f"split {options.split!r} has no {modality} samples", path=options.data,
+                         hint="choose --split train, dev or test")
+    picks = pick_indices(view.labels, options.count)
+    images = torch.stack([view[i]["image"] for i in picks])
+    model = load_model(checkpoint)
+    device = select_device(options.device)
+    model.to(device)
+    probs, sims, grid = predict(model, images, device, options.batch_size)
+    predictions = probs.argmax(1)
+    cams = grad_cams(model, images, predictions.tolist(), device, options.batch_size)
+
+    classes, concept_names = store.classes, list(model.spec.get("concepts") or [])
+    width = max(2, len(str(len(picks))))
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for n, (i, image, cam) in enumerate(zip(picks, images.numpy(), cams, strict=True)):
+        label, predicted = int(view.labels[i]), int(predictions[n])
+        file = f"{n + 1:0{width}d}_{safe_name(view.ids[i])}.png"
+        write_png(out / file, render_panel(image, cam))
+        records.append({
+            "file": file, "id": view.ids[i], "label": label, "label_name": classes[label],
+            "prediction": predicted, "prediction_name": classes[predicted],
+            "probability": round(float(probs[n, predicted]), 4), "correct": label == predicted,
+            "concepts": top_concepts(None if sims is None else sims[n], concept_names, options.top_concepts),
+        })
+    report = {
+        "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
+        "modality": modality, "kind": checkpoint.meta.get("kind"), "method": checkpoint.meta.get("method"),
+        "backbone": model.spec["backbone"], "head": model.spec["head"], "classes": classes,
+        "cam_layer": "feature_map", "cam_grid": list(grid), "images": records,
+    }
+    atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())
+    index = out / "index.html"
+    atomic_write_bytes(index, render_html(report).encode())  # last: it only points at finished files
+    return index
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+.grid{display:flex;flex-wrap:wrap;gap:1.2em}figure{margin:0;max-width:420px}
+img{max-width:100%;border:1px solid #ccc}
+.ok{color:#1a7f37}.bad{color:#c62828}.note{background:#fff4d6;padding:.5em}
+table{border-collapse:collapse;font-size:.9em}td{padding:0 .6em 0 0}"""
+MARKS = {True: '<span class="ok">&#10003; correct</span>', False: '<span class="bad">&#10007; wrong</span>'}
+
+
+def render_html(report: dict[str, Any]) -> str:
+    esc = html.escape
+    images = report["images"]
+    right = sum(r["correct"] for r in images)
+    grid = report["cam_grid"]
+    note = (f'<p class="note">The Grad-CAM layer is only {grid[0]}&times;{grid[1]} at this image size, so '
+            "the heat maps cannot localise; use larger images or a backbone with less downsampling.</p>"
+            if max(grid) < 2 else "")
+    cards = []
+    for r in images:
+        mark = MARKS[r["correct"]]
+        concepts = "".join(f"<tr><td>{esc(c['name'])}</td><td>{c['similarity']:.3f}</td></tr>"
+                           for c in r["concepts"])
+        cards.append(
+            f'<figure><img src="{esc(r["file"])}" alt="{esc(r["id"])}">'
+            f"<figcaption><b>{esc(r['id'])}</b><br>true: {esc(r['label_name'])} &middot; predicted: "
+            f"{esc(r['prediction_name'])} ({r['probability']:.2f}) {mark}"
+            + (f"<table>{concepts}</table>" if concepts else "") + "</figcaption></figure>")
+    title = f"kdcli explain: {Path(report['checkpoint']).name} on {report['split']}"
+    about = (f"{report['modality']} · {report['kind']} ({report['method']}) · {report['backbone']}, "
+             f"{report['head']} head · {right}/{len(images)} correct · left: image, right: Grad-CAM of "
+             "the predicted class")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n<p>{esc(about)}</p>\n{note}"
+            f"<div class=\"grid\">\n" + "\n".join(cards) + "\n</div>\n</body></html>\n")
