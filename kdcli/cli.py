@@ -383,4 +383,7 @@ def demo(
 
 
 def main() -> None:
+    from kdcli.completion import enable_shell_completion
+
+    enable_shell_completion()  # add_completion=False leaves Typer's shells unregistered; TAB needs them
     app(prog_name="kdcli")
