@@ -7,9 +7,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -90,7 +90,7 @@ def synth_multieye(
 
 
 # --------------------------------------------------------------------------------------------- prepare
-class Compression(str, Enum):
+class Compression(StrEnum):
     none = "none"
     lzf = "lzf"
     gzip = "gzip"
@@ -148,7 +148,7 @@ def prepare_multieye(
     compression: PrepCompression = Compression.none,
     clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
     median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
-    list_name: Annotated[Optional[str], typer.Option(help="List file name in each split folder.")] = None,
+    list_name: Annotated[str | None, typer.Option(help="List file name in each split folder.")] = None,
 ) -> None:
     """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
     run_prepare("multieye", raw, out, size, workers, resume, overwrite, shard_size, compression,
@@ -189,29 +189,30 @@ def inspect(
 
 # ------------------------------------------------------------------------------------- teach / distill
 Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory from `kdcli prepare`.")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint to write (best); siblings: "
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write (best); siblings: "
                                              ".last.pt, .metrics.csv/.jsonl, .config.json.")]
-Model = Annotated[Optional[str], typer.Option(help="timm model name (default resnet50; distill: the teacher's).")]
-Head = Annotated[Optional[str], typer.Option(help="auto | linear | concept (auto: concept when the data has "
+Model = Annotated[str | None, typer.Option(help="timm model name (default resnet50; distill: the teacher's).")]
+Head = Annotated[str | None, typer.Option(help="auto | linear | concept (auto: concept when the data has "
                                                   "a concept bank).")]
-Epochs = Annotated[Optional[int], typer.Option(help="Epochs (default 100, MultiEYE's).")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Batch size (default 32).")]
-Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed (sampling, init, augmentation).")]
-Device = Annotated[Optional[str], typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps.")]
-Config = Annotated[Optional[Path], typer.Option(help="YAML/TOML file of options; flags override it.")]
-Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")]
+Epochs = Annotated[int | None, typer.Option(help="Epochs (default 100, MultiEYE's).")]
+BatchSize = Annotated[int | None, typer.Option(help="Batch size (default 32).")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.")]
+Seed = Annotated[int | None, typer.Option(help="Seed (sampling, init, augmentation).")]
+Device = Annotated[str | None, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps.")]
+Config = Annotated[Path | None, typer.Option(help="YAML/TOML file of options; flags override it.")]
+Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
 Resume = Annotated[bool, typer.Option(help="Continue from <out>.last.pt.")]
-Pretrained = Annotated[Optional[str], typer.Option(help="Local backbone weights (.pth/.safetensors).")]
-Param = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Method parameter KEY=VALUE "
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out checkpoint.")]
+Pretrained = Annotated[str | None, typer.Option(help="Local backbone weights (.pth/.safetensors).")]
+Param = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter KEY=VALUE "
                                                     "(repeatable); `kdcli methods` lists them.")]
-Patience = Annotated[Optional[int], typer.Option(help="Early stop after N epochs without dev gain (0=off).")]
-Balanced = Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.")]
-Amp = Annotated[Optional[str], typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
-Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the student.")]
-Concepts = Annotated[Optional[str], typer.Option(help="Concept bank (.npy like concepts_raw.npy, or text).")]
-ConceptEmb = Annotated[Optional[str], typer.Option(help="Concept embeddings (K, D) .npy.")]
-Extra = Annotated[Optional[list[str]], typer.Option("--set", help="Any other engine option KEY=VALUE, e.g. "
+Patience = Annotated[int | None, typer.Option(help="Early stop after N epochs without dev gain (0=off).")]
+Balanced = Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.")]
+Amp = Annotated[str | None, typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student.")]
+Concepts = Annotated[str | None, typer.Option(help="Concept bank (.npy like concepts_raw.npy, or text).")]
+ConceptEmb = Annotated[str | None, typer.Option(help="Concept embeddings (K, D) .npy.")]
+Extra = Annotated[list[str] | None, typer.Option("--set", help="Any other engine option KEY=VALUE, e.g. "
                                                     "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05.")]
 
 
@@ -222,6 +223,7 @@ def _train_flags(**flags: Any) -> dict[str, Any]:
         if flags.get(key) is not None:
             flags[key] = str(flags[key])
     flags["resume"] = flags["resume"] or None
+    flags["overwrite"] = flags["overwrite"] or None
     return {**extra, **flags}
 
 
@@ -232,10 +234,11 @@ def _report_fit(result, out: Path) -> None:
 
 @command()
 def teach(
-    data: Data, modality: Annotated[Optional[str], typer.Option(help="Modality to train on, e.g. oct.")] = None,
+    data: Data, modality: Annotated[str | None, typer.Option(help="Modality to train on, e.g. oct.")] = None,
     out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
-    config: Config = None, workers: Workers = None, resume: Resume = False, pretrained: Pretrained = None,
+    config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
+    pretrained: Pretrained = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
 ) -> None:
@@ -252,12 +255,13 @@ def teach(
 @command()
 def distill(
     data: Data,
-    teacher: Annotated[Optional[list[Path]], typer.Option(help="Teacher checkpoint(s).")] = None,
-    student: Annotated[Optional[str], typer.Option(help="The student's modality, e.g. fundus.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Distillation method; `kdcli methods` lists them.")] = None,
+    teacher: Annotated[list[Path] | None, typer.Option(help="Teacher checkpoint(s).")] = None,
+    student: Annotated[str | None, typer.Option(help="The student's modality, e.g. fundus.")] = None,
+    method: Annotated[str | None, typer.Option(help="Distillation method; `kdcli methods` lists them.")] = None,
     out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
-    config: Config = None, workers: Workers = None, resume: Resume = False, pretrained: Pretrained = None,
+    config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
+    pretrained: Pretrained = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
 ) -> None:
@@ -282,9 +286,9 @@ def evaluate(
     data: Data,
     split: Annotated[str, typer.Option(help="train, dev or test.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout; the table goes to stderr.")] = False,
-    predictions: Annotated[Optional[Path], typer.Option(help="Per-sample ids, labels, probabilities "
+    predictions: Annotated[Path | None, typer.Option(help="Per-sample ids, labels, probabilities "
                                                         "(.csv or .parquet).")] = None,
-    figure: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default beside the checkpoint).")] = None,
+    figure: Annotated[Path | None, typer.Option(help="Confusion-matrix PNG (default beside the checkpoint).")] = None,
     device: Device = None,
 ) -> None:
     """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1."""
@@ -347,7 +351,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout
             typer.echo(f"{'':<14}-p {key}={default}")
 
 
-class Shell(str, Enum):
+class Shell(StrEnum):
     bash = "bash"
     zsh = "zsh"
     fish = "fish"
@@ -371,12 +375,11 @@ def demo(
     size: Annotated[int, typer.Option(help="Image side.")] = 64,
     model: Annotated[str, typer.Option(help="timm model for teacher and students.")] = "test_resnet",
     as_json: Annotated[bool, typer.Option("--json", help="JSON results on stdout.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Reuse --out even if it exists.")] = True,
 ) -> None:
     """synth -> prepare -> teach OCT -> fundus baseline -> CoDA student -> evaluate, on small phantoms."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, model, overwrite), log=err)
+    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, model), log=err)
     console(stderr=as_json).print(render_table(results))
     if as_json:
         typer.echo(json.dumps(results, indent=2))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 METRICS = ("accuracy", "macro_f1", "kappa", "auc")
 ROLES = {  # role -> what it is
@@ -26,7 +27,6 @@ class DemoOptions:
     per_class: int = 40
     size: int = 64
     model: str = "test_resnet"
-    overwrite: bool = True
     batch_size: int = 32
     lr: float = 3e-3
     workers: int = 0
@@ -47,7 +47,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[s
     prepare(PrepareOptions(source="multieye", raw=raw, out=shards, size=options.size, overwrite=True))
     common = {"data": str(shards), "model": options.model, "epochs": options.epochs,
               "batch_size": options.batch_size, "lr": options.lr, "workers": options.workers,
-              "head": "concept"}
+              "head": "concept", "overwrite": True}
     runs: dict[str, list[dict]] = {role: [] for role in ROLES}
     quiet = lambda message: None  # noqa: E731 - per-epoch lines would drown the demo's own progress
     for seed in range(options.seeds):

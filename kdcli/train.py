@@ -7,9 +7,10 @@ import dataclasses
 import json
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class TrainConfig:
     pretrained: str = ""
     augment: str = "light"
     resume: bool = False
+    overwrite: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -215,6 +217,9 @@ def _check_out(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name such as {out}/model.pt")
+    if out.exists() and not (cfg.resume or cfg.overwrite):
+        raise KdcliError("checkpoint exists", path=out,
+                         hint="pass --overwrite to train a new one in its place, or --resume to continue it")
     return out
 
 

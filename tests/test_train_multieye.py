@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 import torch
 from conftest import FAST
+from test_prepare_multieye import assert_one_line_error
 from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint
-from test_prepare_multieye import assert_one_line_error
 
 runner = CliRunner()
 
@@ -81,6 +81,9 @@ def test_same_seed_same_weights_and_resume_continues(multieye_shards, tmp_path):
     assert run(*args, "--out", tmp_path / "b.pt").exit_code == 0
     a, b = load_checkpoint(tmp_path / "a.pt").model, load_checkpoint(tmp_path / "b.pt").model
     assert all(torch.equal(a[k], b[k]) for k in a)
+    before = (tmp_path / "a.pt").read_bytes()
+    assert_one_line_error(run(*args, "--out", tmp_path / "a.pt"), "exists", "--overwrite")
+    assert (tmp_path / "a.pt").read_bytes() == before
     resumed = run(*args, "--out", tmp_path / "a.pt", "--resume", "--epochs", "3")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming at epoch 3/3" in resumed.output

@@ -6,14 +6,17 @@ CSV), keep `last` (with optimizer state, for --resume) and `best` (by `metric`),
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,6 +124,21 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     return np.concatenate(probs), np.concatenate(labels), {k: np.concatenate(v) for k, v in extras.items()}
 
 
+@contextlib.contextmanager
+def batch_progress(total: int, description: str):
+    """A rich progress bar on an interactive terminal; nothing in logs and pipelines."""
+    if not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
 class MetricsLog:
     def __init__(self, out: Path, resume: bool):
         self.jsonl, self.csv = sibling(out, ".metrics.jsonl"), sibling(out, ".metrics.csv")
@@ -201,30 +219,32 @@ def fit(method: torch.nn.Module, train_set: Dataset, dev_set: Dataset, cfg: Engi
         sums: dict[str, float] = defaultdict(float)
         batches, seen, epoch_start = 0, 0, time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        for step, batch in enumerate(train_loader):
-            batch = to_device(batch, device, channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                terms = method.loss(batch, forward(batch["image"]))
-            loss = sum(v for k, v in terms.items() if not k.startswith("_"))
-            if not torch.isfinite(loss):
-                raise KdcliError(f"loss became {loss.item()} at epoch {epoch + 1}",
-                                 hint="lower --lr, or try --amp off")
-            scaler.scale(loss / cfg.accumulate).backward()
-            if (step + 1) % cfg.accumulate == 0:
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(student)
-            for key, value in terms.items():
-                sums[key] += float(value.detach())
-            sums["loss"] += float(loss.detach())
-            batches += 1
-            seen += len(batch["label"])
+        with batch_progress(len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}") as advance:
+            for step, batch in enumerate(train_loader):
+                batch = to_device(batch, device, channels_last)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    terms = method.loss(batch, forward(batch["image"]))
+                loss = sum(v for k, v in terms.items() if not k.startswith("_"))
+                if not torch.isfinite(loss):
+                    raise KdcliError(f"loss became {loss.item()} at epoch {epoch + 1}",
+                                     hint="lower --lr, or try --amp off")
+                scaler.scale(loss / cfg.accumulate).backward()
+                if (step + 1) % cfg.accumulate == 0:
+                    if cfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    if ema is not None:
+                        ema.update_parameters(student)
+                for key, value in terms.items():
+                    sums[key] += float(value.detach())
+                sums["loss"] += float(loss.detach())
+                batches += 1
+                seen += len(batch["label"])
+                advance()
         train_seconds = time.perf_counter() - epoch_start
 
         eval_model = ema.module if ema is not None else student
@@ -240,9 +260,9 @@ def fit(method: torch.nn.Module, train_set: Dataset, dev_set: Dataset, cfg: Engi
         improved = value is not None and value > best_value
         if improved:
             best_epoch, best_value, stale = epoch + 1, value, 0
-            save_checkpoint(out, {**meta, "best": {"epoch": epoch + 1, "metric": cfg.metric, "value": value,
-                                                  "dev": {k: dev[k] for k in ("accuracy", "macro_f1", "kappa", "auc")}}},
-                            eval_model.state_dict())
+            summary = {k: dev.get(k) for k in ("accuracy", "macro_f1", "kappa", "auc")}
+            best = {"epoch": epoch + 1, "metric": cfg.metric, "value": value, "dev": summary}
+            save_checkpoint(out, {**meta, "best": best}, eval_model.state_dict())
         else:
             stale += 1
         save_checkpoint(last_path, {**meta, "last_epoch": epoch + 1}, eval_model.state_dict(), {

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from kdcli.errors import UsageError
 from kdcli.methods.base import parse_params
 from kdcli.methods.coda import CoDAParams, class_prototype_loss, gate_open, supervised_contrastive
-from kdcli.errors import UsageError
 from kdcli.methods.kd import kd_kl
 
 
