@@ -370,16 +370,18 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder (phantoms, shards, checkpoints).")]
     = Path("kdcli-demo"),
     seeds: Annotated[int, typer.Option(help="Repeat training over this many seeds (mean ± spread).")] = 1,
-    epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 12,
-    per_class: Annotated[int, typer.Option(help="Phantom images per class and modality.")] = 40,
+    epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 30,
+    per_class: Annotated[int, typer.Option(help="Phantom images per class and modality.")] = 60,
     size: Annotated[int, typer.Option(help="Image side.")] = 64,
     model: Annotated[str, typer.Option(help="timm model for teacher and students.")] = "test_resnet",
+    param: Param = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON results on stdout.")] = False,
 ) -> None:
     """synth -> prepare -> teach OCT -> fundus baseline -> CoDA student -> evaluate, on small phantoms."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, model), log=err)
+    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, model, coda_params=parse_params(param)),
+                       log=err)
     console(stderr=as_json).print(render_table(results))
     if as_json:
         typer.echo(json.dumps(results, indent=2))

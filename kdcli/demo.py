@@ -23,13 +23,14 @@ ROLES = {  # role -> what it is
 class DemoOptions:
     out: Path
     seeds: int = 1
-    epochs: int = 12
-    per_class: int = 40
+    epochs: int = 30
+    per_class: int = 60
     size: int = 64
     model: str = "test_resnet"
     batch_size: int = 32
     lr: float = 3e-3
     workers: int = 0
+    coda_params: dict[str, str] | None = None  # -p overrides for the CoDA student
 
 
 def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[s
         teach(resolve_config({**common, "seed": seed, "modality": "fundus",
                               "out": str(paths["baseline (fundus)"])}), log=quiet)
         distill(resolve_config({**common, "seed": seed, "modality": "fundus", "method": "coda",
-                                "teacher": [str(paths["teacher (OCT)"])],
+                                "teacher": [str(paths["teacher (OCT)"])], "params": options.coda_params or {},
                                 "out": str(paths["CoDA student (fundus)"])}), log=quiet)
         for role, path in paths.items():
             report = evaluate(EvaluateOptions(path, shards, "test"))

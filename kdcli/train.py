@@ -17,7 +17,7 @@ import torch
 from kdcli import __version__
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint, sibling
 from kdcli.engine.device import seed_everything
-from kdcli.engine.loop import EngineConfig, FitResult, fit
+from kdcli.engine.loop import EngineConfig, FitResult, classification_validator, fit
 from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
@@ -205,12 +205,6 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
     return student_train, dev, student_train.labels
 
 
-def _metric_fn(store: ShardStore) -> Callable:
-    from kdcli.evaluate.metrics import classification_metrics
-
-    return lambda labels, probs: classification_metrics(labels, probs, store.classes)
-
-
 def _check_out(cfg: TrainConfig) -> Path:
     if not cfg.out:
         raise UsageError("--out is required (the checkpoint to write, e.g. oct.pt)")
@@ -250,8 +244,9 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     train_set, dev_set, labels = _views(cfg, store, "none", None)
     meta = _meta(cfg, store, model, "teacher", params, None)
     _write_config(out, meta)
-    return fit(method_cls(params, model), train_set, dev_set, cfg.engine, out, meta, _metric_fn(store),
-               resume=cfg.resume, log=log, train_labels=labels)
+    validate = classification_validator(dev_set, store.classes, cfg.engine)
+    return fit(method_cls(params, model), train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
+               train_labels=labels)
 
 
 def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
@@ -281,8 +276,8 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
                     "data_hash": teacher_ckpt.meta["data"]["content_hash"]}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
     _write_config(out, meta)
-    return fit(method, train_set, dev_set, cfg.engine, out, meta, _metric_fn(store), resume=cfg.resume,
-               log=log, train_labels=labels)
+    validate = classification_validator(dev_set, store.classes, cfg.engine)
+    return fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=labels)
 
 
 def _write_config(out: Path, meta: dict) -> None:

@@ -159,8 +159,23 @@ class MetricsLog:
         tmp.replace(self.csv)
 
 
-def fit(method: torch.nn.Module, train_set: Dataset, dev_set: Dataset, cfg: EngineConfig, out: Path,
-        meta: dict[str, Any], evaluate: Callable[[np.ndarray, np.ndarray], dict], resume: bool = False,
+Validate = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict]
+
+
+def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig) -> Validate:
+    """Dev-split metrics for a single-head classifier (what every classification method is selected by)."""
+    from kdcli.evaluate.metrics import classification_metrics
+
+    def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
+        loader = make_loader(dev_set, cfg, device, None, train=False)
+        probs, labels, _ = predict(model, loader, device, dtype)
+        return classification_metrics(labels, probs, classes)
+
+    return validate
+
+
+def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: EngineConfig, out: Path,
+        meta: dict[str, Any], resume: bool = False,
         log: Callable[[str], None] = print, train_labels: np.ndarray | None = None) -> FitResult:
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -177,7 +192,6 @@ def fit(method: torch.nn.Module, train_set: Dataset, dev_set: Dataset, cfg: Engi
     forward = torch.compile(student) if cfg.compile else student
 
     train_loader = make_loader(train_set, cfg, device, train_labels, train=True)
-    dev_loader = make_loader(dev_set, cfg, device, None, train=False)
     steps_per_epoch = max(1, len(train_loader) // cfg.accumulate)
     total_steps = steps_per_epoch * cfg.epochs
     parameters = [p for p in method.parameters() if p.requires_grad]
@@ -248,8 +262,10 @@ def fit(method: torch.nn.Module, train_set: Dataset, dev_set: Dataset, cfg: Engi
         train_seconds = time.perf_counter() - epoch_start
 
         eval_model = ema.module if ema is not None else student
-        probs, labels, _ = predict(eval_model, dev_loader, device, dtype)
-        dev = evaluate(labels, probs)
+        dev = validate(eval_model, device, dtype)
+        if cfg.metric not in dev:
+            raise KdcliError(f"--set metric={cfg.metric} is not reported here; choose one of "
+                             f"{', '.join(k for k, v in dev.items() if isinstance(v, float))}")
         value = dev[cfg.metric]
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                **{f"train_{k.lstrip('_')}": v / max(1, batches) for k, v in sums.items()},
@@ -271,7 +287,7 @@ def fit(method: torch.nn.Module, train_set: Dataset, dev_set: Dataset, cfg: Engi
             "best_value": best_value, "stale": stale, **({"ema": ema.state_dict()} if ema is not None else {}),
         })
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {value:.4f}"
-            f"  acc {dev['accuracy']:.3f}{'  *' if improved else ''}  ({seen / max(train_seconds, 1e-9):.0f} img/s)")
+            f"{'  *' if improved else ''}  ({seen / max(train_seconds, 1e-9):.0f} img/s)")
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: no {cfg.metric} gain for {cfg.patience} epochs")
             break
