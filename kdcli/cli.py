@@ -89,6 +89,26 @@ def synth_multieye(
     err(f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}")
 
 
+@command(synth_app, "fundus-grading")
+def synth_fundus_grading(
+    out: Annotated[Path, typer.Argument(help="Folder to write: dr/ (EyePACS or APTOS layout) and amd/.")],
+    per_class: Annotated[int, typer.Option(help="Images per grade in each set.")] = 20,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    dr_layout: Annotated[str, typer.Option(help="eyepacs (trainLabels.csv) or aptos (train.csv).")] = "eyepacs",
+    workers: Annotated[int, typer.Option(help="Processes.")] = 1,
+) -> None:
+    """Two disjoint graded fundus sets (DR 0-4, AMD 0-3) where every eye has both diseases, one labelled."""
+    from kdcli.synth import SYNTHS
+
+    if dr_layout not in ("eyepacs", "aptos"):
+        raise typer.BadParameter("use eyepacs or aptos", param_hint="--dr-layout")
+    summary = SYNTHS.get("fundus-grading")(out, per_class=per_class, size=size, seed=seed, dr_layout=dr_layout,
+                                           workers=workers)
+    for name, info in summary["sets"].items():
+        err(f"{name}: {sum(info['counts'])} images, labels {info['labels']}")
+
+
 # --------------------------------------------------------------------------------------------- prepare
 class Compression(StrEnum):
     none = "none"
@@ -106,7 +126,8 @@ PrepCompression = Annotated[Compression, typer.Option(help="HDF5 compression of 
 
 
 def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resume: bool, overwrite: bool,
-                shard_size: int, compression: Compression, source_options: dict[str, Any]) -> None:
+                shard_size: int, compression: Compression, source_options: dict[str, Any],
+                append: bool = False) -> None:
     from tqdm import tqdm
 
     from kdcli.prepare import PrepareOptions, prepare
@@ -114,7 +135,7 @@ def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resu
     options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
                              overwrite=overwrite, shard_size=shard_size,
                              compression=None if compression is Compression.none else compression.value,
-                             source_options=source_options)
+                             source_options=source_options, append=append)
     bars: list = []
 
     def progress_factory(total: int):
@@ -155,6 +176,34 @@ def prepare_multieye(
                 {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})})
 
 
+@command(prepare_app, "fundus-grading")
+def prepare_fundus_grading(
+    raw: Annotated[Path, typer.Argument(help="The set's folder (holds the label CSV and the images).")],
+    labels: Annotated[Path, typer.Option(help="Label CSV (EyePACS image,level or APTOS id_code,diagnosis).")],
+    task: Annotated[str, typer.Option(help="The task this set is graded for, e.g. dr or amd.")],
+    out: PrepOut,
+    size: PrepSize = 224,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace this task's samples if --out already has them.")] = False,
+    shard_size: PrepShardSize = 512,
+    compression: PrepCompression = Compression.none,
+    image_dir: Annotated[Path | None, typer.Option(help="Image folder (default: train/, train_images/ or "
+                                                        "images/ beside the CSV).")] = None,
+    image_column: Annotated[str | None, typer.Option(help="CSV column with image names.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="CSV column with grades.")] = None,
+    grades: Annotated[int | None, typer.Option(help="Number of grades (default 5 for dr, 4 for amd).")] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the patient-level 60/20/20 split.")] = 0,
+) -> None:
+    """A graded fundus set for one task; a second call with another --task adds to the same --out."""
+    options = {"labels": str(labels), "task": task, "split_seed": split_seed,
+               **{k: str(v) if isinstance(v, Path) else v for k, v in
+                  (("image_dir", image_dir), ("image_column", image_column), ("label_column", label_column),
+                   ("grades", grades)) if v is not None}}
+    run_prepare("fundus-grading", raw, out, size, workers, resume, overwrite, shard_size, compression, options,
+                append=True)
+
+
 # --------------------------------------------------------------------------------------------- inspect
 @command()
 def inspect(
@@ -180,7 +229,8 @@ def inspect(
         per_split = report["per_class"].get(modality, {})
         table.add_row(modality, "x".join(map(str, info["shape"])),
                       *[str(report["counts"][modality].get(s, 0)) for s in ("train", "dev", "test")])
-        for name in report["classes"]:
+        names = report["classes"] or [f"{t}:{c}" for t, info in report["tasks"].items() for c in info["classes"]]
+        for name in names:
             table.add_row("", f"  {name}", *[str(per_split.get(s, {}).get(name, 0)) for s in ("train", "dev", "test")])
     out = console(stderr=False)
     out.print(table)
@@ -189,6 +239,8 @@ def inspect(
 
 # ------------------------------------------------------------------------------------- teach / distill
 Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory from `kdcli prepare`.")]
+Task = Annotated[str | None, typer.Option(help="Label space to train on, for datasets with several "
+                                                "(fundus-grading: dr or amd).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write (best); siblings: "
                                              ".last.pt, .metrics.csv/.jsonl, .config.json.")]
 Model = Annotated[str | None, typer.Option(help="timm model name (default resnet50; distill: the teacher's).")]
@@ -235,7 +287,7 @@ def _report_fit(result, out: Path) -> None:
 @command()
 def teach(
     data: Data, modality: Annotated[str | None, typer.Option(help="Modality to train on, e.g. oct.")] = None,
-    out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
+    task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
     pretrained: Pretrained = None,
@@ -258,7 +310,7 @@ def distill(
     teacher: Annotated[list[Path] | None, typer.Option(help="Teacher checkpoint(s).")] = None,
     student: Annotated[str | None, typer.Option(help="The student's modality, e.g. fundus.")] = None,
     method: Annotated[str | None, typer.Option(help="Distillation method; `kdcli methods` lists them.")] = None,
-    out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
+    task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
     pretrained: Pretrained = None,

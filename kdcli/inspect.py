@@ -20,12 +20,13 @@ def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
     manifest = store.manifest.with_columns(pl.col("modality").str.split("+").alias("modalities"))
     per_class: dict[str, dict[str, dict[str, int]]] = {}
     exploded = manifest.explode("modalities")
-    grouped = exploded.group_by(["modalities", "split", "label"]).len().sort(["modalities", "split", "label"])
-    for modality, split, label, count in grouped.iter_rows():
-        per_class.setdefault(modality, {}).setdefault(split, {})[meta.classes[label]] = int(count)
+    keys = ["modalities", "split", "task", "label"]
+    for modality, split, task, label, count in exploded.group_by(keys).len().sort(keys).iter_rows():
+        name = f"{task}:{meta.classes_for(task)[label]}" if task else meta.classes[label]
+        per_class.setdefault(modality, {}).setdefault(split, {})[name] = int(count)
     report: dict[str, Any] = {
         "path": str(root), "source": meta.source, "task": meta.task, "pairing": meta.pairing,
-        "classes": meta.classes, "modalities": meta.modalities, "counts": meta.counts,
+        "classes": meta.classes, "tasks": meta.tasks, "modalities": meta.modalities, "counts": meta.counts,
         "per_class": per_class, "samples": manifest.height,
         "shards": manifest["shard"].n_unique(), "content_hash": meta.content_hash,
         "kdcli_version": meta.kdcli_version, "prepare": meta.prepare,

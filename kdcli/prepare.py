@@ -25,7 +25,6 @@ from kdcli.shards.format import (
     SHARD_DIR,
     SPLITS,
     DatasetMeta,
-    atomic_write_bytes,
     atomic_write_json,
     content_hash,
     modality_key,
@@ -47,6 +46,7 @@ class PrepareOptions:
     compression: str | None = None
     resume: bool = False
     overwrite: bool = False
+    append: bool = False  # add to an existing dataset of the same source (a new task's set)
     source_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,22 +61,23 @@ class PrepareResult:
 
 
 def plan_jobs(records: list[Record], shard_size: int) -> list[ShardJob]:
-    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.id):
-        groups[(record.split, modality_key(list(record.files)))].append(record)
+        groups[(record.task, record.split, modality_key(list(record.files)))].append(record)
     jobs = []
-    for (split, key), members in sorted(groups.items()):
+    for (_, split, key), members in sorted(groups.items()):
+        prefix = f"{members[0].task}-" if members[0].task else ""  # sets appended later never collide
         for number, start in enumerate(range(0, len(members), shard_size)):
-            jobs.append(ShardJob(shard_name(split, key.split("+"), number),
+            jobs.append(ShardJob(prefix + shard_name(split, key.split("+"), number),
                                  tuple(members[start : start + shard_size])))
     return jobs
 
 
-def _check_out(options: PrepareOptions) -> Path:
+def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
     out, staging = options.out, Path(str(options.out) + ".partial")
     if options.resume and options.overwrite:
         raise KdcliError("--resume and --overwrite exclude each other", hint="pick one")
-    if out.exists() and not (options.overwrite or options.resume):
+    if out.exists() and not (options.overwrite or options.resume or appending):
         raise KdcliError("output directory exists", path=out,
                          hint="pass --overwrite to replace it or --resume to finish it")
     if out.exists() and not (out / DATASET_JSON).is_file() and any(out.iterdir()):
@@ -89,8 +90,9 @@ def _check_out(options: PrepareOptions) -> Path:
 
 def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     started = time.perf_counter()
-    staging = _check_out(options)
-    if options.resume and (options.out / DATASET_JSON).is_file() and not staging.exists():
+    appending = options.append and (options.out / DATASET_JSON).is_file()
+    staging = _check_out(options, appending)
+    if options.resume and not appending and (options.out / DATASET_JSON).is_file() and not staging.exists():
         meta = DatasetMeta.load(options.out)
         return PrepareResult(options.out, meta, 0, 0, ["already complete; nothing to do"], 0.0)
     source_cls = SOURCES.get(options.source)
@@ -100,8 +102,9 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     arguments = {
         "source": options.source, "raw": str(Path(options.raw).resolve()), "size": options.size,
         "shard_size": options.shard_size, "compression": options.compression,
-        "source_options": options.source_options,
+        "source_options": {k: v for k, v in options.source_options.items() if k != "grades"},
     }
+    kept = _existing_rows(options, scan) if appending else []
     staging.mkdir(parents=True, exist_ok=True)
     plan_path = staging / PLAN_JSON
     if plan_path.is_file() and json.loads(plan_path.read_text()) != arguments:
@@ -116,31 +119,82 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     digests = write_all(jobs, shard_dir, source_cls, options.source_options, options.size,
                         options.workers, options.compression, progress)
     reused = sum(1 for job in jobs if job.name in before)
-
-    meta = _finish(staging, scan, jobs, digests, arguments)
-    _swap_in(staging, options.out)
+    rows = [
+        (r.id, r.group, r.split, modality_key(list(r.files)), r.label, job.name, index, r.task)
+        for job in jobs
+        for index, r in enumerate(job.records)
+    ]
+    if appending:
+        meta = _append(staging, options.out, scan, rows, kept, digests, arguments)
+    else:
+        meta = _finish(staging, scan, rows, digests, arguments, scan.tasks)
+        _swap_in(staging, options.out)
     return PrepareResult(options.out, meta, len(jobs) - reused, reused, scan.notes,
                          time.perf_counter() - started)
 
 
-def _finish(staging: Path, scan, jobs: list[ShardJob], digests: dict[str, str], arguments: dict) -> DatasetMeta:
-    rows = [
-        (r.id, r.group, r.split, modality_key(list(r.files)), r.label, job.name, index)
-        for job in jobs
-        for index, r in enumerate(job.records)
-    ]
+def _existing_rows(options: PrepareOptions, scan) -> list[tuple]:
+    """Rows of the dataset being appended to that stay; refuses a task already there (unless --overwrite) and
+    images that would sit in two sets."""
+    existing = DatasetMeta.load(options.out)
+    if existing.source != options.source:
+        raise KdcliError(f"holds a {existing.source!r} dataset; cannot add {options.source!r} data", path=options.out,
+                         hint="choose another --out")
+    if existing.modalities and any(existing.modalities[m]["shape"][0] != options.size for m in existing.modalities):
+        raise KdcliError("holds images of another --size", path=options.out,
+                         hint=f"prepare with --size {next(iter(existing.modalities.values()))['shape'][0]}")
+    manifest = pl.read_parquet(options.out / MANIFEST)
+    new_tasks = set(scan.tasks)
+    clash = new_tasks & set(existing.tasks)
+    if clash and not options.overwrite:
+        raise KdcliError(f"already holds task {', '.join(sorted(clash))}", path=options.out,
+                         hint="pass --overwrite to replace that task's samples")
+    kept = manifest.filter(~pl.col("task").is_in(list(new_tasks)))
+    names = {i.split(":", 1)[-1]: t for i, t in zip(kept["id"], kept["task"], strict=True)}
+    for record in scan.records:
+        name = record.id.split(":", 1)[-1]
+        if name in names:
+            raise KdcliError(f"image {name!r} is already in the {names[name]!r} set", path=options.raw,
+                             hint="an image may belong to one set only; remove it from one of the label files")
+    return kept.rows()
+
+
+def _append(staging: Path, out: Path, scan, rows: list[tuple], kept: list[tuple], digests: dict[str, str],
+            arguments: dict) -> DatasetMeta:
+    """Move the new shards in, then swap manifest and dataset.json (each atomic); old shards of a replaced task go
+    last, so a crash at any point leaves the previous dataset readable."""
+    import h5py
+
+    existing = DatasetMeta.load(out)
+    kept_shards = {row[5] for row in kept}
+    for name in kept_shards:
+        with h5py.File(out / SHARD_DIR / name, "r") as handle:
+            digests[name] = str(handle.attrs["digest"])
+    tasks = {k: v for k, v in existing.tasks.items() if k not in scan.tasks} | scan.tasks
+    for shard in sorted((staging / SHARD_DIR).glob("*.h5")):
+        shard.replace(out / SHARD_DIR / shard.name)
+    extra = {**existing.extra, "prepare_runs": [*existing.extra.get("prepare_runs", [existing.prepare]), arguments]}
+    meta = _finish(out, scan, kept + rows, digests, existing.prepare, tasks, extra)
+    referenced = {row[5] for row in kept + rows}
+    for shard in (out / SHARD_DIR).glob("*.h5"):
+        if shard.name not in referenced:
+            shard.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], arguments: dict, tasks: dict,
+            extra: dict | None = None) -> DatasetMeta:
     manifest = pl.DataFrame(rows, schema=[("id", pl.Utf8), ("group", pl.Utf8), ("split", pl.Utf8),
                                           ("modality", pl.Utf8), ("label", pl.Int64), ("shard", pl.Utf8),
-                                          ("index", pl.Int64)], orient="row")
-    tmp = staging / f".{MANIFEST}.tmp"
+                                          ("index", pl.Int64), ("task", pl.Utf8)], orient="row")
+    tmp = folder / f".{MANIFEST}.tmp"
     manifest.write_parquet(tmp)
-    atomic_write_bytes(staging / MANIFEST, tmp.read_bytes())
-    tmp.unlink()
-
-    counts: dict[str, dict[str, int]] = {}
-    for record in scan.records:
-        for modality in record.files:
-            counts.setdefault(modality, Counter())[record.split] += 1
+    tmp.replace(folder / MANIFEST)
+    counts: dict[str, Counter] = {}
+    for _, _, split, modality, *_ in rows:
+        for name in modality.split("+"):
+            counts.setdefault(name, Counter())[split] += 1
     size = arguments["size"]
     meta = DatasetMeta(
         source=arguments["source"],
@@ -148,14 +202,15 @@ def _finish(staging: Path, scan, jobs: list[ShardJob], digests: dict[str, str], 
         classes=scan.classes,
         modalities={m: {"shape": [size, size, c], "dtype": "uint8"} for m, c in scan.modalities.items()},
         pairing=scan.pairing,
+        tasks=tasks,
         counts={m: {s: int(c.get(s, 0)) for s in SPLITS} for m, c in counts.items()},
         prepare=arguments,
-        extra=scan.extra,
-        content_hash=content_hash(digests, rows),
+        extra=extra if extra is not None else scan.extra,
+        content_hash=content_hash({r[5]: digests[r[5]] for r in rows}, rows),
         kdcli_version=__version__,
     )
-    atomic_write_json(staging / DATASET_JSON, meta.to_json())
-    (staging / PLAN_JSON).unlink(missing_ok=True)
+    atomic_write_json(folder / DATASET_JSON, meta.to_json())
+    (folder / PLAN_JSON).unlink(missing_ok=True)
     return meta
 
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdcli import __version__
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint, sibling
 from kdcli.engine.device import seed_everything
-from kdcli.engine.loop import EngineConfig, FitResult, classification_validator, fit
+from kdcli.engine.loop import EngineConfig, FitResult, classification_validator, fit, multitask_validator
 from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
@@ -30,6 +31,7 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     modality: str = ""  # teach: the modality trained; distill: the student's modality
+    task: str = ""  # datasets with several label spaces (fundus-grading): the one to train on
     teacher: list[str] = field(default_factory=list)
     method: str = "supervised"
     params: dict[str, Any] = field(default_factory=dict)
@@ -131,8 +133,10 @@ def _concept_bank(cfg: TrainConfig, store: ShardStore) -> tuple[list[str], torch
     return list(texts), torch.from_numpy(vectors)
 
 
-def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: dict | None = None) -> Classifier:
-    """A classifier for `modality`; `template` (the teacher's spec) supplies backbone, head and concepts."""
+def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: dict | None = None,
+                  tasks: dict[str, int] | None = None) -> Classifier:
+    """A classifier for `modality`; `template` (the teacher's spec) supplies backbone, head and concepts;
+    `tasks` (name -> number of classes) asks for one head per task."""
     store.require_modality(modality)
     channels = store.meta.modalities[modality]["shape"][2]
     mean, std = default_normalisation(channels)
@@ -140,8 +144,12 @@ def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: 
         "concept" if store.meta.extra.get("concepts") else "linear")
     spec: dict[str, Any] = {
         "backbone": cfg.model or (template or {}).get("backbone") or "resnet50",
-        "head": head, "in_chans": channels, "num_classes": len(store.classes), "mean": mean, "std": std,
+        "head": head, "in_chans": channels, "num_classes": len(store.meta.classes_for(cfg.task or None)) if not tasks
+        else 0, "mean": mean, "std": std,
     }
+    if tasks:
+        spec.update(head="multi", tasks=tasks)
+        head = "multi"
     concepts = None
     if head == "concept":
         if template and template.get("head") == "concept" and not cfg.concepts:
@@ -170,7 +178,16 @@ def load_model(checkpoint: Checkpoint) -> Classifier:
 def check_compatible(checkpoint: Checkpoint, store: ShardStore, modality: str | None = None) -> None:
     """A checkpoint is used only on data with its class list and its modality."""
     meta = checkpoint.meta
-    if meta["classes"] != store.classes:
+    wanted_tasks = meta.get("tasks") or ({meta["label_task"]: meta["classes"]} if meta.get("label_task") else {})
+    for task, classes in wanted_tasks.items():
+        if task not in store.meta.tasks:
+            raise KdcliError(f"checkpoint is for task {task!r}; the dataset has "
+                             f"{', '.join(store.meta.tasks) or 'no tasks'}", path=checkpoint.path,
+                             hint="use it on a dataset prepared with that --task")
+        if store.meta.tasks[task]["classes"] != classes:
+            raise KdcliError(f"checkpoint {task} classes {classes} differ from the dataset's "
+                             f"{store.meta.tasks[task]['classes']}", path=checkpoint.path)
+    if not wanted_tasks and meta["classes"] != store.classes:
         raise KdcliError(f"checkpoint classes {meta['classes']} differ from the dataset's {store.classes}",
                          path=checkpoint.path, hint="use a checkpoint trained on this dataset's label set")
     wanted = modality or meta["modality"]
@@ -191,8 +208,9 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
         return train_augmentation(store.meta.modalities[modality]["shape"][0], cfg.augment)
 
     seed = cfg.engine.seed
-    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed)
-    dev = ModalityView(store, "dev", cfg.modality)
+    tasks = [cfg.task] if cfg.task else None
+    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks)
+    dev = ModalityView(store, "dev", cfg.modality, tasks=tasks)
     if len(student_train) == 0 or len(dev) == 0:
         raise KdcliError(f"no {cfg.modality} samples in train or dev", path=store.root)
     if pairing == "unpaired":
@@ -218,10 +236,14 @@ def _check_out(cfg: TrainConfig) -> Path:
 
 
 def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, params: Any,
-          teacher: dict | None) -> dict[str, Any]:
+          teacher: dict | list | None) -> dict[str, Any]:
+    tasks = model.spec.get("tasks")
     return {
         "kdcli_version": __version__, "kind": kind, "task": store.meta.task,
-        "model": model.spec, "classes": store.classes, "modality": cfg.modality,
+        "model": model.spec, "modality": cfg.modality,
+        "classes": [] if tasks else store.meta.classes_for(cfg.task or None),
+        "label_task": cfg.task or None,
+        "tasks": {t: store.meta.tasks[t]["classes"] for t in tasks} if tasks else None,
         "size": store.meta.modalities[cfg.modality]["shape"][0],
         "method": cfg.method, "method_params": dataclasses.asdict(params),
         "config": config_to_dict(cfg),
@@ -234,8 +256,14 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, par
 def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     out = _check_out(cfg)
     store = ShardStore(cfg.data)
+    if not cfg.modality and len(store.meta.modalities) == 1:
+        cfg.modality = next(iter(store.meta.modalities))
     if not cfg.modality:
         raise UsageError(f"--modality is required; the dataset has {', '.join(store.meta.modalities)}")
+    if store.meta.tasks and cfg.task not in store.meta.tasks:
+        raise UsageError(f"--task is required: this dataset has {', '.join(store.meta.tasks)}")
+    if cfg.task and not store.meta.tasks:
+        raise UsageError("--task applies to datasets with several label spaces; this one has one")
     cfg.method = "supervised"
     seed_everything(cfg.engine.seed)  # before the model is built: its initial weights depend on it
     method_cls = METHODS.get("supervised")
@@ -244,7 +272,8 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     train_set, dev_set, labels = _views(cfg, store, "none", None)
     meta = _meta(cfg, store, model, "teacher", params, None)
     _write_config(out, meta)
-    validate = classification_validator(dev_set, store.classes, cfg.engine)
+    validate = classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine,
+                                        ordinal=bool(cfg.task and store.meta.tasks[cfg.task].get("ordinal")))
     return fit(method_cls(params, model), train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                train_labels=labels)
 
@@ -252,32 +281,64 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
 def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     out = _check_out(cfg)
     store = ShardStore(cfg.data)
-    if not cfg.modality:
-        raise UsageError(f"--student is required; the dataset has {', '.join(store.meta.modalities)}")
     method_cls = METHODS.get(cfg.method)
-    if method_cls.needs_teacher and len(cfg.teacher) != 1:
-        raise UsageError(f"--method {cfg.method} needs exactly one --teacher checkpoint")
+    if not cfg.teacher:
+        raise UsageError(f"--method {cfg.method} needs --teacher")
+    if not method_cls.per_task_teachers and len(cfg.teacher) != 1:
+        raise UsageError(f"--method {cfg.method} takes exactly one --teacher checkpoint")
     params = parse_params(method_cls.Params, cfg.params, cfg.method)
     seed_everything(cfg.engine.seed)
-    teacher_ckpt = load_checkpoint(Path(cfg.teacher[0]))
-    check_compatible(teacher_ckpt, store)
-    teacher = load_model(teacher_ckpt)
-    teacher_modality = teacher_ckpt.meta["modality"]
+    checkpoints = [load_checkpoint(Path(path)) for path in cfg.teacher]
+    for checkpoint in checkpoints:
+        check_compatible(checkpoint, store)
+    teachers = [load_model(checkpoint) for checkpoint in checkpoints]
+    teacher_modality = checkpoints[0].meta["modality"]
+    cfg.modality = cfg.modality or teacher_modality
+    if not cfg.modality:
+        raise UsageError(f"--student is required; the dataset has {', '.join(store.meta.modalities)}")
+    teacher_info = [{"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path)),
+                     "modality": c.meta["modality"], "task": c.meta.get("label_task"),
+                     "backbone": c.meta["model"]["backbone"], "data_hash": c.meta["data"]["content_hash"]}
+                    for path, c in zip(cfg.teacher, checkpoints, strict=True)]
+    if method_cls.per_task_teachers:
+        return _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, teacher_info, out, log)
     if method_cls.pairing == "paired" and store.meta.pairing != "paired":
         raise KdcliError(f"--method {cfg.method} needs paired data; this dataset is {store.meta.pairing}",
                          path=store.root, hint="use --method coda for unpaired data")
+    cfg.task = cfg.task or checkpoints[0].meta.get("label_task") or ""
+    teacher = teachers[0]
     student = build_student(cfg, store, cfg.modality, template=teacher.spec)
     if student.spec.get("head") == "concept" and teacher.spec.get("head") == "concept" and not cfg.concepts:
         student.head.concepts.copy_(teacher.head.concepts)
     method = method_cls(params, student, teacher)
     train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality)
-    teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
-                    "modality": teacher_modality, "backbone": teacher.spec["backbone"],
-                    "data_hash": teacher_ckpt.meta["data"]["content_hash"]}
+    meta = _meta(cfg, store, student, "student", params, teacher_info[0])
+    _write_config(out, meta)
+    validate = classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine)
+    return fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=labels)
+
+
+def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, teacher_info, out, log) -> FitResult:
+    """One single-task teacher per task (SALL): the student is one backbone with a head per task."""
+    from kdcli.data.transforms import train_augmentation
+    from kdcli.data.views import ModalityView
+
+    tasks = [c.meta.get("label_task") for c in checkpoints]
+    if not all(tasks) or len(set(tasks)) != len(tasks):
+        raise UsageError(f"--method {cfg.method} needs one teacher per task, each from `teach --task`; got "
+                         f"tasks {tasks}")
+    heads = {task: len(store.meta.tasks[task]["classes"]) for task in tasks}
+    student = build_student(cfg, store, cfg.modality, template={**teachers[0].spec, "head": "linear"}, tasks=heads)
+    method = method_cls(params, student, dict(zip(tasks, teachers, strict=True)))
+    augment = train_augmentation(store.meta.modalities[cfg.modality]["shape"][0], cfg.augment)
+    train_set = ModalityView(store, "train", cfg.modality, augment, cfg.engine.seed, tasks)
+    dev_sets = {task: ModalityView(store, "dev", cfg.modality, tasks=[task]) for task in tasks}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
     _write_config(out, meta)
-    validate = classification_validator(dev_set, store.classes, cfg.engine)
-    return fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=labels)
+    validate = multitask_validator(dev_sets, {t: store.meta.tasks[t] for t in tasks}, cfg.engine)
+    balance_key = train_set.tasks * 1000 + train_set.labels  # balance grades within each task's set
+    return fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
+               train_labels=np.unique(balance_key, return_inverse=True)[1])
 
 
 def _write_config(out: Path, meta: dict) -> None:

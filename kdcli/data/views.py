@@ -18,11 +18,15 @@ class ModalityView(Dataset):
 
     Augmentation is seeded per (seed, epoch, item), so a run gives the same batches with 0 or N workers."""
 
-    def __init__(self, store: ShardStore, split: str, modality: str, augment=None, seed: int = 0):
+    def __init__(self, store: ShardStore, split: str, modality: str, augment=None, seed: int = 0,
+                 tasks: list[str] | None = None):
         store.require_modality(modality)
         self.store, self.split, self.modality, self.augment = store, split, modality, augment
         self.seed, self.epoch = seed, 0
         rows = store.rows(split, modality)
+        if tasks:  # datasets with several label spaces: keep these tasks' samples, remember which is which
+            rows = rows.filter(rows["task"].is_in(tasks))
+        self.tasks = np.array([tasks.index(t) for t in rows["task"]] if tasks else np.zeros(len(rows)), dtype=np.int64)
         self.ids = rows["id"].to_list()
         self.labels = rows["label"].to_numpy()
         self.shards = rows["shard"].to_list()
@@ -44,7 +48,8 @@ class ModalityView(Dataset):
         return array
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": to_tensor(self.image(i)), "label": int(self.labels[i]), "index": i}
+        return {"image": to_tensor(self.image(i)), "label": int(self.labels[i]), "index": i,
+                "task": int(self.tasks[i])}
 
 
 class UnpairedPartnerView(Dataset):

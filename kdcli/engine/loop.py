@@ -109,15 +109,17 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
-            dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Probabilities, labels and any extra outputs (e.g. concept similarities) over a loader."""
+            dtype: torch.dtype | None = None, head: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Probabilities, labels and any extra outputs (e.g. concept similarities) over a loader; `head` picks one
+    task's logits from a multi-head model."""
     model.eval()
     probs, labels, extras = [], [], defaultdict(list)
     for batch in loader:
         batch = to_device(batch, device, False)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(batch["image"])
-        probs.append(out["logits"].float().softmax(1).cpu().numpy())
+        logits = out["task_logits"][head] if head else out["logits"]
+        probs.append(logits.float().softmax(1).cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
         if "sims" in out:
             extras["sims"].append(out["sims"][:, 0].float().cpu().numpy())
@@ -162,14 +164,33 @@ class MetricsLog:
 Validate = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict]
 
 
-def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig) -> Validate:
+def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig,
+                             ordinal: bool = False) -> Validate:
     """Dev-split metrics for a single-head classifier (what every classification method is selected by)."""
     from kdcli.evaluate.metrics import classification_metrics
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         loader = make_loader(dev_set, cfg, device, None, train=False)
         probs, labels, _ = predict(model, loader, device, dtype)
-        return classification_metrics(labels, probs, classes)
+        return classification_metrics(labels, probs, classes, ordinal=ordinal)
+
+    return validate
+
+
+def multitask_validator(dev_sets: dict[str, Dataset], tasks: dict[str, dict], cfg: EngineConfig) -> Validate:
+    """Per-task dev metrics of a multi-head model; the selection metrics are the means over tasks."""
+    from kdcli.evaluate.metrics import classification_metrics
+
+    def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
+        per_task = {}
+        for task, dataset in dev_sets.items():
+            loader = make_loader(dataset, cfg, device, None, train=False)
+            probs, labels, _ = predict(model, loader, device, dtype, head=task)
+            per_task[task] = classification_metrics(labels, probs, tasks[task]["classes"],
+                                                    ordinal=tasks[task].get("ordinal", False))
+        means = {k: float(np.mean([m[k] for m in per_task.values()])) for k in ("accuracy", "macro_f1", "kappa")}
+        flat = {f"{task}_{k}": m[k] for task, m in per_task.items() for k in ("accuracy", "macro_f1", "kappa")}
+        return {**means, **flat, "tasks": per_task}
 
     return validate
 
@@ -187,8 +208,7 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
     student = method.student
     if channels_last:
         method.to(memory_format=torch.channels_last)
-        if method.teacher is not None:
-            method.teacher.to(memory_format=torch.channels_last)
+        method.teacher_to(device, torch.channels_last)
     forward = torch.compile(student) if cfg.compile else student
 
     train_loader = make_loader(train_set, cfg, device, train_labels, train=True)
@@ -228,8 +248,8 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
         if hasattr(train_loader.sampler, "generator") and train_loader.sampler.generator is not None:
             train_loader.sampler.generator.manual_seed(cfg.seed * 1000 + epoch)
         method.train()
-        if method.teacher is not None:
-            method.teacher.eval()
+        for teacher in method.teachers():
+            teacher.eval()
         sums: dict[str, float] = defaultdict(float)
         batches, seen, epoch_start = 0, 0, time.perf_counter()
         optimizer.zero_grad(set_to_none=True)

@@ -26,19 +26,27 @@ class Method(nn.Module):
     Params: ClassVar[type] = NoParams
     needs_teacher: ClassVar[bool] = False
     pairing: ClassVar[str] = "none"  # "none" | "unpaired" (class-matched partner) | "paired"
+    per_task_teachers: ClassVar[bool] = False  # True: one teacher per task (dict task -> model), multi-head student
 
-    def __init__(self, params: Any, student: nn.Module, teacher: nn.Module | None = None):
+    def __init__(self, params: Any, student: nn.Module, teacher: nn.Module | dict[str, nn.Module] | None = None):
         super().__init__()
         self.params = params
         self.student = student
-        # The teacher is frozen and kept out of state_dict/optimizer/DDP: a plain attribute, not a module.
+        # Teachers are frozen and kept out of state_dict/optimizer/DDP: a plain attribute, not a module.
         self.__dict__["teacher"] = teacher
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
+        for model in self.teachers():
+            model.eval().requires_grad_(False)
 
-    def teacher_to(self, device: torch.device) -> None:
-        if self.teacher is not None:
-            self.teacher.to(device)
+    def teachers(self) -> list[nn.Module]:
+        if self.teacher is None:
+            return []
+        return list(self.teacher.values()) if isinstance(self.teacher, dict) else [self.teacher]
+
+    def teacher_to(self, device: torch.device, memory_format: torch.memory_format | None = None) -> None:
+        for model in self.teachers():
+            model.to(device)
+            if memory_format is not None:
+                model.to(memory_format=memory_format)
 
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -64,6 +64,8 @@ class Classifier(nn.Module):
             self.head: nn.Module = ConceptHead(features, concepts, num_classes, spec.get("concept_scale", 10.0))
         elif spec["head"] == "linear":
             self.head = nn.Linear(features, num_classes)
+        elif spec["head"] == "multi":  # one linear head per task (SALL: DR and AMD grades on one backbone)
+            self.head = nn.ModuleDict({task: nn.Linear(features, n) for task, n in spec["tasks"].items()})
         else:
             raise KdcliError(f"unknown head {spec['head']!r}; known: linear, concept")
 
@@ -77,6 +79,9 @@ class Classifier(nn.Module):
         features = self.backbone.forward_head(feature_map, pre_logits=True)
         if isinstance(self.head, ConceptHead):
             return {"features": features, **self.head(features)}
+        if isinstance(self.head, nn.ModuleDict):
+            task_logits = {task: head(features) for task, head in self.head.items()}
+            return {"features": features, "task_logits": task_logits, "logits": next(iter(task_logits.values()))}
         return {"features": features, "logits": self.head(features)}
 
 

@@ -18,7 +18,7 @@ MANIFEST = "manifest.parquet"
 SHARD_DIR = "shards"
 PLAN_JSON = "plan.json"
 SPLITS = ("train", "dev", "test")
-MANIFEST_COLUMNS = ("id", "group", "split", "modality", "label", "shard", "index")
+MANIFEST_COLUMNS = ("id", "group", "split", "modality", "label", "shard", "index", "task")
 
 
 def modality_key(modalities: list[str] | tuple[str, ...]) -> str:
@@ -55,6 +55,7 @@ def content_hash(shard_digests: dict[str, str], manifest_rows: list[tuple]) -> s
     for name in sorted(shard_digests):
         hasher.update(f"{name}={shard_digests[name]}\n".encode())
     for row in sorted(manifest_rows, key=lambda r: (str(r[5]), int(r[6]))):
+        row = row[:7] if len(row) > 7 and row[7] == "" else row  # single-task datasets hash as before
         hasher.update(("\t".join(map(str, row)) + "\n").encode())
     return "sha256:" + hasher.hexdigest()
 
@@ -68,12 +69,21 @@ class DatasetMeta:
     classes: list[str]
     modalities: dict[str, dict[str, Any]]
     pairing: str
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     kdcli_version: str = ""
     schema_version: int = SCHEMA_VERSION
+
+    def classes_for(self, task: str | None) -> list[str]:
+        """The label names of `task` (datasets with several label spaces), else the dataset's classes."""
+        if not self.tasks:
+            return self.classes
+        if not task or task not in self.tasks:
+            raise KdcliError(f"choose a task with --task: this dataset has {', '.join(self.tasks)}")
+        return self.tasks[task]["classes"]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +94,7 @@ class DatasetMeta:
             "classes": self.classes,
             "modalities": self.modalities,
             "pairing": self.pairing,
+            "tasks": self.tasks,
             "counts": self.counts,
             "prepare": self.prepare,
             "extra": self.extra,

@@ -31,13 +31,16 @@ class ShardStore:
     def classes(self) -> list[str]:
         return self.meta.classes
 
-    def rows(self, split: str | None = None, modality: str | None = None) -> pl.DataFrame:
-        """Manifest rows of a split whose records carry `modality` (alone or with others)."""
+    def rows(self, split: str | None = None, modality: str | None = None, task: str | None = None) -> pl.DataFrame:
+        """Manifest rows of a split whose records carry `modality` (alone or with others) and, when given,
+        are labelled for `task`."""
         frame = self.manifest
         if split is not None:
             frame = frame.filter(pl.col("split") == split)
         if modality is not None:
             frame = frame.filter(pl.col("modality").str.split("+").list.contains(modality))
+        if task:
+            frame = frame.filter(pl.col("task") == task)
         return frame
 
     def require_modality(self, modality: str) -> None:

@@ -8,3 +8,8 @@ SOURCES.add(
     "kdcli.sources.multieye:MultiEyeSource",
     "MultiEYE fundus + OCT (assemble/ and assemble_oct/ folders), 9 classes",
 )
+SOURCES.add(
+    "fundus-grading",
+    "kdcli.sources.fundus_grading:FundusGradingSource",
+    "graded fundus sets, one task per set (EyePACS/APTOS CSV layouts); appends to one shard directory",
+)

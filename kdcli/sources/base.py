@@ -18,6 +18,7 @@ class Record:
     split: str
     label: int
     files: dict[str, str]  # modality -> raw file
+    task: str = ""  # which label space `label` belongs to, for datasets with several (e.g. DR and AMD grades)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Scan:
     modalities: dict[str, int]  # modality -> channels stored
     pairing: str  # "unpaired" (independent pools per modality) or "paired" (records carry several)
     task: str = "classification"
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"classes": [...], "ordinal": bool}
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # quirks met while scanning, shown to the user
 
