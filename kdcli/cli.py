@@ -417,8 +417,15 @@ def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish."
     typer.echo(completion_script(shell.value), nl=False)
 
 
+class Pipeline(StrEnum):
+    multieye = "multieye"
+    sall = "sall"
+
+
 @command()
 def demo(
+    pipeline: Annotated[Pipeline, typer.Argument(help="multieye (OCT -> fundus, CoDA) or sall (DR + AMD).")]
+    = Pipeline.multieye,
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder (phantoms, shards, checkpoints).")]
     = Path("kdcli-demo"),
     seeds: Annotated[int, typer.Option(help="Repeat training over this many seeds (mean ± spread).")] = 1,
@@ -426,13 +433,17 @@ def demo(
     per_class: Annotated[int, typer.Option(help="Phantom images per class and modality.")] = 60,
     size: Annotated[int, typer.Option(help="Image side.")] = 64,
     model: Annotated[str, typer.Option(help="timm model for teacher and students.")] = "test_resnet",
-    param: Param = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter KEY=VALUE for the "
+                                                    "distillation method (coda or sall).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON results on stdout.")] = False,
 ) -> None:
-    """synth -> prepare -> teach OCT -> fundus baseline -> CoDA student -> evaluate, on small phantoms."""
+    """synth -> prepare -> teach -> distill -> evaluate on small phantoms, ending with a comparison table.
+
+    multieye: OCT teacher, fundus baseline, CoDA fundus student. sall: single-task DR and AMD graders vs SALL."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, model, coda_params=parse_params(param)),
+    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model,
+                                   method_params=parse_params(param)),
                        log=err)
     console(stderr=as_json).print(render_table(results))
     if as_json:

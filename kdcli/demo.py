@@ -1,6 +1,9 @@
-"""`kdcli demo`: the whole MultiEYE pipeline on small phantoms, ending with the comparison that matters:
-OCT teacher, fundus baseline (the student's architecture and head, no teacher) and the CoDA student,
-all evaluated on the same fundus test split, over one or more seeds."""
+"""`kdcli demo [multieye|sall]`: a whole pipeline on small phantoms, ending with the comparison that matters,
+over one or more seeds.
+
+multieye: OCT teacher, fundus baseline (the student's architecture and head, no teacher) and the CoDA
+          student, all evaluated on the same fundus test split.
+sall:     single-task DR and AMD graders against one SALL model, each on its task's test split."""
 
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ ROLES = {  # role -> what it is
 }
 
 
+SALL_METRICS = ("dr_accuracy", "dr_kappa", "amd_accuracy", "amd_kappa")
+SALL_ROLES = ("single-task DR", "single-task AMD", "SALL (both heads)")
+
+
 @dataclass
 class DemoOptions:
     out: Path
@@ -26,21 +33,24 @@ class DemoOptions:
     epochs: int = 30
     per_class: int = 60
     size: int = 64
+    pipeline: str = "multieye"
     model: str = "test_resnet"
     batch_size: int = 32
     lr: float = 3e-3
     workers: int = 0
-    coda_params: dict[str, str] | None = None  # -p overrides for the CoDA student
+    method_params: dict[str, str] | None = None  # -p overrides for the distillation method
 
 
 def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    if options.pipeline == "sall":
+        return run_sall_demo(options, log)
     from kdcli.evaluate.run import EvaluateOptions, evaluate
     from kdcli.prepare import PrepareOptions, prepare
     from kdcli.synth.multieye import synth_multieye
     from kdcli.train import distill, resolve_config, teach
 
     started = time.perf_counter()
-    out = Path(options.out)
+    out = Path(options.out) / "multieye"
     raw, shards, checkpoints = out / "raw", out / "shards", out / "checkpoints"
     log(f"[1/4] synth multieye -> {raw}")
     synth_multieye(raw, per_class=options.per_class, size=options.size, seed=0)
@@ -60,7 +70,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[s
         teach(resolve_config({**common, "seed": seed, "modality": "fundus",
                               "out": str(paths["baseline (fundus)"])}), log=quiet)
         distill(resolve_config({**common, "seed": seed, "modality": "fundus", "method": "coda",
-                                "teacher": [str(paths["teacher (OCT)"])], "params": options.coda_params or {},
+                                "teacher": [str(paths["teacher (OCT)"])], "params": options.method_params or {},
                                 "out": str(paths["CoDA student (fundus)"])}), log=quiet)
         for role, path in paths.items():
             report = evaluate(EvaluateOptions(path, shards, "test"))
@@ -68,14 +78,58 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[s
             log(f"      {role:<22} acc {report['metrics']['accuracy']:.3f}  "
                 f"macro-F1 {report['metrics']['macro_f1']:.3f}")
     log("[4/4] summary")
-    summary = {role: summarise(values) for role, values in runs.items()}
-    return {"options": {k: str(v) for k, v in vars(options).items()}, "runs": runs, "summary": summary,
+    return _results(options, runs, METRICS, "MultiEYE phantoms, fundus/OCT test split", started)
+
+
+def run_sall_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from kdcli.evaluate.run import EvaluateOptions, evaluate
+    from kdcli.prepare import PrepareOptions, prepare
+    from kdcli.synth.fundus_grading import synth_fundus_grading
+    from kdcli.train import distill, resolve_config, teach
+
+    started = time.perf_counter()
+    out = Path(options.out) / "sall"
+    raw, shards, checkpoints = out / "raw", out / "shards", out / "checkpoints"
+    log(f"[1/4] synth fundus-grading -> {raw}")
+    sets = synth_fundus_grading(raw, per_class=options.per_class, size=options.size, seed=0)["sets"]
+    log(f"[2/4] prepare dr + amd -> {shards}")
+    for task, info in sets.items():
+        prepare(PrepareOptions(source="fundus-grading", raw=Path(info["labels"]).parent, out=shards, size=options.size,
+                               overwrite=True, append=task != "dr",
+                               source_options={"labels": info["labels"], "task": task}))
+    common = {"data": str(shards), "model": options.model, "epochs": options.epochs, "batch_size": options.batch_size,
+              "lr": options.lr, "workers": options.workers, "overwrite": True}
+    runs: dict[str, list[dict]] = {role: [] for role in SALL_ROLES}
+    quiet = lambda message: None  # noqa: E731
+    for seed in range(options.seeds):
+        log(f"[3/4] seed {seed}: DR teacher, AMD teacher, SALL ({options.epochs} epochs each)")
+        paths = dict(zip(SALL_ROLES, (checkpoints / f"seed{seed}" / n for n in ("dr.pt", "amd.pt", "sall.pt")),
+                         strict=True))
+        for task, role in (("dr", "single-task DR"), ("amd", "single-task AMD")):
+            teach(resolve_config({**common, "seed": seed, "task": task, "out": str(paths[role])}), log=quiet)
+        distill(resolve_config({**common, "seed": seed, "method": "sall", "params": options.method_params or {},
+                                "teacher": [str(paths["single-task DR"]), str(paths["single-task AMD"])],
+                                "out": str(paths["SALL (both heads)"])}), log=quiet)
+        for role, path in paths.items():
+            metrics = evaluate(EvaluateOptions(path, shards, "test"))["metrics"]
+            row = {f"{task}_{key}": metrics.get(task, {}).get(key) for task in ("dr", "amd")
+                   for key in ("accuracy", "kappa")}
+            runs[role].append(row)
+            log(f"      {role:<18} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
+    log("[4/4] summary")
+    return _results(options, runs, SALL_METRICS, "graded fundus phantoms, per-task test splits", started)
+
+
+def _results(options: DemoOptions, runs: dict[str, list[dict]], metrics: tuple[str, ...], title: str,
+             started: float) -> dict[str, Any]:
+    return {"options": {k: str(v) for k, v in vars(options).items()}, "title": title, "metrics": list(metrics),
+            "runs": runs, "summary": {role: summarise(values, metrics) for role, values in runs.items()},
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def summarise(values: list[dict]) -> dict[str, dict[str, float | None]]:
+def summarise(values: list[dict], metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, float | None]]:
     result = {}
-    for metric in METRICS:
+    for metric in metrics:
         series = [v[metric] for v in values if v[metric] is not None]
         result[metric] = {
             "mean": statistics.fmean(series) if series else None,
@@ -90,13 +144,13 @@ def render_table(results: dict[str, Any]):
     from rich.table import Table
 
     seeds = len(next(iter(results["runs"].values())))
-    table = Table(title=f"MultiEYE phantoms, fundus/OCT test split, {seeds} seed(s), {results['seconds']:.0f}s")
+    table = Table(title=f"{results['title']}, {seeds} seed(s), {results['seconds']:.0f}s")
     table.add_column("model")
-    for metric in METRICS:
+    for metric in results["metrics"]:
         table.add_column(metric, justify="right")
     for role, stats in results["summary"].items():
         cells = []
-        for metric in METRICS:
+        for metric in results["metrics"]:
             mean, std = stats[metric]["mean"], stats[metric]["std"]
             cells.append("-" if mean is None else f"{mean:.3f}" + (f" ± {std:.3f}" if seeds > 1 else ""))
         table.add_row(role, *cells)

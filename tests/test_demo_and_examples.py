@@ -28,7 +28,7 @@ def test_demo_reports_teacher_baseline_and_student_on_the_same_split(tmp_path):
         stats = report["summary"][role]["macro_f1"]
         assert stats["min"] <= stats["mean"] <= stats["max"]
     assert "CoDA student (fundus)" in result.stderr and "±" in result.stderr
-    seed_dirs = sorted(p.name for p in (tmp_path / "demo" / "checkpoints").iterdir())
+    seed_dirs = sorted(p.name for p in (tmp_path / "demo" / "multieye" / "checkpoints").iterdir())
     assert seed_dirs == ["seed0", "seed1"]
 
 

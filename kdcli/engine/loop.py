@@ -222,8 +222,9 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = None
     if cfg.ema:
+        # use_buffers: BatchNorm statistics are averaged too, else the EMA model validates with initial ones
         ema = torch.optim.swa_utils.AveragedModel(
-            student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+            student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
     metrics_log = MetricsLog(out, resume)
     start_epoch, best_epoch, best_value, history, stale = 0, -1, -math.inf, [], 0

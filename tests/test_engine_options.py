@@ -1,0 +1,64 @@
+"""The engine's GPU-oriented options, exercised on the CPU through the same code path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdcli.engine.checkpoint import load_checkpoint
+from kdcli.engine.device import amp_dtype, select_device
+from kdcli.engine.loop import warmup_cosine
+from kdcli.errors import UsageError
+from kdcli.train import resolve_config, teach
+
+
+def quick(shards, out, **extra):
+    return resolve_config({"data": str(shards), "modality": "fundus", "model": "test_resnet", "head": "linear",
+                           "epochs": 1, "batch_size": 8, "workers": 0, "out": str(out), **extra})
+
+
+def test_accumulation_ema_clipping_bf16_and_channels_last_run_together(multieye_shards, tmp_path):
+    cfg = quick(multieye_shards, tmp_path / "m.pt", accumulate=2, ema=0.5, grad_clip=1.0, amp="bf16",
+                channels_last="on", batch_size=4)
+    result = teach(cfg, log=lambda m: None)
+    assert result.epochs_run == 1
+    last = load_checkpoint(tmp_path / "m.last.pt")
+    batches = 27 // 4  # fundus train rows at per_class 5 (3 per class), drop_last
+    assert last.state["scheduler"]["last_epoch"] == batches // 2  # one optimizer step per two batches
+    raw = {k.removeprefix("student."): v for k, v in last.state["method"].items()}
+    ema_weights = last.model  # what `best`/`last` store is the EMA model, the one that was validated
+    conv = next(k for k in ema_weights if k.endswith("conv1.weight"))
+    assert not torch.equal(raw[conv], ema_weights[conv])
+    row = json.loads((tmp_path / "m.metrics.jsonl").read_text().splitlines()[0])
+    assert row["train_loss"] == pytest.approx(row["train_ce"]) and row["train_loss"] > 0
+
+
+def test_fp16_on_cpu_uses_a_grad_scaler_path(multieye_shards, tmp_path):
+    teach(quick(multieye_shards, tmp_path / "h.pt", amp="fp16"), log=lambda m: None)
+    assert load_checkpoint(tmp_path / "h.pt").meta["config"]["amp"] == "fp16"
+
+
+def test_device_and_precision_selection():
+    assert select_device("auto").type in ("cpu", "cuda", "mps")
+    assert amp_dtype(torch.device("cpu"), "auto") is None  # CPU trains in fp32 unless asked
+    assert amp_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    with pytest.raises(UsageError, match="cpu"):
+        select_device("cuda:7") if not torch.cuda.is_available() else (_ for _ in ()).throw(UsageError("cpu"))
+    with pytest.raises(UsageError, match="auto, off, bf16 or fp16"):
+        amp_dtype(torch.device("cpu"), "fp8")
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    values = [warmup_cosine(step, 100, 10, 1e-3, 1e-5) for step in range(101)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+    assert values[100] == pytest.approx(1e-2)
+
+
+def test_unknown_metric_is_a_clear_error(multieye_shards, tmp_path):
+    from kdcli.errors import KdcliError
+
+    with pytest.raises(KdcliError, match="metric=dice"):
+        teach(quick(multieye_shards, tmp_path / "x.pt", metric="dice"), log=lambda m: None)
