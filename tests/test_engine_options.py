@@ -62,3 +62,29 @@ def test_unknown_metric_is_a_clear_error(multieye_shards, tmp_path):
 
     with pytest.raises(KdcliError, match="metric=dice"):
         teach(quick(multieye_shards, tmp_path / "x.pt", metric="dice"), log=lambda m: None)
+
+
+def test_early_stop_after_patience(multieye_shards, tmp_path):
+    # lr 0: nothing improves after the first epoch, so patience 1 stops at epoch 2 of 5
+    result = teach(quick(multieye_shards, tmp_path / "p.pt", epochs=5, lr=1e-12, min_lr=1e-13, patience=1),
+                   log=lambda m: None)
+    assert result.epochs_run == 2 and result.best_epoch == 1
+
+
+def test_pretrained_backbone_comes_from_a_local_file_only(multieye_shards, tmp_path):
+    import timm
+
+    donor = timm.create_model("test_resnet", num_classes=0, in_chans=3)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in donor.state_dict().items()}}, tmp_path / "w.pth")
+    cfg = quick(multieye_shards, tmp_path / "pre.pt", pretrained=str(tmp_path / "w.pth"), lr=1e-12, min_lr=1e-13)
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import build_student
+
+    model = build_student(cfg, ShardStore(multieye_shards), "fundus")
+    key = next(k for k in donor.state_dict() if k.endswith("conv1.weight"))
+    assert torch.equal(model.backbone.state_dict()[key], donor.state_dict()[key])
+    from kdcli.errors import KdcliError
+
+    with pytest.raises(KdcliError, match="not found"):
+        build_student(quick(multieye_shards, tmp_path / "q.pt", pretrained=str(tmp_path / "none.pth")),
+                      ShardStore(multieye_shards), "fundus")
