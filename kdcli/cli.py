@@ -356,15 +356,31 @@ def evaluate(
 def _print_metrics(report: dict, to_stderr: bool) -> None:
     from rich.table import Table
 
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    out = console(stderr=to_stderr)
     metrics = report["metrics"]
+    if report.get("tasks"):  # one row per label space (fundus-grading: dr, amd), each on its own rows
+        table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']}")
+        table.add_column("task")
+        for key in ("n", "accuracy", "macro_f1", "kappa", "auc"):
+            table.add_column(key, justify="right")
+        for task in report["tasks"]:
+            m = metrics[task]
+            table.add_row(task, str(m["n"]), *[cell(m[k]) for k in ("accuracy", "macro_f1", "kappa", "auc")])
+        out.print(table)
+        for task in report["tasks"]:
+            out.print(f"{task} per-class F1: " + ", ".join(
+                f"{name} {value:.2f}" for name, value in metrics[task]["per_class_f1"].items()))
+        return
+    keys = ("accuracy", "macro_f1", "kappa", "auc", "ap", "macro_precision", "macro_recall")
     table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']} (n={metrics['n']})")
-    for key in ("accuracy", "macro_f1", "kappa", "auc", "ap", "macro_precision", "macro_recall"):
+    for key in keys:
         table.add_column(key, justify="right")
-    table.add_row(*[("-" if metrics[k] is None else f"{metrics[k]:.4f}") for k in (
-        "accuracy", "macro_f1", "kappa", "auc", "ap", "macro_precision", "macro_recall")])
-    console(stderr=to_stderr).print(table)
-    console(stderr=to_stderr).print("per-class F1: " + ", ".join(
-        f"{name} {value:.2f}" for name, value in metrics["per_class_f1"].items()))
+    table.add_row(*[cell(metrics[k]) for k in keys])
+    out.print(table)
+    out.print("per-class F1: " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["per_class_f1"].items()))
 
 
 @command()

@@ -187,6 +187,9 @@ def check_compatible(checkpoint: Checkpoint, store: ShardStore, modality: str | 
         if store.meta.tasks[task]["classes"] != classes:
             raise KdcliError(f"checkpoint {task} classes {classes} differ from the dataset's "
                              f"{store.meta.tasks[task]['classes']}", path=checkpoint.path)
+    if not wanted_tasks and store.meta.tasks:
+        raise KdcliError(f"checkpoint has one label space; this dataset has several ({', '.join(store.meta.tasks)})",
+                         path=checkpoint.path, hint="use a checkpoint from `teach --task` or a multi-task method")
     if not wanted_tasks and meta["classes"] != store.classes:
         raise KdcliError(f"checkpoint classes {meta['classes']} differ from the dataset's {store.classes}",
                          path=checkpoint.path, hint="use a checkpoint trained on this dataset's label set")
@@ -314,7 +317,8 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
     _write_config(out, meta)
-    validate = classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine)
+    validate = classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine,
+                                        ordinal=bool(cfg.task and store.meta.tasks[cfg.task].get("ordinal")))
     return fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=labels)
 
 

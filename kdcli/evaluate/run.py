@@ -1,18 +1,29 @@
-"""`kdcli evaluate`: a checkpoint on one split of a shard directory -> metrics, predictions, figure."""
+"""`kdcli evaluate`: a checkpoint on one split of a shard directory -> metrics, predictions, figure.
+
+Datasets with several label spaces (fundus-grading: DR and AMD sets) are evaluated per task: each task on its
+own rows, with the head that predicts it, so `metrics` (and the figures) are keyed by task."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from kdcli.engine.checkpoint import load_checkpoint, sibling
+from kdcli.engine.checkpoint import Checkpoint, load_checkpoint, sibling
 from kdcli.errors import KdcliError, UsageError
 from kdcli.evaluate.metrics import classification_metrics
 from kdcli.shards.reader import ShardStore
+
+if TYPE_CHECKING:
+    import torch
+
+    from kdcli.data.views import ModalityView
+    from kdcli.models.classifier import Classifier
+
+PREDICTION_SUFFIXES = (".parquet", ".csv", ".txt", "")
 
 
 @dataclass
@@ -27,67 +38,158 @@ class EvaluateOptions:
     workers: int = 0
 
 
-def run_model(checkpoint_path: Path, data: Path, split: str, device_name: str = "auto", batch_size: int = 64,
-              workers: int = 0):
-    """Load, check compatibility, predict. Returns (checkpoint, store, view, probs, labels, extras)."""
-    import torch
+def label_tasks(meta: dict[str, Any]) -> list[str]:
+    """The label spaces a checkpoint predicts: its heads (multi-head student), its one task (`teach --task`),
+    or none (a dataset with a single label space)."""
+    if meta.get("tasks"):
+        return list(meta["tasks"])
+    return [meta["label_task"]] if meta.get("label_task") else []
 
-    from kdcli.data.views import ModalityView
-    from kdcli.engine.device import amp_dtype, select_device
-    from kdcli.engine.loop import predict
+
+def head_for(meta: dict[str, Any], task: str | None) -> str | None:
+    """The model output predicting `task`: a named head of a multi-head model, else the only logits."""
+    return task if meta.get("tasks") else None
+
+
+def load_for_inference(checkpoint_path: Path, data: Path,
+                       device_name: str = "auto") -> tuple[Checkpoint, ShardStore, Classifier, torch.device]:
+    """Load the checkpoint and the data, refuse a mismatch, put the model on the device."""
+    from kdcli.engine.device import select_device
     from kdcli.train import check_compatible, load_model
 
     checkpoint = load_checkpoint(Path(checkpoint_path))
     store = ShardStore(data)
     check_compatible(checkpoint, store)
-    view = ModalityView(store, split, checkpoint.meta["modality"])
-    if len(view) == 0:
-        raise KdcliError(f"split {split!r} has no {checkpoint.meta['modality']} samples", path=data,
-                         hint="choose --split train, dev or test")
     model = load_model(checkpoint)
     device = select_device(device_name)
     model.to(device)
+    return checkpoint, store, model, device
+
+
+def split_view(store: ShardStore, split: str, modality: str, tasks: list[str] | None = None) -> ModalityView:
+    """The split's samples of `modality`, only those labelled for `tasks` when given; never empty."""
+    from kdcli.data.views import ModalityView
+
+    view = ModalityView(store, split, modality, tasks=tasks or None)
+    if len(view) == 0:
+        what = f"{' or '.join(tasks)} {modality}" if tasks else modality
+        raise KdcliError(f"split {split!r} has no {what} samples", path=store.root,
+                         hint="choose --split train, dev or test")
+    return view
+
+
+def predict_view(model: Classifier, view: ModalityView, device: torch.device, head: str | None = None,
+                 batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    import torch
+
+    from kdcli.engine.device import amp_dtype
+    from kdcli.engine.loop import predict
+
     loader = torch.utils.data.DataLoader(view, batch_size=batch_size, num_workers=workers)
-    probs, labels, extras = predict(model, loader, device, amp_dtype(device))
+    return predict(model, loader, device, amp_dtype(device), head=head)
+
+
+def run_model(checkpoint_path: Path, data: Path, split: str, device_name: str = "auto", batch_size: int = 64,
+              workers: int = 0, task: str | None = None):
+    """Load, check compatibility, predict. Returns (checkpoint, store, view, probs, labels, extras).
+
+    On a dataset with several label spaces, `task` picks the rows and the head (default: a single-task
+    checkpoint's own task; a multi-head checkpoint needs it)."""
+    checkpoint, store, model, device = load_for_inference(checkpoint_path, data, device_name)
+    tasks = label_tasks(checkpoint.meta)
+    if task is None and len(tasks) == 1:
+        task = tasks[0]
+    if tasks and task not in tasks:
+        raise UsageError(f"task {task!r}: the checkpoint predicts {', '.join(tasks)}")
+    if task and not tasks:
+        raise UsageError(f"task {task!r}: the checkpoint has a single label space")
+    view = split_view(store, split, checkpoint.meta["modality"], [task] if task else None)
+    probs, labels, extras = predict_view(model, view, device, head_for(checkpoint.meta, task), batch_size, workers)
     return checkpoint, store, view, probs, labels, extras
+
+
+def check_predictions_path(path: Path | None) -> None:
+    # Before inference: a typo in the file name should not cost a pass over the data.
+    if path is not None and Path(path).suffix not in PREDICTION_SUFFIXES:
+        raise UsageError(f"--predictions {path}: use a .csv or .parquet name")
 
 
 def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if options.split not in ("train", "dev", "test"):
         raise UsageError(f"--split {options.split!r}: use train, dev or test")
-    checkpoint, store, view, probs, labels, _ = run_model(
-        options.checkpoint, options.data, options.split, options.device, options.batch_size, options.workers)
+    check_predictions_path(options.predictions)
+    checkpoint, store, model, device = load_for_inference(options.checkpoint, options.data, options.device)
+    meta = checkpoint.meta
+    tasks = label_tasks(meta)
+    report = {
+        "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
+        "modality": meta["modality"], "kind": meta["kind"], "method": meta["method"],
+        "data_hash_matches": meta["data"]["content_hash"] == store.meta.content_hash,
+    }
+    if tasks:
+        return {**report, "tasks": tasks, **evaluate_tasks(options, meta, store, model, device, tasks)}
+    view = split_view(store, options.split, meta["modality"])
+    probs, labels, _ = predict_view(model, view, device, None, options.batch_size, options.workers)
     metrics = classification_metrics(labels, probs, store.classes)
     figure = options.figure or sibling(Path(options.checkpoint), f".{options.split}.confusion.png")
     plot_confusion(np.array(metrics["confusion_matrix"]), store.classes, figure,
                    f"{Path(options.checkpoint).name} on {options.split}")
     if options.predictions:
         write_predictions(options.predictions, view.ids, labels, probs, store.classes)
-    meta = checkpoint.meta
-    return {
-        "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
-        "modality": meta["modality"], "kind": meta["kind"], "method": meta["method"],
-        "data_hash_matches": meta["data"]["content_hash"] == store.meta.content_hash,
-        "metrics": metrics, "figure": str(figure),
-        "predictions": str(options.predictions) if options.predictions else None,
-    }
+    return {**report, "metrics": metrics, "figure": str(figure),
+            "predictions": str(options.predictions) if options.predictions else None}
+
+
+def evaluate_tasks(options: EvaluateOptions, meta: dict[str, Any], store: ShardStore, model: Classifier,
+                   device: torch.device, tasks: list[str]) -> dict[str, Any]:
+    """Each task on its own rows with its own head: metrics, figure and prediction rows keyed by task."""
+    metrics, figures, frames = {}, {}, []
+    width = max(len(store.meta.classes_for(task)) for task in tasks)
+    for task in tasks:
+        view = split_view(store, options.split, meta["modality"], [task])
+        probs, labels, _ = predict_view(model, view, device, head_for(meta, task), options.batch_size,
+                                        options.workers)
+        classes, ordinal = store.meta.classes_for(task), bool(store.meta.tasks[task].get("ordinal"))
+        metrics[task] = classification_metrics(labels, probs, classes, ordinal=ordinal)
+        figure = (sibling(Path(options.figure), f".{task}.png") if options.figure
+                  else sibling(Path(options.checkpoint), f".{options.split}.{task}.confusion.png"))
+        plot_confusion(np.array(metrics[task]["confusion_matrix"]), classes, figure,
+                       f"{Path(options.checkpoint).name} on {options.split}, {task}")
+        figures[task] = str(figure)
+        frames.append(prediction_frame(view.ids, labels, probs, classes, [f"prob_{i}" for i in range(len(classes))])
+                      .with_columns(pl.lit(task).alias("task")))
+    if options.predictions:
+        # One file for all tasks: prob_0..prob_{K-1} for the widest task, null where a task has fewer classes.
+        columns = ["id", "task", "label", "label_name", "prediction", "prediction_name",
+                   *(f"prob_{i}" for i in range(width))]
+        write_frame(options.predictions, pl.concat(frames, how="diagonal").select(columns))
+    return {"metrics": metrics, "figure": figures,
+            "predictions": str(options.predictions) if options.predictions else None}
+
+
+def prediction_frame(ids: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str],
+                     prob_columns: list[str]) -> pl.DataFrame:
+    predicted = probs.argmax(1)
+    return pl.DataFrame({
+        "id": ids, "label": labels.astype(np.int64), "label_name": [classes[i] for i in labels],
+        "prediction": predicted.astype(np.int64), "prediction_name": [classes[i] for i in predicted],
+        **{name: probs[:, i].astype(np.float64) for i, name in enumerate(prob_columns)},
+    })
 
 
 def write_predictions(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+    write_frame(path, prediction_frame(ids, labels, probs, classes, [f"prob_{name}" for name in classes]))
+
+
+def write_frame(path: Path, frame: pl.DataFrame) -> None:
     path = Path(path)
-    frame = pl.DataFrame({
-        "id": ids, "label": labels.astype(np.int64), "label_name": [classes[i] for i in labels],
-        "prediction": probs.argmax(1).astype(np.int64), "prediction_name": [classes[i] for i in probs.argmax(1)],
-        **{f"prob_{name}": probs[:, i].astype(np.float64) for i, name in enumerate(classes)},
-    })
+    check_predictions_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".parquet":
         frame.write_parquet(tmp)
-    elif path.suffix in (".csv", ".txt", ""):
-        frame.write_csv(tmp)
     else:
-        raise UsageError(f"--predictions {path}: use a .csv or .parquet name")
+        frame.write_csv(tmp)
     tmp.replace(path)
 
 

@@ -1,5 +1,8 @@
 """`kdcli explain`: Grad-CAM overlays (and top concepts for concept-head models) for a few images of one
-split, written as PNGs, explain.json and a self-contained index.html that is written last."""
+split, written as PNGs, explain.json and a self-contained index.html that is written last.
+
+On datasets with several label spaces a checkpoint explains the rows of its task(s); a multi-head model (SALL)
+gets one overlay per head on the same image, side by side, each for that head's predicted grade."""
 
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdcli.data.views import ModalityView
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.errors import KdcliError, UsageError
+from kdcli.evaluate.run import head_for, label_tasks, split_view
 from kdcli.models.classifier import Classifier
 from kdcli.shards.format import atomic_write_bytes
 from kdcli.shards.reader import ShardStore
@@ -42,20 +45,24 @@ class ExplainOptions:
     batch_size: int = 32
 
 
+def head_logits(out: dict[str, Any], head: str | None) -> torch.Tensor:
+    return out["task_logits"][head] if head else out["logits"]
+
+
 class LogitsOnly(nn.Module):
     """pytorch_grad_cam calls the model and indexes the result as a logits tensor; ours returns a dict."""
 
-    def __init__(self, model: Classifier):
+    def __init__(self, model: Classifier, head: str | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.head = model, head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)["logits"]
+        return head_logits(self.model(images), self.head)
 
 
 def pick_indices(labels: np.ndarray, count: int) -> list[int]:
-    """Round-robin over classes, first images of each class first: deterministic, and every class shows
-    up once count reaches the number of classes present."""
+    """Round-robin over classes (or any group code, e.g. (grade, task)), first images of each class first:
+    deterministic, and every class shows up once count reaches the number of classes present."""
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     picks: list[int] = []
     for rank in range(max((len(m) for m in by_class), default=0)):
@@ -67,32 +74,37 @@ def pick_indices(labels: np.ndarray, count: int) -> list[int]:
     return picks
 
 
-def predict(model: Classifier, images: torch.Tensor, device: torch.device,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
-    """Probabilities, concept similarities (None for linear heads) and the CAM layer's grid size."""
+def predict(model: Classifier, images: torch.Tensor, device: torch.device, batch_size: int,
+            heads: list[str | None] | None = None) -> tuple[list[np.ndarray], np.ndarray | None, tuple[int, int]]:
+    """Probabilities of each head in `heads` (default: the model's logits), concept similarities (None for
+    linear heads) and the CAM layer's grid size."""
+    heads = heads or [None]
     grids: list[tuple[int, int]] = []
     hook = model.feature_map.register_forward_hook(lambda _m, _i, out: grids.append(tuple(out.shape[-2:])))
-    probs, sims = [], []
+    probs: list[list[np.ndarray]] = [[] for _ in heads]
+    sims = []
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 out = model(images[start:start + batch_size].to(device))
-                probs.append(out["logits"].float().softmax(1).cpu().numpy())
+                for chunks, head in zip(probs, heads, strict=True):
+                    chunks.append(head_logits(out, head).float().softmax(1).cpu().numpy())
                 if "sims" in out:
                     sims.append(out["sims"][:, 0].float().cpu().numpy())
     finally:
         hook.remove()
-    return np.concatenate(probs), (np.concatenate(sims) if sims else None), grids[0]
+    return [np.concatenate(p) for p in probs], (np.concatenate(sims) if sims else None), grids[0]
 
 
 def grad_cams(model: Classifier, images: torch.Tensor, targets: list[int], device: torch.device,
-              batch_size: int = 32) -> np.ndarray:
-    """(N, H, W) Grad-CAM maps in [0, 1] for uint8 NCHW `images`, one target class per image."""
+              batch_size: int = 32, head: str | None = None) -> np.ndarray:
+    """(N, H, W) Grad-CAM maps in [0, 1] for uint8 NCHW `images`, one target class per image, of the model's
+    logits or of one task head of a multi-head model."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     maps = []
-    with GradCAM(model=LogitsOnly(model).eval(), target_layers=[model.feature_map]) as cam:
+    with GradCAM(model=LogitsOnly(model, head).eval(), target_layers=[model.feature_map]) as cam:
         for start in range(0, len(images), batch_size):
             # Float in [0, 1]: Classifier.normalise rescales uint8 only, and autograd needs floats anyway.
             chunk = images[start:start + batch_size].to(device).float().div(255.0)
@@ -108,20 +120,25 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return hwc if hwc.shape[2] == 3 else np.repeat(hwc[:, :, :1], 3, axis=2)
 
 
-def render_panel(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """Original | overlay, upscaled by a whole factor: nearest for the pixels (shows what the model saw),
-    bilinear for the heat map (already a smooth upsampling of the coarse grid)."""
+def render_panel(image: np.ndarray, cams: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """Original | overlay [| overlay ...] (one (H, W) map, or one per head), upscaled by a whole factor:
+    nearest for the pixels (shows what the model saw), bilinear for the heat maps (already a smooth
+    upsampling of the coarse grid)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
+    if isinstance(cams, np.ndarray) and cams.ndim == 2:
+        cams = [cams]
     rgb = to_rgb(image)
     height, width = rgb.shape[:2]
     scale = max(1, math.ceil(MIN_SIDE / min(height, width)))
     size = (width * scale, height * scale)
     big = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST)
-    big_cam = np.clip(cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-    overlay = show_cam_on_image(big.astype(np.float32) / 255.0, big_cam, use_rgb=True)
     gap = np.full((size[1], GAP, 3), 255, np.uint8)
-    return np.concatenate([big, gap, overlay], axis=1)
+    parts = [big]
+    for cam in cams:
+        big_cam = np.clip(cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+        parts += [gap, show_cam_on_image(big.astype(np.float32) / 255.0, big_cam, use_rgb=True)]
+    return np.concatenate(parts, axis=1)
 
 
 def safe_name(sample_id: str) -> str:
@@ -161,38 +178,48 @@ def explain(options: ExplainOptions) -> Path:
     checkpoint = load_checkpoint(Path(options.checkpoint))
     store = ShardStore(options.data)
     check_compatible(checkpoint, store)
-    modality = checkpoint.meta["modality"]
-    view = ModalityView(store, options.split, modality)
-    if len(view) == 0:
-        raise KdcliError(f"split {options.split!r} has no {modality} samples", path=options.data,
-                         hint="choose --split train, dev or test")
-    picks = pick_indices(view.labels, options.count)
+    meta, modality = checkpoint.meta, checkpoint.meta["modality"]
+    tasks = label_tasks(meta)  # [] on a dataset with one label space
+    heads = [head_for(meta, task) for task in tasks] or [None]  # aligned with tasks when there are any
+    view = split_view(store, options.split, modality, tasks)
+    # Grade-major, task-minor groups: a few picks already show both sets, and every grade of each in turn.
+    picks = pick_indices(view.labels * max(1, len(tasks)) + view.tasks, options.count)
     images = torch.stack([view[i]["image"] for i in picks])
     model = load_model(checkpoint)
     device = select_device(options.device)
     model.to(device)
-    probs, sims, grid = predict(model, images, device, options.batch_size)
-    predictions = probs.argmax(1)
-    cams = grad_cams(model, images, predictions.tolist(), device, options.batch_size)
+    probs, sims, grid = predict(model, images, device, options.batch_size, heads)
+    predictions = [p.argmax(1) for p in probs]
+    cams = [grad_cams(model, images, p.tolist(), device, options.batch_size, head=head)
+            for p, head in zip(predictions, heads, strict=True)]
 
-    classes, concept_names = store.classes, list(model.spec.get("concepts") or [])
+    head_classes = [store.meta.classes_for(task) for task in tasks] or [store.classes]
+    concept_names = list(model.spec.get("concepts") or [])
     width = max(2, len(str(len(picks))))
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for n, (i, image, cam) in enumerate(zip(picks, images.numpy(), cams, strict=True)):
-        label, predicted = int(view.labels[i]), int(predictions[n])
+    for n, (i, image) in enumerate(zip(picks, images.numpy(), strict=True)):
         file = f"{n + 1:0{width}d}_{safe_name(view.ids[i])}.png"
-        write_png(out / file, render_panel(image, cam))
+        write_png(out / file, render_panel(image, [c[n] for c in cams]))
+        per_head = [{"task": task, "prediction": int(p[n]), "prediction_name": head_classes[k][int(p[n])],
+                     "probability": round(float(probs[k][n, p[n]]), 4)}
+                    for k, (task, p) in enumerate(zip(tasks or [None], predictions, strict=True))]
+        own = int(view.tasks[i])  # the head of the task this image is labelled for
+        label, classes = int(view.labels[i]), head_classes[own]
         records.append({
-            "file": file, "id": view.ids[i], "label": label, "label_name": classes[label],
-            "prediction": predicted, "prediction_name": classes[predicted],
-            "probability": round(float(probs[n, predicted]), 4), "correct": label == predicted,
+            "file": file, "id": view.ids[i], **({"task": tasks[own]} if tasks else {}),
+            "label": label, "label_name": classes[label],
+            **{k: per_head[own][k] for k in ("prediction", "prediction_name", "probability")},
+            "correct": label == per_head[own]["prediction"],
             "concepts": top_concepts(None if sims is None else sims[n], concept_names, options.top_concepts),
+            **({"heads": per_head} if tasks else {}),
         })
     report = {
         "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
-        "modality": modality, "kind": checkpoint.meta.get("kind"), "method": checkpoint.meta.get("method"),
-        "backbone": model.spec["backbone"], "head": model.spec["head"], "classes": classes,
+        "modality": modality, "kind": meta.get("kind"), "method": meta.get("method"),
+        "backbone": model.spec["backbone"], "head": model.spec["head"],
+        "classes": dict(zip(tasks, head_classes, strict=True)) if tasks else store.classes,
+        **({"tasks": tasks} if tasks else {}),
         "cam_layer": "feature_map", "cam_grid": list(grid), "images": records,
     }
     atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())
@@ -202,11 +229,30 @@ def explain(options: ExplainOptions) -> Path:
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-.grid{display:flex;flex-wrap:wrap;gap:1.2em}figure{margin:0;max-width:420px}
+.grid{display:flex;flex-wrap:wrap;gap:1.2em}figure{margin:0;max-width:420px}figure.wide{max-width:640px}
 img{max-width:100%;border:1px solid #ccc}
 .ok{color:#1a7f37}.bad{color:#c62828}.note{background:#fff4d6;padding:.5em}
 table{border-collapse:collapse;font-size:.9em}td{padding:0 .6em 0 0}"""
 MARKS = {True: '<span class="ok">&#10003; correct</span>', False: '<span class="bad">&#10007; wrong</span>'}
+
+
+def caption(r: dict[str, Any]) -> str:
+    """One image's figcaption: truth and prediction, or with several heads, truth (of the set the image
+    comes from) and each head's prediction; only the labelled task's head can be marked right or wrong."""
+    esc = html.escape
+    source = f"set: {esc(r['task'])} &middot; " if "task" in r else ""
+    heads = r.get("heads", [])
+    if len(heads) > 1:
+        rows = "".join(
+            f"<tr><td>{esc(h['task'])} head</td><td>{esc(h['prediction_name'])}</td><td>{h['probability']:.2f}</td>"
+            f"<td>{MARKS[r['correct']] if h['task'] == r['task'] else ''}</td></tr>" for h in heads)
+        body = f"{source}true: {esc(r['label_name'])}<table>{rows}</table>"
+    else:
+        body = (f"{source}true: {esc(r['label_name'])} &middot; predicted: {esc(r['prediction_name'])} "
+                f"({r['probability']:.2f}) {MARKS[r['correct']]}")
+    concepts = "".join(f"<tr><td>{esc(c['name'])}</td><td>{c['similarity']:.3f}</td></tr>" for c in r["concepts"])
+    return f"<figcaption><b>{esc(r['id'])}</b><br>{body}" + (f"<table>{concepts}</table>" if concepts else "") + \
+        "</figcaption>"
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -217,20 +263,17 @@ def render_html(report: dict[str, Any]) -> str:
     note = (f'<p class="note">The Grad-CAM layer is only {grid[0]}&times;{grid[1]} at this image size, so '
             "the heat maps cannot localise; use larger images or a backbone with less downsampling.</p>"
             if max(grid) < 2 else "")
-    cards = []
-    for r in images:
-        mark = MARKS[r["correct"]]
-        concepts = "".join(f"<tr><td>{esc(c['name'])}</td><td>{c['similarity']:.3f}</td></tr>"
-                           for c in r["concepts"])
-        cards.append(
-            f'<figure><img src="{esc(r["file"])}" alt="{esc(r["id"])}">'
-            f"<figcaption><b>{esc(r['id'])}</b><br>true: {esc(r['label_name'])} &middot; predicted: "
-            f"{esc(r['prediction_name'])} ({r['probability']:.2f}) {mark}"
-            + (f"<table>{concepts}</table>" if concepts else "") + "</figcaption></figure>")
+    tasks = report.get("tasks") or []
+    several = len(tasks) > 1
+    figure = '<figure class="wide">' if several else "<figure>"
+    cards = [f'{figure}<img src="{esc(r["file"])}" alt="{esc(r["id"])}">{caption(r)}</figure>' for r in images]
     title = f"kdcli explain: {Path(report['checkpoint']).name} on {report['split']}"
-    about = (f"{report['modality']} · {report['kind']} ({report['method']}) · {report['backbone']}, "
-             f"{report['head']} head · {right}/{len(images)} correct · left: image, right: Grad-CAM of "
-             "the predicted class")
+    layout = (f"left to right: image, then Grad-CAM of each head's predicted grade ({', '.join(tasks)})" if several
+              else "left: image, right: Grad-CAM of the predicted class")
+    scope = f" · {' and '.join(tasks)} rows" if tasks else ""
+    about = (f"{report['modality']}{scope} · {report['kind']} ({report['method']}) · {report['backbone']}, "
+             f"{report['head']} head · {right}/{len(images)} correct"
+             f"{' on their own task' if several else ''} · {layout}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n<p>{esc(about)}</p>\n{note}"
             f"<div class=\"grid\">\n" + "\n".join(cards) + "\n</div>\n</body></html>\n")

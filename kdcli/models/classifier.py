@@ -67,7 +67,7 @@ class Classifier(nn.Module):
         elif spec["head"] == "multi":  # one linear head per task (SALL: DR and AMD grades on one backbone)
             self.head = nn.ModuleDict({task: nn.Linear(features, n) for task, n in spec["tasks"].items()})
         else:
-            raise KdcliError(f"unknown head {spec['head']!r}; known: linear, concept")
+            raise KdcliError(f"unknown head {spec['head']!r}; known: linear, concept, multi")
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
