@@ -91,7 +91,8 @@ def run_sall_demo(options: DemoOptions, log: Callable[[str], None] = print) -> d
     out = Path(options.out) / "sall"
     raw, shards, checkpoints = out / "raw", out / "shards", out / "checkpoints"
     log(f"[1/4] synth fundus-grading -> {raw}")
-    sets = synth_fundus_grading(raw, per_class=options.per_class, size=options.size, seed=0)["sets"]
+    # Drawn at twice the stored size, so that microaneurysm-sized lesions survive the downsampling prepare does.
+    sets = synth_fundus_grading(raw, per_class=options.per_class, size=2 * options.size, seed=0)["sets"]
     log(f"[2/4] prepare dr + amd -> {shards}")
     for task, info in sets.items():
         prepare(PrepareOptions(source="fundus-grading", raw=Path(info["labels"]).parent, out=shards, size=options.size,
