@@ -346,6 +346,9 @@ def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, tea
 
 
 def _write_config(out: Path, meta: dict) -> None:
+    from kdcli.engine.distributed import env_rank
     from kdcli.shards.format import atomic_write_bytes
 
+    if env_rank() != 0:  # under torchrun only rank 0 writes
+        return
     atomic_write_bytes(sibling(out, ".config.json"), (json.dumps(meta["config"], indent=2) + "\n").encode())

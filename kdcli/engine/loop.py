@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint, sibling
 from kdcli.engine.device import amp_dtype, seed_everything, select_device
+from kdcli.engine.distributed import Ranks, RankShard, mean_across_ranks, setup, teardown
 from kdcli.errors import KdcliError
 
 
@@ -69,7 +70,7 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
 
 
 def make_loader(dataset: Dataset, cfg: EngineConfig, device: torch.device, labels: np.ndarray | None,
-                train: bool) -> DataLoader:
+                train: bool, ranks: Ranks | None = None) -> DataLoader:
     sampler = None
     if train:
         num_samples = cfg.samples_per_epoch or len(dataset)
@@ -80,6 +81,8 @@ def make_loader(dataset: Dataset, cfg: EngineConfig, device: torch.device, label
         else:
             sampler = RandomSampler(dataset, num_samples=num_samples,
                                     generator=torch.Generator().manual_seed(cfg.seed))
+        if ranks is not None and ranks.distributed:
+            sampler = RankShard(sampler, ranks)
     return DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", drop_last=train and len(dataset) >= cfg.batch_size,
@@ -201,6 +204,19 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
+    ranks = setup(device)
+    try:
+        return _fit(method, train_set, validate, cfg, out, meta, resume, log if ranks.is_main else _silent,
+                    train_labels, device, ranks, started)
+    finally:
+        teardown(ranks)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels, device, ranks, started) -> FitResult:
     dtype = amp_dtype(device, cfg.amp)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     method.to(device)
@@ -209,9 +225,15 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
     if channels_last:
         method.to(memory_format=torch.channels_last)
         method.teacher_to(device, torch.channels_last)
-    forward = torch.compile(student) if cfg.compile else student
+    if cfg.compile:
+        method.__dict__["compiled"] = torch.compile(student)
+    step_fn = method
+    if ranks.distributed:
+        # find_unused_parameters: heads such as the concept projection only train under some methods
+        step_fn = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    train_loader = make_loader(train_set, cfg, device, train_labels, train=True)
+    train_loader = make_loader(train_set, cfg, device, train_labels, train=True, ranks=ranks)
     steps_per_epoch = max(1, len(train_loader) // cfg.accumulate)
     total_steps = steps_per_epoch * cfg.epochs
     parameters = [p for p in method.parameters() if p.requires_grad]
@@ -226,7 +248,7 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
         ema = torch.optim.swa_utils.AveragedModel(
             student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
-    metrics_log = MetricsLog(out, resume)
+    metrics_log = MetricsLog(out, resume) if ranks.is_main else None
     start_epoch, best_epoch, best_value, history, stale = 0, -1, -math.inf, [], 0
     last_path = sibling(out, ".last.pt")
     if resume:
@@ -258,7 +280,7 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
             for step, batch in enumerate(train_loader):
                 batch = to_device(batch, device, channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    terms = method.loss(batch, forward(batch["image"]))
+                    terms = step_fn(batch)
                 loss = sum(v for k, v in terms.items() if not k.startswith("_"))
                 if not torch.isfinite(loss):
                     raise KdcliError(f"loss became {loss.item()} at epoch {epoch + 1}",
@@ -281,6 +303,8 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
                 seen += len(batch["label"])
                 advance()
         train_seconds = time.perf_counter() - epoch_start
+        sums = mean_across_ranks(dict(sums), ranks, device)
+        seen *= ranks.world
 
         eval_model = ema.module if ema is not None else student
         dev = validate(eval_model, device, dtype)
@@ -293,20 +317,24 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
                **{f"dev_{k}": v for k, v in dev.items() if isinstance(v, (int, float)) or v is None},
                "train_samples_per_s": seen / max(train_seconds, 1e-9)}
         history.append(row)
-        metrics_log.write(row)
+        if metrics_log is not None:
+            metrics_log.write(row)
         improved = value is not None and value > best_value
         if improved:
             best_epoch, best_value, stale = epoch + 1, value, 0
             summary = {k: dev.get(k) for k in ("accuracy", "macro_f1", "kappa", "auc")}
             best = {"epoch": epoch + 1, "metric": cfg.metric, "value": value, "dev": summary}
-            save_checkpoint(out, {**meta, "best": best}, eval_model.state_dict())
+            if ranks.is_main:
+                save_checkpoint(out, {**meta, "best": best}, eval_model.state_dict())
         else:
             stale += 1
-        save_checkpoint(last_path, {**meta, "last_epoch": epoch + 1}, eval_model.state_dict(), {
-            "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_epoch": best_epoch,
-            "best_value": best_value, "stale": stale, **({"ema": ema.state_dict()} if ema is not None else {}),
-        })
+        if ranks.is_main:
+            state = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best_epoch": best_epoch,
+                     "best_value": best_value, "stale": stale,
+                     **({"ema": ema.state_dict()} if ema is not None else {})}
+            save_checkpoint(last_path, {**meta, "last_epoch": epoch + 1, "world_size": ranks.world},
+                            eval_model.state_dict(), state)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {value:.4f}"
             f"{'  *' if improved else ''}  ({seen / max(train_seconds, 1e-9):.0f} img/s)")
         if cfg.patience and stale >= cfg.patience:

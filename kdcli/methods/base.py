@@ -51,6 +51,12 @@ class Method(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One training step's loss terms; the engine wraps the whole method in DDP, so every trainable part
+        (student and any discriminator) is synchronised. `compiled` is a torch.compile'd student, if any."""
+        student = self.__dict__.get("compiled") or self.student
+        return self.loss(batch, student(batch["image"]))
+
 
 def parse_params(params_cls: type, overrides: dict[str, Any], method: str) -> Any:
     """Build the method's params dataclass from defaults (the paper's) and `-p key=value` overrides."""
