@@ -24,6 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kdcli.synth._fundus import fx, vessel_paths
+
 DR_GRADES = ("none", "mild", "moderate", "severe", "proliferative")  # 0..4, EyePACS/APTOS
 AMD_GRADES = ("none", "early", "intermediate", "late")  # 0..3
 # layout -> (labels csv, image column, grade column, image folder), as in the Kaggle downloads
@@ -41,11 +43,6 @@ Job = tuple[str, int, int, int, int, int, int]  # path, set id, index, dr grade,
 # ---------------------------------------------------------------- drawing helpers
 
 
-def _fx(v: np.ndarray | float) -> tuple[int, ...] | int:
-    """cv2 fixed-point coordinate(s) for shift=4 drawing: sub-pixel placement survives small image sizes."""
-    a = np.round(np.asarray(v, np.float64) * 16).astype(int)
-    return int(a) if a.ndim == 0 else tuple(int(t) for t in a)
-
 
 def _disc(yy: np.ndarray, xx: np.ndarray, c: np.ndarray, r: float, edge: float = 1.0) -> np.ndarray:
     return np.clip((r - np.hypot(xx - c[0], yy - c[1])) / edge + 0.5, 0.0, 1.0)
@@ -54,7 +51,7 @@ def _disc(yy: np.ndarray, xx: np.ndarray, c: np.ndarray, r: float, edge: float =
 def _spots(s: int, pts: np.ndarray, radii: np.ndarray) -> np.ndarray:
     m = np.zeros((s, s), np.uint8)
     for p, rad in zip(pts, radii, strict=True):
-        cv2.circle(m, _fx(p), max(_fx(rad), 10), 255, -1, cv2.LINE_AA, shift=4)
+        cv2.circle(m, fx(p), max(fx(rad), 10), 255, -1, cv2.LINE_AA, shift=4)
     return m.astype(np.float32) / 255.0
 
 
@@ -71,21 +68,6 @@ def _in_retina(rng: np.random.Generator, c: np.ndarray, r: float, n: int, lo: fl
     th = rng.uniform(0, 2 * np.pi, n)
     return c + np.stack([rad * np.cos(th), rad * np.sin(th)], 1)
 
-
-def _vessel_paths(rng: np.random.Generator, disc: np.ndarray, r: float, side: int) -> list[np.ndarray]:
-    # Canonical frame: disc at the origin, temporal (towards the macula) = -x; `side` mirrors it.
-    # Even indices are the main arcades (veins/arteries), odd ones their branches.
-    paths = []
-    for th0, turn, n in ((-2.0, -0.11, 13), (2.0, 0.11, 13), (-1.1, 0.09, 9), (1.1, -0.09, 9)):
-        th = th0 + rng.normal(0, 0.15) + np.cumsum(turn + rng.normal(0, 0.12, n))
-        steps = 0.1 * r * rng.uniform(0.8, 1.2) * np.stack([np.cos(th), np.sin(th)], 1)
-        pts = np.vstack([[0.0, 0.0], np.cumsum(steps, 0)])
-        j = int(rng.integers(3, n - 2))
-        bth = th[j] + rng.choice([-0.8, 0.8]) + np.cumsum(rng.normal(0, 0.15, 5))
-        branch = pts[j] + np.cumsum(0.09 * r * np.stack([np.cos(bth), np.sin(bth)], 1), 0)
-        for p in (pts, np.vstack([pts[j], branch])):
-            paths.append(disc + p * [side, 1])
-    return paths
 
 
 # ---------------------------------------------------------------- lesions
@@ -122,7 +104,7 @@ def _dr_lesions(
             j = int(rng.integers(2, len(p) - 4))
             seg = p[j] + (p[j + 3] - p[j]) * np.linspace(0, 1, 7)[:, None]
             for q, w in zip(seg, 0.025 * r * (1 + 0.6 * (np.arange(7) % 2)), strict=True):
-                cv2.circle(m, _fx(q), max(_fx(w), 10), 255, -1, cv2.LINE_AA, shift=4)
+                cv2.circle(m, fx(q), max(fx(w), 10), 255, -1, cv2.LINE_AA, shift=4)
         red += m.astype(np.float32) / 255 * 0.6
     if g == 4:  # neovascular tufts: fine irregular loops at the disc, and a boat-shaped pre-retinal bleed
         m = np.zeros((s, s), np.uint8)
@@ -134,8 +116,8 @@ def _dr_lesions(
             cv2.polylines(m, [pts], True, 255, max(1, round(0.012 * s)), cv2.LINE_AA, 4)
         _blend(img, m.astype(np.float32) / 255, (0.55, 0.04, 0.05), 0.8)
         b = np.zeros((s, s), np.uint8)
-        ctr, ax = _in_retina(rng, c, r, 1, 0.35, 0.7)[0], _fx(rng.uniform(0.18, 0.28, 2) * r)
-        cv2.ellipse(b, _fx(ctr), ax, 0, 0, 180, 255, -1, cv2.LINE_AA, 4)  # flat top: blood settles
+        ctr, ax = _in_retina(rng, c, r, 1, 0.35, 0.7)[0], fx(rng.uniform(0.18, 0.28, 2) * r)
+        cv2.ellipse(b, fx(ctr), ax, 0, 0, 180, 255, -1, cv2.LINE_AA, 4)  # flat top: blood settles
         red += b.astype(np.float32) / 255 * 0.9
 
 
@@ -197,7 +179,7 @@ def _fundus(rng: np.random.Generator, dr: int, amd: int, s: int) -> np.ndarray:
     base = np.array([0.8, 0.36, 0.15], np.float32) * rng.uniform(0.88, 1.12, 3).astype(np.float32)
     img = (illum[..., None] * base).astype(np.float32)
     img *= 1 - 0.35 * np.exp(-((np.hypot(xx - mac[0], yy - mac[1]) / (0.13 * r)) ** 2))[..., None]
-    paths = _vessel_paths(rng, disc, r, side)
+    paths = vessel_paths(rng, disc, r, side)
     vmask = np.zeros((s, s), np.uint8)
     for i, p in enumerate(paths):
         width = max(1, round((0.018 if i % 2 == 0 else 0.011) * s))

@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kdcli.synth._fundus import fx, vessel_paths
+
 CLASSES = ("NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD")
 SPLITS = ("train", "dev", "test")
 MODALITIES = ("fundus", "oct")
@@ -80,29 +82,10 @@ def _spots(shape: tuple[int, int], pts: np.ndarray, radii: np.ndarray) -> np.nda
     return m.astype(np.float32) / 255.0
 
 
-def _fx(v: np.ndarray | float) -> tuple[int, ...] | int:
-    """cv2 fixed-point coordinate(s) for shift=4 drawing: sub-pixel placement survives small image sizes."""
-    a = np.round(np.asarray(v, np.float64) * 16).astype(int)
-    return int(a) if a.ndim == 0 else tuple(int(t) for t in a)
-
 
 def _blend(img: np.ndarray, mask: np.ndarray, color: tuple[float, float, float], alpha: float) -> None:
     img += (mask * alpha)[..., None] * (np.asarray(color, np.float32) - img)
 
-
-def _vessel_paths(rng: np.random.Generator, disc: np.ndarray, r: float, side: int) -> list[np.ndarray]:
-    # Canonical frame: disc at the origin, temporal (towards the macula) = -x; `side` mirrors it.
-    paths = []
-    for th0, turn, n in ((-2.0, -0.11, 13), (2.0, 0.11, 13), (-1.1, 0.09, 9), (1.1, -0.09, 9)):
-        th = th0 + rng.normal(0, 0.15) + np.cumsum(turn + rng.normal(0, 0.12, n))
-        steps = 0.1 * r * rng.uniform(0.8, 1.2) * np.stack([np.cos(th), np.sin(th)], 1)
-        pts = np.vstack([[0.0, 0.0], np.cumsum(steps, 0)])
-        j = int(rng.integers(3, n - 2))
-        bth = th[j] + rng.choice([-0.8, 0.8]) + np.cumsum(rng.normal(0, 0.15, 5))
-        branch = pts[j] + np.cumsum(0.09 * r * np.stack([np.cos(bth), np.sin(bth)], 1), 0)
-        for p in (pts, np.vstack([pts[j], branch])):
-            paths.append(disc + p * [side, 1])
-    return paths
 
 
 # ---------------------------------------------------------------- fundus photo
@@ -126,7 +109,7 @@ def _fundus(rng: np.random.Generator, label: int, s: int, signal: float) -> np.n
     if cls == "MYO":  # tessellation: choroidal vessels showing through a thin pigment layer
         noise = cv2.resize(rng.random((9, 9)).astype(np.float32), (s, s), interpolation=cv2.INTER_CUBIC)
         _blend(img, (np.abs(noise - 0.5) > 0.08).astype(np.float32), (0.45, 0.16, 0.08), 0.6 * a)
-    paths = _vessel_paths(rng, disc, r, side)
+    paths = vessel_paths(rng, disc, r, side)
     vmask = np.zeros((s, s), np.uint8)
     for i, p in enumerate(paths):
         width = max(1, round((0.018 if i % 2 == 0 else 0.011) * s))
@@ -151,12 +134,12 @@ def _fundus(rng: np.random.Generator, label: int, s: int, signal: float) -> np.n
     elif cls == "MEM":  # cellophane sheen: thin bright wavy arcs around the macula
         m = np.zeros((s, s), np.uint8)
         for _ in range(int(rng.integers(3, 6))):
-            ax, ang = _fx(rng.uniform(0.12, 0.3, 2) * r), rng.uniform(0, 180)
-            cv2.ellipse(m, _fx(mac), ax, ang, 0, 200, 255, 1, cv2.LINE_AA, 4)
+            ax, ang = fx(rng.uniform(0.12, 0.3, 2) * r), rng.uniform(0, 180)
+            cv2.ellipse(m, fx(mac), ax, ang, 0, 200, 255, 1, cv2.LINE_AA, 4)
         _blend(img, m.astype(np.float32) / 255, (1.0, 1.0, 0.95), 0.5 * a)
     elif cls == "MYO":  # peripapillary atrophy crescent on the temporal side of the disc
         m = np.zeros((s, s), np.uint8)
-        ctr, ax = _fx(disc), _fx([dr * 1.35] * 2)
+        ctr, ax = fx(disc), fx([dr * 1.35] * 2)
         start = 90 if side == 1 else -90
         cv2.ellipse(m, ctr, ax, 0, start, start + 180, 255, max(1, round(0.5 * dr)), cv2.LINE_AA, 4)
         _blend(img, m.astype(np.float32) / 255, (0.95, 0.85, 0.7), 0.6 * a)
@@ -165,7 +148,7 @@ def _fundus(rng: np.random.Generator, label: int, s: int, signal: float) -> np.n
         m = np.zeros((s, s), np.uint8)
         for j in range(3, len(p) - 1):
             d = p[j + 1] - p[j] + rng.normal(0, 0.02 * r, 2)
-            ctr, ax = _fx(p[j] + rng.normal(0, 0.03 * r, 2)), _fx([0.07 * r, max(0.02 * r, 1.0)])
+            ctr, ax = fx(p[j] + rng.normal(0, 0.03 * r, 2)), fx([0.07 * r, max(0.02 * r, 1.0)])
             ang = float(np.degrees(np.arctan2(d[1], d[0])))  # flame-shaped: elongated along the vessel
             cv2.ellipse(m, ctr, ax, ang, 0, 360, 255, -1, cv2.LINE_AA, 4)
         _blend(img, m.astype(np.float32) / 255, (0.45, 0.03, 0.02), 1.2 * a)
@@ -196,14 +179,14 @@ def _oct(rng: np.random.Generator, label: int, s: int) -> np.ndarray:
     x = (np.arange(s, dtype=np.float32) + 0.5) / s
     y = x[:, None]
     side = int(rng.choice([0, 1]))  # which edge the optic disc is on
-    fx = 0.5 + rng.normal(0, 0.05)
+    fovea_x = 0.5 + rng.normal(0, 0.05)
     curv = rng.uniform(0.7, 1.0) if cls == "MYO" else rng.uniform(0.05, 0.35)
     depth = rng.uniform(0.62, 0.7) if cls == "MYO" else rng.uniform(0.5, 0.6)
-    bm = depth + rng.normal(0, 0.06) * (x - fx) - curv * (x - fx) ** 2  # Bruch's membrane
+    bm = depth + rng.normal(0, 0.06) * (x - fovea_x) - curv * (x - fovea_x) ** 2  # Bruch's membrane
     thick = rng.uniform(0.19, 0.24) * {"MYO": 0.65, "RVO": rng.uniform(1.4, 1.7)}.get(cls, 1.0)
     pit = rng.uniform(0.4, 0.6) * (0.3 if cls in ("MEM", "RVO") else 1.0)
     nerve = np.exp(-(((x - side) / 0.1) ** 2))  # proximity to the disc
-    t = thick * (1 - pit * np.exp(-(((x - fx) / 0.07) ** 2))) + (0.03 if cls == "RVO" else 0.0) * nerve
+    t = thick * (1 - pit * np.exp(-(((x - fovea_x) / 0.07) ** 2))) + (0.03 if cls == "RVO" else 0.0) * nerve
     rnfl = (0.012 + 0.035 * np.abs(x - (1 - side))) * (0.3 if cls == "GLC" else 1.0) * (t / thick)
     # Disc-side excavation: the whole retina dips, and the inner surface dips far more (cupping).
     cup = rng.uniform(0.14, 0.22) if cls == "GLC" else rng.uniform(0.0, 0.03)
@@ -216,9 +199,9 @@ def _oct(rng: np.random.Generator, label: int, s: int) -> np.ndarray:
         n = int(rng.integers(4, 9))
         elev = _bumps(x, rng.uniform(0.2, 0.8, n), rng.uniform(0.02, 0.05, n), rng.uniform(0.03, 0.055, n))
     elif cls == "CSC":
-        srf = _bumps(x, fx + rng.normal(0, 0.05, 1), rng.uniform(0.08, 0.15, 1), rng.uniform(0.05, 0.09, 1))
+        srf = _bumps(x, fovea_x + rng.normal(0, 0.05, 1), rng.uniform(0.08, 0.15, 1), rng.uniform(0.05, 0.09, 1))
     elif cls == "WAMD":
-        sub_val, cx = 0.14, fx + rng.normal(0, 0.05)
+        sub_val, cx = 0.14, fovea_x + rng.normal(0, 0.05)
         elev = _bumps(x, np.array([cx]), rng.uniform(0.06, 0.1, 1), rng.uniform(0.06, 0.1, 1))
         beside = cx + rng.choice([-1, 1]) * rng.uniform(0.1, 0.15, 1)
         srf = _bumps(x, beside, np.array([0.06]), rng.uniform(0.02, 0.05, 1))
@@ -244,15 +227,15 @@ def _oct(rng: np.random.Generator, label: int, s: int) -> np.ndarray:
         for cx in rng.uniform(0.2, 0.8, n):
             j = min(int(cx * s), s - 1)
             cy = top[j] + rng.uniform(0.35, 0.65) * (bot[j] - top[j])
-            ax = _fx([rng.uniform(0.015, 0.035) * s + 0.5, rng.uniform(0.012, 0.03) * s + 0.5])
-            cv2.ellipse(lesions, _fx([cx * s, cy * s]), ax, 0, 0, 360, 255, -1, cv2.LINE_AA, 4)
+            ax = fx([rng.uniform(0.015, 0.035) * s + 0.5, rng.uniform(0.012, 0.03) * s + 0.5])
+            cv2.ellipse(lesions, fx([cx * s, cy * s]), ax, 0, 0, 360, 255, -1, cv2.LINE_AA, 4)
     img *= 1 - 0.9 * (lesions.astype(np.float32) / 255) * inside
     bright = np.zeros((s, s), np.uint8)
     if cls == "DR":  # hard exudates: hyperreflective dots in the outer plexiform layer
         for cx in rng.uniform(0.2, 0.8, int(rng.integers(3, 7))):
             j = min(int(cx * s), s - 1)
             cy = top[j] + 0.55 * (bot[j] - top[j])
-            cv2.circle(bright, _fx([cx * s, cy * s]), _fx(0.015 * s + 0.5), 255, -1, cv2.LINE_AA, 4)
+            cv2.circle(bright, fx([cx * s, cy * s]), fx(0.015 * s + 0.5), 255, -1, cv2.LINE_AA, 4)
     elif cls == "MEM":  # the membrane: a bright wrinkled line just above the inner retina
         lo, hi = sorted(rng.uniform(0.1, 0.9, 2))
         xs = np.linspace(min(lo, 0.3), max(hi, 0.7), 40)
@@ -261,8 +244,8 @@ def _oct(rng: np.random.Generator, label: int, s: int) -> np.ndarray:
         cv2.polylines(bright, [pts], False, 255, max(1, round(0.02 * s)), cv2.LINE_AA, shift=4)
     elif cls == "WAMD":  # hyperreflective CNV mass sitting on the PED
         j = int(np.argmax(elev))
-        ctr = _fx([x[j] * s, (rpe[j] - 0.02) * s])
-        ax = _fx([rng.uniform(0.05, 0.08) * s, rng.uniform(0.02, 0.035) * s])
+        ctr = fx([x[j] * s, (rpe[j] - 0.02) * s])
+        ax = fx([rng.uniform(0.05, 0.08) * s, rng.uniform(0.02, 0.035) * s])
         cv2.ellipse(bright, ctr, ax, float(rng.uniform(-15, 15)), 0, 360, 255, -1, cv2.LINE_AA, 4)
     img = np.maximum(img, 0.85 * bright.astype(np.float32) / 255)
     img = img * rng.uniform(0.8, 1.2) * rng.gamma(4.0, 1 / 4.0, (s, s)).astype(np.float32)  # speckle
