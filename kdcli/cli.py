@@ -125,9 +125,22 @@ PrepShardSize = Annotated[int, typer.Option(help="Samples per HDF5 shard.")]
 PrepCompression = Annotated[Compression, typer.Option(help="HDF5 compression of the pixel arrays.")]
 
 
+def parse_part(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    index, sep, count = value.partition("/")
+    if not (sep and index.isdigit() and count.isdigit()) or not 1 <= int(index) <= int(count):
+        raise typer.BadParameter(f"{value!r} is not I/N with 1 <= I <= N", param_hint="--part")
+    return int(index), int(count)
+
+
+PrepPart = Annotated[str | None, typer.Option(help="I/N: write only the I-th of N disjoint shares (cluster array "
+                                                     "jobs); then `kdcli prepare merge OUT`.")]
+
+
 def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resume: bool, overwrite: bool,
                 shard_size: int, compression: Compression, source_options: dict[str, Any],
-                append: bool = False) -> None:
+                append: bool = False, part: str | None = None) -> None:
     from tqdm import tqdm
 
     from kdcli.prepare import PrepareOptions, prepare
@@ -135,7 +148,7 @@ def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resu
     options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
                              overwrite=overwrite, shard_size=shard_size,
                              compression=None if compression is Compression.none else compression.value,
-                             source_options=source_options, append=append)
+                             source_options=source_options, append=append, part=parse_part(part))
     bars: list = []
 
     def progress_factory(total: int):
@@ -151,6 +164,10 @@ def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resu
             bar.close()
     for note in result.notes:
         err(f"note: {note}")
+    if options.part:
+        err(f"part {options.part[0]}/{options.part[1]} done ({result.written} shards written, {result.reused} "
+            f"reused); when every part is done: kdcli prepare merge {out}")
+        return
     counts = ", ".join(f"{m}: " + "/".join(str(c[s]) for s in ("train", "dev", "test"))
                        for m, c in result.meta.counts.items())
     err(f"prepared {out} ({counts} train/dev/test; {result.written} shards written, {result.reused} reused, "
@@ -170,10 +187,23 @@ def prepare_multieye(
     clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
     median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
     list_name: Annotated[str | None, typer.Option(help="List file name in each split folder.")] = None,
+    part: PrepPart = None,
 ) -> None:
     """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
     run_prepare("multieye", raw, out, size, workers, resume, overwrite, shard_size, compression,
-                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})})
+                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part)
+
+
+@command(prepare_app, "merge")
+def prepare_merge(
+    out: Annotated[Path, typer.Argument(help="The --out every part was written for.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+) -> None:
+    """Join the parts of `prepare ... --part I/N` into one dataset (one manifest, one hash)."""
+    from kdcli.prepare import merge_parts
+
+    meta = merge_parts(out, overwrite)
+    err(f"merged into {out} ({sum(sum(c.values()) for c in meta.counts.values())} samples) {meta.content_hash[:19]}")
 
 
 @command(prepare_app, "fundus-grading")

@@ -47,6 +47,7 @@ class PrepareOptions:
     resume: bool = False
     overwrite: bool = False
     append: bool = False  # add to an existing dataset of the same source (a new task's set)
+    part: tuple[int, int] | None = None  # (I, N): write only the I-th of N disjoint shares, for array jobs
     source_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,6 +84,11 @@ def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
     if out.exists() and not (out / DATASET_JSON).is_file() and any(out.iterdir()):
         raise KdcliError("exists and is not a kdcli shard directory; refusing to replace it", path=out,
                          hint="choose another --out")
+    if options.part:
+        index, count = options.part
+        if not 1 <= index <= count:
+            raise KdcliError(f"--part {index}/{count}: I must be between 1 and N")
+        return staging  # other parts may be writing into the same staging folder right now
     if staging.exists() and not options.resume:
         shutil.rmtree(staging)
     return staging
@@ -91,6 +97,9 @@ def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
 def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     started = time.perf_counter()
     appending = options.append and (options.out / DATASET_JSON).is_file()
+    if options.part and appending:
+        raise KdcliError("--part cannot add to an existing dataset", path=options.out,
+                         hint="prepare the new set without --part, or into a new --out")
     staging = _check_out(options, appending)
     if options.resume and not appending and (options.out / DATASET_JSON).is_file() and not staging.exists():
         meta = DatasetMeta.load(options.out)
@@ -108,11 +117,14 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     staging.mkdir(parents=True, exist_ok=True)
     plan_path = staging / PLAN_JSON
     if plan_path.is_file() and json.loads(plan_path.read_text()) != arguments:
-        raise KdcliError("--resume with other arguments than the interrupted run", path=plan_path,
+        raise KdcliError("other arguments than the run that started this folder", path=plan_path,
                          hint="rerun with the same arguments, or drop --resume to start over")
     atomic_write_json(plan_path, arguments)
 
     jobs = plan_jobs(scan.records, options.shard_size)
+    if options.part:
+        index, count = options.part
+        jobs = jobs[index - 1 :: count]
     shard_dir = staging / SHARD_DIR
     before = {p.name for p in shard_dir.glob("*.h5")} if shard_dir.is_dir() else set()
     progress = progress_factory(len(scan.records)) if progress_factory else (lambda n: None)
@@ -124,6 +136,10 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
         for job in jobs
         for index, r in enumerate(job.records)
     ]
+    if options.part:
+        _write_part(staging, options.part, scan, rows, digests)
+        return PrepareResult(options.out, None, len(jobs) - reused, reused, scan.notes,
+                             time.perf_counter() - started)
     if appending:
         meta = _append(staging, options.out, scan, rows, kept, digests, arguments)
     else:
@@ -131,6 +147,44 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
         _swap_in(staging, options.out)
     return PrepareResult(options.out, meta, len(jobs) - reused, reused, scan.notes,
                          time.perf_counter() - started)
+
+
+PARTS = "parts"
+
+
+def _write_part(staging: Path, part: tuple[int, int], scan, rows: list[tuple], digests: dict[str, str]) -> None:
+    """A finished part leaves its manifest rows, digests and the scan's metadata for `prepare merge`."""
+    index, count = part
+    atomic_write_json(staging / PARTS / f"part-{index}-of-{count}.json", {
+        "part": index, "of": count, "rows": rows, "digests": digests,
+        "scan": {"task": scan.task, "classes": scan.classes, "modalities": scan.modalities, "pairing": scan.pairing,
+                 "tasks": scan.tasks, "extra": scan.extra},
+    })
+
+
+def merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
+    """Join the parts written by `prepare ... --part I/N` into one dataset with one manifest and hash."""
+    from kdcli.sources.base import Scan
+
+    staging = Path(str(out) + ".partial")
+    found = sorted((staging / PARTS).glob("part-*-of-*.json")) if (staging / PARTS).is_dir() else []
+    if not found:
+        raise KdcliError("no finished parts to merge", path=staging, hint="run `kdcli prepare ... --part I/N` first")
+    parts = [json.loads(path.read_text()) for path in found]
+    count = parts[0]["of"]
+    missing = sorted(set(range(1, count + 1)) - {p["part"] for p in parts if p["of"] == count})
+    if missing or any(p["of"] != count for p in parts):
+        raise KdcliError(f"parts {', '.join(map(str, missing)) or '(of another N)'} of {count} are missing or differ",
+                         path=staging / PARTS, hint="finish every part with the same N, then merge")
+    if out.exists() and not overwrite:
+        raise KdcliError("output directory exists", path=out, hint="pass --overwrite to replace it")
+    rows = [tuple(row) for part in parts for row in part["rows"]]
+    digests = {name: digest for part in parts for name, digest in part["digests"].items()}
+    arguments = json.loads((staging / PLAN_JSON).read_text())
+    meta = _finish(staging, Scan(records=[], **parts[0]["scan"]), rows, digests, arguments, parts[0]["scan"]["tasks"])
+    shutil.rmtree(staging / PARTS)
+    _swap_in(staging, out)
+    return meta
 
 
 def _existing_rows(options: PrepareOptions, scan) -> list[tuple]:

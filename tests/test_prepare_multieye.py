@@ -223,3 +223,20 @@ def test_paired_phantoms_prepare_as_paired(tmp_path):
     assert result.meta.pairing == "paired"
     manifest = pl.read_parquet(tmp_path / "s" / "manifest.parquet")
     assert set(manifest["modality"]) == {"fundus+oct"}
+
+
+def test_parts_for_array_jobs_merge_into_the_one_shot_dataset(multieye_raw, multieye_shards, tmp_path):
+    out = tmp_path / "parts"
+    args = ("prepare", "multieye", multieye_raw, "--out", out, "--size", "32", "--shard-size", "16")
+    first = run(*args, "--part", "2/3")
+    assert first.exit_code == 0 and "kdcli prepare merge" in first.output, first.output
+    assert not out.exists()
+    assert_one_line_error(run("prepare", "merge", out), "missing", "1, 3")
+    for part in ("1/3", "3/3"):
+        assert run(*args, "--part", part).exit_code == 0
+    merged = run("prepare", "merge", out)
+    assert merged.exit_code == 0, merged.output
+    one_shot = json.loads((multieye_shards / "dataset.json").read_text())["content_hash"]
+    assert json.loads((out / "dataset.json").read_text())["content_hash"] == one_shot
+    assert run("inspect", out, "--verify").exit_code == 0 and not Path(str(out) + ".partial").exists()
+    assert run(*args, "--part", "4/3").exit_code == 2
