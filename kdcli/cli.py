@@ -22,6 +22,8 @@ synth_app = typer.Typer(no_args_is_help=True, help="Write phantom datasets in ea
 prepare_app = typer.Typer(no_args_is_help=True, help="Turn a raw download into a shard directory.")
 app.add_typer(synth_app, name="synth")
 app.add_typer(prepare_app, name="prepare")
+bench_app = typer.Typer(no_args_is_help=True, help="Measure kdcli against the naive way, in the same run.")
+app.add_typer(bench_app, name="bench")
 
 
 def err(message: str) -> None:
@@ -447,6 +449,25 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout
         typer.echo(f"{name:<12} {info['help']}")
         for key, default in info["params"].items():
             typer.echo(f"{'':<14}-p {key}={default}")
+
+
+@command(bench_app, "loader")
+def bench_loader(
+    data: Annotated[Path, typer.Argument(help="Shard directory.")],
+    modality: Annotated[str | None, typer.Option(help="Modality (default: the first).")] = None,
+    split: Annotated[str, typer.Option(help="Split to read.")] = "train",
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    workers: Annotated[list[int] | None, typer.Option(help="Worker counts to try (default 0, 1, all cores).")] = None,
+    repeats: Annotated[int, typer.Option(help="Passes over the split per measurement.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Samples/s: kdcli's shard loader vs PNG files + PIL with the same augmentation, and vs plain h5py."""
+    from kdcli.bench import LoaderBenchOptions
+    from kdcli.bench import bench_loader as run_bench
+
+    results = run_bench(LoaderBenchOptions(data, modality, split, batch_size, tuple(workers or ()), repeats), log=err)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
 
 
 class Shell(StrEnum):

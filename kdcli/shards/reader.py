@@ -25,6 +25,7 @@ class ShardStore:
             raise KdcliError(f"unreadable manifest ({type(exc).__name__})", path=manifest_path,
                              hint="re-run `kdcli prepare`") from None
         self._handles: dict[str, h5py.File] = {}
+        self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
         self._pid = os.getpid()
 
     @property
@@ -50,7 +51,7 @@ class ShardStore:
 
     def _handle(self, shard: str) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: never reuse the parent's handles
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._arrays, self._pid = {}, {}, os.getpid()
         handle = self._handles.get(shard)
         if handle is None:
             path = self.root / SHARD_DIR / shard
@@ -62,14 +63,17 @@ class ShardStore:
         return handle
 
     def read(self, shard: str, index: int, modality: str) -> np.ndarray:
-        return self._handle(shard)[modality][index]
+        array = self._arrays.get((shard, modality)) if os.getpid() == self._pid else None
+        if array is None:  # h5py's name lookup costs as much as a small read: do it once per shard
+            array = self._arrays[(shard, modality)] = self._handle(shard)[modality]
+        return array[index]
 
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
-        self._handles = {}
+        self._handles, self._arrays = {}, {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"], state["_arrays"] = {}, {}
         return state

@@ -1,0 +1,21 @@
+"""`kdcli bench` measures (never asserts speed): check it runs both ways on the same data and reports ratios."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+
+
+def test_bench_loader_compares_with_png_and_plain_h5py(multieye_shards):
+    result = CliRunner().invoke(app, ["bench", "loader", str(multieye_shards), "--modality", "oct", "--workers", "0",
+                                      "--repeats", "1", "--batch-size", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["modality"] == "oct" and report["samples"] == 27
+    (row,) = report["rows"]
+    assert row["workers"] == 0 and row["kdcli"] > 0 and row["png_pil"] > 0
+    assert abs(row["ratio"] - row["kdcli"] / row["png_pil"]) < 1e-9
+    assert 0 < report["fraction_of_h5py"] == report["kdcli_no_augmentation"] / report["plain_h5py"]
