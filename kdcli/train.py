@@ -310,6 +310,7 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
                          path=store.root, hint="use --method coda for unpaired data")
     cfg.task = cfg.task or checkpoints[0].meta.get("label_task") or ""
     teacher = teachers[0]
+    seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
     student = build_student(cfg, store, cfg.modality, template=teacher.spec)
     if student.spec.get("head") == "concept" and teacher.spec.get("head") == "concept" and not cfg.concepts:
         student.head.concepts.copy_(teacher.head.concepts)
@@ -332,6 +333,7 @@ def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, tea
         raise UsageError(f"--method {cfg.method} needs one teacher per task, each from `teach --task`; got "
                          f"tasks {tasks}")
     heads = {task: len(store.meta.tasks[task]["classes"]) for task in tasks}
+    seed_everything(cfg.engine.seed)
     student = build_student(cfg, store, cfg.modality, template={**teachers[0].spec, "head": "linear"}, tasks=heads)
     method = method_cls(params, student, dict(zip(tasks, teachers, strict=True)))
     augment = train_augmentation(store.meta.modalities[cfg.modality]["shape"][0], cfg.augment)

@@ -163,3 +163,20 @@ def test_teacher_data_from_a_copy_still_loads(oct_teacher, multieye_shards, tmp_
     shutil.copytree(multieye_shards, copy)
     result = run("evaluate", oct_teacher, "--data", copy, "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["data_hash_matches"] is True
+
+
+def test_student_starts_from_the_baselines_initial_weights(multieye_shards, oct_teacher, tmp_path):
+    """Student vs baseline isolates distillation only if both start from the same weights and see the same
+    batches: with a vanishing learning rate, the two must end up identical (BatchNorm statistics included)."""
+    frozen = ["--data", multieye_shards, "--model", "test_resnet", "--epochs", "1", "--batch-size", "16",
+              "--workers", "0", "--lr", "1e-30", "--set", "min_lr=1e-31", "--seed", "5"]
+    assert run("teach", *frozen, "--modality", "fundus", "--out", tmp_path / "base.pt").exit_code == 0
+    distilled = run("distill", *frozen, "--teacher", oct_teacher, "--student", "fundus", "--method", "coda",
+                    "--out", tmp_path / "kd.pt")
+    assert distilled.exit_code == 0, distilled.output
+    base, student = load_model_state(tmp_path / "base.pt"), load_model_state(tmp_path / "kd.pt")
+    assert all(torch.allclose(base[k].float(), student[k].float(), atol=1e-6) for k in base)
+
+
+def load_model_state(path):
+    return load_checkpoint(path).model
