@@ -118,3 +118,73 @@ def bench_loader(options: LoaderBenchOptions, log=print) -> dict[str, Any]:
     log(f"no augmentation, 0 workers: kdcli {unaugmented:,.0f}/s vs plain h5py {h5:,.0f}/s "
         f"({100 * unaugmented / h5:.0f}%)")
     return results
+
+
+@dataclass
+class EngineBenchOptions:
+    data: Path
+    teacher: Path | None = None
+    student: str = "fundus"
+    model: str = "test_resnet"
+    epochs: int = 3
+    batch_size: int = 32
+
+
+def _bare_loop(view, model_spec: dict, epochs: int, batch_size: int, seed: int) -> float:
+    """The naive way: the same model, data, sampler and optimizer in a plain PyTorch loop, no engine."""
+    from kdcli.data.views import class_balanced_sampler
+    from kdcli.engine.device import seed_everything
+    from kdcli.models.classifier import Classifier
+
+    seed_everything(seed)
+    model = Classifier(model_spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    seen, started = 0, time.perf_counter()
+    for epoch in range(epochs):
+        view.set_epoch(epoch)
+        sampler = class_balanced_sampler(view.labels, len(view), seed * 1000 + epoch)
+        for batch in DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True):
+            loss = torch.nn.functional.cross_entropy(model(batch["image"])["logits"], batch["label"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(batch["label"])
+    return seen / (time.perf_counter() - started)
+
+
+def bench_engine(options: EngineBenchOptions, log=print) -> dict[str, Any]:
+    """Training samples/s (the engine's own per-epoch measurement, validation excluded) of `teach` against the
+    bare loop, and of `distill` against `teach` when a teacher is given."""
+    import statistics
+
+    from kdcli.data.transforms import train_augmentation
+    from kdcli.data.views import ModalityView
+    from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import distill, resolve_config, teach
+
+    store = ShardStore(options.data)
+    common = {"data": str(options.data), "modality": options.student, "model": options.model, "workers": 0,
+              "epochs": options.epochs, "batch_size": options.batch_size, "overwrite": True, "seed": 0}
+    with tempfile.TemporaryDirectory(prefix="kdcli-bench-") as folder:
+        # Skip epoch 1 (allocator and cache warm-up) in every measurement.
+        rate = lambda result: statistics.fmean(r["train_samples_per_s"] for r in result.history[1:])  # noqa: E731
+        taught = teach(resolve_config({**common, "out": f"{folder}/s.pt"}), log=lambda m: None)
+        engine_rate = rate(taught)
+        spec = load_checkpoint(Path(f"{folder}/s.pt")).meta["model"]
+        size = store.meta.modalities[options.student]["shape"][0]
+        view = ModalityView(store, "train", options.student, train_augmentation(size), seed=0)
+        _bare_loop(view, spec, 1, options.batch_size, 0)  # warm-up, as the engine's first epoch
+        bare_rate = _bare_loop(view, spec, options.epochs - 1, options.batch_size, 0)
+        results = {"engine": engine_rate, "bare_loop": bare_rate, "engine_overhead": 1 - engine_rate / bare_rate}
+        log(f"teach: engine {engine_rate:,.0f}/s vs bare loop {bare_rate:,.0f}/s "
+            f"(overhead {100 * results['engine_overhead']:.1f}%)")
+        if options.teacher:
+            distilled = distill(resolve_config({**common, "teacher": [str(options.teacher)], "method": "coda",
+                                                "out": f"{folder}/d.pt"}), log=lambda m: None)
+            results["distill"] = rate(distilled)
+            results["distill_vs_student_only"] = engine_rate / results["distill"]
+            log(f"distill --method coda: {results['distill']:,.0f}/s, {results['distill_vs_student_only']:.2f}x "
+                "the time of student-only training (teacher run online; no cache yet)")
+    return results

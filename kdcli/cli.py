@@ -470,6 +470,27 @@ def bench_loader(
         typer.echo(json.dumps(results, indent=2))
 
 
+@command(bench_app, "engine")
+def bench_engine(
+    data: Annotated[Path, typer.Argument(help="Shard directory.")],
+    teacher: Annotated[Path | None, typer.Option(help="Also time distill --method coda with this teacher.")] = None,
+    student: Annotated[str, typer.Option(help="Modality trained.")] = "fundus",
+    model: Annotated[str, typer.Option(help="timm model.")] = "test_resnet",
+    epochs: Annotated[int, typer.Option(help="Epochs per measurement (the first is warm-up).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Training samples/s: kdcli's engine vs a bare PyTorch loop; distillation vs student-only training."""
+    from kdcli.bench import EngineBenchOptions
+    from kdcli.bench import bench_engine as run_bench
+
+    if epochs < 2:
+        raise typer.BadParameter("at least 2 (the first is warm-up)", param_hint="--epochs")
+    results = run_bench(EngineBenchOptions(data, teacher, student, model, epochs, batch_size), log=err)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+
+
 class Shell(StrEnum):
     bash = "bash"
     zsh = "zsh"

@@ -19,3 +19,13 @@ def test_bench_loader_compares_with_png_and_plain_h5py(multieye_shards):
     assert row["workers"] == 0 and row["kdcli"] > 0 and row["png_pil"] > 0
     assert abs(row["ratio"] - row["kdcli"] / row["png_pil"]) < 1e-9
     assert 0 < report["fraction_of_h5py"] == report["kdcli_no_augmentation"] / report["plain_h5py"]
+
+
+def test_bench_engine_times_the_engine_the_bare_loop_and_distillation(multieye_shards, oct_teacher):
+    result = CliRunner().invoke(app, ["bench", "engine", str(multieye_shards), "--teacher", str(oct_teacher),
+                                      "--epochs", "2", "--batch-size", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["engine"] > 0 and report["bare_loop"] > 0 and report["distill"] > 0
+    assert abs(report["engine_overhead"] - (1 - report["engine"] / report["bare_loop"])) < 1e-9
+    assert CliRunner().invoke(app, ["bench", "engine", str(multieye_shards), "--epochs", "1"]).exit_code == 2
