@@ -348,9 +348,13 @@ def distill(
     pretrained: Pretrained = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
+    cache_teacher: Annotated[bool, typer.Option(help="Run the teacher once over the un-augmented training "
+                                                     "images and reuse its outputs (stored beside the shards).")]
+    = False,
 ) -> None:
     """Distil a teacher into a single-modality student."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "student")}
+    flags["cache_teacher"] = cache_teacher or None
     from kdcli.train import distill as run_distill
     from kdcli.train import resolve_config
 

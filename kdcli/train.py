@@ -44,6 +44,7 @@ class TrainConfig:
     augment: str = "light"
     resume: bool = False
     overwrite: bool = False
+    cache_teacher: bool = False  # distill: read teacher outputs from <data>/cache (built on first use)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -316,6 +317,8 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
         student.head.concepts.copy_(teacher.head.concepts)
     method = method_cls(params, student, teacher)
     train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality)
+    if cfg.cache_teacher:
+        train_set = _with_teacher_cache(cfg, store, train_set, {"teacher": teacher}, teacher_info, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
     _write_config(out, meta)
     validate = classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine,
@@ -338,13 +341,34 @@ def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, tea
     method = method_cls(params, student, dict(zip(tasks, teachers, strict=True)))
     augment = train_augmentation(store.meta.modalities[cfg.modality]["shape"][0], cfg.augment)
     train_set = ModalityView(store, "train", cfg.modality, augment, cfg.engine.seed, tasks)
+    if cfg.cache_teacher:
+        train_set = _with_teacher_cache(cfg, store, train_set, dict(zip(tasks, teachers, strict=True)), teacher_info,
+                                        cfg.modality, tasks)
     dev_sets = {task: ModalityView(store, "dev", cfg.modality, tasks=[task]) for task in tasks}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
     _write_config(out, meta)
     validate = multitask_validator(dev_sets, {t: store.meta.tasks[t] for t in tasks}, cfg.engine)
-    balance_key = train_set.tasks * 1000 + train_set.labels  # balance grades within each task's set
+    plain = train_set.base if cfg.cache_teacher else train_set
+    balance_key = plain.tasks * 1000 + plain.labels  # balance grades within each task's set
     return fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                train_labels=np.unique(balance_key, return_inverse=True)[1])
+
+
+def _with_teacher_cache(cfg: TrainConfig, store: ShardStore, train_set, teachers: dict, teacher_info: list[dict],
+                        modality: str, tasks: list[str] | None = None):
+    """Wrap the training view so each item carries its teacher input's cached outputs (built once)."""
+    from kdcli.data.views import ModalityView
+    from kdcli.engine import teacher_cache
+    from kdcli.engine.device import select_device
+
+    inputs = ModalityView(store, "train", modality, tasks=tasks)  # un-augmented, the rows teacher_index points at
+    path = teacher_cache.cache_path(store.root, [t["sha256"] for t in teacher_info], modality)
+    if not path.is_file():
+        device = select_device(cfg.engine.device)
+        for model in teachers.values():
+            model.to(device)
+        teacher_cache.build(teachers, inputs, path, store.meta.content_hash, device, cfg.engine.batch_size)
+    return teacher_cache.CachedTeacherView(train_set, teacher_cache.load(path, store.meta.content_hash, len(inputs)))
 
 
 def _write_config(out: Path, meta: dict) -> None:

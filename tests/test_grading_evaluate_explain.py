@@ -158,3 +158,18 @@ def test_explain_single_task_teacher_covers_its_rows_only(grading, tmp_path):
     assert sorted(ids) == sorted(task_rows(grading["shards"], "dr")["id"])
     assert all(r["task"] == "dr" and len(r["heads"]) == 1 for r in report["images"])
     assert np.unique([r["label"] for r in report["images"]]).size > 1
+
+
+def test_sall_with_the_teacher_cache_matches_the_online_teachers_soft_labels(grading, tmp_path):
+    """Without augmentation the cached and the online teachers see the same images: same training, same weights."""
+    import torch
+
+    from kdcli.engine.checkpoint import load_checkpoint
+
+    common = ["distill", "--data", grading["shards"], "--teacher", grading["dr"], "--teacher", grading["amd"],
+              "--method", "sall", *FAST, "--set", "augment=none"]
+    ok(*common, "--out", tmp_path / "online.pt")
+    ok(*common, "--cache-teacher", "--out", tmp_path / "cached.pt")
+    online, cached = load_checkpoint(tmp_path / "online.pt").model, load_checkpoint(tmp_path / "cached.pt").model
+    assert all(torch.allclose(online[k].float(), cached[k].float(), atol=1e-5) for k in online)
+    assert list((grading["shards"] / "cache").glob("teacher-*.h5"))

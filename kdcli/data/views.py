@@ -53,7 +53,7 @@ class ModalityView(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"image": to_tensor(self.image(i)), "label": int(self.labels[i]), "index": i,
-                "task": int(self.tasks[i])}
+                "task": int(self.tasks[i]), "teacher_index": i}
 
 
 class UnpairedPartnerView(Dataset):
@@ -86,6 +86,7 @@ class UnpairedPartnerView(Dataset):
         j = self.partner_index(i)
         partner = self.partner[j]
         item["teacher_image"], item["teacher_label"] = partner["image"], partner["label"]
+        item["teacher_index"] = j
         return item
 
 
@@ -114,6 +115,7 @@ class PairedView(Dataset):
         item = self.student[i]
         item["teacher_image"] = self.teacher[i]["image"]
         item["teacher_label"] = item["label"]
+        item["teacher_index"] = i
         return item
 
 

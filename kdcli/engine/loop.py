@@ -102,7 +102,9 @@ def _seed_worker(worker_id: int) -> None:
 def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     moved = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, dict):  # e.g. cached teacher outputs, one dict per teacher
+            value = to_device(value, device, False)
+        elif isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
             if channels_last and value.ndim == 4:
                 value = value.contiguous(memory_format=torch.channels_last)

@@ -51,6 +51,15 @@ class Method(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def teacher_outputs(self, batch: dict, image_key: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Each teacher's outputs on `batch[image_key]`: read from the teacher cache when the batch carries it,
+        else computed now. Keys: "teacher" for a single teacher, the task names for per-task teachers."""
+        if "cached" in batch:
+            return batch["cached"]
+        teachers = self.teacher if isinstance(self.teacher, dict) else {"teacher": self.teacher}
+        with torch.no_grad():
+            return {name: model(batch[image_key]) for name, model in teachers.items()}
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One training step's loss terms; the engine wraps the whole method in DDP, so every trainable part
         (student and any discriminator) is synchronised. `compiled` is a torch.compile'd student, if any."""

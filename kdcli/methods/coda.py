@@ -90,8 +90,7 @@ class CoDA(Method):
     def loss(self, batch, out):
         labels, teacher_labels = batch["label"], batch["teacher_label"]
         terms = {"ce": F.cross_entropy(out["logits"], labels)}
-        with torch.no_grad():
-            teacher_out = self.teacher(batch["teacher_image"])
+        teacher_out = self.teacher_outputs(batch, "teacher_image")["teacher"]
         t_logits, t_sims = teacher_out["logits"].float(), teacher_out["sims"].float()
         s_sims = out["sims"].float()
         zero = s_sims.sum() * 0.0

@@ -31,8 +31,7 @@ class HintonKD(Method):
     pairing = "paired"
 
     def loss(self, batch, out):
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch["teacher_image"])["logits"]
+        teacher_logits = self.teacher_outputs(batch, "teacher_image")["teacher"]["logits"]
         return {
             "ce": self.params.ce_weight * F.cross_entropy(out["logits"], batch["label"]),
             "kd": self.params.kd_weight * kd_kl(out["logits"], teacher_logits.float(), self.params.temperature),

@@ -65,10 +65,9 @@ class SALL(Method):
                                            nn.Linear(params.disc_hidden, len(self.tasks)))
 
     def loss(self, batch, out):
-        image, labels, sets = batch["image"], batch["label"], batch["task"]
+        labels, sets = batch["label"], batch["task"]
         size = len(labels)
-        with torch.no_grad():
-            soft = {task: self.teacher[task](image)["logits"] for task in self.tasks}
+        soft = {task: teacher_out["logits"] for task, teacher_out in self.teacher_outputs(batch, "image").items()}
         zero = out["features"].sum() * 0.0
         ce, kd, own_kd = zero, zero, zero
         for index, task in enumerate(self.tasks):
