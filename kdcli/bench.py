@@ -195,3 +195,79 @@ def bench_engine(options: EngineBenchOptions, log=print) -> dict[str, Any]:
                 f"{results['distill_cached']:,.0f}/s with --cache-teacher "
                 f"({results['distill_cached_vs_student_only']:.2f}x)")
     return results
+
+
+@dataclass
+class PrepareBenchOptions:
+    raw: Path
+    source: str = "multieye"
+    size: int = 128
+    workers: int = 0  # 0 = all cores
+    scale: int = 10  # peak memory is also measured on a raw set this many times larger (phantoms)
+
+
+def _naive_prepare(paths: list[Path], size: int) -> float:
+    """The naive way: one process, PIL decode + resize, every image kept in memory, one np.save at the end."""
+    from PIL import Image
+
+    started = time.perf_counter()
+    images = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths]
+    with tempfile.TemporaryDirectory() as folder:
+        np.save(Path(folder) / "all.npy", np.stack(images))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def _prepare_in_child(raw: Path, out: Path, source: str, size: int, workers: int) -> tuple[float, float]:
+    """images/s and peak RSS (MiB) of `kdcli prepare` in a fresh process, so memory is its own."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, resource, sys, time\n"
+        "from pathlib import Path\n"
+        "from kdcli.prepare import PrepareOptions, prepare\n"
+        "t = time.perf_counter()\n"
+        f"r = prepare(PrepareOptions(source={source!r}, raw=Path({str(raw)!r}), out=Path({str(out)!r}), "
+        f"size={size}, workers={workers}, shard_size=256))\n"
+        "n = sum(sum(c.values()) for c in r.meta.counts.values())\n"
+        "peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "print(json.dumps([n / (time.perf_counter() - t), peak / 1024]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rate, peak = json.loads(done.stdout.strip().splitlines()[-1])
+    return rate, peak
+
+
+def bench_prepare(options: PrepareBenchOptions, log=print) -> dict[str, Any]:
+    """images/s of prepare with 1 and N workers vs a naive PIL loop; peak memory for 1x and `scale`x images."""
+    from kdcli.sources import SOURCES
+    from kdcli.synth import SYNTHS
+
+    workers = options.workers or os.cpu_count() or 1
+    scan = SOURCES.get(options.source)().scan(options.raw)
+    paths = [Path(p) for record in scan.records for p in record.files.values()]
+    results: dict[str, Any] = {"images": len(paths), "workers": workers}
+    with tempfile.TemporaryDirectory(prefix="kdcli-bench-") as folder:
+        results["naive_pil"] = _naive_prepare(paths, options.size)
+        for count in (1, workers):
+            rate, peak = _prepare_in_child(options.raw, Path(folder) / f"w{count}", options.source, options.size,
+                                           count)
+            results[f"prepare_{count}_workers"] = rate
+            results[f"peak_mib_{count}_workers"] = peak
+        parallel = results[f"prepare_{workers}_workers"]
+        results["parallel_efficiency"] = parallel / (workers * results["prepare_1_workers"])
+        log(f"{len(paths)} images: naive PIL loop {results['naive_pil']:,.0f}/s; prepare 1 worker "
+            f"{results['prepare_1_workers']:,.0f}/s, {workers} workers {parallel:,.0f}/s "
+            f"(efficiency {results['parallel_efficiency']:.2f})")
+        if options.scale > 1 and options.source in SYNTHS:
+            per_class = max(3, round(len(paths) / (len(scan.classes) or 1) / max(1, len(scan.modalities))))
+            big = Path(folder) / "raw-big"
+            SYNTHS.get(options.source)(big, per_class=per_class * options.scale, size=options.size, workers=workers)
+            _, big_peak = _prepare_in_child(big, Path(folder) / "big", options.source, options.size, 1)
+            results["peak_mib_scaled"] = big_peak
+            results["peak_ratio"] = big_peak / results["peak_mib_1_workers"]
+            log(f"peak memory, 1 worker: {results['peak_mib_1_workers']:.0f} MiB for 1x, {big_peak:.0f} MiB for "
+                f"{options.scale}x the images (x{results['peak_ratio']:.2f})")
+    return results

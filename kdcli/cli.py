@@ -474,6 +474,25 @@ def bench_loader(
         typer.echo(json.dumps(results, indent=2))
 
 
+@command(bench_app, "prepare")
+def bench_prepare(
+    raw: Annotated[Path, typer.Argument(help="Raw dataset folder.")],
+    source: Annotated[str, typer.Option(help="Dataset source.")] = "multieye",
+    size: Annotated[int, typer.Option(help="Stored image side.")] = 128,
+    workers: Annotated[int, typer.Option(help="N for the N-worker run (0 = all cores).")] = 0,
+    scale: Annotated[int, typer.Option(help="Peak memory also on phantoms this many times larger (1 = skip).")]
+    = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """images/s of prepare with 1 and N workers vs a naive single-process PIL loop; peak memory for 1x and 10x."""
+    from kdcli.bench import PrepareBenchOptions
+    from kdcli.bench import bench_prepare as run_bench
+
+    results = run_bench(PrepareBenchOptions(raw, source, size, workers, scale), log=err)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+
+
 @command(bench_app, "engine")
 def bench_engine(
     data: Annotated[Path, typer.Argument(help="Shard directory.")],

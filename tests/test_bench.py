@@ -34,3 +34,14 @@ def test_bench_engine_times_the_engine_the_bare_loop_and_distillation(multieye_s
     assert report["distill_cached_vs_student_only"] == report["engine"] / report["distill_cached"]
     assert abs(report["engine_overhead"] - (1 - report["engine"] / report["bare_loop"])) < 1e-9
     assert CliRunner().invoke(app, ["bench", "engine", str(data), "--epochs", "1"]).exit_code == 2
+
+
+def test_bench_prepare_reports_rates_efficiency_and_peak_memory(multieye_raw):
+    result = CliRunner().invoke(app, ["bench", "prepare", str(multieye_raw), "--size", "32", "--workers", "2",
+                                      "--scale", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 90 and report["naive_pil"] > 0 and report["prepare_1_workers"] > 0
+    assert report["parallel_efficiency"] == report["prepare_2_workers"] / (2 * report["prepare_1_workers"])
+    assert report["peak_mib_1_workers"] > 0 and report["peak_ratio"] == report["peak_mib_scaled"] / report[
+        "peak_mib_1_workers"]
