@@ -169,14 +169,37 @@ class MetricsLog:
 Validate = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict]
 
 
+def predict_sharded(model: torch.nn.Module, dataset: Dataset, cfg: EngineConfig, device: torch.device,
+                    dtype: torch.dtype | None, head: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """predict() over the whole dataset; under torchrun each rank predicts every world-th sample and the pieces
+    are gathered, so every rank computes the same metrics from all of them."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        probs, labels, _ = predict(model, make_loader(dataset, cfg, device, None, train=False), device, dtype, head)
+        return probs, labels
+    rank = dist.get_rank()
+    indices = list(range(rank, len(dataset), world))
+    mine = None  # a rank with no sample (dev split smaller than the world) contributes nothing
+    if indices:
+        subset = torch.utils.data.Subset(dataset, indices)
+        probs, labels, _ = predict(model, make_loader(subset, cfg, device, None, train=False), device, dtype, head)
+        mine = (indices, probs, labels)
+    pieces: list = [None] * world
+    dist.all_gather_object(pieces, mine)
+    pieces = [p for p in pieces if p is not None]
+    order = np.argsort(np.concatenate([p[0] for p in pieces]))
+    return np.concatenate([p[1] for p in pieces])[order], np.concatenate([p[2] for p in pieces])[order]
+
+
 def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig,
                              ordinal: bool = False) -> Validate:
     """Dev-split metrics for a single-head classifier (what every classification method is selected by)."""
     from kdcli.evaluate.metrics import classification_metrics
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
-        loader = make_loader(dev_set, cfg, device, None, train=False)
-        probs, labels, _ = predict(model, loader, device, dtype)
+        probs, labels = predict_sharded(model, dev_set, cfg, device, dtype)
         return classification_metrics(labels, probs, classes, ordinal=ordinal)
 
     return validate
@@ -189,8 +212,7 @@ def multitask_validator(dev_sets: dict[str, Dataset], tasks: dict[str, dict], cf
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         per_task = {}
         for task, dataset in dev_sets.items():
-            loader = make_loader(dataset, cfg, device, None, train=False)
-            probs, labels, _ = predict(model, loader, device, dtype, head=task)
+            probs, labels = predict_sharded(model, dataset, cfg, device, dtype, head=task)
             per_task[task] = classification_metrics(labels, probs, tasks[task]["classes"],
                                                     ordinal=tasks[task].get("ordinal", False))
         means = {k: float(np.mean([m[k] for m in per_task.values()])) for k in ("accuracy", "macro_f1", "kappa")}
