@@ -52,8 +52,10 @@ class PngFolder(Dataset):
 
 
 def _rate(dataset: Dataset, batch_size: int, workers: int, repeats: int) -> float:
+    from kdcli.data.views import collate
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, collate_fn=collate)
     for _ in loader:  # warm-up pass: worker start-up, file handles, page cache
         break
     started, seen = time.perf_counter(), 0

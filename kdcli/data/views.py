@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler, default_collate
 
 from kdcli.shards.reader import ShardStore
 
@@ -54,6 +54,31 @@ class ModalityView(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"image": to_tensor(self.image(i)), "label": int(self.labels[i]), "index": i,
                 "task": int(self.tasks[i]), "teacher_index": i}
+
+    def __getitems__(self, indices: list[int]) -> list[dict] | dict:
+        """DataLoader's batched fetch. Without augmentation: one h5py read per shard and the batch assembled
+        here, already collated (see `collate`), instead of one dict and tensor per sample."""
+        if self.augment is not None:
+            return [self[i] for i in indices]
+        by_shard: dict[str, list[int]] = {}
+        for position, i in enumerate(indices):
+            by_shard.setdefault(self.shards[i], []).append(position)
+        if len(by_shard) == 1:  # the common case: no gather copy
+            channels_last = self.store.read_many(self.shards[indices[0]], self.indices[indices], self.modality)
+        else:
+            channels_last = np.empty((len(indices), *self.store.meta.modalities[self.modality]["shape"]), np.uint8)
+            for shard, positions in by_shard.items():
+                rows = self.indices[[indices[p] for p in positions]]
+                channels_last[positions] = self.store.read_many(shard, rows, self.modality)
+        chosen = np.asarray(indices)
+        return {"image": torch.from_numpy(np.ascontiguousarray(channels_last.transpose(0, 3, 1, 2))),
+                "label": torch.from_numpy(self.labels[chosen].astype(np.int64)), "index": torch.from_numpy(chosen),
+                "task": torch.from_numpy(self.tasks[chosen]), "teacher_index": torch.from_numpy(chosen)}
+
+
+def collate(batch: list[dict] | dict):
+    """default_collate, except for batches a view already assembled (ModalityView.__getitems__)."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 class UnpairedPartnerView(Dataset):

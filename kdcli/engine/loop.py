@@ -83,8 +83,10 @@ def make_loader(dataset: Dataset, cfg: EngineConfig, device: torch.device, label
                                     generator=torch.Generator().manual_seed(cfg.seed))
         if ranks is not None and ranks.distributed:
             sampler = RankShard(sampler, ranks)
+    from kdcli.data.views import collate
+
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
+        dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers, collate_fn=collate,
         pin_memory=device.type == "cuda", drop_last=train and len(dataset) >= cfg.batch_size,
         persistent_workers=cfg.workers > 0, worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(cfg.seed),

@@ -33,7 +33,9 @@ def build(teachers: dict[str, torch.nn.Module], view: Dataset, path: Path, data_
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     outputs: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in teachers}
-    for batch in DataLoader(view, batch_size=batch_size):
+    from kdcli.data.views import collate
+
+    for batch in DataLoader(view, batch_size=batch_size, collate_fn=collate):
         images = batch["image"].to(device)
         for name, teacher in teachers.items():
             out = teacher(images)

@@ -82,10 +82,11 @@ def predict_view(model: Classifier, view: ModalityView, device: torch.device, he
                  batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
     import torch
 
+    from kdcli.data.views import collate
     from kdcli.engine.device import amp_dtype
     from kdcli.engine.loop import predict
 
-    loader = torch.utils.data.DataLoader(view, batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(view, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     return predict(model, loader, device, amp_dtype(device), head=head)
 
 

@@ -68,6 +68,17 @@ class ShardStore:
             array = self._arrays[(shard, modality)] = self._handle(shard)[modality]
         return array[index]
 
+    def read_many(self, shard: str, indices: np.ndarray, modality: str) -> np.ndarray:
+        """Samples at `indices` of one shard (any order, repeats allowed), read in one call, in that order."""
+        self.read(shard, int(indices[0]), modality)  # opens and caches the dataset object
+        array = self._arrays[(shard, modality)]
+        unique, inverse = np.unique(np.asarray(indices), return_inverse=True)  # h5py wants increasing indices
+        if len(unique) > 1 and unique[-1] - unique[0] == len(unique) - 1:
+            block = array[int(unique[0]) : int(unique[-1]) + 1]  # a contiguous run: one slice
+        else:
+            block = array[unique]
+        return block if len(unique) == len(inverse) and np.all(np.diff(inverse) == 1) else block[inverse]
+
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
