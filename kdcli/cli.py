@@ -74,20 +74,32 @@ def console(stderr: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------- synth
+SynthSize = Annotated[int, typer.Option(help="Image side in pixels.")]
+SynthSeed = Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")]
+SynthWorkers = Annotated[int, typer.Option(help="Processes.")]
+
+
+def run_synth(name: str, out: Path, **options: Any) -> dict:
+    """The generators reject impossible sizes and counts with ValueError: show it as a usage error."""
+    from kdcli.synth import SYNTHS
+
+    try:
+        return SYNTHS.get(name)(out, **options)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @command(synth_app, "multieye")
 def synth_multieye(
     out: Annotated[Path, typer.Argument(help="Folder to write (MultiEYE layout: assemble/, assemble_oct/).")],
     per_class: Annotated[int, typer.Option(help="Images per class and modality, all splits together.")] = 20,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    size: SynthSize = 128,
+    seed: SynthSeed = 0,
     paired: Annotated[bool, typer.Option(help="Same eyes in both modalities (for --method kd).")] = False,
-    workers: Annotated[int, typer.Option(help="Processes.")] = 1,
+    workers: SynthWorkers = 1,
 ) -> None:
     """MultiEYE phantoms: OCT shows each class's concepts clearly, fundus only faintly."""
-    from kdcli.synth import SYNTHS
-
-    summary = SYNTHS.get("multieye")(out, per_class=per_class, size=size, seed=seed, paired=paired,
-                                     workers=workers)
+    summary = run_synth("multieye", out, per_class=per_class, size=size, seed=seed, paired=paired, workers=workers)
     err(f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}")
 
 
@@ -95,18 +107,14 @@ def synth_multieye(
 def synth_fundus_grading(
     out: Annotated[Path, typer.Argument(help="Folder to write: dr/ (EyePACS or APTOS layout) and amd/.")],
     per_class: Annotated[int, typer.Option(help="Images per grade in each set.")] = 20,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    size: SynthSize = 128,
+    seed: SynthSeed = 0,
     dr_layout: Annotated[str, typer.Option(help="eyepacs (trainLabels.csv) or aptos (train.csv).")] = "eyepacs",
-    workers: Annotated[int, typer.Option(help="Processes.")] = 1,
+    workers: SynthWorkers = 1,
 ) -> None:
     """Two disjoint graded fundus sets (DR 0-4, AMD 0-3) where every eye has both diseases, one labelled."""
-    from kdcli.synth import SYNTHS
-
-    if dr_layout not in ("eyepacs", "aptos"):
-        raise typer.BadParameter("use eyepacs or aptos", param_hint="--dr-layout")
-    summary = SYNTHS.get("fundus-grading")(out, per_class=per_class, size=size, seed=seed, dr_layout=dr_layout,
-                                           workers=workers)
+    summary = run_synth("fundus-grading", out, per_class=per_class, size=size, seed=seed, dr_layout=dr_layout,
+                        workers=workers)
     for name, info in summary["sets"].items():
         err(f"{name}: {sum(info['counts'])} images, labels {info['labels']}")
 

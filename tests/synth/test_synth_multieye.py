@@ -196,3 +196,16 @@ def test_linear_probe_oct_strong_fundus_faint(signal_sets: dict[float, Path]) ->
     assert oct_acc >= 0.45, oct_acc
     assert chance + 0.05 <= fundus_acc <= oct_acc - 0.2, (fundus_acc, oct_acc)
     assert no_signal_acc < fundus_acc, (no_signal_acc, fundus_acc)
+
+
+def test_impossible_arguments_are_a_usage_error_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+
+    for args in (["multieye", str(tmp_path / "a"), "--per-class", "1"],
+                 ["fundus-grading", str(tmp_path / "b"), "--size", "8"],
+                 ["fundus-grading", str(tmp_path / "c"), "--dr-layout", "kaggle"]):
+        result = CliRunner().invoke(app, ["synth", *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert not (tmp_path / args[1]).exists()
