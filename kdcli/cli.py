@@ -131,7 +131,7 @@ PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to
 PrepWorkers = Annotated[int, typer.Option(help="Parallel processes.")]
 PrepResume = Annotated[bool, typer.Option(help="Finish an interrupted prepare; finished shards are kept.")]
 PrepOverwrite = Annotated[bool, typer.Option(help="Replace an existing --out (only once the new one is done).")]
-PrepShardSize = Annotated[int, typer.Option(help="Samples per HDF5 shard.")]
+PrepShardSize = Annotated[int, typer.Option(help="Records per HDF5 shard (0: the source's default; a volume or slide is many samples).")]
 PrepCompression = Annotated[Compression, typer.Option(help="HDF5 compression of the pixel arrays.")]
 
 
@@ -192,7 +192,7 @@ def prepare_multieye(
     workers: PrepWorkers = 1,
     resume: PrepResume = False,
     overwrite: PrepOverwrite = False,
-    shard_size: PrepShardSize = 512,
+    shard_size: PrepShardSize = 0,
     compression: PrepCompression = Compression.none,
     clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
     median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
@@ -226,7 +226,7 @@ def prepare_fundus_grading(
     workers: PrepWorkers = 1,
     resume: PrepResume = False,
     overwrite: Annotated[bool, typer.Option(help="Replace this task's samples if --out already has them.")] = False,
-    shard_size: PrepShardSize = 512,
+    shard_size: PrepShardSize = 0,
     compression: PrepCompression = Compression.none,
     image_dir: Annotated[Path | None, typer.Option(help="Image folder (default: train/, train_images/ or "
                                                         "images/ beside the CSV).")] = None,

@@ -43,18 +43,21 @@ def verify_hash(store: ShardStore) -> bool:
     for shard in sorted(store.manifest["shard"].unique().to_list()):
         path = store.root / SHARD_DIR / shard
         with h5py.File(path, "r") as handle:
-            hasher = hashlib.sha256()
             ids = [i.decode() if isinstance(i, bytes) else i for i in handle["id"][:]]
-            hasher.update("\n".join(ids).encode())
-            hasher.update(handle["label"][:].tobytes())
-            modalities = sorted(k for k in handle if k not in ("id", "label"))
+            head = "\n".join(ids).encode() + handle["label"][:].tobytes()
+            current, older = hashlib.sha256(), hashlib.sha256(head)  # pixels then ids; kdcli <= 0.1: ids first
+            arrays = sorted(k for k in handle if k not in ("id", "label", "record", "position"))
             for index in range(len(ids)):
-                for modality in modalities:
-                    hasher.update(handle[modality][index].tobytes())
-            if hasher.hexdigest() != handle.attrs["digest"]:
+                for name in arrays:
+                    pixels = handle[name][index].tobytes()
+                    current.update(pixels)
+                    older.update(pixels)
+            current.update(head)
+            digest = next((h.hexdigest() for h in (current, older) if h.hexdigest() == handle.attrs["digest"]), None)
+            if digest is None:
                 raise KdcliError("shard content differs from its recorded digest", path=path,
                                  hint="the file was modified or damaged; re-run `kdcli prepare`")
-            digests[shard] = hasher.hexdigest()
+            digests[shard] = digest
     if content_hash(digests, rows) != store.meta.content_hash:
         raise KdcliError("manifest or shards differ from dataset.json's content_hash", path=store.root,
                          hint="re-run `kdcli prepare`")

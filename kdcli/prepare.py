@@ -21,7 +21,9 @@ from kdcli.errors import KdcliError
 from kdcli.shards.format import (
     DATASET_JSON,
     MANIFEST,
+    MANIFEST_COLUMNS,
     PLAN_JSON,
+    RECORDS_JSON,
     SHARD_DIR,
     SPLITS,
     DatasetMeta,
@@ -42,7 +44,7 @@ class PrepareOptions:
     out: Path
     size: int = 224
     workers: int = 1
-    shard_size: int = 512
+    shard_size: int = 0  # records per shard; 0: the source's default (a volume or slide is many samples)
     compression: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -105,6 +107,7 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
         meta = DatasetMeta.load(options.out)
         return PrepareResult(options.out, meta, 0, 0, ["already complete; nothing to do"], 0.0)
     source_cls = SOURCES.get(options.source)
+    options.shard_size = options.shard_size or source_cls.records_per_shard
     scan = source_cls(**options.source_options).scan(Path(options.raw))
     if not scan.records:
         raise KdcliError("no records found", path=options.raw)
@@ -128,22 +131,30 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     shard_dir = staging / SHARD_DIR
     before = {p.name for p in shard_dir.glob("*.h5")} if shard_dir.is_dir() else set()
     progress = progress_factory(len(scan.records)) if progress_factory else (lambda n: None)
-    digests = write_all(jobs, shard_dir, source_cls, options.source_options, options.size,
+    results = write_all(jobs, shard_dir, source_cls, options.source_options, options.size,
                         options.workers, options.compression, progress)
     reused = sum(1 for job in jobs if job.name in before)
+    by_id = {r.id: r for r in scan.records}
     rows = [
-        (r.id, r.group, r.split, modality_key(list(r.files)), r.label, job.name, index, r.task)
+        (sample, by_id[record].group, by_id[record].split, modality_key(list(by_id[record].files)), label, job.name,
+         index, by_id[record].task, record, position)
         for job in jobs
-        for index, r in enumerate(job.records)
+        for sample, record, label, index, position in results[job.name].rows
     ]
+    digests = {name: result.digest for name, result in results.items()}
+    infos = {record: info for result in results.values() for record, info in result.records.items() if info}
+    skipped = {record: info["skipped"] for record, info in infos.items() if "skipped" in info}
+    scan.notes.extend(f"skipped {record}: {reason}" for record, reason in sorted(skipped.items()))
+    if not rows:
+        raise KdcliError("every record was skipped; nothing to write", path=options.raw)
     if options.part:
-        _write_part(staging, options.part, scan, rows, digests)
+        _write_part(staging, options.part, scan, rows, digests, infos)
         return PrepareResult(options.out, None, len(jobs) - reused, reused, scan.notes,
                              time.perf_counter() - started)
     if appending:
         meta = _append(staging, options.out, scan, rows, kept, digests, arguments)
     else:
-        meta = _finish(staging, scan, rows, digests, arguments, scan.tasks)
+        meta = _finish(staging, scan, rows, digests, arguments, scan.tasks, records=infos)
         _swap_in(staging, options.out)
     return PrepareResult(options.out, meta, len(jobs) - reused, reused, scan.notes,
                          time.perf_counter() - started)
@@ -152,13 +163,14 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
 PARTS = "parts"
 
 
-def _write_part(staging: Path, part: tuple[int, int], scan, rows: list[tuple], digests: dict[str, str]) -> None:
+def _write_part(staging: Path, part: tuple[int, int], scan, rows: list[tuple], digests: dict[str, str],
+                infos: dict[str, dict]) -> None:
     """A finished part leaves its manifest rows, digests and the scan's metadata for `prepare merge`."""
     index, count = part
     atomic_write_json(staging / PARTS / f"part-{index}-of-{count}.json", {
-        "part": index, "of": count, "rows": rows, "digests": digests,
+        "part": index, "of": count, "rows": rows, "digests": digests, "records": infos,
         "scan": {"task": scan.task, "classes": scan.classes, "modalities": scan.modalities, "pairing": scan.pairing,
-                 "tasks": scan.tasks, "extra": scan.extra},
+                 "tasks": scan.tasks, "extra": scan.extra, "arrays": scan.arrays},
     })
 
 
@@ -181,7 +193,9 @@ def merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
     rows = [tuple(row) for part in parts for row in part["rows"]]
     digests = {name: digest for part in parts for name, digest in part["digests"].items()}
     arguments = json.loads((staging / PLAN_JSON).read_text())
-    meta = _finish(staging, Scan(records=[], **parts[0]["scan"]), rows, digests, arguments, parts[0]["scan"]["tasks"])
+    infos = {record: info for part in parts for record, info in part.get("records", {}).items()}
+    meta = _finish(staging, Scan(records=[], **parts[0]["scan"]), rows, digests, arguments, parts[0]["scan"]["tasks"],
+                   records=infos)
     shutil.rmtree(staging / PARTS)
     _swap_in(staging, out)
     return meta
@@ -210,7 +224,14 @@ def _existing_rows(options: PrepareOptions, scan) -> list[tuple]:
         if name in names:
             raise KdcliError(f"image {name!r} is already in the {names[name]!r} set", path=options.raw,
                              hint="an image may belong to one set only; remove it from one of the label files")
-    return kept.rows()
+    return _full_rows(kept)
+
+
+def _full_rows(manifest: pl.DataFrame) -> list[tuple]:
+    """Manifest rows with every column of this schema (manifests of kdcli <= 0.1 lack record and position)."""
+    if "record" not in manifest.columns:
+        manifest = manifest.with_columns(pl.col("id").alias("record"), pl.lit(-1, pl.Int64).alias("position"))
+    return manifest.select(MANIFEST_COLUMNS).rows()
 
 
 def _append(staging: Path, out: Path, scan, rows: list[tuple], kept: list[tuple], digests: dict[str, str],
@@ -238,13 +259,16 @@ def _append(staging: Path, out: Path, scan, rows: list[tuple], kept: list[tuple]
 
 
 def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], arguments: dict, tasks: dict,
-            extra: dict | None = None) -> DatasetMeta:
+            extra: dict | None = None, records: dict[str, dict] | None = None) -> DatasetMeta:
     manifest = pl.DataFrame(rows, schema=[("id", pl.Utf8), ("group", pl.Utf8), ("split", pl.Utf8),
                                           ("modality", pl.Utf8), ("label", pl.Int64), ("shard", pl.Utf8),
-                                          ("index", pl.Int64), ("task", pl.Utf8)], orient="row")
+                                          ("index", pl.Int64), ("task", pl.Utf8), ("record", pl.Utf8),
+                                          ("position", pl.Int64)], orient="row")
     tmp = folder / f".{MANIFEST}.tmp"
     manifest.write_parquet(tmp)
     tmp.replace(folder / MANIFEST)
+    if records:
+        atomic_write_json(folder / RECORDS_JSON, records)
     counts: dict[str, Counter] = {}
     for _, _, split, modality, *_ in rows:
         for name in modality.split("+"):
@@ -254,7 +278,11 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
         source=arguments["source"],
         task=scan.task,
         classes=scan.classes,
-        modalities={m: {"shape": [size, size, c], "dtype": "uint8"} for m, c in scan.modalities.items()},
+        modalities={m: {"shape": [size, size, c], "dtype": scan.arrays.get(m, {}).get("dtype", "uint8")}
+                    for m, c in scan.modalities.items()},
+        targets={name: {"shape": [size, size, spec["channels"]], "dtype": spec.get("dtype", "uint8"),
+                        **{k: v for k, v in spec.items() if k not in ("channels", "dtype", "role")}}
+                 for name, spec in scan.arrays.items() if spec.get("role") == "target"},
         pairing=scan.pairing,
         tasks=tasks,
         counts={m: {s: int(c.get(s, 0)) for s in SPLITS} for m, c in counts.items()},

@@ -17,8 +17,9 @@ DATASET_JSON = "dataset.json"
 MANIFEST = "manifest.parquet"
 SHARD_DIR = "shards"
 PLAN_JSON = "plan.json"
+RECORDS_JSON = "records.json"  # record id -> what its source remembered (a volume's grid and crop, a slide's size)
 SPLITS = ("train", "dev", "test")
-MANIFEST_COLUMNS = ("id", "group", "split", "modality", "label", "shard", "index", "task")
+MANIFEST_COLUMNS = ("id", "group", "split", "modality", "label", "shard", "index", "task", "record", "position")
 
 
 def modality_key(modalities: list[str] | tuple[str, ...]) -> str:
@@ -55,7 +56,9 @@ def content_hash(shard_digests: dict[str, str], manifest_rows: list[tuple]) -> s
     for name in sorted(shard_digests):
         hasher.update(f"{name}={shard_digests[name]}\n".encode())
     for row in sorted(manifest_rows, key=lambda r: (str(r[5]), int(r[6]))):
-        row = row[:7] if len(row) > 7 and row[7] == "" else row  # single-task datasets hash as before
+        if len(row) > 8 and row[8] == row[0] and int(row[9]) == -1:
+            row = row[:8]  # one sample per record: hashes as before record/position existed
+        row = row[:7] if len(row) == 8 and row[7] == "" else row  # single-task datasets hash as before
         hasher.update(("\t".join(map(str, row)) + "\n").encode())
     return "sha256:" + hasher.hexdigest()
 
@@ -70,6 +73,7 @@ class DatasetMeta:
     modalities: dict[str, dict[str, Any]]
     pairing: str
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # stored arrays that are labels (masks, maps)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +99,7 @@ class DatasetMeta:
             "modalities": self.modalities,
             "pairing": self.pairing,
             "tasks": self.tasks,
+            "targets": self.targets,
             "counts": self.counts,
             "prepare": self.prepare,
             "extra": self.extra,

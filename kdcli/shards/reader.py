@@ -24,6 +24,9 @@ class ShardStore:
         except Exception as exc:  # polars raises several types for a missing or damaged file
             raise KdcliError(f"unreadable manifest ({type(exc).__name__})", path=manifest_path,
                              hint="re-run `kdcli prepare`") from None
+        if "record" not in self.manifest.columns:  # written by kdcli <= 0.1: one sample per record
+            self.manifest = self.manifest.with_columns(pl.col("id").alias("record"),
+                                                       pl.lit(-1, pl.Int64).alias("position"))
         self._handles: dict[str, h5py.File] = {}
         self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
         self._pid = os.getpid()

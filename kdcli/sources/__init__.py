@@ -13,3 +13,8 @@ SOURCES.add(
     "kdcli.sources.fundus_grading:FundusGradingSource",
     "graded fundus sets, one task per set (EyePACS/APTOS CSV layouts); appends to one shard directory",
 )
+SOURCES.add(
+    "brats",
+    "kdcli.sources.brats:BratsSource",
+    "BraTS 2018-2023 NIfTI cases (any release's naming): 4 MRI sequences + tumour labels, stored as axial slices",
+)

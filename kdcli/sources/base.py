@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,16 @@ class Record:
 
 
 @dataclass
+class Sample:
+    """One stored sample. Most records are one sample; a volume is many slices, a slide many patches."""
+
+    id: str
+    label: int
+    arrays: dict[str, np.ndarray]
+    position: int = -1  # where in its record it came from (slice index, patch number); -1: the record itself
+
+
+@dataclass
 class Scan:
     records: list[Record]
     classes: list[str]
@@ -31,6 +42,10 @@ class Scan:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"classes": [...], "ordinal": bool}
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # quirks met while scanning, shown to the user
+    # array name -> {"channels": C, "dtype": "uint8"|"float16", "role": "input"|"target"}; names not listed here
+    # are uint8 inputs with the channels given in `modalities`. Targets (masks, heatmaps) are stored like
+    # inputs but are not modalities a model can take.
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Source:
@@ -44,6 +59,15 @@ class Source:
     def scan(self, raw: Path) -> Scan:
         raise NotImplementedError
 
+    #: records per shard when `prepare --shard-size` is not given (a volume or slide is many samples)
+    records_per_shard: ClassVar[int] = 512
+
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
         """Decode and preprocess a record: modality -> uint8 array (size, size, channels)."""
         raise NotImplementedError
+
+    def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
+        """The record's samples, streamed, and what must be remembered about the record (JSON-able: a volume's
+        grid and crop, to rebuild it). Sources whose records are single images only implement `load`.
+        A source that skips a bad record (--skip-bad) returns {"skipped": reason} and no samples."""
+        return {}, iter([Sample(record.id, record.label, self.load(record, size))])
