@@ -119,6 +119,21 @@ def synth_fundus_grading(
         err(f"{name}: {sum(info['counts'])} images, labels {info['labels']}")
 
 
+@command(synth_app, "brats")
+def synth_brats(
+    out: Annotated[Path, typer.Argument(help="Folder to write, in the chosen release's layout.")],
+    cases: Annotated[int, typer.Option(help="Cases (patients).")] = 12,
+    size: Annotated[int, typer.Option(help="In-plane side (240 = real BraTS; depth follows 240:155).")] = 64,
+    naming: Annotated[str, typer.Option(help="2018 (HGG/LGG), 2019, 2020 (with its misnamed label), 2021 or "
+                                             "2023 (t1n/t1c/t2w/t2f, ET=3).")] = "2021",
+    seed: SynthSeed = 0,
+    workers: SynthWorkers = 1,
+) -> None:
+    """BraTS NIfTI phantoms: oedema bright in FLAIR/T2, enhancing rim bright in T1ce, faint elsewhere."""
+    summary = run_synth("brats", out, cases=cases, size=size, naming=naming, seed=seed, workers=workers)
+    err(f"wrote {len(summary['cases'])} cases ({naming} naming) to {out}")
+
+
 # --------------------------------------------------------------------------------------------- prepare
 class Compression(StrEnum):
     none = "none"
@@ -131,7 +146,8 @@ PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to
 PrepWorkers = Annotated[int, typer.Option(help="Parallel processes.")]
 PrepResume = Annotated[bool, typer.Option(help="Finish an interrupted prepare; finished shards are kept.")]
 PrepOverwrite = Annotated[bool, typer.Option(help="Replace an existing --out (only once the new one is done).")]
-PrepShardSize = Annotated[int, typer.Option(help="Records per HDF5 shard (0: the source's default; a volume or slide is many samples).")]
+PrepShardSize = Annotated[int, typer.Option(help="Records per HDF5 shard (0: the source's default; a volume or "
+                                                 "slide is many samples).")]
 PrepCompression = Annotated[Compression, typer.Option(help="HDF5 compression of the pixel arrays.")]
 
 
@@ -242,6 +258,31 @@ def prepare_fundus_grading(
                    ("grades", grades)) if v is not None}}
     run_prepare("fundus-grading", raw, out, size, workers, resume, overwrite, shard_size, compression, options,
                 append=True)
+
+
+@command(prepare_app, "brats")
+def prepare_brats(
+    raw: Annotated[Path, typer.Argument(help="Folder of BraTS cases (any release's naming, nested or not).")],
+    out: PrepOut,
+    size: PrepSize = 128,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: PrepOverwrite = False,
+    shard_size: PrepShardSize = 0,
+    compression: PrepCompression = Compression.none,
+    empty_slices: Annotated[float, typer.Option(help="Fraction of tumour-free brain slices kept in train "
+                                                     "(dev/test keep every brain slice).")] = 0.2,
+    splits: Annotated[Path | None, typer.Option(help="Case splits: CSV case,split or JSON {train: [...], ...} "
+                                                     "(default: seeded ratios by patient).")] = None,
+    ratios: Annotated[str, typer.Option(help="train,dev,test fractions when --splits is not given.")]
+    = "0.7,0.1,0.2",
+    split_seed: Annotated[int, typer.Option(help="Seed of the patient split and of the empty-slice choice.")] = 0,
+    skip_bad: Annotated[bool, typer.Option(help="Skip broken cases with a report instead of stopping.")] = False,
+) -> None:
+    """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
+    options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
+               **({"splits": str(splits)} if splits else {})}
+    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
 
 
 # --------------------------------------------------------------------------------------------- inspect
@@ -382,16 +423,22 @@ def evaluate(
     data: Data,
     split: Annotated[str, typer.Option(help="train, dev or test.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout; the table goes to stderr.")] = False,
-    predictions: Annotated[Path | None, typer.Option(help="Per-sample ids, labels, probabilities "
-                                                        "(.csv or .parquet).")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="Per-sample ids, labels, probabilities (.csv or "
+                                                        ".parquet); segmentation: a folder of NIfTI volumes.")]
+    = None,
     figure: Annotated[Path | None, typer.Option(help="Confusion-matrix PNG (default beside the checkpoint).")] = None,
+    missing: Annotated[str | None, typer.Option(help="Segmentation: evaluate with sequences left out (zero-"
+                                                     "filled): `all` non-empty subsets, or e.g. t1ce+flair,t2.")]
+    = None,
     device: Device = None,
 ) -> None:
-    """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1."""
+    """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1; for segmentation
+    Dice and HD95 of each tumour region per case (--predictions DIR writes NIfTI label volumes)."""
     from kdcli.evaluate.run import EvaluateOptions
     from kdcli.evaluate.run import evaluate as run_evaluate
 
-    report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto"))
+    report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
+                                          missing=missing))
     _print_metrics(report, to_stderr=as_json)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -405,6 +452,9 @@ def _print_metrics(report: dict, to_stderr: bool) -> None:
 
     out = console(stderr=to_stderr)
     metrics = report["metrics"]
+    if report.get("task") == "segmentation":
+        _print_segmentation(report, out)
+        return
     if report.get("tasks"):  # one row per label space (fundus-grading: dr, amd), each on its own rows
         table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']}")
         table.add_column("task")
@@ -425,6 +475,32 @@ def _print_metrics(report: dict, to_stderr: bool) -> None:
     table.add_row(*[cell(metrics[k]) for k in keys])
     out.print(table)
     out.print("per-class F1: " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["per_class_f1"].items()))
+
+
+def _print_segmentation(report: dict, out) -> None:
+    from rich.table import Table
+
+    metrics = report["metrics"]
+    regions = [k[5:] for k in metrics if k.startswith("dice_") and k != "dice_mean"]
+    table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']} ({report['cases']} cases)")
+    table.add_column("")
+    for region in regions:
+        table.add_column(region.upper(), justify="right")
+    table.add_column("mean", justify="right")
+    table.add_row("Dice", *[f"{metrics[f'dice_{r}']:.4f}" for r in regions], f"{metrics['dice_mean']:.4f}")
+    table.add_row("HD95 mm", *[f"{metrics[f'hd95_{r}']:.2f} ({metrics[f'hd95_{r}_undefined']} undef.)"
+                               for r in regions], "")
+    out.print(table)
+    if report.get("missing"):
+        sweep = Table(title="Dice with sequences missing (zero-filled)")
+        sweep.add_column("present")
+        for region in regions:
+            sweep.add_column(region.upper(), justify="right")
+        sweep.add_column("mean", justify="right")
+        for row in report["missing"]:
+            sweep.add_row("+".join(row["present"]), *[f"{row[f'dice_{r}']:.4f}" for r in regions],
+                          f"{row['dice_mean']:.4f}")
+        out.print(sweep)
 
 
 @command()

@@ -280,8 +280,9 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
         classes=scan.classes,
         modalities={m: {"shape": [size, size, c], "dtype": scan.arrays.get(m, {}).get("dtype", "uint8")}
                     for m, c in scan.modalities.items()},
-        targets={name: {"shape": [size, size, spec["channels"]], "dtype": spec.get("dtype", "uint8"),
-                        **{k: v for k, v in spec.items() if k not in ("channels", "dtype", "role")}}
+        targets={name: {"shape": spec.get("shape") or [size, size, spec["channels"]],
+                        "dtype": spec.get("dtype", "uint8"),
+                        **{k: v for k, v in spec.items() if k not in ("channels", "dtype", "role", "shape")}}
                  for name, spec in scan.arrays.items() if spec.get("role") == "target"},
         pairing=scan.pairing,
         tasks=tasks,

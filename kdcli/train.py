@@ -167,6 +167,10 @@ def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: 
 
 
 def load_model(checkpoint: Checkpoint) -> Classifier:
+    if checkpoint.meta["model"].get("arch") == "unet":
+        from kdcli.segmentation import load_unet
+
+        return load_unet(checkpoint)
     model = Classifier(checkpoint.meta["model"])
     try:
         model.load_state_dict(checkpoint.model)
@@ -260,6 +264,10 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, par
 def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     out = _check_out(cfg)
     store = ShardStore(cfg.data)
+    if store.meta.task == "segmentation":
+        from kdcli.segmentation import teach_segmentation
+
+        return teach_segmentation(cfg, store, log)
     if not cfg.modality and len(store.meta.modalities) == 1:
         cfg.modality = next(iter(store.meta.modalities))
     if not cfg.modality:
@@ -288,6 +296,10 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     method_cls = METHODS.get(cfg.method)
     if not cfg.teacher:
         raise UsageError(f"--method {cfg.method} needs --teacher")
+    if store.meta.task == "segmentation":
+        from kdcli.segmentation import distill_segmentation
+
+        return distill_segmentation(cfg, store, log)
     if not method_cls.per_task_teachers and len(cfg.teacher) != 1:
         raise UsageError(f"--method {cfg.method} takes exactly one --teacher checkpoint")
     params = parse_params(method_cls.Params, cfg.params, cfg.method)

@@ -348,7 +348,8 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
         improved = value is not None and value > best_value
         if improved:
             best_epoch, best_value, stale = epoch + 1, value, 0
-            summary = {k: dev.get(k) for k in ("accuracy", "macro_f1", "kappa", "auc")}
+            summary = {k: dev[k] for k in ("accuracy", "macro_f1", "kappa", "auc", "mean_auroc", "dice_mean",
+                                             "dice_wt", "dice_tc", "dice_et") if k in dev}
             best = {"epoch": epoch + 1, "metric": cfg.metric, "value": value, "dev": summary}
             if ranks.is_main:
                 save_checkpoint(out, {**meta, "best": best}, eval_model.state_dict())

@@ -36,6 +36,7 @@ class EvaluateOptions:
     device: str = "auto"
     batch_size: int = 64
     workers: int = 0
+    missing: str | None = None  # segmentation: "all" or "t1ce+flair,t2", sequences zero-filled
 
 
 def label_tasks(meta: dict[str, Any]) -> list[str]:
@@ -118,6 +119,13 @@ def check_predictions_path(path: Path | None) -> None:
 def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if options.split not in ("train", "dev", "test"):
         raise UsageError(f"--split {options.split!r}: use train, dev or test")
+    if load_checkpoint(Path(options.checkpoint)).meta.get("task") == "segmentation":
+        from kdcli.evaluate.volumes import evaluate_segmentation
+
+        return evaluate_segmentation(options.checkpoint, options.data, options.split, options.missing,
+                                     options.predictions, options.device, workers=options.workers)
+    if options.missing:
+        raise UsageError("--missing applies to segmentation checkpoints (sequence subsets)")
     check_predictions_path(options.predictions)
     checkpoint, store, model, device = load_for_inference(options.checkpoint, options.data, options.device)
     meta = checkpoint.meta

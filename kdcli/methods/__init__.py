@@ -7,3 +7,7 @@ METHODS.add("supervised", "kdcli.methods.supervised:Supervised", "cross-entropy 
 METHODS.add("kd", "kdcli.methods.kd:HintonKD", "Hinton logit distillation; needs paired data")
 METHODS.add("coda", "kdcli.methods.coda:CoDA", "OCT-CoDA concept distillation, unpaired (MultiEYE)")
 METHODS.add("sall", "kdcli.methods.sall:SALL", "SALL: per-task teachers' soft labels + adversarial alignment")
+METHODS.add("segmentation", "kdcli.methods.segmentation:Segmentation",
+            "CE + soft Dice on label maps (teach on segmentation datasets)")
+METHODS.add("protokd", "kdcli.methods.protokd:ProtoKD",
+            "ProtoKD: multi-sequence teacher -> one-sequence segmentation student (pixel KD + prototype maps)")

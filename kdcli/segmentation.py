@@ -1,0 +1,163 @@
+"""`teach` and `distill` on segmentation datasets (BraTS slices): U-Net models over any subset of the
+sequences, the same engine as classification, selected by the dev volumes' mean Dice.
+
+`--modality t1,t1ce,t2,flair` gives the model those sequences as channels, in that order; a checkpoint records
+the order, so evaluate and distill feed it the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdcli import __version__
+from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from kdcli.engine.device import seed_everything
+from kdcli.engine.loop import FitResult, fit
+from kdcli.errors import KdcliError, UsageError
+from kdcli.methods import METHODS
+from kdcli.methods.base import parse_params
+from kdcli.models.unet import UNet
+from kdcli.shards.reader import ShardStore
+from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict
+
+PLAIN = re.compile(r"^plain(?:-(\d+))?(?:-(\d+))?$")  # plain[-BASE[-DEPTH]]: ProtoKD's 16 filters, 4 levels
+
+
+def parse_modalities(text: str, store: ShardStore) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UsageError(f"--modality is required; the dataset has {', '.join(store.meta.modalities)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--modality {text}: a sequence is named twice")
+    for name in names:
+        store.require_modality(name)
+    return names
+
+
+def regions(store: ShardStore) -> dict[str, list[int]]:
+    from kdcli.evaluate.segmentation import DEFAULT_REGIONS
+
+    return store.meta.extra.get("regions") or DEFAULT_REGIONS
+
+
+def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], template: dict | None = None) -> UNet:
+    name = cfg.model or (template or {}).get("name") or "plain"
+    spec: dict[str, Any] = {"arch": "unet", "name": name, "in_chans": len(modalities), "modalities": modalities,
+                            "num_classes": len(store.meta.classes)}
+    plain = PLAIN.match(name)
+    if plain:
+        spec.update(backbone="plain", base=int(plain.group(1) or 16), depth=int(plain.group(2) or 4))
+    else:
+        spec.update(backbone=name, base=16)
+    if cfg.pretrained:
+        raise UsageError("--pretrained is not supported for segmentation models yet; train from scratch")
+    return UNet(spec)
+
+
+def load_unet(checkpoint: Checkpoint) -> UNet:
+    model = UNet(checkpoint.meta["model"])
+    try:
+        model.load_state_dict(checkpoint.model)
+    except RuntimeError as exc:
+        raise KdcliError(f"weights do not fit the recorded architecture ({str(exc).splitlines()[0]})",
+                         path=checkpoint.path, hint="the checkpoint is damaged; retrain") from None
+    return model.eval()
+
+
+def check_segmentation_checkpoint(checkpoint: Checkpoint, store: ShardStore) -> list[str]:
+    """The checkpoint's sequences, after checking it segments this dataset's classes from sequences it has."""
+    meta = checkpoint.meta
+    if meta.get("task") != "segmentation":
+        raise KdcliError("not a segmentation checkpoint", path=checkpoint.path,
+                         hint="use a checkpoint from `kdcli teach` on a segmentation dataset")
+    if meta["classes"] != store.meta.classes:
+        raise KdcliError(f"checkpoint classes {meta['classes']} differ from the dataset's {store.meta.classes}",
+                         path=checkpoint.path)
+    modalities = meta["model"]["modalities"]
+    missing = [m for m in modalities if m not in store.meta.modalities]
+    if missing:
+        raise KdcliError(f"checkpoint takes {', '.join(missing)}, which the dataset lacks", path=checkpoint.path)
+    return modalities
+
+
+def _meta(cfg: TrainConfig, store: ShardStore, model: UNet, kind: str, params: Any, teacher: dict | None) -> dict:
+    return {
+        "kdcli_version": __version__, "kind": kind, "task": "segmentation", "model": model.spec,
+        "modality": ",".join(model.spec["modalities"]), "classes": store.meta.classes,
+        "regions": regions(store), "size": store.meta.targets["seg"]["shape"][0],
+        "method": cfg.method, "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg),
+        "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
+                 "content_hash": store.meta.content_hash},
+        "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _prepare_engine(cfg: TrainConfig) -> None:
+    if cfg.engine.metric == "macro_f1":  # the classification default: segmentation selects by mean Dice
+        cfg.engine.metric = "dice_mean"
+    if cfg.cache_teacher:
+        raise UsageError("--cache-teacher: ProtoKD needs the teacher on each augmented slice; it runs online")
+
+
+def _views(cfg: TrainConfig, store: ShardStore, modalities: list[str], teacher_modalities: list[str] | None):
+    from kdcli.data.slices import SliceView
+
+    train = SliceView(store, "train", modalities, teacher_modalities, augment=cfg.augment != "none",
+                      seed=cfg.engine.seed)
+    dev = SliceView(store, "dev", modalities)
+    if len(train) == 0 or len(dev) == 0:
+        raise KdcliError("no slices in train or dev", path=store.root, hint="prepare with more cases")
+    return train, dev
+
+
+def teach_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
+    from kdcli.engine.segmentation import segmentation_validator
+
+    out = _check_out(cfg)
+    modalities = parse_modalities(cfg.modality, store)
+    cfg.modality, cfg.method = ",".join(modalities), "segmentation"
+    _prepare_engine(cfg)
+    method_cls = METHODS.get("segmentation")
+    params = parse_params(method_cls.Params, cfg.params, "segmentation")
+    seed_everything(cfg.engine.seed)
+    model = build_unet(cfg, store, modalities)
+    train, dev = _views(cfg, store, modalities, None)
+    meta = _meta(cfg, store, model, "teacher", params, None)
+    _write_config(out, meta)
+    validate = segmentation_validator(dev, regions(store), cfg.engine)
+    return fit(method_cls(params, model), train, validate, cfg.engine, out, meta, resume=cfg.resume, log=log)
+
+
+def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
+    from kdcli.engine.segmentation import segmentation_validator
+
+    out = _check_out(cfg)
+    method_cls = METHODS.get(cfg.method)
+    if getattr(method_cls, "pairing", "") != "paired" or cfg.method == "kd":
+        raise UsageError(f"--method {cfg.method} does not segment; on segmentation data use --method protokd")
+    if len(cfg.teacher) != 1:
+        raise UsageError(f"--method {cfg.method} takes exactly one --teacher checkpoint")
+    _prepare_engine(cfg)
+    params = parse_params(method_cls.Params, cfg.params, cfg.method)
+    checkpoint = load_checkpoint(Path(cfg.teacher[0]))
+    teacher_modalities = check_segmentation_checkpoint(checkpoint, store)
+    teacher = load_unet(checkpoint)
+    if not cfg.modality:
+        raise UsageError(f"--student is required: one or more of {', '.join(store.meta.modalities)}")
+    modalities = parse_modalities(cfg.modality, store)
+    cfg.modality = ",".join(modalities)
+    seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
+    student = build_unet(cfg, store, modalities, template=teacher.spec)
+    train, dev = _views(cfg, store, modalities, teacher_modalities)
+    teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
+                    "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
+                    "data_hash": checkpoint.meta["data"]["content_hash"]}
+    meta = _meta(cfg, store, student, "student", params, teacher_info)
+    _write_config(out, meta)
+    validate = segmentation_validator(dev, regions(store), cfg.engine)
+    return fit(method_cls(params, student, teacher), train, validate, cfg.engine, out, meta, resume=cfg.resume,
+               log=log)

@@ -1,0 +1,545 @@
+"""BraTS brain-tumour segmentation (2018-2023 releases, whatever the naming): 4 MRI sequences + a label volume.
+
+Layouts met in the wild (the case folder's name is the case id; files may be `.nii` or `.nii.gz`):
+    2018/2019  <root>/{HGG,LGG}/Brats18_2013_2_1/Brats18_2013_2_1_{t1,t1ce,t2,flair,seg}.nii.gz
+    2020       <root>/MICCAI_BraTS2020_TrainingData/BraTS20_Training_001/BraTS20_Training_001_{...}.nii
+    2021       <root>/BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz
+    2023+      <root>/BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz
+
+Quirks handled: BraTS 2020 case 355 ships its label as `W39_1998.09.19_Segm.nii` (no `_seg` file); 2023 ids
+carry a timepoint suffix (`-000`, `-001`) so the patient is the id without it; 2023 labels enhancing tumour 3
+where earlier releases use 4. Labels are stored in kdcli's contiguous indices (0 background, 1 necrotic core,
+2 oedema, 3 enhancing tumour) whatever the release.
+
+Geometry, array axes (X, Y, Z) as nibabel returns them (no reorientation): a sample is the axial slice
+`vol[:, :, z]`, cropped in-plane to the brain's bounding box (union over slices), zero-padded to a centred square
+of side `side` and resized to `size`. `info` per record holds what `label_volume` needs to undo that.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import nibabel as nib
+import numpy as np
+
+from kdcli.errors import KdcliError
+from kdcli.shards.format import SPLITS
+from kdcli.sources.base import Record, Sample, Scan, Source
+
+cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
+
+SEQUENCES = ("t1", "t1ce", "t2", "flair")  # kdcli's names and the order models see them in
+CLASSES = ["background", "necrotic core", "oedema", "enhancing tumour"]
+REGIONS = {"wt": [1, 2, 3], "tc": [1, 3], "et": [3]}
+# naming -> (separator, file suffix per kdcli name). Longest suffixes first so `_t1ce` is never read as `_t1`.
+NAMINGS = {
+    "2018-2021": ("_", {"t1ce": "t1ce", "flair": "flair", "seg": "seg", "t1": "t1", "t2": "t2"}),
+    "2023": ("-", {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", "seg": "seg"}),
+}
+ET_VALUE = {"2018-2021": 4, "2023": 3}  # the original label of enhancing tumour
+NIFTI = (".nii.gz", ".nii")
+SUFFIX = re.compile(r"^(?P<prefix>.+?)(?P<sep>[_-])(?P<suffix>t1ce|t1n|t1c|t2w|t2f|flair|seg|t1|t2)$", re.IGNORECASE)
+MISNAMED_LABEL = re.compile(r"segm\.nii(\.gz)?$", re.IGNORECASE)  # BraTS 2020 case 355: W39_1998.09.19_Segm.nii
+TIMEPOINT = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$")
+ACCEPTED = ("case folders holding <case>_t1, _t1ce, _t2, _flair and _seg .nii[.gz] files (BraTS 2018-2021) or "
+            "<case>-t1n, -t1c, -t2w, -t2f and -seg .nii.gz files (BraTS 2023+)")
+SKIP_HINT = "fix or remove the case, or pass --skip-bad to leave it out"
+AFFINE_TOLERANCE = 1e-3
+# Labels resize with INTER_NEAREST_EXACT: plain INTER_NEAREST samples pixel corners, not centres, so its maps drift
+# up to a pixel from the linearly resized images and a size -> side -> size round trip scrambles them.
+NEAREST = cv2.INTER_NEAREST_EXACT
+Case = tuple[str, dict[str, Path], Path]  # naming, kdcli name -> file, case folder
+
+
+def _nifti_stem(name: str) -> str | None:
+    lower = name.lower()
+    for extension in NIFTI:
+        if lower.endswith(extension):
+            return name[: -len(extension)]
+    return None
+
+
+def naming_of(files: dict[str, str]) -> str:
+    """A record's naming, from its t1ce file name (the label file may be the misnamed 2020 one)."""
+    stem = _nifti_stem(Path(files["t1ce"]).name) or ""
+    return "2023" if stem.lower().endswith("-t1c") else "2018-2021"
+
+
+def patient_of(case: str) -> str:
+    """2023 ids end in a timepoint (`BraTS-GLI-00012-001`): its cases share a patient. Older ids are patients."""
+    match = TIMEPOINT.match(case)
+    return match.group("patient") if match else case
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from strings and numbers that is the same in every process (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def _reason(exc: Exception, path: str | Path) -> str:
+    """An exception as one short line; the path is named once by the caller already."""
+    text = " ".join(str(exc).replace(str(path), Path(path).name).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _case_error(case: str, message: str, hint: str = SKIP_HINT) -> KdcliError:
+    return KdcliError(f"case {case}: {message}", hint=hint)
+
+
+# ---------------------------------------------------------------- scanning: folders -> cases
+
+
+def _case_files(folder: Path, names: list[str]) -> tuple[dict[str, dict[str, Path]], list[Path], str]:
+    """Files of one folder by naming -> kdcli name, the misnamed label candidates, and the files' prefix."""
+    found: dict[str, dict[str, Path]] = {}
+    prefix = folder.name
+    misnamed = []
+    for name in names:
+        stem = _nifti_stem(name)
+        if stem is None:
+            continue
+        match = SUFFIX.match(stem)
+        if match:
+            sep, suffix = match.group("sep"), match.group("suffix").lower()
+            naming = next((n for n, (s, table) in NAMINGS.items() if s == sep and suffix in table), None)
+            if naming is None:
+                continue  # e.g. `_t2w`: neither release's naming, not ours to guess
+            kdcli_name = NAMINGS[naming][1][suffix]
+            by_name = found.setdefault(naming, {})
+            if kdcli_name in by_name:
+                raise _case_error(folder.name, f"two files for {kdcli_name}: {by_name[kdcli_name].name} and {name}",
+                                  hint="keep one of them (a .nii next to its .nii.gz?), or pass --skip-bad")
+            by_name[kdcli_name] = folder / name
+            prefix = match.group("prefix")
+        elif MISNAMED_LABEL.search(name):
+            misnamed.append(folder / name)
+    return found, misnamed, prefix
+
+
+def _header(case: str, path: Path) -> nib.Nifti1Image:
+    """The image with its header read and its data left on disk; names the file when that fails."""
+    try:
+        image = nib.load(str(path))
+        shape = image.shape
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for a damaged or foreign file
+        raise _case_error(case, f"{path}: not a readable NIfTI file ({_reason(exc, path)})",
+                          hint="re-download or re-extract the case, or pass --skip-bad") from None
+    if len(shape) != 3:
+        raise _case_error(case, f"{path}: {len(shape)}-D image of shape {tuple(shape)}; BraTS volumes are 3-D")
+    if _nifti_stem(path.name) and not path.name.lower().endswith(".gz"):
+        # An uncompressed file's size is known from its header: a cut download is caught here, before any shard.
+        needed = int(image.dataobj.offset) + int(np.prod(shape)) * image.get_data_dtype().itemsize
+        if path.stat().st_size < needed:
+            raise _case_error(case, f"{path}: truncated ({path.stat().st_size} of {needed} bytes)",
+                              hint="re-download or re-extract the case, or pass --skip-bad")
+    return image
+
+
+def _check_case(case: str, files: dict[str, Path]) -> None:
+    """All five files are 3-D NIfTI volumes on one grid (headers only; no voxel is decoded)."""
+    reference_name, reference = "t1", _header(case, files["t1"])
+    for name in (*SEQUENCES[1:], "seg"):
+        image = _header(case, files[name])
+        if image.shape != reference.shape:
+            raise _case_error(case, f"{files[name].name} has shape {tuple(image.shape)}, "
+                                    f"{files[reference_name].name} {tuple(reference.shape)}")
+        if not np.allclose(image.affine, reference.affine, atol=AFFINE_TOLERANCE):
+            raise _case_error(case, f"{files[name].name} has another affine (voxel-to-world) than "
+                                    f"{files[reference_name].name}; the sequences must be co-registered")
+
+
+def _folder_case(folder: Path, names: list[str], notes: list[str]) -> tuple[str, str, dict[str, Path]] | None:
+    """(case id, naming, kdcli name -> file) when the folder holds BraTS-named files; raises when incomplete."""
+    found, misnamed, prefix = _case_files(folder, names)
+    if not found:
+        return None
+    case = folder.name
+    if len(found) > 1:
+        raise _case_error(case, f"mixes the {' and '.join(sorted(found))} namings in {folder}",
+                          hint="keep one release's files per case folder, or pass --skip-bad")
+    naming, files = next(iter(found.items()))
+    separator, table = NAMINGS[naming]
+    extension = next(e for e in NIFTI if next(iter(files.values())).name.lower().endswith(e))
+    if "seg" not in files and len(misnamed) == 1 and all(n in files for n in SEQUENCES):
+        files["seg"] = misnamed[0]
+        notes.append(f"case {case}: label file is {misnamed[0].name} (the BraTS 2020 misnamed label), used as seg")
+    for name in (*SEQUENCES, "seg"):
+        if name not in files:
+            suffix = next(s for s, n in table.items() if n == name)
+            what = "label" if name == "seg" else f"sequence {name}"
+            hint = SKIP_HINT if name != "seg" else (
+                "validation/test cases ship without labels: point RAW at the training data, or pass --skip-bad")
+            raise _case_error(case, f"missing {what} (expected {prefix}{separator}{suffix}{extension} "
+                                    f"in {folder})", hint=hint)
+    return case, naming, files
+
+
+def _find_cases(raw: Path, notes: list[str], skip_bad: bool) -> tuple[dict[str, Case], set[str]]:
+    """Every case under RAW (any depth: HGG/LGG and MICCAI_BraTS2020_TrainingData folders included), checked
+    from headers, and the ids of the cases left out as bad (only with skip_bad)."""
+    cases: dict[str, Case] = {}
+    skipped: set[str] = set()
+    for folder, dirs, names in os.walk(raw):
+        dirs.sort()  # deterministic order of cases and notes
+        folder_path = Path(folder)
+        try:
+            found = _folder_case(folder_path, sorted(names), notes)
+            if found is None:
+                continue
+            case, naming, files = found
+            if case in cases:
+                raise KdcliError(f"case {case} found twice: {cases[case][2]} and {folder_path}", path=raw,
+                                 hint="point RAW at one copy of the data")
+            _check_case(case, files)
+        except KdcliError as exc:
+            if not skip_bad or not str(exc).startswith("case "):
+                raise
+            notes.append(f"skipped {str(exc).split(' — ')[0]}")  # the hint (how to skip) is moot now
+            skipped.add(folder_path.name)
+            continue
+        cases[case] = (naming, files, folder_path)
+    return cases, skipped
+
+
+# ---------------------------------------------------------------- splits
+
+
+def parse_ratios(value: Any) -> tuple[float, float, float]:
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        ratios = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise KdcliError(f"--ratios {value!r}: expected three numbers train,dev,test like 0.7,0.1,0.2") from None
+    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
+        raise KdcliError(f"--ratios {value!r}: expected three non-negative numbers train,dev,test like 0.7,0.1,0.2")
+    total = sum(ratios)
+    return ratios[0] / total, ratios[1] / total, ratios[2] / total
+
+
+def split_groups(groups: list[str], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Seeded patient-level split. With 3+ patients every split with a non-zero ratio gets at least one, so dev
+    and test are never silently empty on small sets; train keeps the rest."""
+    members = sorted(set(groups))
+    count = len(members)
+    order = np.random.default_rng(stable_seed("brats-split", seed)).permutation(count)
+    n_dev, n_test = (round(ratios[1] * count), round(ratios[2] * count))
+    if count >= 3:
+        n_dev = max(n_dev, 1 if ratios[1] > 0 else 0)
+        n_test = max(n_test, 1 if ratios[2] > 0 else 0)
+        while n_dev + n_test > count - (1 if ratios[0] > 0 else 0):  # train keeps one patient when it should
+            if n_test >= n_dev and n_test > 0:
+                n_test -= 1
+            else:
+                n_dev -= 1
+    else:
+        n_dev = n_test = 0  # one or two patients: nothing sensible to hold out
+    assignment = {}
+    for rank, index in enumerate(order):
+        assignment[members[index]] = "dev" if rank < n_dev else "test" if rank < n_dev + n_test else "train"
+    return assignment
+
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
+                 "validation": "dev", "test": "test", "testing": "test"}
+
+
+def read_splits(path: Path) -> dict[str, str]:
+    """case -> split from a CSV (`case,split`) or a JSON ({"train": [...], "dev": [...], "test": [...]})."""
+    if not path.is_file():
+        raise KdcliError("splits file not found", path=path, hint="pass --splits with a CSV or JSON file")
+    listed: dict[str, str] = {}
+
+    def add(case: str, split: str, where: str) -> None:
+        canonical = SPLIT_ALIASES.get(split.strip().lower())
+        if canonical is None:
+            raise KdcliError(f"{where}: unknown split {split!r}", path=path,
+                             hint="splits are train, dev (or val/validation) and test")
+        case = case.strip()
+        if case in listed and listed[case] != canonical:
+            raise KdcliError(f"{where}: case {case} is listed in {listed[case]} and {canonical}", path=path,
+                             hint="a case may belong to one split only")
+        listed[case] = canonical
+
+    if path.suffix.lower() == ".json":
+        try:
+            payload = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise KdcliError(f"not valid JSON ({exc})", path=path) from None
+        if not isinstance(payload, dict) or not all(isinstance(v, list) for v in payload.values()):
+            raise KdcliError('expected {"train": [cases], "dev": [cases], "test": [cases]}', path=path)
+        for split, cases in payload.items():
+            for case in cases:
+                add(str(case), str(split), f"{split!r} list")
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if "case" not in header or "split" not in header:
+                raise KdcliError(f"expected a header with columns case,split (found: {','.join(header)})", path=path)
+            case_at, split_at = header.index("case"), header.index("split")
+            for number, row in enumerate(reader, start=2):
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) <= max(case_at, split_at):
+                    raise KdcliError(f"row {number} has too few columns", path=path)
+                add(row[case_at], row[split_at], f"row {number}")
+    if not listed:
+        raise KdcliError("lists no cases", path=path)
+    return listed
+
+
+# ---------------------------------------------------------------- reading: volumes -> slices
+
+
+def _voxels(case: str, path: str, dtype: type) -> np.ndarray:
+    try:
+        image = nib.load(path)
+        if dtype is np.float32:
+            return np.asarray(image.get_fdata(dtype=np.float32))
+        return np.asanyarray(image.dataobj)
+    except Exception as exc:  # truncated gzip: EOFError; bad deflate data: zlib.error; short .nii: ValueError
+        raise _case_error(case, f"{path}: voxel data unreadable, truncated or corrupt ({_reason(exc, path)})",
+                          hint="re-download or re-extract the case, or pass --skip-bad") from None
+
+
+def _bounds(mask: np.ndarray) -> tuple[int, int]:
+    where = np.flatnonzero(mask)
+    return int(where[0]), int(where[-1]) + 1
+
+
+def _to_square(plane: np.ndarray, crop: list[int], pad: list[int], side: int) -> np.ndarray:
+    x0, x1, y0, y1 = crop
+    square = np.zeros((side, side), dtype=plane.dtype)
+    square[pad[0] : pad[0] + x1 - x0, pad[1] : pad[1] + y1 - y0] = plane[x0:x1, y0:y1]
+    return square
+
+
+def _resize(square: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    # cv2 takes (width, height); both are `size`, so the array axes keep their meaning.
+    return square if square.shape[0] == size else cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+def label_volume(info: dict[str, Any], slices: dict[int, np.ndarray]) -> np.ndarray:
+    """The label volume on the record's original grid (shape info["shape"], original values: kdcli 3 -> the
+    release's ET value) from per-slice maps of kdcli indices (size x size, or size x size x 1) at their z;
+    slices not given are background."""
+    shape = tuple(info["shape"])
+    x0, x1, y0, y1 = info["crop"]
+    before_x, before_y = info["pad"]
+    side = int(info["side"])
+    lookup = np.array([0, 1, 2, int(info["et_value"])], dtype=np.uint8)
+    volume = np.zeros(shape, dtype=np.uint8)
+    for z, plane in slices.items():
+        plane = np.asarray(plane)
+        if plane.ndim == 3 and plane.shape[2] == 1:
+            plane = plane[:, :, 0]
+        if plane.ndim != 2 or plane.shape[0] != plane.shape[1]:
+            raise ValueError(f"slice {z}: expected a square 2-D map, got shape {plane.shape}")
+        if not 0 <= int(z) < shape[2]:
+            raise ValueError(f"slice {z} outside the volume's 0..{shape[2] - 1}")
+        if plane.size and (plane.min() < 0 or plane.max() >= len(lookup)):
+            raise ValueError(f"slice {z}: labels must be kdcli indices 0..{len(lookup) - 1}")
+        square = _resize(plane.astype(np.uint8), side, NEAREST)
+        inside = square[before_x : before_x + x1 - x0, before_y : before_y + y1 - y0]
+        volume[x0:x1, y0:y1, int(z)] = lookup[inside]
+    return volume
+
+
+def write_label_nifti(path: Path, volume: np.ndarray, info: dict[str, Any]) -> None:
+    """Write a label volume (original values) as uint8 NIfTI on the record's grid; atomic, so an interrupted
+    evaluation never leaves a half-written prediction that looks complete."""
+    path = Path(path)
+    if tuple(volume.shape) != tuple(info["shape"]):
+        raise ValueError(f"volume shape {volume.shape} is not the record's {tuple(info['shape'])}")
+    affine = np.asarray(info["affine"], dtype=np.float64)
+    image = nib.Nifti1Image(np.asarray(volume, dtype=np.uint8), affine)
+    image.set_data_dtype(np.uint8)
+    image.set_qform(affine, code=1)  # scanner coordinates, like the BraTS files: viewers overlay it on the MRI
+    image.set_sform(affine, code=1)
+    extension = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"  # nibabel compresses by extension
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{extension}")
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class BratsSource(Source):
+    """Options: empty_slices (fraction of tumour-free brain slices kept in train, default 0.2), splits (CSV
+    `case,split` or JSON file), ratios ("0.7,0.1,0.2"), seed, skip_bad."""
+
+    name = "brats"
+    records_per_shard = 4  # a case is ~100 slices of 5 arrays
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        empty = options.get("empty_slices")
+        self.empty_slices = 0.2 if empty is None else float(empty)
+        if not 0.0 <= self.empty_slices <= 1.0:
+            raise KdcliError(f"--empty-slices {self.empty_slices}: expected a fraction between 0 and 1")
+        self.seed = int(options.get("seed") or 0)
+        self.skip_bad = bool(options.get("skip_bad", False))
+
+    def scan(self, raw: Path) -> Scan:
+        raw = Path(raw)
+        if not raw.is_dir():
+            raise KdcliError("raw folder not found", path=raw, hint="point RAW at the extracted BraTS data")
+        notes: list[str] = []
+        cases, skipped = _find_cases(raw, notes, self.skip_bad)
+        if not cases and not skipped:
+            raise KdcliError("no BraTS cases found", path=raw, hint=f"expected {ACCEPTED}")
+        if not cases:
+            raise KdcliError(f"all {len(skipped)} cases were skipped as bad; nothing to prepare", path=raw,
+                             hint="see the notes for why")
+        split_of = self._splits(cases, skipped, notes)
+        namings = sorted({naming for naming, _, _ in cases.values()})
+        records = [
+            Record(id=case, group=patient_of(case), split=split_of[case], label=0,
+                   files={name: str(files[name]) for name in (*SEQUENCES, "seg")})
+            for case, (_, files, _) in sorted(cases.items())
+        ]
+        arrays: dict[str, dict[str, Any]] = {name: {"channels": 1, "dtype": "float16", "role": "input"}
+                                             for name in SEQUENCES}
+        arrays["seg"] = {"channels": 1, "dtype": "uint8", "role": "target", "kind": "mask"}
+        return Scan(
+            records=records,
+            classes=list(CLASSES),
+            modalities={name: 1 for name in SEQUENCES},
+            pairing="paired",
+            task="segmentation",
+            arrays=arrays,
+            extra={
+                "regions": {k: list(v) for k, v in REGIONS.items()},
+                "naming": namings,
+                "label_values": {n: {"0": 0, "1": 1, "2": 2, str(ET_VALUE[n]): 3} for n in namings},
+                "modality_order": list(SEQUENCES),
+            },
+            notes=notes,
+        )
+
+    def _splits(self, cases: dict[str, Case], skipped: set[str], notes: list[str]) -> dict[str, str]:
+        groups = {case: patient_of(case) for case in cases}
+        if not self.options.get("splits"):
+            by_group = split_groups(list(groups.values()), parse_ratios(self.options.get("ratios") or "0.7,0.1,0.2"),
+                                    self.seed)
+            return {case: by_group[group] for case, group in groups.items()}
+        path = Path(self.options["splits"])
+        listed = read_splits(path)
+        absent = sorted(set(listed) - set(cases) - skipped)  # a case left out as bad is on disk, just not used
+        if absent:
+            raise KdcliError(f"{len(absent)} listed case(s) not found in RAW: {', '.join(absent[:5])}"
+                             f"{' ...' if len(absent) > 5 else ''}", path=path,
+                             hint="fix the case ids (case folder names) or restore the cases")
+        unlisted = sorted(set(cases) - set(listed))
+        if unlisted:
+            raise KdcliError(f"{len(unlisted)} case(s) in RAW are not listed: {', '.join(unlisted[:5])}"
+                             f"{' ...' if len(unlisted) > 5 else ''}", path=path,
+                             hint="give every case a split (train, dev or test)")
+        by_group: dict[str, set[str]] = {}
+        for case, group in groups.items():
+            by_group.setdefault(group, set()).add(listed[case])
+        cut = sorted(group for group, splits in by_group.items() if len(splits) > 1)
+        if cut:
+            raise KdcliError(f"patient {cut[0]} has cases in several splits ({', '.join(sorted(by_group[cut[0]]))})",
+                             path=path, hint="keep every timepoint of a patient in one split")
+        empty = [split for split in SPLITS if split not in set(listed.values())]
+        if empty:
+            notes.append(f"splits file {path.name} puts no case in {', '.join(empty)}")
+        return {case: listed[case] for case in cases}
+
+    def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
+        try:
+            return self._read(record, size)
+        except KdcliError as exc:
+            if not self.skip_bad:
+                raise
+            # prepare's note names the record already; the hint (how to skip) is moot once skipped
+            return {"skipped": str(exc).split(" — ")[0].removeprefix(f"case {record.id}: ")}, iter([])
+
+    def _read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
+        case = record.id
+        naming = naming_of(record.files)
+        et_value = ET_VALUE[naming]
+        volumes = {name: _voxels(case, record.files[name], np.float32) for name in SEQUENCES}
+        label_image = nib.load(record.files["seg"])
+        raw_label = _voxels(case, record.files["seg"], np.int64)
+        label = np.rint(raw_label).astype(np.int64) if raw_label.dtype.kind == "f" else raw_label.astype(np.int64)
+        if raw_label.dtype.kind == "f" and not np.array_equal(label, raw_label):
+            raise _case_error(case, f"{Path(record.files['seg']).name} holds non-integer labels")
+        allowed = (0, 1, 2, et_value)
+        values = np.unique(label)
+        bad = [int(v) for v in values if int(v) not in allowed]
+        if bad:
+            raise _case_error(case, f"{Path(record.files['seg']).name} holds label value(s) "
+                                    f"{', '.join(map(str, bad))}; BraTS {naming} labels are {set(allowed)}",
+                              hint="fix the label file, or pass --skip-bad to leave the case out")
+        mapped = np.zeros(label.shape, dtype=np.uint8)
+        for kdcli_index, original in enumerate(allowed):
+            mapped[label == original] = kdcli_index
+
+        brain = np.zeros(label.shape, dtype=bool)
+        for volume in volumes.values():
+            brain |= volume != 0
+        # Tumour voxels count as brain for the crop and the kept slices, so no labelled voxel is ever cropped away.
+        region = brain | (mapped > 0)
+        if not region.any():
+            raise _case_error(case, "every sequence is zero everywhere (no brain)")
+        normalised = {}
+        for name, volume in volumes.items():
+            inside = volume[brain]
+            mean = float(inside.mean()) if inside.size else 0.0
+            std = float(inside.std()) if inside.size else 0.0
+            out = np.zeros_like(volume)
+            out[brain] = (inside - mean) / (std if std > 1e-8 else 1.0)  # a flat sequence becomes zeros, not NaN
+            normalised[name] = out
+
+        x0, x1 = _bounds(region.any(axis=(1, 2)))
+        y0, y1 = _bounds(region.any(axis=(0, 2)))
+        side = max(x1 - x0, y1 - y0)
+        crop, pad = [x0, x1, y0, y1], [(side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2]
+        slices = self._kept_slices(record, region, mapped)
+        tumour = mapped.any(axis=(0, 1))
+        info = {
+            "shape": [int(s) for s in label.shape],
+            "affine": np.asarray(label_image.affine, dtype=float).tolist(),
+            "spacing": [float(z) for z in label_image.header.get_zooms()[:3]],
+            "crop": crop, "pad": pad, "side": int(side), "size": int(size),
+            "naming": naming, "et_value": et_value,
+            "label_file": Path(record.files["seg"]).name, "label_dtype": str(label_image.get_data_dtype()),
+            "slices": slices,
+        }
+
+        def samples() -> Iterator[Sample]:
+            for z in slices:
+                arrays = {name: _resize(_to_square(normalised[name][:, :, z], crop, pad, side), size,
+                                        cv2.INTER_LINEAR).astype(np.float16)[:, :, None] for name in SEQUENCES}
+                arrays["seg"] = _resize(_to_square(mapped[:, :, z], crop, pad, side), size,
+                                        NEAREST)[:, :, None]
+                yield Sample(f"{case}:{z:03d}", int(tumour[z]), arrays, position=z)
+
+        return info, samples()
+
+    def _kept_slices(self, record: Record, region: np.ndarray, mapped: np.ndarray) -> list[int]:
+        """dev/test: every slice with brain (whole volumes are evaluated); train: tumour slices plus a seeded
+        `empty_slices` share of the tumour-free ones, which would otherwise swamp the loss."""
+        with_brain = np.flatnonzero(region.any(axis=(0, 1)))
+        if record.split != "train":
+            return [int(z) for z in with_brain]
+        tumour = mapped.any(axis=(0, 1))
+        full = [int(z) for z in with_brain if tumour[z]]
+        empty = np.array([int(z) for z in with_brain if not tumour[z]], dtype=np.int64)
+        count = int(round(self.empty_slices * len(empty)))
+        rng = np.random.default_rng(stable_seed("brats-slices", self.seed, record.id))
+        chosen = rng.choice(empty, size=count, replace=False) if count else np.array([], dtype=np.int64)
+        return sorted(full + [int(z) for z in chosen])

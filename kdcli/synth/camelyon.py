@@ -1,0 +1,565 @@
+"""Deterministic breast core-needle-biopsy WSI phantoms + a BCNB-style clinical sheet, for ALN metastasis (N0 vs N+).
+
+Target: bidirectional distillation with a missing clinical modality (Zhang et al., arXiv 2401.01553) on BCNB
+(1,058 patients, one biopsy WSI each, an Excel clinical sheet, ALN status N0 / N+(1-2) / N+(>2), ~62% N0).
+
+Slides. Level 0 is 20x, 0.5 um/px (BCNB was scanned on an Iscan Coreo and read at 200x), `size` x 0.75*size px.
+Nuclei, adipocytes and ducts have their real sizes in um at that mpp (a nucleus is 5-12 px across), but the
+slide itself is shrunk: the 1-3 core strips span the field, so a 4096 px slide is a 2 mm field, not a 20 mm one.
+Each slide is painted in optical density with two slightly jittered stain vectors (haematoxylin, eosin), so
+colour varies between slides as between labs: white background (~240), pink eosin stroma with adipocyte holes,
+benign ducts (rings of small nuclei), lymphocyte clusters (small, very dark), sparse elongated stromal nuclei,
+and 1-5 tumour regions of nests of large, dark, pleomorphic nuclei with coarse chromatin. About a third of the
+slides carry a pen stroke (green or blue ink circling tissue) and a quarter an out-of-focus patch. Small slides
+keep nuclei at their real size but cap ducts and fat cells at a fraction of the strip width.
+Level 0 is rendered in memory (float32, a few full-size maps: ~1 GB at the 8192 cap); levels are area-reduced
+from it, which is cheap at these sizes.
+
+Formats. "tiff": `slides/<id>.tif`, an Aperio-SVS-style tiled TIFF (256x256 JPEG tiles, YCbCr, levels at
+downsample 1, 4, 16) written by a small built-in TIFF writer: tifffile needs imagecodecs for JPEG, which this
+project does not depend on. The first ImageDescription starts `Aperio Image Library` and carries
+`|AppMag = 20|MPP = 0.5`, so OpenSlide (vendor "aperio") reports openslide.objective-power and openslide.mpp-x;
+Aperio detection goes by content, so the `.tif` extension is fine. Tumour outlines go to `annotations/<id>.json`.
+"bcnb": BCNB's own layout, `WSIs/<n>.jpg` (n = 1..N, the full level 0) with `WSIs/<n>.json` next to it.
+Outlines are ASAP-style `{"positive": [{"name": "Annotation 0", "vertices": [[x, y], ...]}, ...]}` in level-0
+(= jpg) pixels. Both write `clinical.xlsx` with BCNB's 14 columns; its `Patient ID` is the slide id.
+
+Signal. The ALN label is drawn first (exactly round(0.6 N) N0, round(0.25 N) N+(1-2), the rest N+(>2)); then two
+independent latents, one per modality, are shifted by it: an image latent (mean 0 / 1.0 / 1.3 for N0 / N+(1-2) /
+N+(>2), sd 1) that sets the number and size of tumour regions and their nuclear size, darkness, density,
+pleomorphism and chromatin coarseness; and a clinical latent (mean 0 / 0.8 / 1.1, sd 1) that raises tumour size,
+Ki67, grade and the chance of ER/PR negativity and mastectomy. Given the label they are independent, so the
+clinical sheet adds information the slide cannot give, as the paper's multi-modal branch needs. Every patient,
+N0 included, has a carcinoma on the biopsy (BCNB is a cohort of breast cancers): N0 is told from N+ by the
+tumour's extent and look, not by its presence.
+
+Calibration, N0 vs N+ (AUCs; `clinical_rows` over 20,000 patients): image latent 0.78, clinical latent 0.74,
+both 0.84. A logistic regression on the sheet's observed columns (size, Ki67, grade, ER, PR, HER2, age) trained
+on 10,000 patients scores 0.69 on 10,000 others (tumour size alone 0.66, Ki67 0.62, grade 0.60); with the image
+latent added, 0.82. On 80 slides at size 1024, the summed tumour-box area gives 0.76 and a crude dark-pixel
+fraction of the tissue 0.63, so a slide model should land near 0.7-0.78: it has to cope with stain, geometry,
+pen, blur, benign ducts and lymphocyte clusters, none of which depend on the label. For scale, BCNB's authors
+report clinical-only 0.61, WSI 0.82 and WSI + clinical 0.83; the paper reports 0.861 for WSI + clinical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+FORMATS = ("tiff", "bcnb")
+ALN_STATUS = ("N0", "N+(1-2)", "N+(>2)")
+CLINICAL_COLUMNS = (
+    "Patient ID",
+    "Age(years)",
+    "Tumour Size(cm)",
+    "Tumour Type",
+    "ER",
+    "PR",
+    "HER2",
+    "HER2 Expression",
+    "Histological grading",
+    "Surgical",
+    "Ki67",
+    "Molecular subtype",
+    "Number of lymph node metastases",
+    "ALN status",
+)
+MPP = 0.5  # um per level-0 pixel: 20x, as BCNB's 200x reading
+OBJECTIVE_POWER = 20
+DOWNSAMPLES = (1, 4, 16)
+TILE = 256
+MAX_SIZE = 8192  # level 0 is rendered in memory: a few float32 full-size maps
+JPEG_QUALITY = 90
+_IMAGE_SHIFT = {"N0": 0.0, "N+(1-2)": 1.0, "N+(>2)": 1.3}
+_CLINICAL_SHIFT = {"N0": 0.0, "N+(1-2)": 0.8, "N+(>2)": 1.1}
+_HAEM = np.array([0.65, 0.70, 0.29], np.float32)  # Ruifrok/Macenko optical-density stain vectors (R, G, B)
+_EOSIN = np.array([0.22, 0.80, 0.56], np.float32)
+_INKS = {"green": np.array([1.6, 0.35, 1.0], np.float32), "blue": np.array([1.4, 0.9, 0.2], np.float32)}
+
+Job = tuple[str, str | None, str, int, int, int, str]  # image path, outline path, label, index, size, seed, format
+
+
+def _um(x: float) -> float:
+    return x / MPP
+
+
+# ---------------------------------------------------------------- atomic writing
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise OSError("cv2 could not encode a JPEG")
+    return buf.tobytes()
+
+
+def _svs_bytes(levels: list[np.ndarray]) -> bytes:
+    """A classic little-endian TIFF, one tiled JPEG (YCbCr 4:2:0, as cv2 encodes) directory per level."""
+    h0, w0 = levels[0].shape[:2]
+    head = f"Aperio Image Library v12.0.15\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({TILE}x{TILE}) JPEG/RGB Q={JPEG_QUALITY}"
+    tail = f"|AppMag = {OBJECTIVE_POWER}|MPP = {MPP}|Filename = phantom"
+    buf = bytearray(b"II*\x00\x00\x00\x00\x00")  # first-IFD offset patched below
+    link = 4  # where the offset of the next IFD goes
+    for i, img in enumerate(levels):
+        h, w = img.shape[:2]
+        offsets, counts = [], []
+        for y in range(0, h, TILE):
+            for x in range(0, w, TILE):
+                blk = img[y : y + TILE, x : x + TILE]
+                if blk.shape[:2] != (TILE, TILE):  # edge tiles are full size; pad by repeating the edge
+                    blk = np.pad(blk, ((0, TILE - blk.shape[0]), (0, TILE - blk.shape[1]), (0, 0)), mode="edge")
+                data = _jpeg(blk)
+                offsets.append(len(buf))
+                counts.append(len(data))
+                buf += data
+                buf += b"\x00" * (len(buf) % 2)  # word alignment, as TIFF asks
+        desc = (head if i == 0 else f"Aperio Image Library v12.0.15\r\n{w0}x{h0} -> {w}x{h} - ") + tail
+        res = (round(10000 / MPP * DOWNSAMPLES[i]), 1)  # pixels per cm: the generic-TIFF fallback for mpp
+        entries: list[tuple[int, int, list]] = [  # tag, type (2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL), values
+            (254, 4, [0]),
+            (256, 4, [w]),
+            (257, 4, [h]),
+            (258, 3, [8, 8, 8]),
+            (259, 3, [7]),  # JPEG
+            (262, 3, [6]),  # YCbCr
+            (270, 2, list(desc.encode("ascii") + b"\x00")),
+            (277, 3, [3]),
+            (282, 5, list(res)),
+            (283, 5, list(res)),
+            (284, 3, [1]),
+            (296, 3, [3]),  # centimetre
+            (322, 3, [TILE]),
+            (323, 3, [TILE]),
+            (324, 4, offsets),
+            (325, 4, counts),
+            (530, 3, [2, 2]),
+        ]
+        ifd_at = len(buf) + len(buf) % 2
+        buf += b"\x00" * (ifd_at - len(buf))
+        struct.pack_into("<I", buf, link, ifd_at)
+        extra_at = ifd_at + 2 + 12 * len(entries) + 4
+        ifd, extra = bytearray(struct.pack("<H", len(entries))), bytearray()
+        for tag, typ, vals in entries:
+            fmt = {2: "B", 3: "H", 4: "I", 5: "I"}[typ]
+            count = len(vals) // 2 if typ == 5 else len(vals)
+            raw = struct.pack(f"<{len(vals)}{fmt}", *vals)
+            if len(raw) <= 4:
+                ifd += struct.pack("<HHI", tag, typ, count) + raw.ljust(4, b"\x00")
+            else:
+                ifd += struct.pack("<HHII", tag, typ, count, extra_at + len(extra))
+                extra += raw + b"\x00" * (len(raw) % 2)
+        link = ifd_at + len(ifd)
+        buf += ifd + b"\x00\x00\x00\x00" + extra
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
+    """Smooth value noise in [0, 1] with features about `cell` px across."""
+    gh, gw = max(2, math.ceil(h / cell) + 1), max(2, math.ceil(w / cell) + 1)
+    return np.clip(cv2.resize(rng.random((gh, gw), np.float32), (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
+
+
+def _pt(p: np.ndarray) -> tuple[int, int]:
+    return int(round(float(p[0]))), int(round(float(p[1])))
+
+
+def _blob(rng: np.random.Generator, c: np.ndarray, a: float, b: float, ang: float, n: int = 18) -> np.ndarray:
+    """An irregular closed outline: an ellipse (semi-axes a, b, rotated by ang) with a wobbly radius."""
+    th = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    wob = 1 + 0.18 * np.convolve(np.tile(rng.normal(0, 1, n), 3), np.ones(3) / 3, "same")[n : 2 * n]
+    x, y = a * np.cos(th) * wob, b * np.sin(th) * wob
+    ca, sa = math.cos(ang), math.sin(ang)
+    return np.stack([c[0] + ca * x - sa * y, c[1] + sa * x + ca * y], 1)
+
+
+def _nuclei(
+    canvas: np.ndarray,
+    rng: np.random.Generator,
+    pts: np.ndarray,
+    r: np.ndarray,
+    elong: np.ndarray,
+    ang: np.ndarray,
+    dark: np.ndarray,
+) -> None:
+    for p, rad, e, a, d in zip(pts, r, elong, ang, dark, strict=True):
+        ax = (max(1, round(rad * e)), max(1, round(rad / e)))
+        cv2.ellipse(canvas, _pt(p), ax, float(a), 0, 360, int(np.clip(d * 200, 1, 255)), -1)
+
+
+def _inside(mask: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    xi = np.clip(pts[:, 0].astype(int), 0, w - 1)
+    yi = np.clip(pts[:, 1].astype(int), 0, h - 1)
+    return mask[yi, xi] > 0
+
+
+def _slide(rng: np.random.Generator, label: str, w: int, h: int) -> tuple[np.ndarray, dict]:
+    """Render one H&E core-biopsy slide (RGB uint8) and its tumour outlines, pen and blur flags."""
+    s = float(np.clip(_IMAGE_SHIFT[label] + rng.normal(), -2.5, 3.5))  # the image latent
+    # ---- tissue: 1-3 elongated core strips, one per horizontal band, ragged edges, sometimes fragmented
+    n_pieces = int(rng.integers(1, 4))
+    band = h / n_pieces
+    q = 4  # the strip outline is drawn and smoothed at 1/4 scale, then upsampled
+    small = np.zeros((math.ceil(h / q), math.ceil(w / q)), np.uint8)
+    pieces = []
+    for i in range(n_pieces):
+        hw = min(0.07 * h, 0.3 * band) * rng.uniform(0.8, 1.15)
+        x0, x1 = sorted(rng.uniform([0.03, 0.62], [0.3, 0.97]) * w)
+        yc = band * (i + 0.5) + rng.normal(0, 0.06 * band)
+        slope, amp, ph = rng.normal(0, 0.06), rng.uniform(0, 0.25) * band * 0.4, rng.uniform(0, 2 * np.pi)
+        t = np.linspace(0, 1, 64)
+        xs = x0 + (x1 - x0) * t
+        ys = yc + slope * (xs - (x0 + x1) / 2) + amp * np.sin(np.pi * t + ph)
+        path = np.stack([xs, ys], 1)
+        widths = hw * (1 + 0.15 * np.convolve(rng.normal(0, 1, 64), np.ones(9) / 3, "same"))
+        gaps = set()
+        if rng.random() < 0.4:  # core fragmented in one or two places
+            for g in rng.integers(8, 56, int(rng.integers(1, 3))):
+                gaps |= set(range(g, g + int(rng.integers(2, 4))))
+        for j in range(64):
+            if j not in gaps:
+                cv2.circle(small, _pt(path[j] / q), max(1, round(widths[j] / q)), 255, -1)
+        pieces.append((path, hw, math.atan2(ys[-1] - ys[0], xs[-1] - xs[0])))
+    rough = _noise(rng, h, w, _um(40)) - 0.5
+    smooth = cv2.GaussianBlur(small.astype(np.float32) / 255, (0, 0), _um(8) / q)
+    tissue = cv2.resize(smooth, (small.shape[1] * q, small.shape[0] * q))[:h, :w] + 0.45 * rough
+    tissue = (tissue > 0.5).astype(np.float32)
+    tis8 = (tissue * 255).astype(np.uint8)
+    area = float(tissue.sum())
+    # ---- eosin: stroma with smooth texture and white adipocyte holes
+    E = tissue * rng.uniform(0.45, 0.7) * (0.6 + 0.55 * _noise(rng, h, w, _um(60)))
+    E *= 0.85 + 0.3 * _noise(rng, h, w, _um(8))
+    fat = np.zeros((h, w), np.uint8)
+    hw_min = min(p[1] for p in pieces)
+    nf = int(area / _um(55) ** 2 * rng.uniform(0.2, 1.0))
+    for p in rng.uniform([0, 0], [w, h], (nf, 2)):
+        rad = min(_um(rng.uniform(12, 28)), 0.3 * hw_min)  # structures stay smaller than the strip
+        cv2.ellipse(fat, _pt(p), (round(rad), round(rad * rng.uniform(0.7, 1))), rng.uniform(0, 180), 0, 360, 255, -1)
+    E *= 1 - 0.92 * fat.astype(np.float32) / 255
+    # ---- nuclei canvas (uint8 darkness), chromatin coarseness map
+    nuc = np.zeros((h, w), np.uint8)
+    coarse = np.full((h, w), 0.25, np.float32)
+    # sparse elongated stromal nuclei, along the strip
+    n_str = int(area / _um(22) ** 2)
+    pts = rng.uniform([0, 0], [w, h], (n_str * 2, 2))
+    pts = pts[_inside(tis8, pts)][:n_str]
+    k = len(pts)
+    ang0 = np.degrees(np.mean([p[2] for p in pieces]))
+    _nuclei(
+        nuc,
+        rng,
+        pts,
+        _um(rng.uniform(2.2, 3.2, k)),
+        rng.uniform(1.4, 2.2, k),
+        ang0 + rng.normal(0, 25, k),
+        rng.uniform(0.7, 0.95, k),
+    )
+    # benign ducts: a ring of small regular nuclei around a pale lumen (a look-alike for tumour nests)
+    lumen = np.zeros((h, w), np.uint8)
+    for path, hw, _ in pieces:
+        for _ in range(int(rng.integers(0, 4))):
+            c = path[int(rng.integers(6, 58))] + rng.normal(0, 0.3 * hw, 2)
+            rad = min(_um(rng.uniform(15, 35)), 0.4 * hw)
+            cv2.circle(lumen, _pt(c), round(rad * 0.6), 255, -1)
+            m = int(2 * np.pi * rad / _um(7))
+            th = np.linspace(0, 2 * np.pi, m, endpoint=False) + rng.normal(0, 0.05, m)
+            ring = c + rad * np.stack([np.cos(th), np.sin(th)], 1) * rng.uniform(0.9, 1.05, (m, 1))
+            _nuclei(
+                nuc,
+                rng,
+                ring,
+                _um(rng.uniform(2.6, 3.4, m)),
+                rng.uniform(1.0, 1.4, m),
+                np.degrees(th) + 90,
+                rng.uniform(0.75, 0.95, m),
+            )
+    E *= 1 - 0.8 * (lumen & tis8).astype(np.float32) / 255
+    # lymphocyte clusters: small, round, very dark nuclei (dark but not tumour)
+    for _ in range(int(rng.integers(0, 3))):
+        path, hw, _ = pieces[int(rng.integers(n_pieces))]
+        c = path[int(rng.integers(4, 60))]
+        m = int(rng.integers(30, 90))
+        pts = c + rng.normal(0, 0.35 * hw, (m, 2))
+        pts = pts[_inside(tis8, pts)]
+        m = len(pts)
+        _nuclei(nuc, rng, pts, _um(rng.uniform(2.0, 2.6, m)), np.ones(m), np.zeros(m), rng.uniform(1.0, 1.15, m))
+    # ---- tumour regions: the image latent sets their number, size and nuclear look
+    n_tum = int(np.clip(round(1.6 + 0.55 * s + rng.normal(0, 0.5)), 1, 5))
+    tum8 = np.zeros((h, w), np.uint8)
+    outlines = []
+    r_um, pleo = 3.6 + 0.45 * s, max(0.06, 0.13 + 0.06 * s)
+    dark, spacing = 0.95 + 0.1 * s, _um(9.5) / (1 + 0.12 * max(s, -1.5))
+    for _ in range(n_tum):
+        path, hw, ang = pieces[int(rng.integers(n_pieces))]
+        c = path[int(rng.integers(10, 54))] + rng.normal(0, 0.15 * hw, 2)
+        a = hw * max(0.45, (1.0 + 0.35 * s) * rng.uniform(0.75, 1.25))
+        b = hw * rng.uniform(0.55, 0.85)
+        poly = _blob(rng, c, a, b, ang + rng.normal(0, 0.15))
+        poly = np.clip(poly, 0, [w - 1, h - 1])
+        outlines.append(np.round(poly).astype(int))
+        reg = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(reg, [np.round(poly).astype(np.int32)], 255)
+        reg &= tis8
+        tum8 |= reg
+        ys, xs = np.nonzero(reg)
+        if xs.size == 0:
+            continue
+        # nests: clusters of nuclei; the rest of the region is desmoplastic stroma
+        n_nuc = int(xs.size / spacing**2 * rng.uniform(0.8, 1.1))
+        n_nest = max(1, n_nuc // 25)
+        pick = rng.integers(0, xs.size, n_nest)
+        hubs = np.stack([xs[pick], ys[pick]], 1).astype(np.float64)
+        pts = hubs[rng.integers(0, n_nest, n_nuc)] + rng.normal(0, _um(12), (n_nuc, 2))
+        pts = pts[_inside(reg, pts)]
+        m = len(pts)
+        rad = _um(r_um) * rng.lognormal(0, pleo, m)
+        _nuclei(
+            nuc,
+            rng,
+            pts,
+            rad,
+            rng.uniform(1.0, 1.0 + 2 * pleo, m),
+            rng.uniform(0, 180, m),
+            dark * rng.uniform(0.85, 1.05, m),
+        )
+    tum = tum8.astype(np.float32) / 255
+    coarse += tum * np.float32(np.clip(0.2 + 0.12 * s, 0.05, 0.7))
+    # ---- compose in optical density
+    grain = cv2.GaussianBlur(rng.random((h, w), np.float32), (0, 0), 0.8)
+    grain = (grain - grain.mean()) / (grain.std() + 1e-6)
+    H = cv2.GaussianBlur(nuc.astype(np.float32) / 200, (0, 0), 0.7) * (1 + coarse * 0.5 * grain)
+    H = np.maximum(H, 0) * rng.uniform(1.0, 1.3) + tissue * 0.08 + tum * 0.12  # cytoplasm a little purple
+    hv = _HAEM + rng.normal(0, 0.04, 3).astype(np.float32)
+    ev = _EOSIN + rng.normal(0, 0.05, 3).astype(np.float32)
+    hv, ev = hv / np.linalg.norm(hv), ev / np.linalg.norm(ev)
+    del nuc, coarse, grain
+    bg = np.float32(-math.log(rng.uniform(234, 246) / 255))
+    meta = {"outlines": outlines, "pen": False, "blur": False}
+    pen_od: np.ndarray | None = None
+    if rng.random() < 0.35:  # pen: a pathologist's ink stroke circling some tissue
+        path, hw, ang = pieces[int(rng.integers(n_pieces))]
+        c = path[int(rng.integers(16, 48))]
+        pen = np.zeros((h, w), np.uint8)
+        a0 = rng.uniform(0, 360)
+        axes = (round(hw * rng.uniform(2.5, 4)), round(hw * rng.uniform(1.6, 2.4)))
+        thick = max(2, round(0.008 * w))
+        cv2.ellipse(pen, _pt(c), axes, math.degrees(ang), a0, a0 + rng.uniform(120, 300), 255, thick, cv2.LINE_AA)
+        ink = _INKS[("green", "blue")[int(rng.integers(2))]] * np.float32(rng.uniform(0.7, 1.0))
+        pen_od = cv2.GaussianBlur(pen.astype(np.float32) / 255, (0, 0), 1.5)
+        meta["pen"] = True
+    E *= 1 - 0.3 * tum  # tumour cells: less eosinophilic stroma between them
+    rgb = np.empty((h, w, 3), np.float32)
+    for ch in range(3):  # one channel at a time: keeps the peak at a few full-size float32 maps
+        od = H * hv[ch] + E * ev[ch] + bg
+        if pen_od is not None:
+            od += pen_od * ink[ch]
+        rgb[..., ch] = np.exp(-od) * 255
+    rgb += rng.standard_normal((h, w, 1), np.float32) * 2.0  # sensor noise
+    if rng.random() < 0.25:  # out of focus: a soft elliptic patch blurred, worked on its bounding box only
+        path, hw, _ = pieces[int(rng.integers(n_pieces))]
+        c = path[int(rng.integers(8, 56))]
+        ax, ay, rot = rng.uniform(0.08, 0.16) * w, rng.uniform(0.08, 0.16) * h, rng.uniform(0, 180)
+        edge, f = 0.02 * w, 8  # soft edge, mask built at 1/8 scale
+        m = max(ax, ay) + 3 * edge
+        x0, y0 = max(0, int(c[0] - m)), max(0, int(c[1] - m))
+        x1, y1 = min(w, int(c[0] + m) + 1), min(h, int(c[1] + m) + 1)
+        small = np.zeros((math.ceil((y1 - y0) / f), math.ceil((x1 - x0) / f)), np.float32)
+        cv2.ellipse(small, _pt((c - [x0, y0]) / f), (round(ax / f), round(ay / f)), rot, 0, 360, 1.0, -1)
+        small = cv2.GaussianBlur(small, (0, 0), edge / f)
+        soft = cv2.resize(small, (small.shape[1] * f, small.shape[0] * f))[: y1 - y0, : x1 - x0, None]
+        box = rgb[y0:y1, x0:x1]
+        box += (cv2.GaussianBlur(box, (0, 0), _um(rng.uniform(2, 3.5))) - box) * soft
+        meta["blur"] = True
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), meta
+
+
+# ---------------------------------------------------------------- labels and clinical sheet
+
+
+def aln_labels(n: int, seed: int) -> list[str]:
+    """ALN status per patient: round(0.6 n) N0 (at least one), round(0.25 n) N+(1-2), the rest N+(>2); shuffled."""
+    n0 = min(n - 1, max(1, round(0.6 * n)))
+    n12 = min(n - n0, round(0.25 * n))
+    labels = ["N0"] * n0 + ["N+(1-2)"] * n12 + ["N+(>2)"] * (n - n0 - n12)
+    return [labels[i] for i in np.random.default_rng([seed, 9]).permutation(n)]
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def clinical_rows(ids: Sequence[str | int], labels: Sequence[str], seed: int) -> list[dict]:
+    """One BCNB clinical row per patient (keys = CLINICAL_COLUMNS, None = empty cell), driven by the label through
+    a clinical latent that is independent of the slide's. Patient k's row depends only on (seed, k, label)."""
+    rows = []
+    for k, (pid, label) in enumerate(zip(ids, labels, strict=True)):
+        rng = np.random.default_rng([seed, 2, k])
+        c = _CLINICAL_SHIFT[label] + rng.normal()
+        age = int(np.clip(round(51 + 10 * rng.normal() - 1.5 * c), 24, 86))
+        size = round(float(np.clip(math.exp(math.log(2.1) + 0.25 * c + 0.3 * rng.normal()), 0.5, 10.0)), 1)
+        g = 0.55 * c + rng.normal()
+        grade = 1 if g < -0.9 else 2 if g < 0.7 else 3
+        ki67 = int(np.clip(5 * round(20 * _sig(-1.5 + 0.5 * c + 0.9 * rng.normal())), 1, 95))
+        er = rng.random() >= _sig(-1.7 + 0.55 * c)
+        pr_draw = rng.random()
+        pr = pr_draw >= 0.18 if er else pr_draw < 0.08
+        expr = ("0", "1+", "2+", "3+")[int(rng.choice(4, p=(0.3, 0.3, 0.22, 0.18)))]
+        her2 = expr == "3+" or (expr == "2+" and rng.random() < 0.3)
+        if er or pr:
+            subtype = "Luminal B" if her2 or ki67 >= 20 else "Luminal A"
+        else:
+            subtype = "HER2(+)" if her2 else "Triple negative"
+        ttype = ("Invasive ductal carcinoma", "Invasive lobular carcinoma", "Other type")[
+            int(rng.choice(3, p=(0.85, 0.06, 0.09)))
+        ]
+        surgical = (
+            "Modified radical mastectomy" if rng.random() < _sig(0.9 * (size - 2.3)) else "Breast-conserving surgery"
+        )
+        nodes = 0 if label == "N0" else int(rng.integers(1, 3)) if label == "N+(1-2)" else 2 + int(rng.geometric(0.2))
+        miss = rng.random(3)  # a few empty cells, independent of everything else, as in the real sheet
+        rows.append(
+            dict(
+                zip(
+                    CLINICAL_COLUMNS,
+                    (
+                        pid,
+                        age,
+                        size,
+                        ttype,
+                        "Positive" if er else "Negative",
+                        "Positive" if pr else "Negative",
+                        "Positive" if her2 else "Negative",
+                        None if miss[0] < 0.03 else expr,
+                        None if miss[1] < 0.08 else grade,
+                        surgical,
+                        None if miss[2] < 0.03 else ki67,
+                        subtype,
+                        nodes,
+                        label,
+                    ),
+                    strict=True,
+                )
+            )
+        )
+    return rows
+
+
+def _write_xlsx(path: Path, rows: list[dict]) -> None:
+    import xlsxwriter
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    wb = xlsxwriter.Workbook(str(tmp))
+    ws = wb.add_worksheet("Sheet1")
+    ws.write_row(0, 0, CLINICAL_COLUMNS)
+    for r, row in enumerate(rows, 1):
+        for col, name in enumerate(CLINICAL_COLUMNS):
+            if row[name] is not None:
+                ws.write(r, col, row[name])
+    wb.close()
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- per-slide job
+
+
+def _dims(size: int) -> tuple[int, int]:
+    return size, round(0.75 * size)
+
+
+def _render(job: Job) -> dict:
+    img_path, ann_path, label, k, size, seed, fmt = job
+    w, h = _dims(size)
+    rgb, meta = _slide(np.random.default_rng([seed, 1, k]), label, w, h)
+    if fmt == "tiff":
+        levels = [rgb]
+        for d in DOWNSAMPLES[1:]:  # each level area-reduced from the one above
+            levels.append(cv2.resize(levels[-1], (w // d, h // d), interpolation=cv2.INTER_AREA))
+        _write_bytes(Path(img_path), _svs_bytes(levels))
+    else:
+        _write_bytes(Path(img_path), _jpeg(rgb))
+    polys = [
+        {"name": f"Annotation {i}", "vertices": [[int(x), int(y)] for x, y in o]}
+        for i, o in enumerate(meta["outlines"])
+    ]
+    if ann_path is not None:
+        _write_bytes(Path(ann_path), (json.dumps({"positive": polys}) + "\n").encode())
+    boxes = [[int(o[:, 0].min()), int(o[:, 1].min()), int(o[:, 0].max()), int(o[:, 1].max())] for o in meta["outlines"]]
+    return {"tumour_boxes": boxes, "pen": meta["pen"], "blur": meta["blur"]}
+
+
+def synth_camelyon(
+    out: Path, slides: int = 12, format: str = "tiff", size: int = 4096, seed: int = 0, workers: int = 1
+) -> dict:
+    """Write `slides` phantom breast core-biopsy WSIs and a BCNB clinical sheet under `out`.
+
+    format "tiff": slides/<id>.tif (Aperio-style pyramid, OpenSlide-readable) + annotations/<id>.json;
+    format "bcnb": WSIs/<n>.jpg + WSIs/<n>.json (BCNB's layout). Both: clinical.xlsx.
+    Returns {"root", "format", "slides": [{"id", "file", "annotation", "label", "tumour_boxes" ([x0, y0, x1, y1]
+    in level-0 px), "pen", "blur"}], "clinical", "mpp", "objective_power", "level_dimensions"}; paths in
+    "slides" are relative to root. Output depends only on the arguments (not on `workers`).
+    """
+    if slides < 2:
+        raise ValueError(f"slides must be >= 2 (at least one N0 and one N+), got {slides}")
+    if not 512 <= size <= MAX_SIZE:
+        raise ValueError(f"size must be in [512, {MAX_SIZE}] (level 0 is rendered in memory), got {size}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")  # numpy SeedSequence rejects negative entropy
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    labels = aln_labels(slides, seed)
+    if format == "tiff":
+        ids = [f"cnb_{k + 1:04d}" for k in range(slides)]
+        files = [f"slides/{i}.tif" for i in ids]
+        anns = [f"annotations/{i}.json" for i in ids]
+        sheet_ids: list[str | int] = list(ids)
+    else:
+        ids = [str(k + 1) for k in range(slides)]
+        files = [f"WSIs/{i}.jpg" for i in ids]
+        anns = [f"WSIs/{i}.json" for i in ids]
+        sheet_ids = list(range(1, slides + 1))
+    for rel in {Path(f).parent for f in files + anns}:
+        (out / rel).mkdir(parents=True, exist_ok=True)
+    jobs: list[Job] = [
+        (str(out / f), str(out / a), lb, k, size, seed, format)
+        for k, (f, a, lb) in enumerate(zip(files, anns, labels, strict=True))
+    ]
+    if workers > 1:
+        with ProcessPoolExecutor(min(workers, slides)) as pool:
+            results = list(pool.map(_render, jobs))
+    else:
+        results = [_render(j) for j in jobs]
+    _write_xlsx(out / "clinical.xlsx", clinical_rows(sheet_ids, labels, seed))
+    w, h = _dims(size)
+    return {
+        "root": str(out),
+        "format": format,
+        "slides": [
+            {"id": i, "file": f, "annotation": a, "label": lb, **r}
+            for i, f, a, lb, r in zip(ids, files, anns, labels, results, strict=True)
+        ],
+        "clinical": str(out / "clinical.xlsx"),
+        "mpp": MPP,
+        "objective_power": OBJECTIVE_POWER,
+        "level_dimensions": [[w // d, h // d] for d in DOWNSAMPLES] if format == "tiff" else [[w, h]],
+    }
