@@ -615,19 +615,23 @@ def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish."
 class Pipeline(StrEnum):
     multieye = "multieye"
     sall = "sall"
+    brats = "brats"
 
 
 @command()
 def demo(
-    pipeline: Annotated[Pipeline, typer.Argument(help="multieye (OCT -> fundus, CoDA) or sall (DR + AMD).")]
+    pipeline: Annotated[Pipeline, typer.Argument(help="multieye (OCT -> fundus, CoDA), sall (DR + AMD) or brats "
+                                                      "(4 sequences -> T1ce, ProtoKD).")]
     = Pipeline.multieye,
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder (phantoms, shards, checkpoints).")]
     = Path("kdcli-demo"),
     seeds: Annotated[int, typer.Option(help="Repeat training over this many seeds (mean ± spread).")] = 1,
     epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 30,
     per_class: Annotated[int, typer.Option(help="Phantom images per class and modality.")] = 60,
+    cases: Annotated[int, typer.Option(help="brats: phantom cases.")] = 24,
     size: Annotated[int, typer.Option(help="Image side.")] = 64,
-    model: Annotated[str, typer.Option(help="timm model for teacher and students.")] = "test_resnet",
+    model: Annotated[str, typer.Option(help="Model for teacher and students (default: test_resnet; brats: the "
+                                            "plain-8 U-Net).")] = "",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter KEY=VALUE for the "
                                                     "distillation method (coda or sall).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON results on stdout.")] = False,
@@ -637,7 +641,7 @@ def demo(
     multieye: OCT teacher, fundus baseline, CoDA fundus student. sall: single-task DR and AMD graders vs SALL."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model,
+    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases,
                                    method_params=parse_params(param)),
                        log=err)
     console(stderr=as_json).print(render_table(results))

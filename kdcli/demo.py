@@ -3,7 +3,9 @@ over one or more seeds.
 
 multieye: OCT teacher, fundus baseline (the student's architecture and head, no teacher) and the CoDA
           student, all evaluated on the same fundus test split.
-sall:     single-task DR and AMD graders against one SALL model, each on its task's test split."""
+sall:     single-task DR and AMD graders against one SALL model, each on its task's test split.
+brats:    4-sequence segmentation teacher, T1ce baseline and the ProtoKD T1ce student, Dice per tumour region
+          on the test volumes."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ ROLES = {  # role -> what it is
 
 SALL_METRICS = ("dr_accuracy", "dr_kappa", "amd_accuracy", "amd_kappa")
 SALL_ROLES = ("single-task DR", "single-task AMD", "SALL (both heads)")
+BRATS_METRICS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
+BRATS_ROLES = ("teacher (t1+t1ce+t2+flair)", "baseline (t1ce)", "ProtoKD student (t1ce)")
 
 
 @dataclass
@@ -34,7 +38,8 @@ class DemoOptions:
     per_class: int = 60
     size: int = 64
     pipeline: str = "multieye"
-    model: str = "test_resnet"
+    model: str = ""  # default per pipeline: test_resnet (classification), plain-8 (brats U-Net)
+    cases: int = 24  # brats: phantom cases (patients)
     batch_size: int = 32
     lr: float = 3e-3
     workers: int = 0
@@ -44,6 +49,9 @@ class DemoOptions:
 def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     if options.pipeline == "sall":
         return run_sall_demo(options, log)
+    if options.pipeline == "brats":
+        return run_brats_demo(options, log)
+    options.model = options.model or "test_resnet"
     from kdcli.evaluate.run import EvaluateOptions, evaluate
     from kdcli.prepare import PrepareOptions, prepare
     from kdcli.synth.multieye import synth_multieye
@@ -87,6 +95,7 @@ def run_sall_demo(options: DemoOptions, log: Callable[[str], None] = print) -> d
     from kdcli.synth.fundus_grading import synth_fundus_grading
     from kdcli.train import distill, resolve_config, teach
 
+    options.model = options.model or "test_resnet"
     started = time.perf_counter()
     out = Path(options.out) / "sall"
     raw, shards, checkpoints = out / "raw", out / "shards", out / "checkpoints"
@@ -119,6 +128,42 @@ def run_sall_demo(options: DemoOptions, log: Callable[[str], None] = print) -> d
             log(f"      {role:<18} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
     log("[4/4] summary")
     return _results(options, runs, SALL_METRICS, "graded fundus phantoms, per-task test splits", started)
+
+
+def run_brats_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from kdcli.evaluate.volumes import evaluate_segmentation
+    from kdcli.prepare import PrepareOptions, prepare
+    from kdcli.synth.brats import synth_brats
+    from kdcli.train import distill, resolve_config, teach
+
+    started = time.perf_counter()
+    out = Path(options.out) / "brats"
+    raw, shards, checkpoints = out / "raw", out / "shards", out / "checkpoints"
+    log(f"[1/4] synth brats ({options.cases} cases) -> {raw}")
+    synth_brats(raw, cases=options.cases, size=options.size, seed=0)
+    log(f"[2/4] prepare -> {shards}")
+    prepare(PrepareOptions(source="brats", raw=raw, out=shards, size=options.size, overwrite=True))
+    common = {"data": str(shards), "model": options.model or "plain-8", "epochs": options.epochs,
+              "batch_size": options.batch_size, "lr": options.lr, "workers": options.workers, "overwrite": True}
+    runs: dict[str, list[dict]] = {role: [] for role in BRATS_ROLES}
+    quiet = lambda message: None  # noqa: E731
+    for seed in range(options.seeds):
+        log(f"[3/4] seed {seed}: teacher, t1ce baseline, ProtoKD student ({options.epochs} epochs each)")
+        paths = dict(zip(BRATS_ROLES, (checkpoints / f"seed{seed}" / n for n in
+                                       ("teacher.pt", "t1ce-baseline.pt", "t1ce-protokd.pt")), strict=True))
+        teach(resolve_config({**common, "seed": seed, "modality": "t1,t1ce,t2,flair",
+                              "out": str(paths[BRATS_ROLES[0]])}), log=quiet)
+        teach(resolve_config({**common, "seed": seed, "modality": "t1ce", "out": str(paths[BRATS_ROLES[1]])}),
+              log=quiet)
+        distill(resolve_config({**common, "seed": seed, "modality": "t1ce", "method": "protokd",
+                                "teacher": [str(paths[BRATS_ROLES[0]])], "params": options.method_params or {},
+                                "out": str(paths[BRATS_ROLES[2]])}), log=quiet)
+        for role, path in paths.items():
+            metrics = evaluate_segmentation(path, shards, "test")["metrics"]
+            runs[role].append({k: metrics[k] for k in BRATS_METRICS})
+            log(f"      {role:<26} " + "  ".join(f"{k} {metrics[k]:.3f}" for k in BRATS_METRICS))
+    log("[4/4] summary")
+    return _results(options, runs, BRATS_METRICS, "BraTS phantoms, Dice on the test volumes", started)
 
 
 def _results(options: DemoOptions, runs: dict[str, list[dict]], metrics: tuple[str, ...], title: str,

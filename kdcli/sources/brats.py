@@ -105,7 +105,7 @@ def _case_files(folder: Path, names: list[str]) -> tuple[dict[str, dict[str, Pat
     misnamed = []
     for name in names:
         stem = _nifti_stem(name)
-        if stem is None:
+        if stem is None or name.startswith("."):  # macOS `._X_t1.nii.gz` resource forks ride along in zips
             continue
         match = SUFFIX.match(stem)
         if match:
@@ -189,7 +189,7 @@ def _find_cases(raw: Path, notes: list[str], skip_bad: bool) -> tuple[dict[str, 
     cases: dict[str, Case] = {}
     skipped: set[str] = set()
     for folder, dirs, names in os.walk(raw):
-        dirs.sort()  # deterministic order of cases and notes
+        dirs[:] = sorted(d for d in dirs if d != "__MACOSX" and not d.startswith("."))  # deterministic order
         folder_path = Path(folder)
         try:
             found = _folder_case(folder_path, sorted(names), notes)
@@ -472,9 +472,9 @@ class BratsSource(Source):
         naming = naming_of(record.files)
         et_value = ET_VALUE[naming]
         volumes = {name: _voxels(case, record.files[name], np.float32) for name in SEQUENCES}
-        label_image = nib.load(record.files["seg"])
-        raw_label = _voxels(case, record.files["seg"], np.int64)
-        label = np.rint(raw_label).astype(np.int64) if raw_label.dtype.kind == "f" else raw_label.astype(np.int64)
+        raw_label = _voxels(case, record.files["seg"], np.int32)
+        label_image = nib.load(record.files["seg"])  # header only: the data above already read cleanly
+        label = np.rint(raw_label).astype(np.int32) if raw_label.dtype.kind == "f" else raw_label.astype(np.int32)
         if raw_label.dtype.kind == "f" and not np.array_equal(label, raw_label):
             raise _case_error(case, f"{Path(record.files['seg']).name} holds non-integer labels")
         allowed = (0, 1, 2, et_value)
@@ -495,14 +495,12 @@ class BratsSource(Source):
         region = brain | (mapped > 0)
         if not region.any():
             raise _case_error(case, "every sequence is zero everywhere (no brain)")
-        normalised = {}
-        for name, volume in volumes.items():
+        for volume in volumes.values():  # in place: a 240x240x155 case is ~36 MB per float32 copy
             inside = volume[brain]
-            mean = float(inside.mean()) if inside.size else 0.0
-            std = float(inside.std()) if inside.size else 0.0
-            out = np.zeros_like(volume)
-            out[brain] = (inside - mean) / (std if std > 1e-8 else 1.0)  # a flat sequence becomes zeros, not NaN
-            normalised[name] = out
+            mean = float(inside.mean(dtype=np.float64)) if inside.size else 0.0
+            std = float(inside.std(dtype=np.float64)) if inside.size else 0.0
+            volume[brain] = (inside - mean) / (std if std > 1e-8 else 1.0)  # a flat sequence becomes 0s, not NaN
+            volume[~brain] = 0.0
 
         x0, x1 = _bounds(region.any(axis=(1, 2)))
         y0, y1 = _bounds(region.any(axis=(0, 2)))
@@ -522,7 +520,7 @@ class BratsSource(Source):
 
         def samples() -> Iterator[Sample]:
             for z in slices:
-                arrays = {name: _resize(_to_square(normalised[name][:, :, z], crop, pad, side), size,
+                arrays = {name: _resize(_to_square(volumes[name][:, :, z], crop, pad, side), size,
                                         cv2.INTER_LINEAR).astype(np.float16)[:, :, None] for name in SEQUENCES}
                 arrays["seg"] = _resize(_to_square(mapped[:, :, z], crop, pad, side), size,
                                         NEAREST)[:, :, None]

@@ -12,8 +12,8 @@ benign ducts (rings of small nuclei), lymphocyte clusters (small, very dark), sp
 and 1-5 tumour regions of nests of large, dark, pleomorphic nuclei with coarse chromatin. About a third of the
 slides carry a pen stroke (green or blue ink circling tissue) and a quarter an out-of-focus patch. Small slides
 keep nuclei at their real size but cap ducts and fat cells at a fraction of the strip width.
-Level 0 is rendered in memory (float32, a few full-size maps: ~1 GB at the 8192 cap); levels are area-reduced
-from it, which is cheap at these sizes.
+Level 0 is rendered in memory, float32 maps of the full slide: peak ~0.9 GB and ~2 s per slide at the default
+4096, ~3.5 GB and ~10 s at the 8192 cap, per worker. The reduced levels are area-averaged from level 0.
 
 Formats. "tiff": `slides/<id>.tif`, an Aperio-SVS-style tiled TIFF (256x256 JPEG tiles, YCbCr, levels at
 downsample 1, 4, 16) written by a small built-in TIFF writer: tifffile needs imagecodecs for JPEG, which this
@@ -36,7 +36,7 @@ tumour's extent and look, not by its presence.
 Calibration, N0 vs N+ (AUCs; `clinical_rows` over 20,000 patients): image latent 0.78, clinical latent 0.74,
 both 0.84. A logistic regression on the sheet's observed columns (size, Ki67, grade, ER, PR, HER2, age) trained
 on 10,000 patients scores 0.69 on 10,000 others (tumour size alone 0.66, Ki67 0.62, grade 0.60); with the image
-latent added, 0.82. On 80 slides at size 1024, the summed tumour-box area gives 0.76 and a crude dark-pixel
+latent added, 0.82. On 80 slides at size 1024, the summed tumour-box area gives 0.78 and a crude dark-pixel
 fraction of the tissue 0.63, so a slide model should land near 0.7-0.78: it has to cope with stain, geometry,
 pen, blur, benign ducts and lymphocyte clusters, none of which depend on the label. For scale, BCNB's authors
 report clinical-only 0.61, WSI 0.82 and WSI + clinical 0.83; the paper reports 0.861 for WSI + clinical.

@@ -239,12 +239,16 @@ def test_clinical_rows_per_patient_stable() -> None:
 
 
 def test_image_signal_tracks_label(tmp_path: Path) -> None:
-    # The image part of the signal: N+ slides carry more tumour on average, but the classes overlap.
-    info = synth_camelyon(tmp_path, slides=40, size=512, format="bcnb", seed=1)
-    area = np.array([sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in s["tumour_boxes"]) for s in info["slides"]])
+    # The image part of the signal: N+ slides carry more and larger tumour regions, but the classes overlap
+    # (the summed box area alone reaches ~0.7-0.75 AUC, never a clean split).
+    info = synth_camelyon(tmp_path, slides=100, size=512, format="bcnb", seed=1)
+    boxes = [s["tumour_boxes"] for s in info["slides"]]
+    area = np.array([sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in b) for b in boxes])
+    count = np.array([len(b) for b in boxes])
     y = np.array([s["label"] != "N0" for s in info["slides"]])
-    assert 0.6 < _auc(area[y], area[~y]) < 0.95
-    assert [s["label"] for s in info["slides"]].count("N0") == 24
+    assert y.sum() == 40
+    assert 0.62 < _auc(area[y], area[~y]) < 0.9
+    assert count[y].mean() > count[~y].mean() + 0.3
 
 
 # ---------------------------------------------------------------- determinism and arguments
