@@ -134,6 +134,41 @@ def synth_brats(
     err(f"wrote {len(summary['cases'])} cases ({naming} naming) to {out}")
 
 
+@command(synth_app, "cxr")
+def synth_cxr(
+    out: Annotated[Path, typer.Argument(help="Folder to write (NIH or MIMIC layout; gaze under egd-cxr/ or "
+                                             "reflacx/).")],
+    per_class: Annotated[int, typer.Option(help="Images per finding (plus as many without finding).")] = 6,
+    size: SynthSize = 256,
+    layout: Annotated[str, typer.Option(help="nih (ChestX-ray14) or mimic (MIMIC-CXR-JPG).")] = "nih",
+    gaze: Annotated[str, typer.Option(help="egd, reflacx or none.")] = "egd",
+    annotated_fraction: Annotated[float, typer.Option(help="Fraction of images with gaze (and NIH boxes).")] = 0.3,
+    dicom_fraction: Annotated[float, typer.Option(help="Fraction written as DICOM (half MONOCHROME1).")] = 0.0,
+    seed: SynthSeed = 0,
+    workers: SynthWorkers = 1,
+) -> None:
+    """Chest X-ray phantoms with subtle findings; gaze fixations and boxes gather on them."""
+    summary = run_synth("cxr", out, per_class=per_class, size=size, layout=layout, gaze=gaze,
+                        annotated_fraction=annotated_fraction, dicom_fraction=dicom_fraction, seed=seed,
+                        workers=workers)
+    err(f"wrote {len(summary['images'])} images ({layout} layout, gaze {gaze}) to {out}")
+
+
+@command(synth_app, "camelyon")
+def synth_camelyon(
+    out: Annotated[Path, typer.Argument(help="Folder to write: slides/ (tiff) or WSIs/ (bcnb), clinical.xlsx.")],
+    slides: Annotated[int, typer.Option(help="Slides (patients).")] = 12,
+    format: Annotated[str, typer.Option(help="tiff (pyramidal, OpenSlide) or bcnb (jpg + json outlines).")]
+    = "tiff",
+    size: Annotated[int, typer.Option(help="Level-0 width in pixels (20x, 0.5 um/px).")] = 4096,
+    seed: SynthSeed = 0,
+    workers: SynthWorkers = 1,
+) -> None:
+    """Core-needle biopsy slide phantoms and a BCNB clinical sheet; both carry part of the ALN signal."""
+    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers)
+    err(f"wrote {len(summary['slides'])} slides ({format}) and {summary['clinical']} to {out}")
+
+
 # --------------------------------------------------------------------------------------------- prepare
 class Compression(StrEnum):
     none = "none"
@@ -283,6 +318,42 @@ def prepare_brats(
     options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
                **({"splits": str(splits)} if splits else {})}
     run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
+
+
+class Uncertain(StrEnum):
+    ones = "ones"
+    zeros = "zeros"
+    ignore = "ignore"
+
+
+@command(prepare_app, "cxr")
+def prepare_cxr(
+    raw: Annotated[Path, typer.Argument(help="ChestX-ray14 folder (Data_Entry_2017.csv, images_*/) or "
+                                             "MIMIC-CXR-JPG folder (files/, the split/metadata/chexpert CSVs).")],
+    out: PrepOut,
+    gaze: Annotated[Path | None, typer.Option(help="EGD-CXR folder (master_sheet.csv, fixations.csv) or REFLACX "
+                                                   "folder (main_data/).")] = None,
+    boxes: Annotated[Path | None, typer.Option(help="NIH BBox_List_2017.csv.")] = None,
+    uncertain: Annotated[Uncertain, typer.Option(help="MIMIC/CheXpert -1 labels: ones (U-Ones), zeros or "
+                                                      "ignore (left out of loss and metrics).")] = Uncertain.ones,
+    egd_sigma: Annotated[float, typer.Option(help="EGD-CXR heat map Gaussian sigma in original-image pixels "
+                                                  "(official: 150).")] = 150.0,
+    size: PrepSize = 224,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: PrepOverwrite = False,
+    shard_size: PrepShardSize = 0,
+    compression: PrepCompression = Compression.none,
+    dev_fraction: Annotated[float, typer.Option(help="NIH: patients of train_val_list moved to dev.")] = 0.1,
+    split_seed: Annotated[int, typer.Option(help="Seed of the dev split.")] = 0,
+    labels: Annotated[str | None, typer.Option(help="Comma list restricting the label set.")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip bad rows/images with a report instead of stopping.")] = False,
+) -> None:
+    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits."""
+    options = {"uncertain": uncertain.value, "egd_sigma": egd_sigma, "dev_fraction": dev_fraction,
+               "seed": split_seed, "skip_bad": skip_bad,
+               **{k: str(v) for k, v in (("gaze", gaze), ("boxes", boxes), ("labels", labels)) if v is not None}}
+    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
 
 
 # --------------------------------------------------------------------------------------------- inspect
@@ -454,6 +525,17 @@ def _print_metrics(report: dict, to_stderr: bool) -> None:
     metrics = report["metrics"]
     if report.get("task") == "segmentation":
         _print_segmentation(report, out)
+        return
+    if "mean_auroc" in metrics:
+        table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']} (n={metrics['n']})")
+        table.add_column("label")
+        table.add_column("AUROC", justify="right")
+        table.add_column("AP", justify="right")
+        for name, auroc in metrics["per_label_auroc"].items():
+            if auroc is not None:
+                table.add_row(name, cell(auroc), cell(metrics["per_label_ap"][name]))
+        table.add_row("mean", cell(metrics["mean_auroc"]), cell(metrics["mean_ap"]))
+        out.print(table)
         return
     if report.get("tasks"):  # one row per label space (fundus-grading: dr, amd), each on its own rows
         table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']}")

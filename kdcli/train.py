@@ -18,7 +18,14 @@ import torch
 from kdcli import __version__
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint, sibling
 from kdcli.engine.device import seed_everything
-from kdcli.engine.loop import EngineConfig, FitResult, classification_validator, fit, multitask_validator
+from kdcli.engine.loop import (
+    EngineConfig,
+    FitResult,
+    classification_validator,
+    fit,
+    multilabel_validator,
+    multitask_validator,
+)
 from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
@@ -167,11 +174,17 @@ def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: 
 
 
 def load_model(checkpoint: Checkpoint) -> Classifier:
-    if checkpoint.meta["model"].get("arch") == "unet":
+    arch = checkpoint.meta["model"].get("arch")
+    if arch == "unet":
         from kdcli.segmentation import load_unet
 
         return load_unet(checkpoint)
-    model = Classifier(checkpoint.meta["model"])
+    if arch == "cvi":
+        from kdcli.models.cvi import CVIClassifier
+
+        model = CVIClassifier(checkpoint.meta["model"])
+    else:
+        model = Classifier(checkpoint.meta["model"])
     try:
         model.load_state_dict(checkpoint.model)
     except RuntimeError as exc:
@@ -208,7 +221,8 @@ def check_compatible(checkpoint: Checkpoint, store: ShardStore, modality: str | 
                          f"{store.meta.modalities[wanted]['shape'][2]}", path=checkpoint.path)
 
 
-def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: str | None):
+def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: str | None,
+           targets: tuple[str, ...] = ()):
     from kdcli.data.transforms import train_augmentation
     from kdcli.data.views import ModalityView, PairedView, UnpairedPartnerView
 
@@ -217,8 +231,8 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
 
     seed = cfg.engine.seed
     tasks = [cfg.task] if cfg.task else None
-    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks)
-    dev = ModalityView(store, "dev", cfg.modality, tasks=tasks)
+    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets)
+    dev = ModalityView(store, "dev", cfg.modality, tasks=tasks, targets=("labels",) if "labels" in targets else ())
     if len(student_train) == 0 or len(dev) == 0:
         raise KdcliError(f"no {cfg.modality} samples in train or dev", path=store.root)
     if pairing == "unpaired":
@@ -276,16 +290,16 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
         raise UsageError(f"--task is required: this dataset has {', '.join(store.meta.tasks)}")
     if cfg.task and not store.meta.tasks:
         raise UsageError("--task applies to datasets with several label spaces; this one has one")
-    cfg.method = "supervised"
+    multilabel = store.meta.task == "multilabel"
+    cfg.method = "multilabel" if multilabel else "supervised"
     seed_everything(cfg.engine.seed)  # before the model is built: its initial weights depend on it
-    method_cls = METHODS.get("supervised")
-    params = parse_params(method_cls.Params, cfg.params, "supervised")
+    method_cls = METHODS.get(cfg.method)
+    params = parse_params(method_cls.Params, cfg.params, cfg.method)
     model = build_student(cfg, store, cfg.modality)
-    train_set, dev_set, labels = _views(cfg, store, "none", None)
+    train_set, dev_set, labels = _views(cfg, store, "none", None, ("labels",) if multilabel else ())
     meta = _meta(cfg, store, model, "teacher", params, None)
     _write_config(out, meta)
-    validate = classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine,
-                                        ordinal=bool(cfg.task and store.meta.tasks[cfg.task].get("ordinal")))
+    validate = _validator(cfg, store, dev_set)
     return fit(method_cls(params, model), train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                train_labels=labels)
 
@@ -324,18 +338,33 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     cfg.task = cfg.task or checkpoints[0].meta.get("label_task") or ""
     teacher = teachers[0]
     seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
-    student = build_student(cfg, store, cfg.modality, template=teacher.spec)
+    student = method_cls.make_student(params, teacher)
+    if student is None:
+        student = build_student(cfg, store, cfg.modality, template=teacher.spec)
     if student.spec.get("head") == "concept" and teacher.spec.get("head") == "concept" and not cfg.concepts:
         student.head.concepts.copy_(teacher.head.concepts)
-    method = method_cls(params, student, teacher)
-    train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality)
+    method = method_cls(params, student, teacher if method_cls.uses_teacher_outputs else None)
+    targets = method_cls.targets or (("labels",) if store.meta.task == "multilabel" else ())
+    missing = [t for t in targets if t not in store.meta.targets]
+    if missing:
+        raise KdcliError(f"--method {cfg.method} needs {', '.join(missing)} in the data", path=store.root,
+                         hint="prepare the dataset with them (e.g. prepare cxr --gaze/--boxes)")
+    train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality, targets)
     if cfg.cache_teacher:
         train_set = _with_teacher_cache(cfg, store, train_set, {"teacher": teacher}, teacher_info, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
     _write_config(out, meta)
-    validate = classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine,
-                                        ordinal=bool(cfg.task and store.meta.tasks[cfg.task].get("ordinal")))
-    return fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=labels)
+    return fit(method, train_set, _validator(cfg, store, dev_set), cfg.engine, out, meta, resume=cfg.resume, log=log,
+               train_labels=labels)
+
+
+def _validator(cfg: TrainConfig, store: ShardStore, dev_set):
+    if store.meta.task == "multilabel":
+        if cfg.engine.metric == "macro_f1":  # the classification default; multi-label papers select by AUROC
+            cfg.engine.metric = "mean_auroc"
+        return multilabel_validator(dev_set, store.meta.classes, cfg.engine)
+    return classification_validator(dev_set, store.meta.classes_for(cfg.task or None), cfg.engine,
+                                    ordinal=bool(cfg.task and store.meta.tasks[cfg.task].get("ordinal")))
 
 
 def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, teacher_info, out, log) -> FitResult:

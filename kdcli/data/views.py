@@ -21,9 +21,12 @@ class ModalityView(Dataset):
     Augmentation is seeded per (seed, epoch, item), so a run gives the same batches with 0 or N workers."""
 
     def __init__(self, store: ShardStore, split: str, modality: str, augment=None, seed: int = 0,
-                 tasks: list[str] | None = None):
+                 tasks: list[str] | None = None, targets: tuple[str, ...] = ()):
         store.require_modality(modality)
         self.store, self.split, self.modality, self.augment = store, split, modality, augment
+        # Target arrays carried along (multi-label vectors, gaze heat maps, box masks): maps of the image's
+        # size follow its augmentation, so a heat map stays on the pixels it marks.
+        self.targets = tuple(targets)
         self.seed, self.epoch = seed, 0
         rows = store.rows(split, modality)
         if tasks:  # datasets with several label spaces: keep these tasks' samples, remember which is which
@@ -51,14 +54,36 @@ class ModalityView(Dataset):
                 array = array[:, :, None]
         return array
 
+    def with_targets(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The (augmented) image and its target arrays, spatial ones transformed with it."""
+        shard, index = self.shards[i], int(self.indices[i])
+        arrays = {name: self.store.read(shard, index, name) for name in self.targets}
+        if self.augment is None:
+            return self.store.read(shard, index, self.modality), arrays
+        image = self.store.read(shard, index, self.modality)
+        spatial = [name for name, a in arrays.items() if a.ndim == 3 and a.shape[:2] == image.shape[:2]]
+        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
+        self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        result = self.augment(image=image, masks=[arrays[name] for name in spatial])
+        for name, mask in zip(spatial, result["masks"], strict=True):
+            arrays[name] = mask if mask.ndim == 3 else mask[:, :, None]
+        image = result["image"]
+        return (image if image.ndim == 3 else image[:, :, None]), arrays
+
     def __getitem__(self, i: int) -> dict:
-        return {"image": to_tensor(self.image(i)), "label": int(self.labels[i]), "index": i,
-                "task": int(self.tasks[i]), "teacher_index": i}
+        if self.targets:
+            image, arrays = self.with_targets(i)
+            extra = {name: to_tensor(a) if a.ndim == 3 else torch.from_numpy(np.ascontiguousarray(a))
+                     for name, a in arrays.items()}
+        else:
+            image, extra = self.image(i), {}
+        return {"image": to_tensor(image), "label": int(self.labels[i]), "index": i,
+                "task": int(self.tasks[i]), "teacher_index": i, **extra}
 
     def __getitems__(self, indices: list[int]) -> list[dict] | dict:
         """DataLoader's batched fetch. Without augmentation: one h5py read per shard and the batch assembled
         here, already collated (see `collate`), instead of one dict and tensor per sample."""
-        if self.augment is not None:
+        if self.augment is not None or self.targets:
             return [self[i] for i in indices]
         by_shard: dict[str, list[int]] = {}
         for position, i in enumerate(indices):

@@ -116,18 +116,19 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
-            dtype: torch.dtype | None = None, head: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+            dtype: torch.dtype | None = None, head: str | None = None,
+            multilabel: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """Probabilities, labels and any extra outputs (e.g. concept similarities) over a loader; `head` picks one
-    task's logits from a multi-head model."""
+    task's logits from a multi-head model. Multi-label: sigmoid probabilities and the label vectors."""
     model.eval()
     probs, labels, extras = [], [], defaultdict(list)
     for batch in loader:
         batch = to_device(batch, device, False)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(batch["image"])
-        logits = out["task_logits"][head] if head else out["logits"]
-        probs.append(logits.float().softmax(1).cpu().numpy())
-        labels.append(batch["label"].cpu().numpy())
+        logits = (out["task_logits"][head] if head else out["logits"]).float()
+        probs.append((logits.sigmoid() if multilabel else logits.softmax(1)).cpu().numpy())
+        labels.append(batch["labels" if multilabel else "label"].cpu().numpy())
         if "sims" in out:
             extras["sims"].append(out["sims"][:, 0].float().cpu().numpy())
     return np.concatenate(probs), np.concatenate(labels), {k: np.concatenate(v) for k, v in extras.items()}
@@ -172,21 +173,24 @@ Validate = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict]
 
 
 def predict_sharded(model: torch.nn.Module, dataset: Dataset, cfg: EngineConfig, device: torch.device,
-                    dtype: torch.dtype | None, head: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    dtype: torch.dtype | None, head: str | None = None,
+                    multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """predict() over the whole dataset; under torchrun each rank predicts every world-th sample and the pieces
     are gathered, so every rank computes the same metrics from all of them."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world == 1:
-        probs, labels, _ = predict(model, make_loader(dataset, cfg, device, None, train=False), device, dtype, head)
+        probs, labels, _ = predict(model, make_loader(dataset, cfg, device, None, train=False), device, dtype, head,
+                                   multilabel)
         return probs, labels
     rank = dist.get_rank()
     indices = list(range(rank, len(dataset), world))
     mine = None  # a rank with no sample (dev split smaller than the world) contributes nothing
     if indices:
         subset = torch.utils.data.Subset(dataset, indices)
-        probs, labels, _ = predict(model, make_loader(subset, cfg, device, None, train=False), device, dtype, head)
+        probs, labels, _ = predict(model, make_loader(subset, cfg, device, None, train=False), device, dtype, head,
+                                   multilabel)
         mine = (indices, probs, labels)
     pieces: list = [None] * world
     dist.all_gather_object(pieces, mine)
@@ -203,6 +207,17 @@ def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineCo
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         probs, labels = predict_sharded(model, dev_set, cfg, device, dtype)
         return classification_metrics(labels, probs, classes, ordinal=ordinal)
+
+    return validate
+
+
+def multilabel_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig) -> Validate:
+    """Dev-split per-label AUROC; `mean_auroc` selects the best epoch."""
+    from kdcli.evaluate.metrics import multilabel_metrics
+
+    def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
+        probs, targets = predict_sharded(model, dev_set, cfg, device, dtype, multilabel=True)
+        return multilabel_metrics(targets, probs, classes)
 
     return validate
 
@@ -305,6 +320,9 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
         with batch_progress(len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}") as advance:
             for step, batch in enumerate(train_loader):
                 batch = to_device(batch, device, channels_last)
+                # how far training is, for methods with schedules of their own (CVI's KL annealing)
+                total_batches = max(1, cfg.epochs * len(train_loader))
+                method.__dict__["progress"] = (epoch * len(train_loader) + step) / total_batches
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     terms = step_fn(batch)
                 loss = sum(v for k, v in terms.items() if not k.startswith("_"))

@@ -39,3 +39,32 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         "confusion_matrix": skm.confusion_matrix(labels, predictions, labels=indices).tolist(),
         "n": int(len(labels)),
     }
+
+
+IGNORE = 255  # a multi-label target that is unknown (e.g. CheXpert's uncertain label under the `ignore` policy)
+
+
+def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Per-label AUROC and AP over the samples whose label is known (scikit-learn), their means over the labels
+    where both outcomes occur (`mean_auroc`, what ChestX-ray14 papers report), and F1 at 0.5. Labels with a
+    single outcome in the split get None and stay out of the means."""
+    per_auroc, per_ap, per_f1 = {}, {}, {}
+    for index, name in enumerate(classes):
+        known = targets[:, index] != IGNORE
+        truth, scores = targets[known, index].astype(int), probs[known, index]
+        if truth.size and 0 < truth.sum() < truth.size:
+            per_auroc[name] = float(skm.roc_auc_score(truth, scores))
+            per_ap[name] = float(skm.average_precision_score(truth, scores))
+            per_f1[name] = float(skm.f1_score(truth, scores >= 0.5, zero_division=0))
+        else:
+            per_auroc[name] = per_ap[name] = per_f1[name] = None
+    defined = [v for v in per_auroc.values() if v is not None]
+    return {
+        "mean_auroc": float(np.mean(defined)) if defined else None,
+        "mean_ap": float(np.mean([v for v in per_ap.values() if v is not None])) if defined else None,
+        "macro_f1": float(np.mean([v for v in per_f1.values() if v is not None])) if defined else None,
+        "labels_scored": len(defined),
+        "per_label_auroc": per_auroc,
+        "per_label_ap": per_ap,
+        "n": int(len(targets)),
+    }

@@ -137,6 +137,8 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     }
     if tasks:
         return {**report, "tasks": tasks, **evaluate_tasks(options, meta, store, model, device, tasks)}
+    if store.meta.task == "multilabel":
+        return {**report, **evaluate_multilabel(options, store, model, device)}
     view = split_view(store, options.split, meta["modality"])
     probs, labels, _ = predict_view(model, view, device, None, options.batch_size, options.workers)
     metrics = classification_metrics(labels, probs, store.classes)
@@ -147,6 +149,36 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         write_predictions(options.predictions, view.ids, labels, probs, store.classes)
     return {**report, "metrics": metrics, "figure": str(figure),
             "predictions": str(options.predictions) if options.predictions else None}
+
+
+def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Classifier,
+                        device: torch.device) -> dict[str, Any]:
+    """Per-label AUROC/AP and their means; --predictions: one probability column per label."""
+    import torch
+
+    from kdcli.data.views import ModalityView, collate
+    from kdcli.engine.device import amp_dtype
+    from kdcli.engine.loop import predict
+    from kdcli.evaluate.metrics import multilabel_metrics
+
+    view = ModalityView(store, options.split, "xray" if "xray" in store.meta.modalities else
+                        next(iter(store.meta.modalities)), targets=("labels",))
+    if len(view) == 0:
+        raise KdcliError(f"split {options.split!r} is empty", path=store.root)
+    loader = torch.utils.data.DataLoader(view, batch_size=options.batch_size, num_workers=options.workers,
+                                         collate_fn=collate)
+    probs, targets, _ = predict(model, loader, device, amp_dtype(device), multilabel=True)
+    metrics = multilabel_metrics(targets, probs, store.classes)
+    if options.predictions:
+        frame = pl.DataFrame({"id": view.ids, **{f"label_{c}": targets[:, i].astype(int)
+                                                 for i, c in enumerate(store.classes)},
+                              **{f"prob_{c}": probs[:, i] for i, c in enumerate(store.classes)}})
+        path = Path(options.predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        frame.write_parquet(tmp) if path.suffix == ".parquet" else frame.write_csv(tmp)
+        tmp.replace(path)
+    return {"metrics": metrics, "predictions": str(options.predictions) if options.predictions else None}
 
 
 def evaluate_tasks(options: EvaluateOptions, meta: dict[str, Any], store: ShardStore, model: Classifier,

@@ -174,6 +174,10 @@ def check_options(options: ExplainOptions) -> Path:
 
 
 def explain(options: ExplainOptions) -> Path:
+    if load_checkpoint(Path(options.checkpoint)).meta.get("task") == "segmentation":
+        from kdcli.explain.segmentation import explain_segmentation
+
+        return explain_segmentation(options)
     out = check_options(options)
     checkpoint = load_checkpoint(Path(options.checkpoint))
     store = ShardStore(options.data)

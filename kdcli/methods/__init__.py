@@ -11,3 +11,6 @@ METHODS.add("segmentation", "kdcli.methods.segmentation:Segmentation",
             "CE + soft Dice on label maps (teach on segmentation datasets)")
 METHODS.add("protokd", "kdcli.methods.protokd:ProtoKD",
             "ProtoKD: multi-sequence teacher -> one-sequence segmentation student (pixel KD + prototype maps)")
+METHODS.add("multilabel", "kdcli.methods.multilabel:MultiLabel", "BCE per label (teach on multi-label datasets)")
+METHODS.add("cvi", "kdcli.methods.cvi:CVI",
+            "coarse-to-fine CXR stage 2: gaze/box posterior distilled into the image prior (KL), lower layers frozen")

@@ -27,6 +27,13 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = False
     pairing: ClassVar[str] = "none"  # "none" | "unpaired" (class-matched partner) | "paired"
     per_task_teachers: ClassVar[bool] = False  # True: one teacher per task (dict task -> model), multi-head student
+    targets: ClassVar[tuple[str, ...]] = ()  # target arrays the batches must carry besides "label" (e.g. gaze maps)
+    uses_teacher_outputs: ClassVar[bool] = True  # False: the teacher only seeds the student (CVI's stage 1)
+
+    @classmethod
+    def make_student(cls, params: Any, teacher: nn.Module) -> nn.Module | None:
+        """A student built from the teacher itself (e.g. its weights, partly frozen); None: the usual student."""
+        return None
 
     def __init__(self, params: Any, student: nn.Module, teacher: nn.Module | dict[str, nn.Module] | None = None):
         super().__init__()

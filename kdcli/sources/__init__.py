@@ -18,3 +18,13 @@ SOURCES.add(
     "kdcli.sources.brats:BratsSource",
     "BraTS 2018-2023 NIfTI cases (any release's naming): 4 MRI sequences + tumour labels, stored as axial slices",
 )
+SOURCES.add(
+    "cxr",
+    "kdcli.sources.cxr:CxrSource",
+    "ChestX-ray14 or MIMIC-CXR-JPG multi-label X-rays, with EGD-CXR/REFLACX gaze heat maps and NIH boxes",
+)
+SOURCES.add(
+    "camelyon",
+    "kdcli.sources.camelyon:CamelyonSource",
+    "whole-slide images (OpenSlide formats or BCNB jpg+json) + a clinical sheet: tissue patches per slide",
+)
