@@ -698,12 +698,13 @@ class Pipeline(StrEnum):
     multieye = "multieye"
     sall = "sall"
     brats = "brats"
+    cxr = "cxr"
 
 
 @command()
 def demo(
     pipeline: Annotated[Pipeline, typer.Argument(help="multieye (OCT -> fundus, CoDA), sall (DR + AMD) or brats "
-                                                      "(4 sequences -> T1ce, ProtoKD).")]
+                                                      "(4 sequences -> T1ce, ProtoKD) or cxr (gaze, CVI).")]
     = Pipeline.multieye,
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder (phantoms, shards, checkpoints).")]
     = Path("kdcli-demo"),
@@ -711,6 +712,7 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 30,
     per_class: Annotated[int, typer.Option(help="Phantom images per class and modality.")] = 60,
     cases: Annotated[int, typer.Option(help="brats: phantom cases.")] = 24,
+    annotated: Annotated[float, typer.Option(help="cxr: fraction of images with gaze and boxes.")] = 0.1,
     size: Annotated[int, typer.Option(help="Image side.")] = 64,
     model: Annotated[str, typer.Option(help="Model for teacher and students (default: test_resnet; brats: the "
                                             "plain-8 U-Net).")] = "",
@@ -723,7 +725,7 @@ def demo(
     multieye: OCT teacher, fundus baseline, CoDA fundus student. sall: single-task DR and AMD graders vs SALL."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases,
+    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases, annotated=annotated,
                                    method_params=parse_params(param)),
                        log=err)
     console(stderr=as_json).print(render_table(results))
