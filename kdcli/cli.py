@@ -725,7 +725,8 @@ def demo(
     multieye: OCT teacher, fundus baseline, CoDA fundus student. sall: single-task DR and AMD graders vs SALL."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases, annotated=annotated,
+    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases,
+                                   annotated=annotated,
                                    method_params=parse_params(param)),
                        log=err)
     console(stderr=as_json).print(render_table(results))
