@@ -344,6 +344,7 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     if student.spec.get("head") == "concept" and teacher.spec.get("head") == "concept" and not cfg.concepts:
         student.head.concepts.copy_(teacher.head.concepts)
     method = method_cls(params, student, teacher if method_cls.uses_teacher_outputs else None)
+    method_cls.check_data(store.meta)
     targets = method_cls.targets or (("labels",) if store.meta.task == "multilabel" else ())
     missing = [t for t in targets if t not in store.meta.targets]
     if missing:

@@ -31,6 +31,10 @@ class Method(nn.Module):
     uses_teacher_outputs: ClassVar[bool] = True  # False: the teacher only seeds the student (CVI's stage 1)
 
     @classmethod
+    def check_data(cls, meta: Any) -> None:
+        """Refuse a dataset the method cannot learn from (DatasetMeta), with a clear KdcliError."""
+
+    @classmethod
     def make_student(cls, params: Any, teacher: nn.Module) -> nn.Module | None:
         """A student built from the teacher itself (e.g. its weights, partly frozen); None: the usual student."""
         return None

@@ -55,6 +55,14 @@ class CVI(Method):
     uses_teacher_outputs = False
 
     @classmethod
+    def check_data(cls, meta) -> None:
+        if not meta.extra.get("annotated_fraction"):
+            from kdcli.errors import KdcliError
+
+            raise KdcliError("no training image has gaze or boxes: CVI has nothing to distil",
+                             hint="prepare with --gaze DIR and/or --boxes CSV")
+
+    @classmethod
     def make_student(cls, params: CVIParams, teacher: torch.nn.Module) -> torch.nn.Module:
         from kdcli.models.cvi import CVIClassifier
 

@@ -27,7 +27,8 @@ to prepare's worker processes with their shard job, so workers never re-read the
 the train statistics.
 
 Patches (after CLAM / TRIDENT): the tissue mask is built on a thumbnail (downsample <= 64 and fine enough for
-~8 mask pixels per patch side) read from the pyramid level closest below, in blocks, never level 0 in full:
+~8 mask pixels per patch side) area-reduced from the pyramid level closest below half that downsample (the
+coarsest JPEG levels smear colour around the tissue), read in blocks, never level 0 in one piece:
 HSV saturation, median blur (7), > `tissue_threshold` (CLAM's sthresh 8), morphological close (4x4), pieces
 smaller than a quarter patch dropped and holes smaller than a patch filled (CLAM's a_t / a_h, scaled to the
 patch because slides come at any size). Native magnification: `openslide.objective-power`, else 10 / mpp-x,
@@ -80,6 +81,7 @@ SHEET_HINT = "fix the sheet, or pass --skip-bad to leave the slide out"
 THUMB_MAX_DOWNSAMPLE = 64.0  # CLAM segments on the level closest to 64x
 MASK_PX_PER_PATCH = 8.0  # at least this many mask pixels along a patch side
 BLOCK = 2048  # thumbnail level read in blocks of at most BLOCK x BLOCK pixels
+THUMB_MAX_READ = 64_000_000  # pixels of the level read for the thumbnail, when a coarser level can do
 MEDIAN = 7  # CLAM's mthresh
 CLOSE = 4  # CLAM's close
 
@@ -402,18 +404,19 @@ def tissue_mask(rgb: np.ndarray, threshold: int, patch_px: float) -> np.ndarray:
     return mask > 0
 
 
-def read_outlines(path: str) -> list[np.ndarray]:
+def read_outlines(path: str, slide: str = "") -> list[np.ndarray]:
     """Tumour polygons (float level-0 x, y) from an ASAP-style JSON file; KdcliError naming the file when bad."""
+    where = f"slide {slide}: {path}" if slide else path
     try:
         payload = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise KdcliError(f"not a valid outline JSON ({_reason(exc, path)})", path=path,
+        raise KdcliError(f"not a valid outline JSON ({_reason(exc, path)})", path=where,
                          hint='expected {"positive": [{"vertices": [[x, y], ...]}]}; fix or delete the file, '
                               "or pass --skip-bad") from None
     polygons = []
     entries = payload.get("positive", []) if isinstance(payload, dict) else None
     if not isinstance(entries, list):
-        raise KdcliError('expected {"positive": [{"vertices": [[x, y], ...]}, ...]}', path=path,
+        raise KdcliError('expected {"positive": [{"vertices": [[x, y], ...]}, ...]}', path=where,
                          hint="fix or delete the file, or pass --skip-bad")
     for number, entry in enumerate(entries):
         vertices = entry.get("vertices") if isinstance(entry, dict) else None
@@ -422,7 +425,7 @@ def read_outlines(path: str) -> list[np.ndarray]:
         except (TypeError, ValueError):
             array = np.zeros((0,))
         if array.ndim != 2 or array.shape[1] != 2 or len(array) < 3 or not np.isfinite(array).all():
-            raise KdcliError(f"outline {number}: vertices must be 3+ [x, y] number pairs", path=path,
+            raise KdcliError(f"outline {number}: vertices must be 3+ [x, y] number pairs", path=where,
                              hint="fix or delete the file, or pass --skip-bad")
         polygons.append(array)
     return polygons
@@ -438,7 +441,7 @@ class _Slide:
             image = cv2.imread(path, cv2.IMREAD_COLOR)
             if image is None:
                 raise _slide_error(slide_id, f"{path}: OpenCV cannot decode the JPEG (damaged or truncated?)")
-            self.image = image[..., ::-1]  # RGB view
+            self.image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: a BCNB jpg can be large
             self.dimensions = (int(image.shape[1]), int(image.shape[0]))
             self.downsamples = [1.0]
             self.native = native_option
@@ -496,8 +499,13 @@ class _Slide:
         width, height = self.dimensions
         size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
         if self.jpeg:
-            return cv2.resize(np.ascontiguousarray(self.image), size, interpolation=cv2.INTER_AREA), 0
-        level = self.level_below(downsample)
+            return cv2.resize(self.image, size, interpolation=cv2.INTER_AREA), 0
+        # At least twice finer than the mask: a pyramid's coarsest JPEG levels smear chroma (4:2:0) a pixel or
+        # two around the tissue, which saturation reads as tissue. A coarser level when that one is too big.
+        level = self.level_below(downsample / 2)
+        while level + 1 < len(self.downsamples) and self.downsamples[level + 1] <= downsample * (1 + 1e-3) and \
+                math.prod(self.slide.level_dimensions[level]) > THUMB_MAX_READ:
+            level += 1
         scale = self.downsamples[level]
         level_w, level_h = self.slide.level_dimensions[level]
         sx, sy = size[0] / level_w, size[1] / level_h
@@ -526,9 +534,8 @@ def spread_sample(count: int, limit: int, seed: int) -> list[int]:
     if limit <= 0 or count <= limit:
         return list(range(count))
     rng = np.random.default_rng(seed)
-    edges = np.linspace(0, count, limit + 1)
-    picks = [int(lo) + int(rng.integers(0, max(1, int(hi) - int(lo)))) for lo, hi in zip(edges[:-1], edges[1:])]
-    return sorted(set(min(p, count - 1) for p in picks))
+    edges = [int(e) for e in np.linspace(0, count, limit + 1)]  # count > limit: every run holds 1+ candidates
+    return [edges[i] + int(rng.integers(0, edges[i + 1] - edges[i])) for i in range(limit)]
 
 
 # ---------------------------------------------------------------- the source
@@ -712,7 +719,7 @@ class CamelyonSource(Source):
             raise KdcliError(f"record {record.id} carries no clinical vector",
                              hint="camelyon records come from CamelyonSource.scan (a SlideRecord)")
         slide_id = record.id
-        outlines = read_outlines(record.outline) if record.outline else []
+        outlines = read_outlines(record.outline, slide_id) if record.outline else []
         slide = _Slide(slide_id, record.files["wsi"], self.native_mag if self.native_mag else
                        (self.mag if Path(record.files["wsi"]).suffix.lower() in JPEG_SUFFIXES else None))
         try:
