@@ -356,6 +356,47 @@ def prepare_cxr(
     run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
 
 
+@command(prepare_app, "camelyon")
+def prepare_camelyon(
+    raw: Annotated[Path, typer.Argument(help="Folder of slides (OpenSlide formats, or BCNB WSIs/*.jpg + .json).")],
+    out: PrepOut,
+    clinical: Annotated[Path | None, typer.Option(help="Clinical sheet (.xlsx/.csv; default raw/clinical.xlsx).")]
+    = None,
+    mag: Annotated[float, typer.Option(help="Magnification of the patches (objective power).")] = 20.0,
+    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --mag (then resized to --size).")] = 256,
+    max_patches: Annotated[int, typer.Option(help="Patches kept per slide, spread over the tissue (0: all).")] = 64,
+    size: PrepSize = 224,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: PrepOverwrite = False,
+    shard_size: PrepShardSize = 0,
+    compression: PrepCompression = Compression.none,
+    id_column: Annotated[str, typer.Option(help="Sheet column holding the slide/patient id.")] = "Patient ID",
+    label_column: Annotated[str, typer.Option(help="Sheet column holding the ALN status.")] = "ALN status",
+    binary: Annotated[bool, typer.Option(help="N0 vs N+ (else N0 / N+(1-2) / N+(>2)).")] = True,
+    native_mag: Annotated[float | None, typer.Option(help="Magnification of JPEG slides, or of slides that "
+                                                          "record neither objective power nor mpp.")] = None,
+    tissue_threshold: Annotated[int, typer.Option(help="Saturation threshold of the tissue mask (CLAM's).")] = 8,
+    min_tissue: Annotated[float, typer.Option(help="Tissue fraction a patch needs.")] = 0.5,
+    annotated_only: Annotated[bool, typer.Option(help="Only patches inside the tumour outlines.")] = False,
+    ratios: Annotated[str, typer.Option(help="train,dev,test fractions (stratified by label).")] = "0.6,0.2,0.2",
+    split_seed: Annotated[int, typer.Option(help="Seed of the split and the patch choice.")] = 0,
+    thumbnails: Annotated[bool, typer.Option(help="A tissue-mask/patch thumbnail PNG per slide in "
+                                                  "<out>/thumbnails/.")] = True,
+    skip_bad: Annotated[bool, typer.Option(help="Skip bad slides/rows with a report instead of stopping.")] = False,
+) -> None:
+    """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
+    clinical record per slide (missing values kept as missing)."""
+    options = {"mag": mag, "patch_size": patch_size, "max_patches": max_patches, "id_column": id_column,
+               "label_column": label_column, "binary": binary, "tissue_threshold": tissue_threshold,
+               "min_tissue": min_tissue, "annotated_only": annotated_only, "ratios": ratios, "seed": split_seed,
+               "skip_bad": skip_bad,
+               **({"clinical": str(clinical)} if clinical else {}),
+               **({"native_mag": native_mag} if native_mag else {}),
+               **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
+    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
+
+
 # --------------------------------------------------------------------------------------------- inspect
 @command()
 def inspect(

@@ -280,5 +280,6 @@ def test_distill_unknown_method_is_one_error_line(multieye_shards: Path, tmp_pat
     result = CliRunner().invoke(app, ["distill", "--data", str(multieye_shards), "--student", "fundus",
                                       "--method", "nope", "--out", str(tmp_path / "s.pt")])
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == ["error: unknown method 'nope'; known: coda, cvi, kd, multilabel, protokd, sall, segmentation, supervised"]
+    assert result.output.strip().splitlines() == [
+        "error: unknown method 'nope'; known: coda, cvi, kd, multilabel, protokd, sall, segmentation, supervised"]
     assert result.exception is None or isinstance(result.exception, SystemExit)

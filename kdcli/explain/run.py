@@ -178,6 +178,10 @@ def explain(options: ExplainOptions) -> Path:
         from kdcli.explain.segmentation import explain_segmentation
 
         return explain_segmentation(options)
+    if ShardStore(options.data).meta.task == "multilabel":
+        from kdcli.explain.gaze import explain_multilabel
+
+        return explain_multilabel(options)
     out = check_options(options)
     checkpoint = load_checkpoint(Path(options.checkpoint))
     store = ShardStore(options.data)
