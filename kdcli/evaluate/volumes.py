@@ -2,7 +2,7 @@
 region and case, the missing-sequence sweep, and predicted label volumes as NIfTI in the original grid.
 
 Metrics are computed on the stored grid (the brain crop resized to `--size`, every brain slice kept for dev and
-test); HD95 is in millimetres, taking a voxel as (side / size, side / size, 1) mm for 1 mm BraTS volumes.
+test); HD95 is in millimetres: the NIfTI voxel size, in-plane scaled by side / size of the crop's resize.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ def subsets(modalities: list[str], spec: str) -> list[tuple[str, ...]]:
 
 
 def _spacing(records: dict[str, Any], case: str) -> tuple[float, float, float]:
+    """Voxel size in mm of the stored grid: the NIfTI voxel size, in-plane scaled by the crop's resize."""
     info = records.get(case) or {}
+    x, y, z = (float(v) for v in info.get("spacing", (1.0, 1.0, 1.0)))
     if "side" in info and "size" in info:
         scale = float(info["side"]) / float(info["size"])
-        return (scale, scale, 1.0)
-    return (1.0, 1.0, 1.0)
+        return (x * scale, y * scale, z)
+    return (x, y, z)
 
 
 def evaluate_segmentation(checkpoint_path: Path, data: Path, split: str = "test", missing: str | None = None,
