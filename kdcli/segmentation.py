@@ -22,7 +22,7 @@ from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.unet import UNet
 from kdcli.shards.reader import ShardStore
-from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict
+from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict, load_weights
 
 PLAIN = re.compile(r"^plain(?:-(\d+))?(?:-(\d+))?$")  # plain[-BASE[-DEPTH]]: ProtoKD's 16 filters, 4 levels
 
@@ -59,13 +59,7 @@ def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], templ
 
 
 def load_unet(checkpoint: Checkpoint) -> UNet:
-    model = UNet(checkpoint.meta["model"])
-    try:
-        model.load_state_dict(checkpoint.model)
-    except RuntimeError as exc:
-        raise KdcliError(f"weights do not fit the recorded architecture ({str(exc).splitlines()[0]})",
-                         path=checkpoint.path, hint="the checkpoint is damaged; retrain") from None
-    return model.eval()
+    return load_weights(UNet(checkpoint.meta["model"]), checkpoint)
 
 
 def check_segmentation_checkpoint(checkpoint: Checkpoint, store: ShardStore) -> list[str]:

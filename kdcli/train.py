@@ -185,6 +185,11 @@ def load_model(checkpoint: Checkpoint) -> Classifier:
         model = CVIClassifier(checkpoint.meta["model"])
     else:
         model = Classifier(checkpoint.meta["model"])
+    return load_weights(model, checkpoint)
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> torch.nn.Module:
+    """The checkpoint's weights into the model its meta describes, in eval mode; a mismatch is a damaged file."""
     try:
         model.load_state_dict(checkpoint.model)
     except RuntimeError as exc:

@@ -19,7 +19,6 @@ of side `side` and resized to `size`. `info` per record holds what `label_volume
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.sources.base import Record, Sample, Scan, Source
+from kdcli.sources.splits import parse_ratios, stable_seed
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -78,11 +78,6 @@ def patient_of(case: str) -> str:
     """2023 ids end in a timepoint (`BraTS-GLI-00012-001`): its cases share a patient. Older ids are patients."""
     match = TIMEPOINT.match(case)
     return match.group("patient") if match else case
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed from strings and numbers that is the same in every process (Python's hash() is salted)."""
-    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
 def _reason(exc: Exception, path: str | Path) -> str:
@@ -212,17 +207,6 @@ def _find_cases(raw: Path, notes: list[str], skip_bad: bool) -> tuple[dict[str, 
 
 # ---------------------------------------------------------------- splits
 
-
-def parse_ratios(value: Any) -> tuple[float, float, float]:
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        ratios = tuple(float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise KdcliError(f"--ratios {value!r}: expected three numbers train,dev,test like 0.7,0.1,0.2") from None
-    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
-        raise KdcliError(f"--ratios {value!r}: expected three non-negative numbers train,dev,test like 0.7,0.1,0.2")
-    total = sum(ratios)
-    return ratios[0] / total, ratios[1] / total, ratios[2] / total
 
 
 def split_groups(groups: list[str], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:

@@ -43,7 +43,6 @@ needed one, resized to exactly `patch_size`, then to prepare's `size`. `coords` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -58,6 +57,7 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.sources.base import Record, Sample, Scan, Source
+from kdcli.sources.splits import parse_ratios, stable_seed
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes
 
@@ -86,21 +86,6 @@ MEDIAN = 7  # CLAM's mthresh
 CLOSE = 4  # CLAM's close
 
 
-def stable_seed(*parts: object) -> int:
-    """A seed that is the same in every process (Python's hash() is salted)."""
-    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
-def parse_ratios(value: Any) -> tuple[float, float, float]:
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        ratios = tuple(float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise KdcliError(f"--ratios {value!r}: expected three numbers train,dev,test like 0.6,0.2,0.2") from None
-    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
-        raise KdcliError(f"--ratios {value!r}: expected three non-negative numbers train,dev,test like 0.6,0.2,0.2")
-    total = sum(ratios)
-    return ratios[0] / total, ratios[1] / total, ratios[2] / total
 
 
 @dataclass(frozen=True)
@@ -580,7 +565,7 @@ class CamelyonSource(Source):
         self.skip_bad = bool(get("skip_bad", False))
         self.id_column = str(get("id_column", "Patient ID"))
         self.label_column = str(get("label_column", "ALN status"))
-        self.ratios = parse_ratios(get("ratios", "0.6,0.2,0.2"))
+        self.ratios = parse_ratios(get("ratios", "0.6,0.2,0.2"), "0.6,0.2,0.2")
         self.thumbnails = options.get("thumbnails") or None
 
     # ------------------------------------------------------------ scan
