@@ -542,6 +542,8 @@ def evaluate(
     missing: Annotated[str | None, typer.Option(help="Segmentation: evaluate with sequences left out (zero-"
                                                      "filled): `all` non-empty subsets, or e.g. t1ce+flair,t2.")]
     = None,
+    missing_rate: Annotated[str | None, typer.Option(help="Slides: fractions of test patients whose clinical "
+                                                          "record is withheld, e.g. 0,0.2,0.4,0.6,0.8.")] = None,
     device: Device = None,
 ) -> None:
     """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1; for segmentation
@@ -550,7 +552,7 @@ def evaluate(
     from kdcli.evaluate.run import evaluate as run_evaluate
 
     report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
-                                          missing=missing))
+                                          missing=missing, missing_rate=missing_rate))
     _print_metrics(report, to_stderr=as_json)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -566,6 +568,15 @@ def _print_metrics(report: dict, to_stderr: bool) -> None:
     metrics = report["metrics"]
     if report.get("task") == "segmentation":
         _print_segmentation(report, out)
+        return
+    if report.get("task") == "mil":
+        rows = metrics if "missing_rates" in report else {"0": metrics}
+        table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']}")
+        for column in ("clinical missing", "AUC", "accuracy", "macro-F1", "slides"):
+            table.add_column(column, justify="right")
+        for rate, m in rows.items():
+            table.add_row(rate, cell(m["auc"]), cell(m["accuracy"]), cell(m["macro_f1"]), str(m["n"]))
+        out.print(table)
         return
     if "mean_auroc" in metrics:
         table = Table(title=f"{report['checkpoint']} — {report['modality']}, {report['split']} (n={metrics['n']})")
@@ -740,19 +751,21 @@ class Pipeline(StrEnum):
     sall = "sall"
     brats = "brats"
     cxr = "cxr"
+    wsi = "wsi"
 
 
 @command()
 def demo(
     pipeline: Annotated[Pipeline, typer.Argument(help="multieye (OCT -> fundus, CoDA), sall (DR + AMD) or brats "
-                                                      "(4 sequences -> T1ce, ProtoKD) or cxr (gaze, CVI).")]
+                                                      "(4 sequences -> T1ce, ProtoKD), cxr (gaze, CVI) or wsi "
+                                                      "(slides + clinical, bidirectional).")]
     = Pipeline.multieye,
     out: Annotated[Path, typer.Option("--out", "-o", help="Working folder (phantoms, shards, checkpoints).")]
     = Path("kdcli-demo"),
     seeds: Annotated[int, typer.Option(help="Repeat training over this many seeds (mean ± spread).")] = 1,
     epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 30,
     per_class: Annotated[int, typer.Option(help="Phantom images per class and modality.")] = 60,
-    cases: Annotated[int, typer.Option(help="brats: phantom cases.")] = 24,
+    cases: Annotated[int, typer.Option(help="brats: phantom cases; wsi: slides.")] = 24,
     annotated: Annotated[float, typer.Option(help="cxr: fraction of images with gaze and boxes.")] = 0.1,
     size: Annotated[int, typer.Option(help="Image side.")] = 64,
     model: Annotated[str, typer.Option(help="Model for teacher and students (default: test_resnet; brats: the "

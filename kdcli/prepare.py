@@ -282,8 +282,8 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
                     for m, c in scan.modalities.items()},
         targets={name: {"shape": spec.get("shape") or [size, size, spec["channels"]],
                         "dtype": spec.get("dtype", "uint8"),
-                        **{k: v for k, v in spec.items() if k not in ("channels", "dtype", "role", "shape")}}
-                 for name, spec in scan.arrays.items() if spec.get("role") == "target"},
+                        **{k: v for k, v in spec.items() if k not in ("channels", "dtype", "shape")}}
+                 for name, spec in scan.arrays.items() if name not in scan.modalities},
         pairing=scan.pairing,
         tasks=tasks,
         counts={m: {s: int(c.get(s, 0)) for s in SPLITS} for m, c in counts.items()},

@@ -183,6 +183,10 @@ def load_model(checkpoint: Checkpoint) -> Classifier:
         from kdcli.models.cvi import CVIClassifier
 
         model = CVIClassifier(checkpoint.meta["model"])
+    elif arch == "mil":
+        from kdcli.models.mil import MILClassifier
+
+        model = MILClassifier(checkpoint.meta["model"])
     else:
         model = Classifier(checkpoint.meta["model"])
     return load_weights(model, checkpoint)
@@ -287,6 +291,10 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
         from kdcli.segmentation import teach_segmentation
 
         return teach_segmentation(cfg, store, log)
+    if store.meta.task == "mil":
+        from kdcli.mil import teach_mil
+
+        return teach_mil(cfg, store, log)
     if not cfg.modality and len(store.meta.modalities) == 1:
         cfg.modality = next(iter(store.meta.modalities))
     if not cfg.modality:
@@ -319,6 +327,10 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
         from kdcli.segmentation import distill_segmentation
 
         return distill_segmentation(cfg, store, log)
+    if store.meta.task == "mil":
+        from kdcli.mil import distill_mil
+
+        return distill_mil(cfg, store, log)
     if not method_cls.per_task_teachers and len(cfg.teacher) != 1:
         raise UsageError(f"--method {cfg.method} takes exactly one --teacher checkpoint")
     params = parse_params(method_cls.Params, cfg.params, cfg.method)

@@ -85,8 +85,11 @@ def make_loader(dataset: Dataset, cfg: EngineConfig, device: torch.device, label
             sampler = RankShard(sampler, ranks)
     from kdcli.data.views import collate
 
+    # views with items of their own shape (slide bags) bring their own collate
+    collate_fn = getattr(getattr(dataset, "dataset", dataset), "collate", None) or collate
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers, collate_fn=collate,
+        dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers,
+        collate_fn=collate_fn,
         pin_memory=device.type == "cuda", drop_last=train and len(dataset) >= cfg.batch_size,
         persistent_workers=cfg.workers > 0, worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(cfg.seed),

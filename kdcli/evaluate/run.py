@@ -37,6 +37,7 @@ class EvaluateOptions:
     batch_size: int = 64
     workers: int = 0
     missing: str | None = None  # segmentation: "all" or "t1ce+flair,t2", sequences zero-filled
+    missing_rate: str | None = None  # slides: "0,0.2,0.4" fractions of test patients without clinical record
 
 
 def label_tasks(meta: dict[str, Any]) -> list[str]:
@@ -119,11 +120,19 @@ def check_predictions_path(path: Path | None) -> None:
 def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if options.split not in ("train", "dev", "test"):
         raise UsageError(f"--split {options.split!r}: use train, dev or test")
-    if load_checkpoint(Path(options.checkpoint)).meta.get("task") == "segmentation":
+    task = load_checkpoint(Path(options.checkpoint)).meta.get("task")
+    if task == "segmentation":
         from kdcli.evaluate.volumes import evaluate_segmentation
 
         return evaluate_segmentation(options.checkpoint, options.data, options.split, options.missing,
                                      options.predictions, options.device, workers=options.workers)
+    if task == "mil":
+        from kdcli.evaluate.slides import evaluate_slides
+
+        return evaluate_slides(options.checkpoint, options.data, options.split, options.missing_rate,
+                               options.device)
+    if options.missing_rate:
+        raise UsageError("--missing-rate applies to slide checkpoints (clinical records withheld)")
     if options.missing:
         raise UsageError("--missing applies to segmentation checkpoints (sequence subsets)")
     check_predictions_path(options.predictions)

@@ -14,3 +14,6 @@ METHODS.add("protokd", "kdcli.methods.protokd:ProtoKD",
 METHODS.add("multilabel", "kdcli.methods.multilabel:MultiLabel", "BCE per label (teach on multi-label datasets)")
 METHODS.add("cvi", "kdcli.methods.cvi:CVI",
             "coarse-to-fine CXR stage 2: gaze/box posterior distilled into the image prior (KL), lower layers frozen")
+METHODS.add("mil", "kdcli.methods.mil:MIL", "attention MIL on slide bags (teach on WSI datasets)")
+METHODS.add("bidirectional", "kdcli.methods.bidirectional:Bidirectional",
+            "WSI + clinical branch <-> WSI-only branch (logit KD one way, feature alignment the other)")

@@ -73,7 +73,9 @@ class DatasetMeta:
     modalities: dict[str, dict[str, Any]]
     pairing: str
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # stored arrays that are labels (masks, maps)
+    # stored arrays besides the image modalities, with their role: "target" (label maps, label vectors, heat
+    # maps) or "input" (e.g. a clinical vector beside the slide patches)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

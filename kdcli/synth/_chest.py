@@ -16,14 +16,14 @@ FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Mass", 
 # Peak added attenuation of each finding (the lung field sits ~0.32 below the soft tissue, noise std ~0.03,
 # ribs +0.07, vessels up to +0.05). Kept low on purpose: see the calibration note in cxr.py.
 AMP = {
-    "Nodule": 0.1,
-    "Mass": 0.085,
-    "Consolidation": 0.085,
-    "Atelectasis": 0.09,
-    "Effusion": 0.11,
-    "Pneumothorax": -0.045,  # darker: air without lung tissue
+    "Nodule": 0.22,
+    "Mass": 0.13,
+    "Consolidation": 0.16,
+    "Atelectasis": 0.17,
+    "Effusion": 0.24,
+    "Pneumothorax": -0.065,  # darker: air without lung tissue
 }
-CARDIO_SCALE = (1.07, 1.17)  # heart width factor; normal hearts vary by +-9% (cardiothoracic ratio 0.40-0.50)
+CARDIO_SCALE = (1.18, 1.32)  # heart width factor; normal hearts vary by +-9% (cardiothoracic ratio 0.40-0.50)
 
 Anat = dict  # normalised anatomy parameters, plain floats (picklable)
 Finding = dict  # {"name", "cx", "cy", "box": (x0, y0, x1, y1), ... shape parameters}
@@ -45,11 +45,11 @@ def anatomy(rng: np.random.Generator) -> Anat:
                 "ax": rng.uniform(0.165, 0.19),
                 "ay": rng.uniform(0.35, 0.39),
                 # the right hemidiaphragm sits a little higher (liver)
-                "dome": rng.uniform(0.66, 0.70) - (0.02 if side < 0 else 0.0),
-                "dome_h": rng.uniform(0.05, 0.075),
+                "dome": rng.uniform(0.67, 0.69) - (0.02 if side < 0 else 0.0),
+                "dome_h": rng.uniform(0.055, 0.07),
             }
         )
-    a["heart"] = {"cx": cx0 + rng.uniform(0.025, 0.045), "cy": rng.uniform(0.6, 0.63), "hw": rng.uniform(0.15, 0.18),
+    a["heart"] = {"cx": cx0 + rng.uniform(0.025, 0.045), "cy": rng.uniform(0.6, 0.63), "hw": rng.uniform(0.155, 0.17),
                   "hh": rng.uniform(0.11, 0.13)}
     a["med_w"] = rng.uniform(0.055, 0.07)
     a["rib_y0"] = rng.uniform(0.1, 0.13)
@@ -62,7 +62,7 @@ def jitter(rng: np.random.Generator, a: Anat) -> Anat:
     """A follow-up of the same patient: slightly different positioning and inspiration."""
     dx, dy = rng.normal(0, 0.008, 2)
     b = {**a, "cx0": a["cx0"] + dx, "rib_y0": a["rib_y0"] + dy, "vessel_seed": int(rng.integers(2**31))}
-    b["lungs"] = [{**lu, "cx": lu["cx"] + dx, "cy": lu["cy"] + dy, "dome": lu["dome"] + dy + rng.normal(0, 0.01)}
+    b["lungs"] = [{**lu, "cx": lu["cx"] + dx, "cy": lu["cy"] + dy, "dome": lu["dome"] + dy + rng.normal(0, 0.005)}
                   for lu in a["lungs"]]
     b["heart"] = {**a["heart"], "cx": a["heart"]["cx"] + dx, "cy": a["heart"]["cy"] + dy}
     return b
@@ -77,7 +77,8 @@ def heart_mask(a: Anat, x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.
     h = a["heart"]
     # wider towards the image right (left ventricle), flat-ish top under the hila
     hw = h["hw"] * scale * np.where(x > h["cx"], 1.0, 0.75)
-    return ((x - h["cx"]) / hw) ** 2 + ((y - h["cy"]) / h["hh"]) ** 2 < 1
+    hh = h["hh"] * (1 + 0.5 * (scale - 1))  # an enlarged heart grows mostly sideways
+    return ((x - h["cx"]) / hw) ** 2 + ((y - h["cy"]) / hh) ** 2 < 1
 
 
 def lung_mask(a: Anat, x: np.ndarray, y: np.ndarray, heart_scale: float = 1.0, side: int = 0) -> np.ndarray:
@@ -129,7 +130,7 @@ def place_findings(rng: np.random.Generator, a: Anat, names: list[str]) -> list[
         if name == "Cardiomegaly":
             f["scale"] = float(rng.uniform(*CARDIO_SCALE))
         elif name in ("Nodule", "Mass"):
-            r = rng.uniform(0.018, 0.028) if name == "Nodule" else rng.uniform(0.04, 0.06)
+            r = rng.uniform(0.028, 0.038) if name == "Nodule" else rng.uniform(0.05, 0.07)
             c = lung_points(rng, a, 1, side, (0.1, 0.85), margin=r)[0]
             n_lobe = 1 if name == "Nodule" else int(rng.integers(2, 4))
             off = rng.normal(0, 0.35 * r, (n_lobe, 2)) * (np.arange(n_lobe) > 0)[:, None]
@@ -139,13 +140,13 @@ def place_findings(rng: np.random.Generator, a: Anat, names: list[str]) -> list[
             c = lung_points(rng, a, 1, side, (0.35, 0.9), margin=0.03)[0]
             n = int(rng.integers(5, 9))
             pts = c + rng.normal(0, 0.03, (n, 2))
-            f["blobs"] = [(float(p[0]), float(p[1]), float(rng.uniform(0.015, 0.03)), 0.0) for p in pts]
+            f["blobs"] = [(float(p[0]), float(p[1]), float(rng.uniform(0.022, 0.035)), 0.0) for p in pts]
         elif name == "Atelectasis":  # plate-like band in the lower zone
             c = lung_points(rng, a, 1, side, (0.55, 0.85), margin=0.02)[0]
             f["band"] = (float(c[0]), float(c[1]), float(rng.uniform(0.06, 0.09)), float(rng.uniform(0.009, 0.014)),
                          float(rng.uniform(-0.35, 0.35)))
         elif name == "Effusion":
-            f["height"] = float(rng.uniform(0.045, 0.08))
+            f["height"] = float(rng.uniform(0.06, 0.1))
         elif name == "Pneumothorax":
             f["shrink"] = float(rng.uniform(0.8, 0.88))
         else:
@@ -280,7 +281,7 @@ def render(a: Anat, findings: list[Finding], s: int, rng: np.random.Generator, d
     g = rng.normal(0, 0.06, 2)
     img = rng.uniform(0.06, 0.12) + rng.uniform(0.95, 1.15) * att * (1 + g[0] * (xx - 0.5) + g[1] * (yy - 0.5))
     img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.15)
-    img += rng.normal(0, 1, (s, s)).astype(np.float32) * rng.uniform(0.02, 0.035)
+    img += rng.normal(0, 1, (s, s)).astype(np.float32) * rng.uniform(0.015, 0.025)
     img = cv2.GaussianBlur(img.astype(np.float32), (3, 3), rng.uniform(0.4, 0.8))
     return np.clip(img, 0, 1).astype(np.float32)
 

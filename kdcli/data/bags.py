@@ -1,0 +1,90 @@
+"""Bags of patches for multiple-instance learning: one item per slide (record), with its clinical record.
+
+Items: {"patches": uint8 (K, C, H, W), "bag_mask": bool (K,) (False = padding), "clinical": float32 (D,),
+"clinical_mask": float32 (D,) (1 = observed), "clinical_present": bool, "label", "index", "teacher_index"}.
+In training, `bag_size` patches are drawn per slide and epoch (with replacement when a slide has fewer), seeded
+per (seed, epoch, slide) and flipped/rotated by 90 degrees (patches have no orientation); evaluation takes every
+patch in order. `collate_bags` pads bags to the batch's largest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from kdcli.errors import KdcliError
+from kdcli.shards.reader import ShardStore
+
+
+class BagView(Dataset):
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        return collate_bags(items)
+
+    def __init__(self, store: ShardStore, split: str, bag_size: int | None = None, augment: bool = False,
+                 seed: int = 0, hide_clinical: set[str] | None = None):
+        store.require_modality("wsi")
+        self.store, self.split, self.bag_size, self.augment = store, split, bag_size, augment
+        self.seed, self.epoch = seed, 0
+        self.has_clinical = "clinical" in store.meta.targets
+        self.hide_clinical = hide_clinical or set()  # slides whose clinical record is withheld (missing-rate sweep)
+        rows = store.rows(split, "wsi").sort(["record", "position"])
+        if rows.height == 0:
+            raise KdcliError(f"no slides in split {split!r}", path=store.root)
+        self.records: list[str] = []
+        self.members: list[tuple[list[str], np.ndarray]] = []
+        labels = []
+        for (record,), frame in rows.group_by(["record"], maintain_order=True):
+            self.records.append(record)
+            self.members.append((frame["shard"].to_list(), frame["index"].to_numpy()))
+            labels.append(int(frame["label"][0]))
+        self.labels = np.array(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def patch_indices(self, i: int) -> np.ndarray:
+        count = len(self.members[i][1])
+        if not self.bag_size:
+            return np.arange(count)
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        return rng.choice(count, size=self.bag_size, replace=count < self.bag_size)
+
+    def __getitem__(self, i: int) -> dict:
+        shards, indices = self.members[i]
+        chosen = self.patch_indices(i)
+        patches = np.stack([self.store.read(shards[k], int(indices[k]), "wsi") for k in chosen])
+        if self.augment:
+            rng = np.random.default_rng((self.seed + 7, self.epoch, i))
+            for k in range(len(patches)):
+                patches[k] = np.rot90(patches[k], int(rng.integers(4)))
+                if rng.random() < 0.5:
+                    patches[k] = patches[k][:, ::-1]
+        first_shard, first_index = shards[0], int(indices[0])
+        dims = self.store.meta.targets["clinical"]["shape"][0] if self.has_clinical else 1
+        clinical, observed = np.zeros(dims, np.float32), np.zeros(dims, np.float32)
+        present = self.has_clinical and self.records[i] not in self.hide_clinical
+        if present:
+            clinical = self.store.read(first_shard, first_index, "clinical").astype(np.float32)
+            observed = self.store.read(first_shard, first_index, "clinical_mask").astype(np.float32)
+            clinical = np.nan_to_num(clinical) * observed
+        return {"patches": torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))),
+                "bag_mask": torch.ones(len(patches), dtype=torch.bool),
+                "clinical": torch.from_numpy(clinical), "clinical_mask": torch.from_numpy(observed),
+                "clinical_present": bool(present), "label": int(self.labels[i]), "index": i, "teacher_index": i}
+
+
+def collate_bags(items: list[dict]) -> dict:
+    """Pad every bag to the batch's largest; padded patches are masked out of the attention."""
+    longest = max(item["patches"].shape[0] for item in items)
+    for item in items:
+        missing = longest - item["patches"].shape[0]
+        if missing:
+            patches, mask = item["patches"], item["bag_mask"]
+            item["patches"] = torch.cat([patches, patches.new_zeros((missing, *patches.shape[1:]))])
+            item["bag_mask"] = torch.cat([mask, mask.new_zeros(missing)])
+    return default_collate(items)

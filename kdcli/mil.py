@@ -1,0 +1,135 @@
+"""`teach` and `distill` on whole-slide datasets: attention-MIL over each slide's patches, with or without the
+clinical record, through the same engine as every other task; selected by the dev slides' AUC.
+
+`--modality wsi` trains the WSI-only model; `--modality wsi,clinical` the WSI + clinical fusion model."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcli import __version__
+from kdcli.engine.checkpoint import file_sha256, load_checkpoint
+from kdcli.engine.device import seed_everything
+from kdcli.engine.loop import EngineConfig, FitResult, Validate, fit, to_device
+from kdcli.errors import KdcliError, UsageError
+from kdcli.methods import METHODS
+from kdcli.methods.base import parse_params
+from kdcli.models.mil import MILClassifier, mil_spec
+from kdcli.shards.reader import ShardStore
+from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict, load_model
+
+BAG_SIZE = 16  # patches drawn per slide and epoch in training
+
+
+def branches_for(modality: str, store: ShardStore) -> list[str]:
+    names = {m.strip() for m in modality.split(",") if m.strip()} or {"wsi"}
+    if names == {"wsi"}:
+        return ["sm"]
+    if names == {"wsi", "clinical"}:
+        if "clinical" not in store.meta.targets:
+            raise KdcliError("dataset has no clinical records", path=store.root,
+                             hint="prepare it with --clinical SHEET")
+        return ["mm"]
+    raise UsageError(f"--modality {modality}: slide datasets take wsi or wsi,clinical")
+
+
+@torch.no_grad()
+def predict_bags(model: torch.nn.Module, view, device: torch.device, dtype: torch.dtype | None = None,
+                 keep_attention: bool = False) -> dict[str, Any]:
+    """Slide probabilities (routed logits, and each branch's) and labels; every slide's whole bag."""
+    from kdcli.data.bags import collate_bags
+
+    model.eval()
+    out: dict[str, list] = {"probs": [], "labels": [], "attention": []}
+    for i in range(len(view)):
+        batch = to_device(collate_bags([view[i]]), device, False)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            result = model(batch)
+        out["probs"].append(result["logits"].float().softmax(-1).cpu().numpy()[0])
+        out["labels"].append(int(batch["label"][0]))
+        if keep_attention:
+            key = "attention_sm" if "attention_sm" in result and not bool(batch["clinical_present"][0]) \
+                else next(k for k in ("attention_mm", "attention_sm") if k in result)
+            out["attention"].append(result[key].float().cpu().numpy()[0])
+    return {"probs": np.stack(out["probs"]), "labels": np.array(out["labels"]), "attention": out["attention"]}
+
+
+def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate:
+    from kdcli.evaluate.metrics import classification_metrics
+
+    def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
+        predicted = predict_bags(model, dev_view, device, dtype)
+        return classification_metrics(predicted["labels"], predicted["probs"], classes)
+
+    return validate
+
+
+def _meta(cfg: TrainConfig, store: ShardStore, model: MILClassifier, kind: str, params: Any,
+          teacher: dict | None) -> dict[str, Any]:
+    return {
+        "kdcli_version": __version__, "kind": kind, "task": "mil", "model": model.spec,
+        "modality": cfg.modality, "classes": store.meta.classes, "label_task": None, "tasks": None,
+        "size": store.meta.modalities["wsi"]["shape"][0], "method": cfg.method,
+        "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg),
+        "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
+                 "content_hash": store.meta.content_hash},
+        "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _views(cfg: TrainConfig, store: ShardStore):
+    from kdcli.data.bags import BagView
+
+    if cfg.engine.metric == "macro_f1":  # the classification default; slide-level papers report AUC
+        cfg.engine.metric = "auc"
+    train = BagView(store, "train", BAG_SIZE, augment=cfg.augment != "none", seed=cfg.engine.seed)
+    return train, BagView(store, "dev")
+
+
+def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
+    out = _check_out(cfg)
+    branches = branches_for(cfg.modality, store)
+    cfg.modality, cfg.method = ("wsi" if branches == ["sm"] else "wsi,clinical"), "mil"
+    method_cls = METHODS.get("mil")
+    params = parse_params(method_cls.Params, cfg.params, "mil")
+    seed_everything(cfg.engine.seed)
+    dims = store.meta.targets["clinical"]["shape"][0] if "clinical" in store.meta.targets else 0
+    model = MILClassifier(mil_spec(cfg.model or "resnet18", len(store.meta.classes), branches, dims))
+    train, dev = _views(cfg, store)
+    meta = _meta(cfg, store, model, "teacher", params, None)
+    _write_config(out, meta)
+    return fit(method_cls(params, model), train, slide_validator(dev, store.meta.classes, cfg.engine), cfg.engine,
+               out, meta, resume=cfg.resume, log=log, train_labels=train.labels)
+
+
+def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
+    out = _check_out(cfg)
+    method_cls = METHODS.get(cfg.method)
+    if cfg.method != "bidirectional":
+        raise UsageError(f"--method {cfg.method} does not train slide models; use --method bidirectional")
+    if len(cfg.teacher) != 1:
+        raise UsageError("--method bidirectional takes exactly one --teacher checkpoint")
+    params = parse_params(method_cls.Params, cfg.params, cfg.method)
+    checkpoint = load_checkpoint(Path(cfg.teacher[0]))
+    if checkpoint.meta.get("task") != "mil" or checkpoint.meta["classes"] != store.meta.classes:
+        raise KdcliError("not a slide (MIL) checkpoint for this dataset's classes", path=checkpoint.path,
+                         hint="use the checkpoint of `teach --modality wsi,clinical` on this dataset")
+    teacher = load_model(checkpoint)
+    seed_everything(cfg.engine.seed)
+    student = method_cls.make_student(params, teacher)
+    cfg.modality = "wsi"  # the student answers from the slide alone when the record is missing
+    train, dev = _views(cfg, store)
+    teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
+                    "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
+                    "data_hash": checkpoint.meta["data"]["content_hash"]}
+    meta = _meta(cfg, store, student, "student", params, teacher_info)
+    _write_config(out, meta)
+    return fit(method_cls(params, student, None), train, slide_validator(dev, store.meta.classes, cfg.engine),
+               cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=train.labels)
