@@ -174,10 +174,15 @@ def check_options(options: ExplainOptions) -> Path:
 
 
 def explain(options: ExplainOptions) -> Path:
-    if load_checkpoint(Path(options.checkpoint)).meta.get("task") == "segmentation":
+    task = load_checkpoint(Path(options.checkpoint)).meta.get("task")
+    if task == "segmentation":
         from kdcli.explain.segmentation import explain_segmentation
 
         return explain_segmentation(options)
+    if task == "mil":
+        from kdcli.explain.slides import explain_slides
+
+        return explain_slides(options)
     if ShardStore(options.data).meta.task == "multilabel":
         from kdcli.explain.gaze import explain_multilabel
 

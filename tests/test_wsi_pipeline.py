@@ -1,0 +1,120 @@
+"""Slides + clinical records end to end through the CLI on tiny phantoms: synth camelyon -> prepare -> teach
+(WSI only; WSI + clinical) -> distill --method bidirectional -> evaluate --missing-rate; and the routing,
+padding and nesting rules the sweep relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+
+runner = CliRunner()
+FAST = ["--epochs", "2", "--batch-size", "4", "--workers", "0", "--model", "test_resnet", "--lr", "3e-3"]
+
+
+def ok(args: list):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def wsi(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("wsi")
+    raw, shards = root / "raw", root / "shards"
+    ok(["synth", "camelyon", raw, "--slides", "10", "--size", "1024"])
+    ok(["prepare", "camelyon", raw, "--out", shards, "--patch-size", "128", "--max-patches", "6", "--size", "32"])
+    paths = {"raw": raw, "shards": shards, "wsi": root / "wsi.pt", "mm": root / "mm.pt", "bd": root / "bd.pt"}
+    ok(["teach", "--data", shards, "--modality", "wsi", "--out", paths["wsi"], *FAST])
+    ok(["teach", "--data", shards, "--modality", "wsi,clinical", "--out", paths["mm"], *FAST])
+    ok(["distill", "--data", shards, "--teacher", paths["mm"], "--student", "wsi", "--method", "bidirectional",
+        "--out", paths["bd"], *FAST])
+    return paths
+
+
+def test_checkpoints_record_branches(wsi):
+    from kdcli.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(wsi["wsi"]).meta["model"]["branches"] == ["sm"]
+    assert load_checkpoint(wsi["mm"]).meta["model"]["branches"] == ["mm"]
+    student = load_checkpoint(wsi["bd"]).meta
+    assert student["model"]["branches"] == ["mm", "sm"] and student["method"] == "bidirectional"
+    rows = [json.loads(line) for line in wsi["bd"].with_name("bd.metrics.jsonl").read_text().splitlines()]
+    assert {"train_ce_mm", "train_ce_sm", "train_kd", "train_align", "dev_auc"} <= set(rows[0])
+
+
+def test_missing_rate_sweep_keyed_by_rate(wsi):
+    report = json.loads(ok(["evaluate", wsi["bd"], "--data", wsi["shards"], "--missing-rate", "0,0.5,1",
+                            "--json"]).stdout)
+    assert list(report["metrics"]) == ["0", "0.5", "1"]
+    hidden = [report["metrics"][r]["hidden"] for r in ("0", "0.5", "1")]
+    n = report["metrics"]["0"]["n"]
+    assert hidden == [0, round(0.5 * n), n]
+    for metrics in report["metrics"].values():
+        assert metrics["auc"] is None or 0.0 <= metrics["auc"] <= 1.0
+
+
+def test_wsi_only_model_ignores_clinical_records(wsi):
+    report = json.loads(ok(["evaluate", wsi["wsi"], "--data", wsi["shards"], "--missing-rate", "0,1",
+                            "--json"]).stdout)
+    assert report["metrics"]["0"]["auc"] == report["metrics"]["1"]["auc"]
+    assert report["metrics"]["0"]["accuracy"] == report["metrics"]["1"]["accuracy"]
+
+
+def test_bidirectional_student_starts_as_its_teacher_and_routes_by_presence(wsi):
+    from kdcli.data.bags import BagView, collate_bags
+    from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.methods.bidirectional import Bidirectional, BidirectionalParams
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import load_model
+
+    teacher = load_model(load_checkpoint(wsi["mm"]))
+    student = Bidirectional.make_student(BidirectionalParams(), teacher).eval()
+    view = BagView(ShardStore(wsi["shards"]), "train")
+    batch = collate_bags([view[0], view[1]])
+    with torch.no_grad():
+        from_teacher, from_student = teacher(batch), student(batch)
+    assert torch.allclose(from_student["logits_mm"], from_teacher["logits_mm"], atol=1e-5)
+    assert torch.allclose(from_student["logits_sm"].softmax(-1).sum(-1), torch.ones(2))
+    batch["clinical_present"] = torch.tensor([True, False])
+    with torch.no_grad():
+        routed = student(batch)
+    assert torch.equal(routed["logits"][0], routed["logits_mm"][0])
+    assert torch.equal(routed["logits"][1], routed["logits_sm"][1])
+
+
+def test_padding_gets_no_attention_and_hidden_sets_are_nested(wsi):
+    from kdcli.data.bags import BagView, collate_bags
+    from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.evaluate.slides import hidden_slides
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import load_model
+
+    model = load_model(load_checkpoint(wsi["wsi"]))
+    view = BagView(ShardStore(wsi["shards"]), "train", bag_size=None)
+    short, long = sorted((view[0], view[1]), key=lambda item: item["patches"].shape[0])
+    short["patches"] = short["patches"][:2]
+    short["bag_mask"] = short["bag_mask"][:2]
+    batch = collate_bags([short, long])
+    with torch.no_grad():
+        attention = model(batch)["attention_sm"]
+    assert batch["bag_mask"][0].sum() == 2 and torch.all(attention[0, 2:] == 0)
+    assert torch.allclose(attention.sum(-1), torch.ones(2))
+    records = [f"s{i}" for i in range(20)]
+    assert hidden_slides(records, 0.2) <= hidden_slides(records, 0.6) <= hidden_slides(records, 1.0)
+    assert len(hidden_slides(records, 0.6)) == 12
+
+
+def test_slide_methods_refuse_wrong_teachers(wsi, tmp_path):
+    result = runner.invoke(app, ["distill", "--data", str(wsi["shards"]), "--teacher", str(wsi["wsi"]), "--student",
+                                 "wsi", "--method", "bidirectional", "--out", str(tmp_path / "x.pt"), *FAST])
+    assert result.exit_code != 0 and "wsi,clinical" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["teach", "--data", str(wsi["shards"]), "--modality", "clinical", "--out",
+                                 str(tmp_path / "y.pt"), *FAST])
+    assert result.exit_code != 0 and result.output.strip().startswith("error:")
