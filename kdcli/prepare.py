@@ -63,10 +63,16 @@ class PrepareResult:
     seconds: float
 
 
-def plan_jobs(records: list[Record], shard_size: int) -> list[ShardJob]:
+def record_key(record: Record, modalities: dict | None = None) -> str:
+    """The manifest's `modality` of a record: its image modalities (files holding targets, e.g. a label
+    volume, are not modalities a model takes)."""
+    return modality_key([m for m in record.files if modalities is None or m in modalities])
+
+
+def plan_jobs(records: list[Record], shard_size: int, modalities: dict | None = None) -> list[ShardJob]:
     groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.id):
-        groups[(record.task, record.split, modality_key(list(record.files)))].append(record)
+        groups[(record.task, record.split, record_key(record, modalities))].append(record)
     jobs = []
     for (_, split, key), members in sorted(groups.items()):
         prefix = f"{members[0].task}-" if members[0].task else ""  # sets appended later never collide
@@ -124,7 +130,7 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
                          hint="rerun with the same arguments, or drop --resume to start over")
     atomic_write_json(plan_path, arguments)
 
-    jobs = plan_jobs(scan.records, options.shard_size)
+    jobs = plan_jobs(scan.records, options.shard_size, scan.modalities)
     if options.part:
         index, count = options.part
         jobs = jobs[index - 1 :: count]
@@ -136,7 +142,7 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     reused = sum(1 for job in jobs if job.name in before)
     by_id = {r.id: r for r in scan.records}
     rows = [
-        (sample, by_id[record].group, by_id[record].split, modality_key(list(by_id[record].files)), label, job.name,
+        (sample, by_id[record].group, by_id[record].split, record_key(by_id[record], scan.modalities), label, job.name,
          index, by_id[record].task, record, position)
         for job in jobs
         for sample, record, label, index, position in results[job.name].rows

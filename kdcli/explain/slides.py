@@ -342,7 +342,8 @@ def explain_slides(options: ExplainOptions) -> Path:
             maps.append(titled(heat_overlay(base, boxes, attention, top), f"attention {b} ({used})"))
         used_attention = result["attention"][branch]
         top = [int(t) for t in np.argsort(-used_attention, kind="stable")[:k]]
-        rows = [hstack(maps), titled(top_strip(patches, used_attention, top), f"top {k} patches ({branch})")]
+        panels = [f"attention {b}" for b in order] + [f"top {k} patches ({branch})"]
+        rows = [hstack(maps), titled(top_strip(patches, used_attention, top), panels[-1])]
         record: dict[str, Any] = {
             "file": f"{n + 1:0{width}d}_{safe_name(slide)}.png", "id": slide,
             "label": label, "label_name": classes[label], "prediction": prediction,
@@ -354,7 +355,7 @@ def explain_slides(options: ExplainOptions) -> Path:
             "top_patches": top_patches(used_attention, coords, k),
             "attention": {b: {"weights": [round(float(a), 6) for a in result["attention"][b]],
                               "top_patches": top_patches(result["attention"][b], coords, k)} for b in order},
-            "coords": coords.tolist(),
+            "coords": coords.tolist(), "panels": panels,
         }
         if result["contributions"] is not None:
             deltas = result["contributions"]
@@ -365,6 +366,7 @@ def explain_slides(options: ExplainOptions) -> Path:
                   "value": round(float(values[j]), 4), "contribution": round(float(deltas[j]), 6)}
                  for j in observed), key=lambda r: (-abs(r["contribution"]), r["index"]))
             record["clinical_contributions"] = contributions
+            panels.append("clinical occlusion")
             rows.append(bar_chart(contributions, f"clinical occlusion: P({classes[prediction]}) full - masked"))
         write_png(out / record["file"], vstack(rows))
         records.append(record)

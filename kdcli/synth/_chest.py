@@ -17,11 +17,11 @@ FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Mass", 
 # ribs +0.07, vessels up to +0.05). Kept low on purpose: see the calibration note in cxr.py.
 AMP = {
     "Nodule": 0.22,
-    "Mass": 0.13,
+    "Mass": 0.11,
     "Consolidation": 0.16,
     "Atelectasis": 0.17,
     "Effusion": 0.24,
-    "Pneumothorax": -0.065,  # darker: air without lung tissue
+    "Pneumothorax": -0.055,  # darker: air without lung tissue
 }
 CARDIO_SCALE = (1.18, 1.32)  # heart width factor; normal hearts vary by +-9% (cardiothoracic ratio 0.40-0.50)
 

@@ -81,7 +81,8 @@ def test_every_naming_prepares_with_kdcli_labels(raws, naming, tmp_path):
     assert meta["classes"] == ["background", "necrotic core", "oedema", "enhancing tumour"]
     assert meta["modalities"] == {n: {"shape": [SIZE, SIZE, 1], "dtype": "float16"}
                                   for n in ("t1", "t1ce", "t2", "flair")}
-    assert meta["targets"] == {"seg": {"shape": [SIZE, SIZE, 1], "dtype": "uint8", "kind": "mask"}}
+    assert meta["targets"] == {"seg": {"shape": [SIZE, SIZE, 1], "dtype": "uint8", "kind": "mask", "role": "target"}}
+    assert set(manifest["modality"]) == {"flair+t1+t1ce+t2"}  # the label volume is not a modality
     assert meta["extra"]["naming"] == [style]
     assert meta["extra"]["label_values"] == {style: {"0": 0, "1": 1, "2": 2, str(et_value): 3}}
     assert meta["extra"]["regions"] == {"wt": [1, 2, 3], "tc": [1, 3], "et": [3]}

@@ -98,7 +98,8 @@ def test_tiff_slides_become_bags_of_tissue_patches(tiff, tmp_path):
     assert meta["source"] == "camelyon" and meta["task"] == "mil" and meta["pairing"] == "paired"
     assert meta["classes"] == ["N0", "N+"]
     assert meta["modalities"] == {"wsi": {"shape": [SIZE, SIZE, 3], "dtype": "uint8"}}
-    assert meta["targets"]["coords"] == {"shape": [2], "dtype": "int32"}
+    assert meta["targets"]["coords"] == {"shape": [2], "dtype": "int32", "role": "target"}
+    assert meta["targets"]["clinical"]["role"] == "input" and meta["targets"]["clinical_mask"]["role"] == "input"
     assert meta["extra"]["mag"] == 20.0 and meta["extra"]["patch_size"] == 128
     slides = {s["id"]: s for s in synth["slides"]}
     assert set(records) == set(slides) == set(manifest["record"].unique())
