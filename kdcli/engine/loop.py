@@ -111,8 +111,9 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
             value = to_device(value, device, False)
         elif isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            if channels_last and value.ndim == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
+            if value.ndim == 4:  # loaders hand over NHWC memory; on a GPU the layout change runs on the device
+                layout = torch.channels_last if channels_last else torch.contiguous_format
+                value = value.contiguous(memory_format=layout)
         moved[key] = value
     return moved
 

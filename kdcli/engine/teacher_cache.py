@@ -36,7 +36,7 @@ def build(teachers: dict[str, torch.nn.Module], view: Dataset, path: Path, data_
     from kdcli.data.views import collate
 
     for batch in DataLoader(view, batch_size=batch_size, collate_fn=collate):
-        images = batch["image"].to(device)
+        images = batch["image"].to(device).contiguous()  # the layout training batches reach the model in
         for name, teacher in teachers.items():
             out = teacher(images)
             for key in OUTPUTS:

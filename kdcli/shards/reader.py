@@ -29,6 +29,7 @@ class ShardStore:
                                                        pl.lit(-1, pl.Int64).alias("position"))
         self._handles: dict[str, h5py.File] = {}
         self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
+        self._raw: dict[tuple[str, str], bool] = {}
         self._pid = os.getpid()
 
     @property
@@ -54,7 +55,7 @@ class ShardStore:
 
     def _handle(self, shard: str) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: never reuse the parent's handles
-            self._handles, self._arrays, self._pid = {}, {}, os.getpid()
+            self._handles, self._arrays, self._raw, self._pid = {}, {}, {}, os.getpid()
         handle = self._handles.get(shard)
         if handle is None:
             path = self.root / SHARD_DIR / shard
@@ -65,17 +66,34 @@ class ShardStore:
             self._handles[shard] = handle
         return handle
 
-    def read(self, shard: str, index: int, modality: str) -> np.ndarray:
+    def _dataset(self, shard: str, modality: str) -> h5py.Dataset:
         array = self._arrays.get((shard, modality)) if os.getpid() == self._pid else None
         if array is None:  # h5py's name lookup costs as much as a small read: do it once per shard
             array = self._arrays[(shard, modality)] = self._handle(shard)[modality]
+            # Uncompressed one-sample chunks are read as raw bytes (HDF5's direct chunk read): half the cost of
+            # h5py's selection machinery, which dominated reads of 224 px images.
+            self._raw[(shard, modality)] = (not array.compression and array.chunks is not None
+                                            and array.chunks[0] == 1 and tuple(array.chunks[1:]) == array.shape[1:])
+        return array
+
+    def read(self, shard: str, index: int, modality: str) -> np.ndarray:
+        array = self._dataset(shard, modality)
+        if self._raw[(shard, modality)]:
+            _, raw = array.id.read_direct_chunk((index,) + (0,) * (array.ndim - 1))
+            return np.frombuffer(raw, dtype=array.dtype).reshape(array.shape[1:]).copy()  # writable, as h5py's
         return array[index]
 
     def read_many(self, shard: str, indices: np.ndarray, modality: str) -> np.ndarray:
         """Samples at `indices` of one shard (any order, repeats allowed), read in one call, in that order."""
-        self.read(shard, int(indices[0]), modality)  # opens and caches the dataset object
-        array = self._arrays[(shard, modality)]
-        unique, inverse = np.unique(np.asarray(indices), return_inverse=True)  # h5py wants increasing indices
+        array = self._dataset(shard, modality)
+        indices = np.asarray(indices)
+        if self._raw[(shard, modality)]:
+            out = np.empty((len(indices), *array.shape[1:]), dtype=array.dtype)
+            for position, index in enumerate(indices):
+                _, raw = array.id.read_direct_chunk((int(index),) + (0,) * (array.ndim - 1))
+                out[position] = np.frombuffer(raw, dtype=array.dtype).reshape(array.shape[1:])
+            return out
+        unique, inverse = np.unique(indices, return_inverse=True)  # h5py wants increasing indices
         if len(unique) > 1 and unique[-1] - unique[0] == len(unique) - 1:
             block = array[int(unique[0]) : int(unique[-1]) + 1]  # a contiguous run: one slice
         else:
@@ -85,9 +103,9 @@ class ShardStore:
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
-        self._handles, self._arrays = {}, {}
+        self._handles, self._arrays, self._raw = {}, {}, {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"], state["_arrays"] = {}, {}
+        state["_handles"], state["_arrays"], state["_raw"] = {}, {}, {}
         return state

@@ -13,8 +13,9 @@ import numpy as np
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Mass", "Nodule", "Pneumothorax")
 
-# Peak added attenuation of each finding (the lung field sits ~0.32 below the soft tissue, noise std ~0.03,
-# ribs +0.07, vessels up to +0.05). Kept low on purpose: see the calibration note in cxr.py.
+# Peak added attenuation of each finding, times U(0.75, 1.15) per finding (the lung field sits ~0.33 below the soft
+# tissue, noise std 0.015-0.025, ribs +0.04, vessels up to +0.07). Below the anatomy's contrast but well above what
+# the 128 -> 64 px reduction blurs away: see the calibration note in cxr.py.
 AMP = {
     "Nodule": 0.22,
     "Mass": 0.11,
@@ -23,7 +24,7 @@ AMP = {
     "Effusion": 0.24,
     "Pneumothorax": -0.055,  # darker: air without lung tissue
 }
-CARDIO_SCALE = (1.18, 1.32)  # heart width factor; normal hearts vary by +-9% (cardiothoracic ratio 0.40-0.50)
+CARDIO_SCALE = (1.18, 1.32)  # heart width factor (height: half as much); normal hearts vary by +-5%
 
 Anat = dict  # normalised anatomy parameters, plain floats (picklable)
 Finding = dict  # {"name", "cx", "cy", "box": (x0, y0, x1, y1), ... shape parameters}

@@ -331,14 +331,16 @@ def test_findings_are_real_but_subtle(tmp_path: Path) -> None:
             box = delta[int(y): int(np.ceil(y + h)), int(x): int(np.ceil(x + w))]
             diffs[f].append(box.mean())
             if f != "Cardiomegaly":  # a bigger heart moves a full-contrast border: its subtlety is in the size
-                assert np.abs(box).max() < 45, f  # subtle: below the ~80-level lung/mediastinum step
+                # below the ~80-95-level lung/soft-tissue step: pleural fluid comes close to soft tissue at its
+                # deepest, every other finding stays well under it
+                assert np.abs(box).max() < (80 if f == "Effusion" else 60), f
             inside[max(0, int(y) - 3): int(np.ceil(y + h)) + 3, max(0, int(x) - 3): int(np.ceil(x + w)) + 3] = True
         assert np.abs(delta[~inside]).mean() < 0.2  # nothing changes away from the boxes
     for f, d in diffs.items():
         assert d, f
         sign = -1 if f == "Pneumothorax" else 1  # pleural air is darker; everything else is an opacity
         assert all(sign * x > 0.5 for x in d), (f, d)
-        assert np.mean(np.abs(d)) < 25, (f, d)
+        assert 2 < np.mean(np.abs(d)) < 35, (f, d)  # visible at 64 px, yet a fraction of the anatomy's contrast
 
 
 def test_deterministic_and_worker_independent(nih: tuple[Path, dict], mimic: tuple[Path, dict],
