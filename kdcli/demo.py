@@ -193,7 +193,7 @@ def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
     synth_camelyon(raw, slides=options.cases, size=1536, seed=0, workers=2)
     log(f"[2/4] prepare -> {shards}")
     prepare(PrepareOptions(source="camelyon", raw=raw, out=shards, size=options.size, overwrite=True, workers=2,
-                           source_options={"patch_size": 128, "max_patches": 32}))
+                           source_options={"patch_size": 128, "max_patches": 32, "mag": 10}))
     common = {"data": str(shards), "model": options.model or "test_resnet", "epochs": options.epochs,
               "batch_size": 8, "lr": options.lr, "workers": options.workers, "overwrite": True}
     runs: dict[str, list[dict]] = {role: [] for role in WSI_ROLES}
@@ -207,7 +207,9 @@ def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
               log=quiet)
         teach(resolve_config({**common, "seed": seed, "modality": "wsi,clinical", "out": str(paths[WSI_ROLES[1]])}),
               log=quiet)
+        # the student starts from the fusion teacher: fine-tuning, at a third of the learning rate
         distill(resolve_config({**common, "seed": seed, "modality": "wsi", "method": "bidirectional",
+                                "lr": options.lr / 3,
                                 "teacher": [str(paths[WSI_ROLES[1]])], "params": options.method_params or {},
                                 "out": str(paths[WSI_ROLES[2]])}), log=quiet)
         for role, path in paths.items():
