@@ -33,7 +33,7 @@ SALL_ROLES = ("single-task DR", "single-task AMD", "SALL (both heads)")
 WSI_RATES = (0.0, 0.2, 0.4, 0.6, 0.8)
 WSI_METRICS = tuple(f"auc@{r:g}" for r in WSI_RATES)
 WSI_ROLES = ("WSI-only baseline", "naive WSI + clinical", "bidirectional")
-CXR_METRICS = ("mean_auroc", "mean_ap")
+CXR_METRICS = ("mean_auroc", "mean_ap", "gaze_nss", "gaze_auc", "box_iou")
 CXR_ROLES = ("stage 1 (global labels)", "stage 2 without gaze (control)", "CVI stage 2 (+ gaze)")
 BRATS_METRICS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
 BRATS_ROLES = ("teacher (t1+t1ce+t2+flair)", "baseline (t1ce)", "ProtoKD student (t1ce)")
@@ -223,6 +223,7 @@ def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
 
 def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     from kdcli.evaluate.run import EvaluateOptions, evaluate
+    from kdcli.explain.gaze import gaze_agreement
     from kdcli.prepare import PrepareOptions, prepare
     from kdcli.synth.cxr import synth_cxr
     from kdcli.train import distill, resolve_config, teach
@@ -258,8 +259,12 @@ def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
                 log=quiet)
         for role, path in paths.items():
             metrics = evaluate(EvaluateOptions(path, shards, "test"))["metrics"]
-            runs[role].append({k: metrics[k] for k in CXR_METRICS})
-            log(f"      {role:<24} " + "  ".join(f"{k} {metrics[k]:.3f}" for k in CXR_METRICS))
+            # how well the Grad-CAMs agree with where radiologists looked (test images with gaze or boxes)
+            agreement = gaze_agreement(path, shards, "test")["model"]
+            row = {"mean_auroc": metrics["mean_auroc"], "mean_ap": metrics["mean_ap"],
+                   "gaze_nss": agreement["nss"], "gaze_auc": agreement["auc"], "box_iou": agreement["iou"]}
+            runs[role].append(row)
+            log(f"      {role:<30} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
     log("[4/4] summary")
     return _results(options, runs, CXR_METRICS, "CXR phantoms, test split", started)
 
