@@ -51,3 +51,22 @@ def test_multieye_example_script_runs_the_lab_pipeline(tmp_path):
     assert report["method"] == "coda" and report["split"] == "test"
     assert (tmp_path / "work" / "explain" / "index.html").is_file()
     assert (tmp_path / "work" / "fundus.test.csv").is_file()
+
+
+@pytest.mark.parametrize(("pipeline", "args", "roles", "metric"), [
+    ("brats", ["--cases", "6", "--size", "32", "--model", "plain-4-2"],
+     ["teacher (t1+t1ce+t2+flair)", "baseline (t1ce)", "ProtoKD student (t1ce)"], "dice_mean"),
+    ("cxr", ["--per-class", "3", "--size", "64", "--annotated", "0.5"],
+     ["stage 1 (global labels)", "stage 2 without gaze (control)", "CVI stage 2 (+ gaze)"], "mean_auroc"),
+    ("wsi", ["--cases", "10", "--size", "32"], ["WSI-only baseline", "naive WSI + clinical", "bidirectional"],
+     "auc@0.8"),
+])
+def test_new_pipeline_demos_report_their_comparison(tmp_path, pipeline, args, roles, metric):
+    result = CliRunner().invoke(app, ["demo", pipeline, "--out", str(tmp_path / "demo"), "--epochs", "2",
+                                      "--seeds", "1", "--json", *args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report["summary"]) == roles
+    for role in roles:
+        value = report["runs"][role][0][metric]
+        assert value is None or 0.0 <= value <= 1.0, (role, value)
