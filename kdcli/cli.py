@@ -439,6 +439,8 @@ Out = Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to wri
 Model = Annotated[str | None, typer.Option(help="timm model name (default resnet50; distill: the teacher's).")]
 Head = Annotated[str | None, typer.Option(help="auto | linear | concept (auto: concept when the data has "
                                                   "a concept bank).")]
+OutputStride = Annotated[int | None, typer.Option(help="Backbone output stride, 8 or 16: dilated last stages keep "
+                                                       "finer feature maps (CAMs, gaze); default the model's.")]
 Epochs = Annotated[int | None, typer.Option(help="Epochs (default 100, MultiEYE's).")]
 BatchSize = Annotated[int | None, typer.Option(help="Batch size (default 32).")]
 Lr = Annotated[float | None, typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.")]
@@ -486,6 +488,7 @@ def teach(
     pretrained: Pretrained = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
+    output_stride: OutputStride = None,
 ) -> None:
     """Train a model on one modality (the teacher, or a baseline)."""
     flags = {k: v for k, v in locals().items() if k != "config"}

@@ -241,6 +241,7 @@ def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
                                            "egd_sigma": 0.06 * 2 * options.size}))
     common = {"data": str(shards), "model": options.model or "test_resnet", "batch_size": options.batch_size,
               "workers": options.workers, "overwrite": True, "modality": "xray", "head": "linear"}
+    # stride 8: an 8x8 feature map at 64 px, so gaze maps and CAMs have positions to agree on (stride 32: 2x2)
     runs: dict[str, list[dict]] = {role: [] for role in CXR_ROLES}
     quiet = lambda message: None  # noqa: E731
     for seed in range(options.seeds):
@@ -248,7 +249,7 @@ def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
         paths = dict(zip(CXR_ROLES, (checkpoints / f"seed{seed}" / n for n in ("stage1.pt", "control.pt", "cvi.pt")),
                          strict=True))
         teach(resolve_config({**common, "seed": seed, "epochs": options.epochs, "lr": options.lr,
-                              "out": str(paths[CXR_ROLES[0]])}), log=quiet)
+                              "output_stride": 8, "out": str(paths[CXR_ROLES[0]])}), log=quiet)
         # The control trains stage 2 exactly as CVI does (same epochs, frozen blocks, heads) but with the
         # posterior and KL terms off: what CVI gains over it comes from the gaze and boxes, not extra epochs.
         stage2 = {**common, "seed": seed, "epochs": max(1, options.epochs // 2), "lr": options.lr / 3,

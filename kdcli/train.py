@@ -44,6 +44,7 @@ class TrainConfig:
     params: dict[str, Any] = field(default_factory=dict)
     model: str = ""  # timm name; distill defaults to the teacher's
     head: str = "auto"  # auto | linear | concept
+    output_stride: int = 0  # 0: the model's own; 8 or 16 dilate the last stages (finer maps for CAMs and gaze)
     concepts: str = ""  # concept file (.npy or .txt); default: the dataset's bank
     concept_embeddings: str = ""  # (K, D) .npy; default: fixed deterministic unit vectors
     concept_dim: int = 512
@@ -155,6 +156,9 @@ def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: 
         "head": head, "in_chans": channels, "num_classes": len(store.meta.classes_for(cfg.task or None)) if not tasks
         else 0, "mean": mean, "std": std,
     }
+    stride = cfg.output_stride or (template or {}).get("backbone_kwargs", {}).get("output_stride")
+    if stride:
+        spec["backbone_kwargs"] = {"output_stride": int(stride)}
     if tasks:
         spec.update(head="multi", tasks=tasks)
         head = "multi"

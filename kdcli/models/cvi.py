@@ -1,7 +1,10 @@
 """The stage-2 model of coarse-to-fine CXR classification (van Sonsbeek et al., WACV 2023), shaped after the
 group's released VKD code since the paper's own code is not public:
 
-    prior      p(z | x)    = N(mu_p, sigma_p)  from the pooled image features
+    prior      p(z | x)    = N(mu_p, sigma_p)  from the pooled image features and the features pooled under an
+                                              attention map the prior predicts itself (VKD's prior mixes the
+                                              7x7 positions with a learned layer): the KL term teaches it
+                                              where the annotation would have pointed
     posterior  q(z | x, a) = N(mu_q, sigma_q)  from the pooled features and the features pooled under the
                                               annotation map a (gaze heat map or box mask)
     heads      y_p = W_p [z_p, f],  y_q = W_q [z_q, f];  z = mean of `samples` reparameterised draws (VKD: 100)
@@ -39,7 +42,8 @@ class CVIClassifier(nn.Module):
         self.base = Classifier(spec["classifier"])
         self.feature_map = self.base.feature_map  # Grad-CAM's target, as for every classifier
         features, latent, classes = self.base.backbone.num_features, spec["latent"], spec["classifier"]["num_classes"]
-        self.prior = gaussian_head(features, spec["hidden"], latent)
+        self.prior_attention = nn.Conv2d(features, 1, 1)
+        self.prior = gaussian_head(2 * features, spec["hidden"], latent)
         self.posterior = gaussian_head(2 * features, spec["hidden"], latent)
         self.head_prior = nn.Linear(latent + features, classes)
         self.head_posterior = nn.Linear(latent + features, classes)
@@ -75,13 +79,18 @@ class CVIClassifier(nn.Module):
         feature_map = base.feature_map(base.backbone.forward_features(base.normalise(images)))
         pooled = base.backbone.forward_head(feature_map, pre_logits=True)
         samples = self.spec.get("samples", 100)
-        mu_p, logvar_p = self.prior(pooled).float().chunk(2, dim=-1)
+        attention = self.prior_attention(feature_map).float().flatten(1).softmax(-1).view_as(feature_map[:, :1])
+        looked = (feature_map.float() * attention).sum((2, 3)).to(pooled.dtype)
+        mu_p, logvar_p = self.prior(torch.cat([pooled, looked], -1)).float().chunk(2, dim=-1)
         z_p = reparameterise(mu_p, logvar_p, samples) if self.training else mu_p
         out = {"features": pooled, "logits": self.head_prior(torch.cat([z_p.to(pooled.dtype), pooled], -1)),
-               "mu_p": mu_p, "logvar_p": logvar_p}
+               "mu_p": mu_p, "logvar_p": logvar_p, "prior_attention": attention}
         if annotation is not None:
+            if self.spec.get("posterior_detached"):  # the posterior reads the features without reshaping them
+                feature_map, pooled = feature_map.detach(), pooled.detach()
             weights = F.interpolate(annotation.float(), size=feature_map.shape[-2:], mode="area")
             weights = weights / weights.sum((2, 3), keepdim=True).clamp_min(1e-6)
+            out["annotation_weights"] = weights
             attended = (feature_map.float() * weights).sum((2, 3)).to(pooled.dtype)
             mu_q, logvar_q = self.posterior(torch.cat([pooled, attended], -1)).float().chunk(2, dim=-1)
             z_q = reparameterise(mu_q, logvar_q, samples) if self.training else mu_q
