@@ -209,7 +209,7 @@ def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
               log=quiet)
         # the student starts from the fusion teacher: fine-tuning, at a third of the learning rate
         distill(resolve_config({**common, "seed": seed, "modality": "wsi", "method": "bidirectional",
-                                "lr": options.lr / 3,
+                                "lr": options.lr / 3, "epochs": max(1, options.epochs // 2),
                                 "teacher": [str(paths[WSI_ROLES[1]])], "params": options.method_params or {},
                                 "out": str(paths[WSI_ROLES[2]])}), log=quiet)
         for role, path in paths.items():

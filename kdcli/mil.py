@@ -66,7 +66,19 @@ def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         predicted = predict_bags(model, dev_view, device, dtype)
-        return classification_metrics(predicted["labels"], predicted["probs"], classes)
+        metrics = classification_metrics(predicted["labels"], predicted["probs"], classes)
+        if dev_view.has_clinical:  # every dev record withheld: how the model does without clinical data
+            dev_view.hide_clinical = set(dev_view.records)
+            try:
+                without = predict_bags(model, dev_view, device, dtype)
+            finally:
+                dev_view.hide_clinical = set()
+            metrics["auc_without_clinical"] = classification_metrics(without["labels"], without["probs"],
+                                                                     classes)["auc"]
+            # what a model meant for missing records is selected by: both routes weigh the same
+            values = [v for v in (metrics["auc"], metrics["auc_without_clinical"]) if v is not None]
+            metrics["auc_both"] = sum(values) / len(values) if values else None
+        return metrics
 
     return validate
 
@@ -131,5 +143,7 @@ def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None])
                     "data_hash": checkpoint.meta["data"]["content_hash"]}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
     _write_config(out, meta)
+    if cfg.engine.metric == "auc":  # set by _views: a model for missing records is selected on both routes
+        cfg.engine.metric = "auc_both"
     return fit(method_cls(params, student, None), train, slide_validator(dev, store.meta.classes, cfg.engine),
                cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=train.labels)

@@ -51,8 +51,10 @@ class MILClassifier(nn.Module):
                                    for b in spec["branches"]})
         if "mm" in spec["branches"]:
             dims = spec["clinical_dims"]
-            self.clinical = nn.Sequential(nn.Linear(2 * dims, spec["clinical_hidden"]), nn.ReLU(),
-                                          nn.Linear(spec["clinical_hidden"], spec["clinical_hidden"]), nn.ReLU())
+            # dropout: a few dozen sheet columns on a few hundred patients overfit first (measured on the phantoms)
+            rate, width = spec.get("dropout", 0.25), spec["clinical_hidden"]
+            self.clinical = nn.Sequential(nn.Dropout(rate), nn.Linear(2 * dims, width), nn.ReLU(), nn.Dropout(rate),
+                                          nn.Linear(width, width), nn.ReLU())
             self.head_mm = nn.Linear(hidden + spec["clinical_hidden"], classes)
         if "sm" in spec["branches"]:
             self.head_sm = nn.Linear(hidden, classes)
