@@ -88,3 +88,24 @@ def test_pretrained_backbone_comes_from_a_local_file_only(multieye_shards, tmp_p
     with pytest.raises(KdcliError, match="not found"):
         build_student(quick(multieye_shards, tmp_path / "q.pt", pretrained=str(tmp_path / "none.pth")),
                       ShardStore(multieye_shards), "fundus")
+
+
+def test_compile_trains_through_torch_compile_and_saves_plain_weights(multieye_shards, tmp_path):
+    """--compile: the step runs the torch.compile'd student (inductor on CPU: needs a C compiler, as on CI)."""
+    from kdcli.engine import loop
+
+    compiled = []
+    original = torch.compile
+
+    def spy(model, *args, **kwargs):
+        compiled.append(model)
+        return original(model, *args, **kwargs)
+
+    loop.torch.compile = spy
+    try:
+        result = teach(quick(multieye_shards, tmp_path / "c.pt", compile=True), log=lambda m: None)
+    finally:
+        loop.torch.compile = original
+    assert len(compiled) == 1 and result.epochs_run == 1
+    weights = load_checkpoint(tmp_path / "c.pt").model
+    assert weights and not any(k.startswith("_orig_mod") for k in weights)  # loadable without compiling

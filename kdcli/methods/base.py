@@ -74,7 +74,8 @@ class Method(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One training step's loss terms; the engine wraps the whole method in DDP, so every trainable part
         (student and any discriminator) is synchronised. `compiled` is a torch.compile'd student, if any."""
-        student = self.__dict__.get("compiled") or self.student
+        compiled = self.__dict__.get("compiled")  # not `or`: a compiled module's truth value raises
+        student = compiled if compiled is not None else self.student
         return self.loss(batch, student(batch["image"]))
 
 
