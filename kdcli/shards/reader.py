@@ -13,6 +13,8 @@ import polars as pl
 from kdcli.errors import KdcliError
 from kdcli.shards.format import MANIFEST, SHARD_DIR, DatasetMeta
 
+SLICE_BYTES = 2 * 1024 * 1024  # contiguous runs up to this size are read as one h5py slice (measured faster)
+
 
 class ShardStore:
     def __init__(self, root: str | Path):
@@ -29,7 +31,7 @@ class ShardStore:
                                                        pl.lit(-1, pl.Int64).alias("position"))
         self._handles: dict[str, h5py.File] = {}
         self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
-        self._raw: dict[tuple[str, str], bool] = {}
+        self._raw: dict[tuple[str, str], tuple] = {}  # (raw chunks?, sample shape, dtype, offsets, bytes)
         self._pid = os.getpid()
 
     @property
@@ -70,28 +72,39 @@ class ShardStore:
         array = self._arrays.get((shard, modality)) if os.getpid() == self._pid else None
         if array is None:  # h5py's name lookup costs as much as a small read: do it once per shard
             array = self._arrays[(shard, modality)] = self._handle(shard)[modality]
-            # Uncompressed one-sample chunks are read as raw bytes (HDF5's direct chunk read): half the cost of
-            # h5py's selection machinery, which dominated reads of 224 px images.
-            self._raw[(shard, modality)] = (not array.compression and array.chunks is not None
-                                            and array.chunks[0] == 1 and tuple(array.chunks[1:]) == array.shape[1:])
+            # Uncompressed one-sample chunks can be read as raw bytes (HDF5's direct chunk read): a third of the
+            # cost of h5py's selection machinery for 224 px images. Shape and dtype are looked up once: h5py's
+            # properties cost more than the read itself for small images.
+            raw = (not array.compression and array.chunks is not None and array.chunks[0] == 1
+                   and tuple(array.chunks[1:]) == array.shape[1:])
+            self._raw[(shard, modality)] = (raw, array.shape[1:], array.dtype, (0,) * (array.ndim - 1),
+                                            array.dtype.itemsize * int(np.prod(array.shape[1:])))
         return array
 
     def read(self, shard: str, index: int, modality: str) -> np.ndarray:
         array = self._dataset(shard, modality)
-        if self._raw[(shard, modality)]:
-            _, raw = array.id.read_direct_chunk((index,) + (0,) * (array.ndim - 1))
-            return np.frombuffer(raw, dtype=array.dtype).reshape(array.shape[1:]).copy()  # writable, as h5py's
+        raw, shape, dtype, zeros, _ = self._raw[(shard, modality)]
+        if raw:
+            out = np.empty(shape, dtype=dtype)  # writable, as h5py's reads are
+            array.id.read_direct_chunk((index, *zeros), out=out.reshape(-1).view(np.uint8))
+            return out
         return array[index]
 
     def read_many(self, shard: str, indices: np.ndarray, modality: str) -> np.ndarray:
         """Samples at `indices` of one shard (any order, repeats allowed), read in one call, in that order."""
         array = self._dataset(shard, modality)
+        raw, shape, dtype, zeros, sample_bytes = self._raw[(shard, modality)]
         indices = np.asarray(indices)
-        if self._raw[(shard, modality)]:
-            out = np.empty((len(indices), *array.shape[1:]), dtype=array.dtype)
-            for position, index in enumerate(indices):
-                _, raw = array.id.read_direct_chunk((int(index),) + (0,) * (array.ndim - 1))
-                out[position] = np.frombuffer(raw, dtype=array.dtype).reshape(array.shape[1:])
+        first = int(indices[0])
+        run = len(indices) > 1 and np.array_equal(indices, np.arange(first, first + len(indices)))
+        if run and len(indices) * sample_bytes <= SLICE_BYTES:
+            return array[first : first + len(indices)]  # a short contiguous run: one slice beats per-chunk reads
+        if raw:
+            out = np.empty((len(indices), *shape), dtype=dtype)
+            rows = out.reshape(len(indices), -1).view(np.uint8)  # each sample's bytes, written in place
+            read_chunk = array.id.read_direct_chunk
+            for position, index in enumerate(indices.tolist()):
+                read_chunk((index, *zeros), out=rows[position])
             return out
         unique, inverse = np.unique(indices, return_inverse=True)  # h5py wants increasing indices
         if len(unique) > 1 and unique[-1] - unique[0] == len(unique) - 1:
