@@ -722,6 +722,7 @@ def bench_engine(
     model: Annotated[str, typer.Option(help="timm model.")] = "test_resnet",
     epochs: Annotated[int, typer.Option(help="Epochs per measurement (the first is warm-up).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    rounds: Annotated[int, typer.Option(help="Alternating engine/bare-loop rounds; medians are compared.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
     """Training samples/s: kdcli's engine vs a bare PyTorch loop; distillation vs student-only training."""
@@ -730,7 +731,7 @@ def bench_engine(
 
     if epochs < 2:
         raise typer.BadParameter("at least 2 (the first is warm-up)", param_hint="--epochs")
-    results = run_bench(EngineBenchOptions(data, teacher, student, model, epochs, batch_size), log=err)
+    results = run_bench(EngineBenchOptions(data, teacher, student, model, epochs, batch_size, rounds), log=err)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
 

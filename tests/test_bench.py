@@ -27,10 +27,11 @@ def test_bench_engine_times_the_engine_the_bare_loop_and_distillation(multieye_s
     data = tmp_path / "shards"  # the cached run writes into the shard directory: keep the shared one pristine
     shutil.copytree(multieye_shards, data)
     result = CliRunner().invoke(app, ["bench", "engine", str(data), "--teacher", str(oct_teacher),
-                                      "--epochs", "2", "--batch-size", "8", "--json"])
+                                      "--epochs", "2", "--batch-size", "8", "--rounds", "2", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["engine"] > 0 and report["bare_loop"] > 0 and report["distill"] > 0
+    assert len(report["rounds"]["engine"]) == len(report["rounds"]["bare_loop"]) == 2
     assert report["distill_cached_vs_student_only"] == report["engine"] / report["distill_cached"]
     assert abs(report["engine_overhead"] - (1 - report["engine"] / report["bare_loop"])) < 1e-9
     assert CliRunner().invoke(app, ["bench", "engine", str(data), "--epochs", "1"]).exit_code == 2
