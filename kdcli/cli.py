@@ -489,6 +489,8 @@ def teach(
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
     output_stride: OutputStride = None,
+    embeddings: Annotated[str | None, typer.Option(help="Slides: train on patch embeddings cached by `kdcli "
+                                                        "embed` (the name it printed) instead of pixels.")] = None,
 ) -> None:
     """Train a model on one modality (the teacher, or a baseline)."""
     flags = {k: v for k, v in locals().items() if k != "config"}
@@ -529,6 +531,24 @@ def distill(
         raise typer.BadParameter("choose a distillation method, e.g. --method coda", param_hint="--method")
     result = run_distill(cfg, log=err)
     _report_fit(result, Path(cfg.out))
+
+
+@command()
+def embed(
+    data: Data,
+    model: Annotated[str, typer.Option(help="timm encoder run over every patch.")] = "resnet18",
+    pretrained: Pretrained = None,
+    batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 256,
+    device: Device = None,
+) -> None:
+    """Slides: encode every patch once with a frozen encoder and store the features beside the shards
+    (`<data>/embeddings/NAME.h5`); `teach --embeddings NAME` then trains MIL without re-running the encoder."""
+    from kdcli.mil import embed_patches
+
+    result = embed_patches(data, model, pretrained, batch_size, device or "auto")
+    verb = "reused" if result["reused"] else f"wrote {result['patches']} x {result['dim']} features to"
+    err(f"{verb} {result['path']}")
+    typer.echo(result["name"])
 
 
 # ------------------------------------------------------------------------------------ evaluate/explain

@@ -6,6 +6,7 @@ clinical record, through the same engine as every other task; selected by the de
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,80 @@ from kdcli.shards.reader import ShardStore
 from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict, load_model
 
 BAG_SIZE = 16  # patches drawn per slide and epoch in training
+EMBEDDINGS = "embeddings"  # folder inside the shard directory
+
+
+def embeddings_path(store: ShardStore, spec: dict) -> Path | None:
+    """The embeddings file a model reads (recorded in its spec), checked against the data it describes."""
+    info = spec.get("embeddings")
+    if not info:
+        return None
+    path = store.root / EMBEDDINGS / f"{info['name']}.h5"
+    import h5py
+
+    if not path.is_file():
+        raise KdcliError(f"the model reads patch embeddings {info['name']!r}, which this dataset lacks", path=path,
+                         hint=f"run `kdcli embed --data {store.root} --model {info['model']}` (same --pretrained)")
+    with h5py.File(path, "r") as handle:
+        if handle.attrs["data_hash"] != store.meta.content_hash:
+            raise KdcliError("embeddings were computed for other shard contents", path=path,
+                             hint="delete the file and rerun `kdcli embed`")
+    return path
+
+
+@torch.no_grad()
+def embed_patches(data: Path, model_name: str, pretrained: str | None = None, batch_size: int = 256,
+                  device_name: str = "auto") -> dict[str, Any]:
+    """Run a frozen timm encoder once over every patch and store the features beside the shards, so MIL training
+    reads F numbers per patch instead of decoding and encoding pixels every epoch (`teach --embeddings NAME`)."""
+    import hashlib
+    import types
+
+    import h5py
+    import timm
+
+    from kdcli.engine.checkpoint import file_sha256
+    from kdcli.engine.device import select_device
+    from kdcli.models.classifier import default_normalisation, load_pretrained_backbone
+    from kdcli.shards.format import atomic_write_bytes
+
+    store = ShardStore(data)
+    store.require_modality("wsi")
+    weights = file_sha256(Path(pretrained)) if pretrained else "random-init-seed0"
+    key = hashlib.sha256(f"{model_name}|{weights}|{store.meta.content_hash}".encode()).hexdigest()[:10]
+    name = f"{model_name}-{key}"
+    path = store.root / EMBEDDINGS / f"{name}.h5"
+    if path.is_file():
+        return {"name": name, "path": str(path), "reused": True}
+    seed_everything(0)  # random-init encoders are reproducible, and named by that
+    encoder = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=3)
+    if pretrained:
+        load_pretrained_backbone(types.SimpleNamespace(backbone=encoder, spec={"backbone": model_name}), pretrained)
+    device = select_device(device_name)
+    encoder.to(device).eval()
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in default_normalisation(3))
+    rows = store.rows(None, "wsi")
+    chunks = []
+    for (shard,), frame in rows.group_by(["shard"], maintain_order=True):
+        order = frame["index"].to_numpy()
+        for start in range(0, len(order), batch_size):
+            pixels = torch.from_numpy(store.read_many(shard, order[start:start + batch_size], "wsi")).to(device)
+            images = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+            chunks.append(encoder(images).float().cpu().numpy().astype(np.float16))
+    ids = [i for (_,), frame in rows.group_by(["shard"], maintain_order=True) for i in frame["id"].to_list()]
+    features = np.concatenate(chunks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as handle:
+        handle.create_dataset("features", data=features, chunks=(min(256, len(features)), features.shape[1]))
+        handle.create_dataset("id", data=ids, dtype=h5py.string_dtype())
+        handle.attrs.update({"model": model_name, "pretrained": weights, "data_hash": store.meta.content_hash,
+                             "dim": int(features.shape[1])})
+    tmp.replace(path)
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(
+        {"name": name, "model": model_name, "pretrained": weights, "dim": int(features.shape[1]),
+         "patches": len(ids)}, indent=2) + "\n").encode())
+    return {"name": name, "path": str(path), "reused": False, "dim": int(features.shape[1]), "patches": len(ids)}
 
 
 def branches_for(modality: str, store: ShardStore) -> list[str]:
@@ -43,7 +118,7 @@ def branches_for(modality: str, store: ShardStore) -> list[str]:
 @torch.no_grad()
 def predict_bags(model: torch.nn.Module, view, device: torch.device, dtype: torch.dtype | None = None,
                  keep_attention: bool = False) -> dict[str, Any]:
-    """Slide probabilities (routed logits, and each branch's) and labels; every slide's whole bag."""
+    """Slide probabilities (routed logits) and labels, and the attention used; every slide's whole bag."""
     from kdcli.data.bags import collate_bags
 
     model.eval()
@@ -96,13 +171,29 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: MILClassifier, kind: str, 
     }
 
 
-def _views(cfg: TrainConfig, store: ShardStore):
+def _views(cfg: TrainConfig, store: ShardStore, spec: dict):
     from kdcli.data.bags import BagView
 
     if cfg.engine.metric == "macro_f1":  # the classification default; slide-level papers report AUC
         cfg.engine.metric = "auc"
-    train = BagView(store, "train", BAG_SIZE, augment=cfg.augment != "none", seed=cfg.engine.seed)
-    return train, BagView(store, "dev")
+    embeddings = embeddings_path(store, spec)
+    train = BagView(store, "train", BAG_SIZE, augment=cfg.augment != "none", seed=cfg.engine.seed,
+                    embeddings=embeddings)
+    return train, BagView(store, "dev", embeddings=embeddings)
+
+
+def _embeddings_spec(cfg: TrainConfig, store: ShardStore) -> dict | None:
+    if not cfg.embeddings:
+        return None
+    import h5py
+
+    path = store.root / EMBEDDINGS / f"{cfg.embeddings}.h5"
+    if not path.is_file():
+        found = sorted(p.stem for p in (store.root / EMBEDDINGS).glob("*.h5"))
+        raise KdcliError(f"no embeddings {cfg.embeddings!r}; found {', '.join(found) or 'none'}", path=path,
+                         hint="run `kdcli embed --data SHARDS --model NAME` and pass the name it prints")
+    with h5py.File(path, "r") as handle:
+        return {"name": cfg.embeddings, "model": str(handle.attrs["model"]), "dim": int(handle.attrs["dim"])}
 
 
 def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
@@ -113,8 +204,12 @@ def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -
     params = parse_params(method_cls.Params, cfg.params, "mil")
     seed_everything(cfg.engine.seed)
     dims = store.meta.targets["clinical"]["shape"][0] if "clinical" in store.meta.targets else 0
-    model = MILClassifier(mil_spec(cfg.model or "resnet18", len(store.meta.classes), branches, dims))
-    train, dev = _views(cfg, store)
+    spec = mil_spec(cfg.model or "resnet18", len(store.meta.classes), branches, dims)
+    embeddings = _embeddings_spec(cfg, store)
+    if embeddings:
+        spec.update(embeddings=embeddings, backbone=embeddings["model"])
+    model = MILClassifier(spec)
+    train, dev = _views(cfg, store, spec)
     meta = _meta(cfg, store, model, "teacher", params, None)
     _write_config(out, meta)
     return fit(method_cls(params, model), train, slide_validator(dev, store.meta.classes, cfg.engine), cfg.engine,
@@ -137,7 +232,7 @@ def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None])
     seed_everything(cfg.engine.seed)
     student = method_cls.make_student(params, teacher)
     cfg.modality = "wsi"  # the student answers from the slide alone when the record is missing
-    train, dev = _views(cfg, store)
+    train, dev = _views(cfg, store, student.spec)
     teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
                     "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
                     "data_hash": checkpoint.meta["data"]["content_hash"]}

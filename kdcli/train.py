@@ -45,6 +45,7 @@ class TrainConfig:
     model: str = ""  # timm name; distill defaults to the teacher's
     head: str = "auto"  # auto | linear | concept
     output_stride: int = 0  # 0: the model's own; 8 or 16 dilate the last stages (finer maps for CAMs and gaze)
+    embeddings: str = ""  # slides: train MIL on patch embeddings cached by `kdcli embed` (their name)
     concepts: str = ""  # concept file (.npy or .txt); default: the dataset's bank
     concept_embeddings: str = ""  # (K, D) .npy; default: fixed deterministic unit vectors
     concept_dim: int = 512

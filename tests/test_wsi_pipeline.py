@@ -118,3 +118,43 @@ def test_slide_methods_refuse_wrong_teachers(wsi, tmp_path):
     result = runner.invoke(app, ["teach", "--data", str(wsi["shards"]), "--modality", "clinical", "--out",
                                  str(tmp_path / "y.pt"), *FAST])
     assert result.exit_code != 0 and result.output.strip().startswith("error:")
+
+
+def test_embed_caches_patch_features_and_mil_trains_on_them(wsi, tmp_path):
+    import h5py
+    import timm
+
+    from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.engine.device import seed_everything
+    from kdcli.models.classifier import default_normalisation
+    from kdcli.shards.reader import ShardStore
+
+    first = ok(["embed", "--data", wsi["shards"], "--model", "test_resnet"])
+    name = first.stdout.strip()
+    again = ok(["embed", "--data", wsi["shards"], "--model", "test_resnet"])
+    assert again.stdout.strip() == name and "reused" in again.stderr
+    path = wsi["shards"] / "embeddings" / f"{name}.h5"
+    store = ShardStore(wsi["shards"])
+    with h5py.File(path, "r") as handle:
+        features, ids = handle["features"][:], [i.decode() for i in handle["id"][:]]
+        assert handle.attrs["data_hash"] == store.meta.content_hash
+    assert sorted(ids) == sorted(store.rows(None, "wsi")["id"].to_list())
+    row = store.rows(None, "wsi").filter(store.manifest["id"] == ids[3]).row(0, named=True)
+    seed_everything(0)  # the cached encoder: random init at seed 0, as `embed` names it
+    encoder = timm.create_model("test_resnet", pretrained=False, num_classes=0, in_chans=3).eval()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in default_normalisation(3))
+    pixels = torch.from_numpy(store.read(row["shard"], row["index"], "wsi")).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        expected = encoder((pixels - mean) / std)[0].numpy()
+    assert torch.allclose(torch.from_numpy(features[3].astype("float32")), torch.from_numpy(expected), atol=1e-2)
+
+    out = tmp_path / "emb.pt"
+    ok(["teach", "--data", wsi["shards"], "--modality", "wsi,clinical", "--embeddings", name, "--out", out, *FAST])
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.meta["model"]["embeddings"]["name"] == name
+    assert not any(k.startswith("encoder.") for k in checkpoint.model)  # nothing to encode: features are read
+    report = json.loads(ok(["evaluate", out, "--data", wsi["shards"], "--missing-rate", "0,1", "--json"]).stdout)
+    assert set(report["metrics"]) == {"0", "1"}
+    path.unlink()
+    result = runner.invoke(app, ["evaluate", str(out), "--data", str(wsi["shards"]), "--json"])
+    assert result.exit_code != 0 and "kdcli embed" in result.output

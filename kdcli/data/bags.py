@@ -2,12 +2,17 @@
 
 Items: {"patches": uint8 (K, C, H, W), "bag_mask": bool (K,) (False = padding), "clinical": float32 (D,),
 "clinical_mask": float32 (D,) (1 = observed), "clinical_present": bool, "label", "index", "teacher_index"}.
+With `embeddings` (a file from `kdcli embed`), items carry "features" (K, F) float32, the cached patch
+embeddings, instead of pixels ("patches" too when `with_patches`, for pictures).
 In training, `bag_size` patches are drawn per slide and epoch (with replacement when a slide has fewer), seeded
 per (seed, epoch, slide) and flipped/rotated by 90 degrees (patches have no orientation); evaluation takes every
 patch in order. `collate_bags` pads bags to the batch's largest.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +28,8 @@ class BagView(Dataset):
         return collate_bags(items)
 
     def __init__(self, store: ShardStore, split: str, bag_size: int | None = None, augment: bool = False,
-                 seed: int = 0, hide_clinical: set[str] | None = None):
+                 seed: int = 0, hide_clinical: set[str] | None = None, embeddings: str | Path | None = None,
+                 with_patches: bool = False):
         store.require_modality("wsi")
         self.store, self.split, self.bag_size, self.augment = store, split, bag_size, augment
         self.seed, self.epoch = seed, 0
@@ -32,12 +38,23 @@ class BagView(Dataset):
         rows = store.rows(split, "wsi").sort(["record", "position"])
         if rows.height == 0:
             raise KdcliError(f"no slides in split {split!r}", path=store.root)
+        self.embeddings = Path(embeddings) if embeddings else None
+        self.with_patches = with_patches or self.embeddings is None
+        self._features = None  # opened lazily, once per process
+        row_of = embedding_rows(self.embeddings) if self.embeddings else {}
         self.records: list[str] = []
         self.members: list[tuple[list[str], np.ndarray]] = []
+        self.feature_rows: list[np.ndarray] = []
         labels = []
         for (record,), frame in rows.group_by(["record"], maintain_order=True):
             self.records.append(record)
             self.members.append((frame["shard"].to_list(), frame["index"].to_numpy()))
+            if self.embeddings:
+                missing = [i for i in frame["id"] if i not in row_of]
+                if missing:
+                    raise KdcliError(f"no embedding for patch {missing[0]}", path=self.embeddings,
+                                     hint="rerun `kdcli embed` on this shard directory")
+                self.feature_rows.append(np.array([row_of[i] for i in frame["id"]], dtype=np.int64))
             labels.append(int(frame["label"][0]))
         self.labels = np.array(labels, dtype=np.int64)
 
@@ -54,9 +71,21 @@ class BagView(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, i))
         return rng.choice(count, size=self.bag_size, replace=count < self.bag_size)
 
+    def features(self, i: int, chosen: np.ndarray) -> np.ndarray:
+        import h5py
+
+        if self._features is None or self._features[0] != os.getpid():
+            self._features = (os.getpid(), h5py.File(self.embeddings, "r")["features"])
+        rows = self.feature_rows[i][chosen]
+        unique, inverse = np.unique(rows, return_inverse=True)  # h5py reads increasing rows
+        return self._features[1][unique].astype(np.float32)[inverse]
+
     def __getitem__(self, i: int) -> dict:
         shards, indices = self.members[i]
         chosen = self.patch_indices(i)
+        extra = {"features": torch.from_numpy(self.features(i, chosen))} if self.embeddings else {}
+        if not self.with_patches:
+            return {**extra, **self._clinical(i, len(chosen))}
         patches = np.stack([self.store.read(shards[k], int(indices[k]), "wsi") for k in chosen])
         if self.augment:
             rng = np.random.default_rng((self.seed + 7, self.epoch, i))
@@ -64,6 +93,11 @@ class BagView(Dataset):
                 patches[k] = np.rot90(patches[k], int(rng.integers(4)))
                 if rng.random() < 0.5:
                     patches[k] = patches[k][:, ::-1]
+        return {"patches": torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))), **extra,
+                **self._clinical(i, len(chosen))}
+
+    def _clinical(self, i: int, count: int) -> dict:
+        shards, indices = self.members[i]
         first_shard, first_index = shards[0], int(indices[0])
         dims = self.store.meta.targets["clinical"]["shape"][0] if self.has_clinical else 1
         clinical, observed = np.zeros(dims, np.float32), np.zeros(dims, np.float32)
@@ -72,19 +106,29 @@ class BagView(Dataset):
             clinical = self.store.read(first_shard, first_index, "clinical").astype(np.float32)
             observed = self.store.read(first_shard, first_index, "clinical_mask").astype(np.float32)
             clinical = np.nan_to_num(clinical) * observed
-        return {"patches": torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))),
-                "bag_mask": torch.ones(len(patches), dtype=torch.bool),
+        return {"bag_mask": torch.ones(count, dtype=torch.bool),
                 "clinical": torch.from_numpy(clinical), "clinical_mask": torch.from_numpy(observed),
                 "clinical_present": bool(present), "label": int(self.labels[i]), "index": i, "teacher_index": i}
 
 
 def collate_bags(items: list[dict]) -> dict:
     """Pad every bag to the batch's largest; padded patches are masked out of the attention."""
-    longest = max(item["patches"].shape[0] for item in items)
+    longest = max(item["bag_mask"].shape[0] for item in items)
     for item in items:
-        missing = longest - item["patches"].shape[0]
+        missing = longest - item["bag_mask"].shape[0]
         if missing:
-            patches, mask = item["patches"], item["bag_mask"]
-            item["patches"] = torch.cat([patches, patches.new_zeros((missing, *patches.shape[1:]))])
-            item["bag_mask"] = torch.cat([mask, mask.new_zeros(missing)])
+            for key in ("patches", "features", "bag_mask"):
+                if key in item:
+                    value = item[key]
+                    item[key] = torch.cat([value, value.new_zeros((missing, *value.shape[1:]))])
     return default_collate(items)
+
+
+def embedding_rows(path: Path) -> dict[str, int]:
+    """Patch id -> row of the embeddings file."""
+    import h5py
+
+    if not Path(path).is_file():
+        raise KdcliError("embeddings file not found", path=path, hint="run `kdcli embed --data SHARDS` first")
+    with h5py.File(path, "r") as handle:
+        return {(i.decode() if isinstance(i, bytes) else i): n for n, i in enumerate(handle["id"][:])}

@@ -37,7 +37,7 @@ def evaluate_slides(checkpoint_path: Path, data: Path, split: str = "test", rate
                     device_name: str = "auto", seed: int = 0) -> dict[str, Any]:
     from kdcli.data.bags import BagView
     from kdcli.engine.device import select_device
-    from kdcli.mil import predict_bags
+    from kdcli.mil import embeddings_path, predict_bags
     from kdcli.train import load_model
 
     checkpoint = load_checkpoint(Path(checkpoint_path))
@@ -47,10 +47,11 @@ def evaluate_slides(checkpoint_path: Path, data: Path, split: str = "test", rate
                          f"{store.meta.classes}")
     device = select_device(device_name)
     model = load_model(checkpoint).to(device)
-    records = BagView(store, split).records
+    embeddings = embeddings_path(store, checkpoint.meta["model"])
+    records = BagView(store, split, embeddings=embeddings).records
 
     def run(rate: float) -> dict[str, Any]:
-        view = BagView(store, split, hide_clinical=hidden_slides(records, rate, seed))
+        view = BagView(store, split, hide_clinical=hidden_slides(records, rate, seed), embeddings=embeddings)
         predicted = predict_bags(model, view, device)
         metrics = classification_metrics(predicted["labels"], predicted["probs"], store.meta.classes)
         return {k: metrics[k] for k in ("auc", "accuracy", "macro_f1", "n")} | {"hidden": len(view.hide_clinical)}
@@ -59,7 +60,7 @@ def evaluate_slides(checkpoint_path: Path, data: Path, split: str = "test", rate
                               "modality": checkpoint.meta["modality"], "method": checkpoint.meta["method"],
                               "branches": checkpoint.meta["model"]["branches"]}
     if rates is None:
-        view = BagView(store, split)
+        view = BagView(store, split, embeddings=embeddings)
         predicted = predict_bags(model, view, device)
         report["metrics"] = classification_metrics(predicted["labels"], predicted["probs"], store.meta.classes)
         return report

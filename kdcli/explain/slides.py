@@ -99,7 +99,7 @@ def explain_bag(model: torch.nn.Module, item: dict, device: torch.device) -> dic
     from kdcli.data.bags import collate_bags
 
     batch = to_device(collate_bags([item]), device, False)
-    features = model.encode(batch["patches"])
+    features = model.bag_features(batch)
     with cached_patches(model, features):
         out = model(batch)
         probs = out["logits"].float().softmax(-1)[0].cpu().numpy()
@@ -293,6 +293,7 @@ def check_slide_checkpoint(meta: dict[str, Any], store: ShardStore, path: Path) 
 
 def explain_slides(options: ExplainOptions) -> Path:
     from kdcli.data.bags import BagView
+    from kdcli.mil import embeddings_path
     from kdcli.train import load_model
 
     out = check_options(options)
@@ -302,7 +303,7 @@ def explain_slides(options: ExplainOptions) -> Path:
     check_slide_checkpoint(meta, store, checkpoint.path)
     if store.rows(options.split, "wsi").height == 0:
         raise KdcliError(f"no slides in split {options.split!r}", path=store.root, hint="explain another --split")
-    view = BagView(store, options.split)
+    view = BagView(store, options.split, embeddings=embeddings_path(store, meta["model"]), with_patches=True)
     picks = pick_indices(view.labels, options.count)
     device = select_device(options.device)
     model = load_model(checkpoint).to(device).eval()

@@ -1,6 +1,7 @@
 """Attention MIL over slide patches, with a clinical branch: the models of WSI + clinical ALN prediction.
 
-    patch encoder   timm backbone (normalisation inside), shared by both branches
+    patch encoder   timm backbone (normalisation inside), shared by both branches; or none, when the model reads
+                    patch embeddings cached by `kdcli embed` (spec["embeddings"])
     WSI branches    gated attention pooling (Ilse et al. 2018) -> h_w; one per branch: "mm" (the multi-modal
                     branch's WSI features) and "sm" (the WSI-only branch's)
     clinical MLP    [values * observed, observed] -> h_c: a missing value is zero with its indicator at zero
@@ -44,9 +45,15 @@ class MILClassifier(nn.Module):
         mean, std = default_normalisation(3)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-        self.encoder = timm.create_model(spec["backbone"], pretrained=False, num_classes=0, in_chans=3)
+        embeddings = spec.get("embeddings")
+        if embeddings:  # patches come as cached embeddings (`kdcli embed`): no encoder to train or run
+            self.encoder = None
+            features = embeddings["dim"]
+        else:
+            self.encoder = timm.create_model(spec["backbone"], pretrained=False, num_classes=0, in_chans=3)
+            features = self.encoder.num_features
         self.feature_map = nn.Identity()  # Grad-CAM's target on single patches, as for every classifier
-        features, hidden, classes = self.encoder.num_features, spec["hidden"], spec["num_classes"]
+        hidden, classes = spec["hidden"], spec["num_classes"]
         self.pool = nn.ModuleDict({b: GatedAttention(features, hidden, spec.get("dropout", 0.25))
                                    for b in spec["branches"]})
         if "mm" in spec["branches"]:
@@ -66,8 +73,12 @@ class MILClassifier(nn.Module):
         feature_map = self.feature_map(self.encoder.forward_features(images))
         return self.encoder.forward_head(feature_map, pre_logits=True).view(batch, count, -1)
 
+    def bag_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K, F): the cached embeddings when the model reads them, else the encoded patches."""
+        return batch["features"] if self.encoder is None else self.encode(batch["patches"])
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        features = self.encode(batch["patches"])
+        features = self.bag_features(batch)
         mask = batch["bag_mask"]
         out: dict[str, torch.Tensor] = {}
         for branch, pool in self.pool.items():
