@@ -43,12 +43,16 @@ class ModalityView(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _seed_augment(self, seed: int) -> None:
+        """One generator (pair, for albumentations) per item and epoch: a third of the cost of set_random_seed."""
+        python_random = random.Random(seed) if getattr(self.augment, "needs_python_random", True) else None
+        self.augment.set_random_state(np.random.default_rng(seed), python_random)
+
     def image(self, i: int, modality: str | None = None) -> np.ndarray:
         array = self.store.read(self.shards[i], int(self.indices[i]), modality or self.modality)
         if self.augment is not None:
             seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
-            # One generator pair shared by every transform: a third of the cost of set_random_seed.
-            self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+            self._seed_augment(seed)
             array = self.augment(image=array)["image"]
             if array.ndim == 2:
                 array = array[:, :, None]
@@ -62,8 +66,7 @@ class ModalityView(Dataset):
             return self.store.read(shard, index, self.modality), arrays
         image = self.store.read(shard, index, self.modality)
         spatial = [name for name, a in arrays.items() if a.ndim == 3 and a.shape[:2] == image.shape[:2]]
-        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
-        self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        self._seed_augment((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         result = self.augment(image=image, masks=[arrays[name] for name in spatial])
         for name, mask in zip(spatial, result["masks"], strict=True):
             arrays[name] = mask if mask.ndim == 3 else mask[:, :, None]
