@@ -19,7 +19,6 @@ the mean scores alone."""
 from __future__ import annotations
 
 import html
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,17 @@ from kdcli.data.views import ModalityView
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.errors import KdcliError, UsageError
-from kdcli.explain.run import MIN_SIDE, SPLITS, ExplainOptions, check_options, grad_cams, safe_name, write_png
+from kdcli.explain.run import (
+    MIN_SIDE,
+    SPLITS,
+    ExplainOptions,
+    check_options,
+    grad_cams,
+    safe_name,
+    write_png,
+    write_report,
+)
 from kdcli.explain.segmentation import render_row
-from kdcli.shards.format import atomic_write_bytes
 from kdcli.shards.reader import ShardStore
 from kdcli.train import check_compatible, load_model
 
@@ -343,10 +350,7 @@ def explain_multilabel(options: ExplainOptions) -> Path:
         "teacher": {"compared": has_teacher, "path": scored.teacher_path, "note": scored.teacher_note},
         "annotated_images": len(scored.samples), "means": means, "images": records,
     }
-    atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())
-    index = out / "index.html"
-    atomic_write_bytes(index, render_html(report).encode())  # last: it only points at finished files
-    return index
+    return write_report(out, report, render_html(report))
 
 
 # ------------------------------------------------------------------------------------------ html

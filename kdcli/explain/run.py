@@ -160,6 +160,14 @@ def top_concepts(sims: np.ndarray | None, names: list[str], k: int) -> list[dict
     return [{"name": names[i], "similarity": round(float(sims[i]), 4)} for i in order]
 
 
+def write_report(out: Path, report: dict[str, Any], html_page: str) -> Path:
+    """explain.json, then index.html: the page is written last, so it only ever points at finished files."""
+    atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())
+    index = out / "index.html"
+    atomic_write_bytes(index, html_page.encode())
+    return index
+
+
 def check_options(options: ExplainOptions) -> Path:
     if options.split not in SPLITS:
         raise UsageError(f"--split {options.split!r}: use train, dev or test")
@@ -235,10 +243,7 @@ def explain(options: ExplainOptions) -> Path:
         **({"tasks": tasks} if tasks else {}),
         "cam_layer": "feature_map", "cam_grid": list(grid), "images": records,
     }
-    atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())
-    index = out / "index.html"
-    atomic_write_bytes(index, render_html(report).encode())  # last: it only points at finished files
-    return index
+    return write_report(out, report, render_html(report))
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}

@@ -10,7 +10,6 @@ id order), then each case's next largest, and so on."""
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,9 @@ from kdcli.engine.checkpoint import file_sha256, load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.errors import KdcliError
 from kdcli.evaluate.segmentation import DEFAULT_REGIONS, region_metrics
-from kdcli.explain.run import GAP, MIN_SIDE, ExplainOptions, check_options, safe_name, write_png
+from kdcli.explain.run import GAP, MIN_SIDE, ExplainOptions, check_options, safe_name, write_png, write_report
 from kdcli.methods.protokd import similarity_maps
 from kdcli.segmentation import check_segmentation_checkpoint, load_unet
-from kdcli.shards.format import atomic_write_bytes
 from kdcli.shards.reader import ShardStore
 
 # RGB per label index: necrotic core red, oedema green, enhancing tumour yellow (BraTS viewers' convention)
@@ -236,10 +234,7 @@ def explain_segmentation(options: ExplainOptions) -> Path:
                       "white outline: the class's ground truth",
         "images": records,
     }
-    atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())
-    index = out / "index.html"
-    atomic_write_bytes(index, render_html(report).encode())  # last: it only points at finished files
-    return index
+    return write_report(out, report, render_html(report))
 
 
 # ------------------------------------------------------------------------------------------ html

@@ -36,8 +36,17 @@ from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.engine.loop import to_device
 from kdcli.errors import KdcliError
-from kdcli.explain.run import GAP, MIN_SIDE, ExplainOptions, check_options, pick_indices, safe_name, write_png
-from kdcli.shards.format import RECORDS_JSON, atomic_write_bytes
+from kdcli.explain.run import (
+    GAP,
+    MIN_SIDE,
+    ExplainOptions,
+    check_options,
+    pick_indices,
+    safe_name,
+    write_png,
+    write_report,
+)
+from kdcli.shards.format import RECORDS_JSON
 from kdcli.shards.reader import ShardStore
 
 TOP_K = 6
@@ -382,10 +391,7 @@ def explain_slides(options: ExplainOptions) -> Path:
                      "the full record minus with the feature masked; positive supports the prediction",
         "images": records,
     }
-    atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())
-    index = out / "index.html"
-    atomic_write_bytes(index, render_html(report).encode())  # last: it only points at finished files
-    return index
+    return write_report(out, report, render_html(report))
 
 
 # ------------------------------------------------------------------------------------------ html
