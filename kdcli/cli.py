@@ -313,11 +313,12 @@ def prepare_brats(
     = "0.7,0.1,0.2",
     split_seed: Annotated[int, typer.Option(help="Seed of the patient split and of the empty-slice choice.")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="Skip broken cases with a report instead of stopping.")] = False,
+    part: PrepPart = None,
 ) -> None:
     """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
     options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
                **({"splits": str(splits)} if splits else {})}
-    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
+    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
 
 
 class Uncertain(StrEnum):
@@ -348,12 +349,13 @@ def prepare_cxr(
     split_seed: Annotated[int, typer.Option(help="Seed of the dev split.")] = 0,
     labels: Annotated[str | None, typer.Option(help="Comma list restricting the label set.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad rows/images with a report instead of stopping.")] = False,
+    part: PrepPart = None,
 ) -> None:
     """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits."""
     options = {"uncertain": uncertain.value, "egd_sigma": egd_sigma, "dev_fraction": dev_fraction,
                "seed": split_seed, "skip_bad": skip_bad,
                **{k: str(v) for k, v in (("gaze", gaze), ("boxes", boxes), ("labels", labels)) if v is not None}}
-    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
+    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
 
 
 @command(prepare_app, "camelyon")
@@ -384,6 +386,7 @@ def prepare_camelyon(
     thumbnails: Annotated[bool, typer.Option(help="A tissue-mask/patch thumbnail PNG per slide in "
                                                   "<out>/thumbnails/.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad slides/rows with a report instead of stopping.")] = False,
+    part: PrepPart = None,
 ) -> None:
     """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
     clinical record per slide (missing values kept as missing)."""
@@ -394,7 +397,7 @@ def prepare_camelyon(
                **({"clinical": str(clinical)} if clinical else {}),
                **({"native_mag": native_mag} if native_mag else {}),
                **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
-    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options)
+    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
 
 
 # --------------------------------------------------------------------------------------------- inspect

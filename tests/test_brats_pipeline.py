@@ -108,3 +108,14 @@ def test_teacher_with_unknown_sequence_is_one_line_error(brats, tmp_path):
     assert result.exit_code != 0
     assert result.output.strip().startswith("error:") and "dwi" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_prepare_parts_merge_into_the_one_shot_dataset(brats, tmp_path):
+    """Cluster array jobs: two parts + merge give the same manifest, hash and per-case grids as one run."""
+    out = tmp_path / "parted"
+    for part in ("1/2", "2/2"):
+        ok(["prepare", "brats", brats["raw"], "--out", out, "--size", "32", "--part", part])
+    ok(["prepare", "merge", out])
+    merged, single = (json.loads((d / "dataset.json").read_text()) for d in (out, brats["shards"]))
+    assert merged["content_hash"] == single["content_hash"]
+    assert json.loads((out / "records.json").read_text()) == json.loads((brats["shards"] / "records.json").read_text())
