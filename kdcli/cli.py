@@ -425,7 +425,8 @@ def inspect(
         per_split = report["per_class"].get(modality, {})
         table.add_row(modality, "x".join(map(str, info["shape"])),
                       *[str(report["counts"][modality].get(s, 0)) for s in ("train", "dev", "test")])
-        names = report["classes"] or [f"{t}:{c}" for t, info in report["tasks"].items() for c in info["classes"]]
+        names = report["label_names"] or [f"{t}:{c}" for t, info in report["tasks"].items()
+                                          for c in info["classes"]]
         for name in names:
             table.add_row("", f"  {name}", *[str(per_split.get(s, {}).get(name, 0)) for s in ("train", "dev", "test")])
     out = console(stderr=False)

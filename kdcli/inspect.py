@@ -21,12 +21,16 @@ def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
     per_class: dict[str, dict[str, dict[str, int]]] = {}
     exploded = manifest.explode("modalities")
     keys = ["modalities", "split", "task", "label"]
+    # what the manifest's `label` means: the class for classification, a coarse flag where the real targets are
+    # maps or vectors (a slice with tumour, an X-ray with any finding), named by the source
+    label_names = meta.extra.get("label_names") or meta.classes
     for modality, split, task, label, count in exploded.group_by(keys).len().sort(keys).iter_rows():
-        name = f"{task}:{meta.classes_for(task)[label]}" if task else meta.classes[label]
+        name = f"{task}:{meta.classes_for(task)[label]}" if task else label_names[label]
         per_class.setdefault(modality, {}).setdefault(split, {})[name] = int(count)
     report: dict[str, Any] = {
         "path": str(root), "source": meta.source, "task": meta.task, "pairing": meta.pairing,
-        "classes": meta.classes, "tasks": meta.tasks, "modalities": meta.modalities, "counts": meta.counts,
+        "classes": meta.classes, "label_names": label_names if not meta.tasks else [], "tasks": meta.tasks,
+        "modalities": meta.modalities, "counts": meta.counts,
         "per_class": per_class, "samples": manifest.height,
         "shards": manifest["shard"].n_unique(), "content_hash": meta.content_hash,
         "kdcli_version": meta.kdcli_version, "prepare": meta.prepare,

@@ -119,3 +119,11 @@ def test_prepare_parts_merge_into_the_one_shot_dataset(brats, tmp_path):
     merged, single = (json.loads((d / "dataset.json").read_text()) for d in (out, brats["shards"]))
     assert merged["content_hash"] == single["content_hash"]
     assert json.loads((out / "records.json").read_text()) == json.loads((brats["shards"] / "records.json").read_text())
+
+
+def test_inspect_names_the_slice_flag_not_the_region_classes(brats):
+    report = json.loads(ok(["inspect", brats["shards"], "--json"]).stdout)
+    assert report["label_names"] == ["no tumour", "tumour"]
+    train = report["per_class"]["t1ce"]["train"]
+    assert set(train) <= {"no tumour", "tumour"} and train["tumour"] > 0
+    assert sum(train.values()) == report["counts"]["t1ce"]["train"]

@@ -405,6 +405,7 @@ class BratsSource(Source):
             arrays=arrays,
             extra={
                 "regions": {k: list(v) for k, v in REGIONS.items()},
+                "label_names": ["no tumour", "tumour"],  # the manifest label: does the slice hold tumour
                 "naming": namings,
                 "label_values": {n: {"0": 0, "1": 1, "2": 2, str(ET_VALUE[n]): 3} for n in namings},
                 "modality_order": list(SEQUENCES),

@@ -383,6 +383,7 @@ class CxrSource(Source):
                 "gaze_source": gaze_source,
                 "egd_sigma": self.egd_sigma if gaze_source == "egd" else None,
                 "annotated_fraction": annotated_train / train if train else 0.0,
+                "label_names": ["no finding", "finding"],  # the manifest label; the findings are in `labels`
                 "label_names_raw": list(official),
                 "annotated_names": ["gaze", "boxes"],
             },
