@@ -289,9 +289,20 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, par
     }
 
 
+def _check_task_options(cfg: TrainConfig, store: ShardStore) -> None:
+    """Options that only some kinds of dataset take are refused elsewhere rather than silently ignored."""
+    if cfg.embeddings and store.meta.task != "mil":
+        raise UsageError("--embeddings applies to slide datasets (prepare camelyon + kdcli embed)")
+    if cfg.output_stride and store.meta.task in ("mil", "segmentation"):
+        raise UsageError(f"--output-stride applies to image classifiers, not {store.meta.task} models")
+    if cfg.output_stride and cfg.output_stride not in (8, 16, 32):
+        raise UsageError(f"--output-stride {cfg.output_stride}: use 8, 16 or 32")
+
+
 def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     out = _check_out(cfg)
     store = ShardStore(cfg.data)
+    _check_task_options(cfg, store)
     if store.meta.task == "segmentation":
         from kdcli.segmentation import teach_segmentation
 
@@ -336,6 +347,7 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
         from kdcli.mil import distill_mil
 
         return distill_mil(cfg, store, log)
+    _check_task_options(cfg, store)
     if not method_cls.per_task_teachers and len(cfg.teacher) != 1:
         raise UsageError(f"--method {cfg.method} takes exactly one --teacher checkpoint")
     params = parse_params(method_cls.Params, cfg.params, cfg.method)

@@ -109,3 +109,20 @@ def test_compile_trains_through_torch_compile_and_saves_plain_weights(multieye_s
     assert len(compiled) == 1 and result.epochs_run == 1
     weights = load_checkpoint(tmp_path / "c.pt").model
     assert weights and not any(k.startswith("_orig_mod") for k in weights)  # loadable without compiling
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--output-stride", "7"], "8, 16 or 32"),
+    (["--embeddings", "resnet18-abc"], "slide datasets"),
+])
+def test_options_for_other_kinds_of_model_are_refused_in_one_line(multieye_shards, tmp_path, extra, words):
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+
+    result = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "fundus", "--model",
+                                      "test_resnet", "--epochs", "1", "--workers", "0", "--out",
+                                      str(tmp_path / "m.pt"), *extra])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error:") and words in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()

@@ -53,9 +53,11 @@ class Classifier(nn.Module):
         try:
             self.backbone = timm.create_model(spec["backbone"], pretrained=False, num_classes=0,
                                               in_chans=in_chans, **spec.get("backbone_kwargs", {}))
-        except RuntimeError as exc:
-            raise KdcliError(f"unknown timm model {spec['backbone']!r} ({exc})",
-                             hint="see `python -c 'import timm; print(timm.list_models())'`") from None
+        except (RuntimeError, TypeError, AssertionError) as exc:  # unknown name; an option the model lacks
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise KdcliError(f"cannot build timm model {spec['backbone']!r} ({reason})",
+                             hint="check the name (`python -c 'import timm; print(timm.list_models())'`) and that "
+                                  "the model takes the options given (e.g. --output-stride)") from None
         self.feature_map = nn.Identity()  # Grad-CAM's target: the last spatial feature map
         features = self.backbone.num_features
         if spec["head"] == "concept":

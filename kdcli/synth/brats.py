@@ -55,11 +55,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from kdcli.shards.format import atomic_write_bytes
 
 NAMINGS = ("2018", "2019", "2020", "2021", "2023")
 SEQUENCES = ("t1", "t1ce", "t2", "flair")  # canonical names; file suffixes per naming in _suffixes()
@@ -159,7 +160,7 @@ def _name_mapping(path: Path, ids: list[str], grades: list[str], seed: int) -> N
         rows.append([g, *old, i])
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
-    _write_atomic(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 # ---------------------------------------------------------------- anatomy
@@ -272,13 +273,6 @@ def affine(shape: tuple[int, int, int]) -> np.ndarray:
     return a
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _nifti_bytes(arr: np.ndarray, aff: np.ndarray, gz: bool) -> bytes:
@@ -305,11 +299,11 @@ def _render(job: Job) -> dict:
         scaled = np.rint(images[name] * _WM_LEVEL[name])
         scaled[brain] = np.maximum(scaled[brain], 1)  # skull-stripped: 0 means outside the brain, only there
         arr = scaled.astype(np.int16) if int16 else scaled.astype(np.float32)
-        _write_atomic(case_dir / files[name], _nifti_bytes(arr, aff, files[name].endswith(".gz")))
+        atomic_write_bytes(case_dir / files[name], _nifti_bytes(arr, aff, files[name].endswith(".gz")))
     if naming == "2023":
         labels[labels == 4] = 3
     seg = files["seg"]
-    _write_atomic(case_dir / seg, _nifti_bytes(labels, aff, seg.endswith(".gz")))
+    atomic_write_bytes(case_dir / seg, _nifti_bytes(labels, aff, seg.endswith(".gz")))
     zs = np.flatnonzero(labels.any((0, 1)))
     return {"labels": np.unique(labels).tolist(), "tumour_slices": [int(zs[0]), int(zs[-1])] if zs.size else []}
 

@@ -55,6 +55,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kdcli.shards.format import atomic_write_bytes
+
 FORMATS = ("tiff", "bcnb")
 ALN_STATUS = ("N0", "N+(1-2)", "N+(>2)")
 CLINICAL_COLUMNS = (
@@ -95,10 +97,6 @@ def _um(x: float) -> float:
 # ---------------------------------------------------------------- atomic writing
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
@@ -492,15 +490,15 @@ def _render(job: Job) -> dict:
         levels = [rgb]
         for d in DOWNSAMPLES[1:]:  # each level area-reduced from the one above
             levels.append(cv2.resize(levels[-1], (w // d, h // d), interpolation=cv2.INTER_AREA))
-        _write_bytes(Path(img_path), _svs_bytes(levels))
+        atomic_write_bytes(Path(img_path), _svs_bytes(levels))
     else:
-        _write_bytes(Path(img_path), _jpeg(rgb))
+        atomic_write_bytes(Path(img_path), _jpeg(rgb))
     polys = [
         {"name": f"Annotation {i}", "vertices": [[int(x), int(y)] for x, y in o]}
         for i, o in enumerate(meta["outlines"])
     ]
     if ann_path is not None:
-        _write_bytes(Path(ann_path), (json.dumps({"positive": polys}) + "\n").encode())
+        atomic_write_bytes(Path(ann_path), (json.dumps({"positive": polys}) + "\n").encode())
     boxes = [[int(o[:, 0].min()), int(o[:, 1].min()), int(o[:, 0].max()), int(o[:, 1].max())] for o in meta["outlines"]]
     return {"tumour_boxes": boxes, "pen": meta["pen"], "blur": meta["blur"]}
 

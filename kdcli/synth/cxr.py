@@ -54,13 +54,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from kdcli.shards.format import atomic_write_bytes
 from kdcli.synth import _chest
 from kdcli.synth._chest import FINDINGS
 
@@ -103,10 +103,7 @@ Job = tuple[str, str, dict, list, int, tuple, dict, bool]
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _csv_text(header: str, rows: list[list]) -> str:
