@@ -31,7 +31,8 @@ class LoaderBenchOptions:
 
 
 class PngFolder(Dataset):
-    """The naive way: one PNG per sample, decoded with PIL, then the same augmentation as kdcli."""
+    """The naive way: one PNG per sample, decoded with PIL, then the same augmentation as kdcli (the same
+    FusedAugment, called per sample as a torchvision-style dataset would)."""
 
     def __init__(self, paths: list[Path], labels: np.ndarray, augment):
         self.paths, self.labels, self.augment = paths, labels, augment
@@ -51,17 +52,22 @@ class PngFolder(Dataset):
                 "label": int(self.labels[i])}
 
 
+MIN_SECONDS = 1.0  # each measurement runs at least this long: a few hundred samples take milliseconds
+
+
 def _rate(dataset: Dataset, batch_size: int, workers: int, repeats: int) -> float:
+    """Samples/s over at least `repeats` passes and MIN_SECONDS."""
     from kdcli.data.views import collate
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         persistent_workers=workers > 0, collate_fn=collate)
     for _ in loader:  # warm-up pass: worker start-up, file handles, page cache
         break
-    started, seen = time.perf_counter(), 0
-    for _ in range(repeats):
+    started, seen, passes = time.perf_counter(), 0, 0
+    while passes < repeats or time.perf_counter() - started < MIN_SECONDS:
         for batch in loader:
             seen += len(batch["label"])
+        passes += 1
     return seen / (time.perf_counter() - started)
 
 
@@ -70,14 +76,15 @@ def _h5py_rate(view, repeats: int) -> float:
 
     handles: dict[str, Any] = {}
     arrays: dict[str, Any] = {}
-    started = time.perf_counter()
-    for _ in range(repeats):
+    started, passes = time.perf_counter(), 0
+    while passes < repeats or time.perf_counter() - started < MIN_SECONDS:
         for shard, index in zip(view.shards, view.indices, strict=True):
             if shard not in arrays:
                 handles[shard] = h5py.File(view.store.root / "shards" / shard, "r")
                 arrays[shard] = handles[shard][view.modality]
             arrays[shard][int(index)]
-    rate = repeats * len(view) / (time.perf_counter() - started)
+        passes += 1
+    rate = passes * len(view) / (time.perf_counter() - started)
     for handle in handles.values():
         handle.close()
     return rate
@@ -135,7 +142,7 @@ class EngineBenchOptions:
 
 def _bare_loop(view, model_spec: dict, epochs: int, batch_size: int, seed: int) -> float:
     """The naive way: the same model, data, sampler and optimizer in a plain PyTorch loop, no engine."""
-    from kdcli.data.views import class_balanced_sampler
+    from kdcli.data.views import class_balanced_sampler, collate
     from kdcli.engine.device import seed_everything
     from kdcli.models.classifier import Classifier
 
@@ -147,7 +154,8 @@ def _bare_loop(view, model_spec: dict, epochs: int, batch_size: int, seed: int) 
     for epoch in range(epochs):
         view.set_epoch(epoch)
         sampler = class_balanced_sampler(view.labels, len(view), seed * 1000 + epoch)
-        for batch in DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True):
+        for batch in DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                collate_fn=collate):
             loss = torch.nn.functional.cross_entropy(model(batch["image"])["logits"], batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler, default_collate
 
+from kdcli.data.transforms import FusedAugment
 from kdcli.shards.reader import ShardStore
 
 
@@ -15,8 +17,39 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def _reference_counts(arrays: list[np.ndarray]) -> list[int]:
+    return [sys.getrefcount(array) for array in arrays]
+
+
+class BufferPool:
+    """Batch buffers reused once nobody holds them any more (no tensor made from them is alive).
+
+    A fresh multi-megabyte buffer per batch is page-faulted in on first touch, because glibc hands large blocks
+    back to the OS on free: at 224 px that halved the loader's rate and made it swing between runs."""
+
+    def __init__(self, keep: int = 4):
+        self.keep, self.buffers = keep, []
+        # The count an array held by this pool alone shows, taken through the same code path as the real check,
+        # so the interpreter's own references cancel out whatever the Python version.
+        self._unheld = _reference_counts([np.empty(0)])[0]
+
+    def take(self, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        for buffer, count in zip(self.buffers, _reference_counts(self.buffers), strict=True):
+            if count == self._unheld and buffer.shape == shape and buffer.dtype == dtype:
+                return buffer
+        buffer = np.empty(shape, dtype)
+        if len(self.buffers) >= self.keep:
+            self.buffers.pop(0)
+        self.buffers.append(buffer)
+        return buffer
+
+    def __getstate__(self) -> dict:  # workers start with their own buffers
+        return {"keep": self.keep, "buffers": [], "_unheld": self._unheld}
+
+
 class ModalityView(Dataset):
-    """One modality of one split: {"image", "label", "index"}.
+    """One modality of one split: {"image", "label", "index"}. DataLoaders over it take `collate_fn=collate`
+    (batches come assembled by `__getitems__`).
 
     Augmentation is seeded per (seed, epoch, item), so a run gives the same batches with 0 or N workers."""
 
@@ -36,6 +69,7 @@ class ModalityView(Dataset):
         self.labels = rows["label"].to_numpy()
         self.shards = rows["shard"].to_list()
         self.indices = rows["index"].to_numpy()
+        self.buffers = BufferPool()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,17 +77,25 @@ class ModalityView(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _seed_augment(self, seed: int) -> None:
-        """One generator (pair, for albumentations) per item and epoch: a third of the cost of set_random_seed."""
+    def item_seeds(self, items) -> np.ndarray:
+        """Augmentation seed of each item this epoch (uint64, wrapping)."""
+        base = ((self.seed * 1_000_003 + self.epoch) * 10_000_019) & ((1 << 64) - 1)
+        with np.errstate(over="ignore"):
+            return np.uint64(base) + np.asarray(items, dtype=np.uint64)
+
+    def _augment(self, i: int, image: np.ndarray, masks: list[np.ndarray] | None = None) -> dict:
+        seed = int(self.item_seeds([i])[0])
+        if isinstance(self.augment, FusedAugment):
+            return self.augment(image=image, masks=masks or [], seed=seed)
+        # any albumentations-style pipeline: one generator (pair) per item and epoch
         python_random = random.Random(seed) if getattr(self.augment, "needs_python_random", True) else None
         self.augment.set_random_state(np.random.default_rng(seed), python_random)
+        return self.augment(image=image, masks=masks) if masks else self.augment(image=image)
 
     def image(self, i: int, modality: str | None = None) -> np.ndarray:
         array = self.store.read(self.shards[i], int(self.indices[i]), modality or self.modality)
         if self.augment is not None:
-            seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
-            self._seed_augment(seed)
-            array = self.augment(image=array)["image"]
+            array = self._augment(i, array)["image"]
             if array.ndim == 2:
                 array = array[:, :, None]
         return array
@@ -66,8 +108,7 @@ class ModalityView(Dataset):
             return self.store.read(shard, index, self.modality), arrays
         image = self.store.read(shard, index, self.modality)
         spatial = [name for name, a in arrays.items() if a.ndim == 3 and a.shape[:2] == image.shape[:2]]
-        self._seed_augment((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-        result = self.augment(image=image, masks=[arrays[name] for name in spatial])
+        result = self._augment(i, image, [arrays[name] for name in spatial])
         for name, mask in zip(spatial, result["masks"], strict=True):
             arrays[name] = mask if mask.ndim == 3 else mask[:, :, None]
         image = result["image"]
@@ -84,26 +125,37 @@ class ModalityView(Dataset):
                 "task": int(self.tasks[i]), "teacher_index": i, **extra}
 
     def __getitems__(self, indices: list[int]) -> list[dict] | dict:
-        """DataLoader's batched fetch. Without augmentation: one h5py read per shard and the batch assembled
-        here, already collated (see `collate`), instead of one dict and tensor per sample."""
-        if self.augment is not None or self.targets:
+        """DataLoader's batched fetch: one read per shard into a reused buffer, the whole batch augmented at once
+        (FusedAugment.batch), assembled here already collated (see `collate`) instead of one dict and tensor per
+        sample. Items with target arrays, or another augmentation, go one by one."""
+        if self.targets or (self.augment is not None and not isinstance(self.augment, FusedAugment)):
             return [self[i] for i in indices]
+        meta = self.store.meta.modalities[self.modality]
+        shape = tuple(meta["shape"])
+        # the raw batch is handed out only when nothing transforms it; otherwise it is private to this view
+        raw = self.buffers.take((len(indices), *shape), np.dtype(meta.get("dtype", "uint8")))
         by_shard: dict[str, list[int]] = {}
         for position, i in enumerate(indices):
             by_shard.setdefault(self.shards[i], []).append(position)
-        if len(by_shard) == 1:  # the common case: no gather copy
-            channels_last = self.store.read_many(self.shards[indices[0]], self.indices[indices], self.modality)
-        else:
-            channels_last = np.empty((len(indices), *self.store.meta.modalities[self.modality]["shape"]), np.uint8)
-            for shard, positions in by_shard.items():
-                rows = self.indices[[indices[p] for p in positions]]
-                channels_last[positions] = self.store.read_many(shard, rows, self.modality)
+        for shard, positions in by_shard.items():
+            rows = self.indices[[indices[p] for p in positions]]
+            if len(by_shard) == 1:  # the common case: straight into the buffer
+                self.store.read_many(shard, rows, self.modality, out=raw)
+            else:
+                raw[positions] = self.store.read_many(shard, rows, self.modality)
         chosen = np.asarray(indices)
+        channels_last = raw
+        if self.augment is not None:
+            size = self.augment.size
+            channels_last = self.buffers.take((len(indices), size, size, shape[2]), raw.dtype)
+            self.augment.batch(raw, self.item_seeds(chosen), channels_last)
         # NHWC memory seen as NCHW is exactly torch's channels_last layout: no transposing copy (the copy cost
         # more than the read at 224 px); convolutions take channels_last directly.
+        # The small per-item fields share one storage: a worker then passes the batch as two shared-memory
+        # segments, not five (each costs a file descriptor and a mapping).
+        fields = torch.from_numpy(np.stack([self.labels[chosen].astype(np.int64), chosen, self.tasks[chosen]]))
         return {"image": torch.from_numpy(channels_last).permute(0, 3, 1, 2),
-                "label": torch.from_numpy(self.labels[chosen].astype(np.int64)), "index": torch.from_numpy(chosen),
-                "task": torch.from_numpy(self.tasks[chosen]), "teacher_index": torch.from_numpy(chosen)}
+                "label": fields[0], "index": fields[1], "task": fields[2], "teacher_index": fields[1]}
 
 
 def collate(batch: list[dict] | dict):

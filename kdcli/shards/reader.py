@@ -90,17 +90,20 @@ class ShardStore:
             return out
         return array[index]
 
-    def read_many(self, shard: str, indices: np.ndarray, modality: str) -> np.ndarray:
-        """Samples at `indices` of one shard (any order, repeats allowed), read in one call, in that order."""
+    def read_many(self, shard: str, indices: np.ndarray, modality: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Samples at `indices` of one shard (any order, repeats allowed), read in one call, in that order, into
+        `out` when given (a caller's reused buffer of the right shape)."""
         array = self._dataset(shard, modality)
         raw, shape, dtype, zeros, sample_bytes = self._raw[(shard, modality)]
         indices = np.asarray(indices)
+        if out is None:
+            out = np.empty((len(indices), *shape), dtype=dtype)
         first = int(indices[0])
         run = len(indices) > 1 and np.array_equal(indices, np.arange(first, first + len(indices)))
-        if run and len(indices) * sample_bytes <= SLICE_BYTES:
-            return array[first : first + len(indices)]  # a short contiguous run: one slice beats per-chunk reads
+        if run and len(indices) * sample_bytes <= SLICE_BYTES:  # a short contiguous run: one slice beats chunks
+            array.read_direct(out, np.s_[first : first + len(indices)])
+            return out
         if raw:
-            out = np.empty((len(indices), *shape), dtype=dtype)
             rows = out.reshape(len(indices), -1).view(np.uint8)  # each sample's bytes, written in place
             read_chunk = array.id.read_direct_chunk
             for position, index in enumerate(indices.tolist()):
@@ -111,7 +114,8 @@ class ShardStore:
             block = array[int(unique[0]) : int(unique[-1]) + 1]  # a contiguous run: one slice
         else:
             block = array[unique]
-        return block if len(unique) == len(inverse) and np.all(np.diff(inverse) == 1) else block[inverse]
+        out[...] = block if len(unique) == len(inverse) and np.all(np.diff(inverse) == 1) else block[inverse]
+        return out
 
     def close(self) -> None:
         for handle in self._handles.values():
