@@ -82,6 +82,13 @@ def plan_jobs(records: list[Record], shard_size: int, modalities: dict | None = 
     return jobs
 
 
+def _final_path(value: Any, staging: Path, out: Path) -> Any:
+    """Source options pointing into the staging folder (camelyon's thumbnails) are recorded where they end up."""
+    if isinstance(value, str) and value.startswith(str(staging)):
+        return str(out) + value[len(str(staging)) :]
+    return value
+
+
 def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
     out, staging = options.out, Path(str(options.out) + ".partial")
     if options.resume and options.overwrite:
@@ -120,7 +127,8 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     arguments = {
         "source": options.source, "raw": str(Path(options.raw).resolve()), "size": options.size,
         "shard_size": options.shard_size, "compression": options.compression,
-        "source_options": {k: v for k, v in options.source_options.items() if k != "grades"},
+        "source_options": {k: _final_path(v, staging, options.out) for k, v in options.source_options.items()
+                           if k != "grades"},
     }
     kept = _existing_rows(options, scan) if appending else []
     staging.mkdir(parents=True, exist_ok=True)

@@ -85,3 +85,24 @@ def test_cvi_needs_gaze_or_boxes_in_the_data(cxr, tmp_path):
                                  "xray", "--method", "cvi", "--out", str(tmp_path / "c.pt"), *FAST])
     assert result.exit_code != 0
     assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
+
+
+def test_compile_reaches_methods_with_their_own_step(cxr, tmp_path, monkeypatch):
+    """CVI overrides the training step; under --compile that step still calls the compiled student."""
+    from kdcli.engine import loop
+
+    calls = []
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, without inductor's minutes
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            calls.append(len(args))
+            return self.model(*args)
+
+    monkeypatch.setattr(loop.torch, "compile", Compiled)
+    ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
+        "--out", tmp_path / "c.pt", "--compile", *FAST])
+    assert calls and set(calls) == {2}  # image and annotation map, every step

@@ -82,3 +82,34 @@ def test_augmented_batches_match_the_items_and_repeat_per_epoch(shards):
     again = view.__getitems__(indices)["image"].clone()
     view.set_epoch(1)
     assert torch.equal(batch["image"], again) and not torch.equal(view.__getitems__(indices)["image"], again)
+
+
+def test_paired_unpaired_and_cached_batches_match_their_items(multieye_shards):
+    """Distillation's views assemble whole batches too; every field matches the per-item path."""
+    from kdcli.data.transforms import train_augmentation
+    from kdcli.data.views import PairedView, UnpairedPartnerView
+    from kdcli.engine.teacher_cache import CachedTeacherView
+
+    store = ShardStore(multieye_shards)
+    size = store.meta.modalities["fundus"]["shape"][0]
+    student = ModalityView(store, "train", "fundus", train_augmentation(size), seed=1)
+    partner = ModalityView(store, "train", "oct", train_augmentation(size), seed=2)
+    unpaired = UnpairedPartnerView(student, partner, seed=4)
+    paired = PairedView(store, "train", "fundus", "fundus", train_augmentation(size), train_augmentation(size), 5)
+    logits = np.arange(len(partner) * 3, dtype=np.float32).reshape(-1, 3)
+    cached = CachedTeacherView(unpaired, {"teacher": {"logits": logits}})
+    indices = [3, 0, len(student) - 1, 5]
+    for view in (unpaired, paired, cached):
+        view.set_epoch(2)
+        batch = view.__getitems__(indices)
+        assert isinstance(batch, dict)
+        for position, i in enumerate(indices):
+            item = view[i]
+            for key in ("label", "teacher_label", "teacher_index", "index"):
+                assert int(batch[key][position]) == int(item[key]), key
+            for key in ("image", "teacher_image"):
+                assert (batch[key][position].int() - item[key].int()).abs().max() <= 1, key
+        if view is cached:
+            chosen = logits[batch["teacher_index"].numpy()]
+            assert np.array_equal(batch["cached"]["teacher"]["logits"].numpy(), chosen)
+    assert not torch.equal(paired.__getitems__(indices)["image"], paired.__getitems__(indices)["teacher_image"])

@@ -124,11 +124,16 @@ class ModalityView(Dataset):
         return {"image": to_tensor(image), "label": int(self.labels[i]), "index": i,
                 "task": int(self.tasks[i]), "teacher_index": i, **extra}
 
+    @property
+    def batched(self) -> bool:
+        """Whether `__getitems__` assembles whole batches (else it returns one item dict per index)."""
+        return not self.targets and (self.augment is None or isinstance(self.augment, FusedAugment))
+
     def __getitems__(self, indices: list[int]) -> list[dict] | dict:
         """DataLoader's batched fetch: one read per shard into a reused buffer, the whole batch augmented at once
         (FusedAugment.batch), assembled here already collated (see `collate`) instead of one dict and tensor per
         sample. Items with target arrays, or another augmentation, go one by one."""
-        if self.targets or (self.augment is not None and not isinstance(self.augment, FusedAugment)):
+        if not self.batched:
             return [self[i] for i in indices]
         meta = self.store.meta.modalities[self.modality]
         shape = tuple(meta["shape"])
@@ -196,6 +201,15 @@ class UnpairedPartnerView(Dataset):
         item["teacher_index"] = j
         return item
 
+    def __getitems__(self, indices: list[int]) -> list[dict] | dict:
+        if not (self.student.batched and self.partner.batched):
+            return [self[i] for i in indices]
+        partners = [self.partner_index(i) for i in indices]
+        batch, partner = self.student.__getitems__(indices), self.partner.__getitems__(partners)
+        batch.update(teacher_image=partner["image"], teacher_label=partner["label"],
+                     teacher_index=torch.tensor(partners))
+        return batch
+
 
 class PairedView(Dataset):
     """Records that carry both modalities: the student's image and the teacher's, same augmentation seed."""
@@ -224,6 +238,14 @@ class PairedView(Dataset):
         item["teacher_label"] = item["label"]
         item["teacher_index"] = i
         return item
+
+    def __getitems__(self, indices: list[int]) -> list[dict] | dict:
+        if not (self.student.batched and self.teacher.batched):
+            return [self[i] for i in indices]
+        batch = self.student.__getitems__(indices)
+        batch.update(teacher_image=self.teacher.__getitems__(indices)["image"], teacher_label=batch["label"],
+                     teacher_index=batch["index"])
+        return batch
 
 
 def class_balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> Sampler:

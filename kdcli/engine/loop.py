@@ -287,6 +287,7 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.lr, cfg.min_lr))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    check_every = 1 if device.type == "cpu" else 25
     ema = None
     if cfg.ema:
         # use_buffers: BatchNorm statistics are averaged too, else the EMA model validates with initial ones
@@ -330,7 +331,9 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     terms = step_fn(batch)
                 loss = sum(v for k, v in terms.items() if not k.startswith("_"))
-                if not torch.isfinite(loss):
+                # Reading a GPU value waits for the GPU, so the finiteness check runs every `check_every` steps
+                # there (every step on the CPU, where it is free); the running sums stay on the device.
+                if step % check_every == 0 and not torch.isfinite(loss):
                     raise KdcliError(f"loss became {loss.item()} at epoch {epoch + 1}",
                                      hint="lower --lr, or try --amp off")
                 scaler.scale(loss / cfg.accumulate).backward()
@@ -338,20 +341,26 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
                     if cfg.grad_clip:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+                    scale = scaler.get_scale() if scaler.is_enabled() else None
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
+                    if scale is None or scaler.get_scale() >= scale:  # fp16 overflow skipped the step
+                        scheduler.step()
                     if ema is not None:
                         ema.update_parameters(student)
                 for key, value in terms.items():
-                    sums[key] += float(value.detach())
-                sums["loss"] += float(loss.detach())
+                    sums[key] += value.detach().float()
+                sums["loss"] += loss.detach().float()
                 batches += 1
                 seen += len(batch["label"])
                 advance()
         train_seconds = time.perf_counter() - epoch_start
-        sums = mean_across_ranks(dict(sums), ranks, device)
+        sums = {key: float(value) for key, value in sums.items()}
+        if not math.isfinite(sums.get("loss", 0.0)):
+            raise KdcliError(f"loss became {sums['loss']} during epoch {epoch + 1}",
+                             hint="lower --lr, or try --amp off")
+        sums = mean_across_ranks(sums, ranks, device)
         seen *= ranks.world
 
         eval_model = ema.module if ema is not None else student

@@ -77,9 +77,21 @@ class CachedTeacherView(Dataset):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
 
-    def __getitem__(self, i: int) -> dict:
-        item = self.base[i]
-        j = item["teacher_index"]
-        item["cached"] = {name: {key: torch.from_numpy(array[j]) for key, array in outputs.items()}
-                          for name, outputs in self.cache.items()}
+    def _with_cached(self, item: dict) -> dict:
+        j = item["teacher_index"]  # an int, or a batch's index tensor
+        j = j.numpy() if isinstance(j, torch.Tensor) else j
+        item["cached"] = {name: {key: torch.from_numpy(np.ascontiguousarray(array[j]))
+                                 for key, array in outputs.items()} for name, outputs in self.cache.items()}
         return item
+
+    def __getitem__(self, i: int) -> dict:
+        return self._with_cached(self.base[i])
+
+    def __getitems__(self, indices: list[int]) -> list[dict] | dict:
+        if hasattr(self.base, "__getitems__"):
+            fetched = self.base.__getitems__(indices)
+        else:
+            fetched = [self.base[i] for i in indices]
+        if isinstance(fetched, dict):
+            return self._with_cached(fetched)
+        return [self._with_cached(item) for item in fetched]

@@ -71,12 +71,17 @@ class Method(nn.Module):
         with torch.no_grad():
             return {name: model(batch[image_key]) for name, model in teachers.items()}
 
+    @property
+    def run_student(self) -> nn.Module:
+        """The student to call in a training step: its torch.compile'd version under --compile (the engine sets
+        `compiled`), else the student itself. Methods that override `forward` call this too."""
+        compiled = self.__dict__.get("compiled")  # not `or`: a compiled module's truth value raises
+        return compiled if compiled is not None else self.student
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One training step's loss terms; the engine wraps the whole method in DDP, so every trainable part
-        (student and any discriminator) is synchronised. `compiled` is a torch.compile'd student, if any."""
-        compiled = self.__dict__.get("compiled")  # not `or`: a compiled module's truth value raises
-        student = compiled if compiled is not None else self.student
-        return self.loss(batch, student(batch["image"]))
+        (student and any discriminator) is synchronised."""
+        return self.loss(batch, self.run_student(batch["image"]))
 
 
 def parse_params(params_cls: type, overrides: dict[str, Any], method: str) -> Any:

@@ -58,7 +58,7 @@ class Bidirectional(Method):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         p = self.params
-        out = self.student(drop_clinical(batch, p.clinical_dropout, self.training))
+        out = self.run_student(drop_clinical(batch, p.clinical_dropout, self.training))
         labels = batch["label"]
         return {
             "ce_mm": F.cross_entropy(out["logits_mm"].float(), labels),

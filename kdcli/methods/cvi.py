@@ -100,7 +100,7 @@ class CVI(Method):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         annotation, annotated = self.annotation_map(batch)
-        out = self.student(batch["image"], annotation)
+        out = self.run_student(batch["image"], annotation)
         p, labels = self.params, batch["labels"]
         keep = annotated if p.annotated_only else torch.ones_like(annotated)
         terms = {"bce_prior": masked_bce(out["logits"][keep], labels[keep]) if keep.any()

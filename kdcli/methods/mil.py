@@ -33,5 +33,5 @@ class MIL(Method):
     Params = MILParams
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.student(drop_clinical(batch, self.params.clinical_dropout, self.training))
+        out = self.run_student(drop_clinical(batch, self.params.clinical_dropout, self.training))
         return {"ce": F.cross_entropy(out["logits"].float(), batch["label"])}

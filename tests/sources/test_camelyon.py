@@ -264,6 +264,8 @@ def test_thumbnails_written_when_asked(bcnb, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s['id']}.png" for s in synth["slides"])
     image = cv2.imread(str(folder / "1.png"))
     assert image is not None and image.shape[0] >= 48 and image.std() > 10
+    recorded = load(tmp_path / "out")[0]["prepare"]["source_options"]["thumbnails"]
+    assert Path(recorded) == folder  # where the PNGs are, not the staging folder they were written to
     run(raw, tmp_path / "plain")
     assert not list(tmp_path.glob("plain*/thumbnails"))
 
