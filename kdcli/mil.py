@@ -229,6 +229,10 @@ def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None])
         raise KdcliError("not a slide (MIL) checkpoint for this dataset's classes", path=checkpoint.path,
                          hint="use the checkpoint of `teach --modality wsi,clinical` on this dataset")
     teacher = load_model(checkpoint)
+    read = (teacher.spec.get("embeddings") or {}).get("name", "")
+    if cfg.embeddings and cfg.embeddings != read:
+        raise UsageError(f"--embeddings {cfg.embeddings}: the student reads what its teacher read "
+                         f"({f'embeddings {read!r}' if read else 'patch pixels'}); drop --embeddings")
     seed_everything(cfg.engine.seed)
     student = method_cls.make_student(params, teacher)
     cfg.modality = "wsi"  # the student answers from the slide alone when the record is missing

@@ -118,6 +118,14 @@ def test_slide_methods_refuse_wrong_teachers(wsi, tmp_path):
     result = runner.invoke(app, ["teach", "--data", str(wsi["shards"]), "--modality", "clinical", "--out",
                                  str(tmp_path / "y.pt"), *FAST])
     assert result.exit_code != 0 and result.output.strip().startswith("error:")
+    from kdcli.errors import UsageError
+    from kdcli.train import TrainConfig, distill
+
+    config = TrainConfig(data=str(wsi["shards"]), out=str(tmp_path / "z.pt"), teacher=[str(wsi["mm"])],
+                         method="bidirectional", embeddings="other")  # e.g. from a config file
+    with pytest.raises(UsageError, match="patch pixels"):  # the student reads what its teacher read
+        distill(config, log=lambda message: None)
+    assert not (tmp_path / "z.pt").exists()
 
 
 def test_embed_caches_patch_features_and_mil_trains_on_them(wsi, tmp_path):
