@@ -113,3 +113,19 @@ def test_paired_unpaired_and_cached_batches_match_their_items(multieye_shards):
             chosen = logits[batch["teacher_index"].numpy()]
             assert np.array_equal(batch["cached"]["teacher"]["logits"].numpy(), chosen)
     assert not torch.equal(paired.__getitems__(indices)["image"], paired.__getitems__(indices)["teacher_image"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_kept_by_the_consumer_are_never_overwritten(shards, workers):
+    """Holding every batch of an epoch (as `list(loader)` does) must not let the pool reuse their buffers."""
+    from torch.utils.data import DataLoader
+
+    from kdcli.data.transforms import train_augmentation
+    from kdcli.data.views import collate
+
+    view = ModalityView(ShardStore(shards), "train", "oct", train_augmentation(24), seed=7)
+    batches = list(DataLoader(view, batch_size=4, num_workers=workers, collate_fn=collate))
+    assert len(batches) > view.buffers.keep  # more batches held than the pool keeps
+    for batch in batches:
+        for position, i in enumerate(batch["index"].tolist()):
+            assert (batch["image"][position].int() - view[i]["image"].int()).abs().max() <= 1
