@@ -475,7 +475,8 @@ def _train_flags(**flags: Any) -> dict[str, Any]:
             flags[key] = str(flags[key])
     flags["resume"] = flags["resume"] or None
     flags["overwrite"] = flags["overwrite"] or None
-    return {**extra, **flags}
+    # a flag left unset must not erase the same key given with --set (`--set amp=bf16` was silently dropped)
+    return {**extra, **{key: value for key, value in flags.items() if value is not None}}
 
 
 def _report_fit(result, out: Path) -> None:

@@ -285,3 +285,19 @@ def test_distill_unknown_method_is_one_error_line(multieye_shards: Path, tmp_pat
         "error: unknown method 'nope'; known: bidirectional, coda, cvi, kd, mil, multilabel, protokd, sall, "
         "segmentation, supervised"]
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_set_reaches_keys_that_also_have_a_flag_and_bad_choices_write_nothing(multieye_shards: Path,
+                                                                            tmp_path: Path) -> None:
+    from kdcli.engine.checkpoint import load_checkpoint
+
+    common = ["teach", "--data", str(multieye_shards), "--modality", "fundus", "--model", "test_resnet",
+              "--epochs", "1", "--batch-size", "8", "--workers", "0"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a.pt"), "--set", "seed=5"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "a.pt").meta["config"]["seed"] == 5  # --seed unset must not erase it
+    for choice in ("amp=sometimes", "channels_last=maybe", "deterministic=never"):
+        out = tmp_path / f"{choice.split('=')[0]}.pt"
+        result = CliRunner().invoke(app, [*common, "--out", str(out), "--set", choice])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {choice.split('=')[0]}=")
+        assert list(tmp_path.glob(f"{out.stem}*")) == []

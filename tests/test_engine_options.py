@@ -126,3 +126,21 @@ def test_options_for_other_kinds_of_model_are_refused_in_one_line(multieye_shard
     assert result.exit_code == 2, result.output
     assert result.output.strip().startswith("error:") and words in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()
+
+
+def test_deterministic_kernels_on_cpu_autotuned_on_gpus_and_switchable(multieye_shards, tmp_path):
+    from kdcli.engine.device import deterministic_mode
+
+    assert deterministic_mode(torch.device("cpu")) is True
+    assert deterministic_mode(torch.device("cuda", 0)) is False  # cudnn.benchmark, as timm and nnU-Net train
+    assert deterministic_mode(torch.device("cuda", 0), "on") is True
+    try:
+        teach(quick(multieye_shards, tmp_path / "f.pt", deterministic="off"), log=lambda m: None)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        teach(quick(multieye_shards, tmp_path / "a.pt", overwrite=True), log=lambda m: None)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    with pytest.raises(UsageError, match="deterministic"):
+        teach(quick(multieye_shards, tmp_path / "x.pt", deterministic="sometimes"), log=lambda m: None)

@@ -40,10 +40,19 @@ def amp_dtype(device: torch.device, setting: str = "auto") -> torch.dtype | None
     raise UsageError(f"--amp {setting!r}: use auto, off, bf16 or fp16")
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
+def deterministic_mode(device: torch.device, setting: str = "auto") -> bool:
+    """Deterministic kernels where they cost nothing (CPU), cudnn's autotuned ones on GPUs, as timm and
+    nnU-Net train; `--set deterministic=on` buys bitwise repeats on a GPU with speed."""
+    if setting not in ("auto", "on", "off"):
+        raise UsageError(f"--set deterministic={setting}: use auto, on or off")
+    return setting == "on" or (setting == "auto" and device.type != "cuda")
+
+
+def seed_everything(seed: int, deterministic: bool | None = True) -> None:
+    """Seed every generator; `deterministic` also picks the kernels (None leaves that choice alone)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not deterministic

@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint, sibling
-from kdcli.engine.device import amp_dtype, seed_everything, select_device
+from kdcli.engine.device import amp_dtype, deterministic_mode, seed_everything, select_device
 from kdcli.engine.distributed import Ranks, RankShard, mean_across_ranks, setup, teardown
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, UsageError
 
 
 @dataclass
@@ -41,6 +41,7 @@ class EngineConfig:
     workers: int = 2
     amp: str = "auto"
     channels_last: str = "auto"
+    deterministic: str = "auto"  # on | off | auto (on for CPU, off on CUDA: cudnn autotuning)
     compile: bool = False
     grad_clip: float = 0.0
     accumulate: int = 1
@@ -49,6 +50,15 @@ class EngineConfig:
     metric: str = "macro_f1"
     balanced: bool = True
     samples_per_epoch: int = 0  # 0 = the training set's size
+
+    def __post_init__(self) -> None:  # refused before anything is written, not at the first epoch
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name}={getattr(self, name)!r}: use {', '.join(allowed)}")
+
+
+CHOICES = {"amp": ("auto", "off", "bf16", "fp16"), "channels_last": ("auto", "on", "off"),
+           "deterministic": ("auto", "on", "off")}
 
 
 @dataclass
@@ -247,8 +257,8 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
         meta: dict[str, Any], resume: bool = False,
         log: Callable[[str], None] = print, train_labels: np.ndarray | None = None) -> FitResult:
     started = time.perf_counter()
-    seed_everything(cfg.seed)
     device = select_device(cfg.device)
+    seed_everything(cfg.seed, deterministic_mode(device, cfg.deterministic))
     ranks = setup(device)
     try:
         return _fit(method, train_set, validate, cfg, out, meta, resume, log if ranks.is_main else _silent,
