@@ -339,6 +339,9 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     method_cls = METHODS.get(cfg.method)
     if not cfg.teacher:
         raise UsageError(f"--method {cfg.method} needs --teacher")
+    if cfg.cache_teacher and not method_cls.uses_teacher_outputs:
+        raise UsageError(f"--cache-teacher: --method {cfg.method} reads no teacher outputs while it trains (the "
+                         "teacher only seeds the student); drop the flag")
     if store.meta.task == "segmentation":
         from kdcli.segmentation import distill_segmentation
 

@@ -87,6 +87,15 @@ def test_cvi_needs_gaze_or_boxes_in_the_data(cxr, tmp_path):
     assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
 
 
+def test_cache_teacher_is_refused_where_no_teacher_output_is_read(cxr, tmp_path):
+    """CVI's stage-1 teacher only seeds the student: caching its outputs would be work for nothing."""
+    result = runner.invoke(app, ["distill", "--data", str(cxr["shards"]), "--teacher", str(cxr["stage1"]),
+                                 "--student", "xray", "--method", "cvi", "--cache-teacher",
+                                 "--out", str(tmp_path / "c.pt"), *FAST])
+    assert result.exit_code == 2 and "reads no teacher outputs" in result.output
+    assert not (cxr["shards"] / "cache").exists() and not list(tmp_path.iterdir())
+
+
 def test_compile_reaches_methods_with_their_own_step(cxr, tmp_path, monkeypatch):
     """CVI overrides the training step; under --compile that step still calls the compiled student."""
     from kdcli.engine import loop
