@@ -37,6 +37,14 @@ CXR_METRICS = ("mean_auroc", "mean_ap", "gaze_nss", "gaze_auc", "box_iou")
 CXR_ROLES = ("stage 1 (global labels)", "stage 2 without gaze (control)", "CVI stage 2 (+ gaze)")
 BRATS_METRICS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
 BRATS_ROLES = ("teacher (t1+t1ce+t2+flair)", "baseline (t1ce)", "ProtoKD student (t1ce)")
+# (distilled model, what it must beat): their per-seed differences are reported, seed by seed
+COMPARISONS = {
+    "multieye": (("CoDA student (fundus)", "baseline (fundus)"),),
+    "sall": (("SALL (both heads)", "single-task DR"), ("SALL (both heads)", "single-task AMD")),
+    "brats": (("ProtoKD student (t1ce)", "baseline (t1ce)"),),
+    "wsi": (("bidirectional", "WSI-only baseline"),),
+    "cxr": (("CVI stage 2 (+ gaze)", "stage 2 without gaze (control)"),),
+}
 
 
 @dataclass
@@ -100,7 +108,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[s
             log(f"      {role:<22} acc {report['metrics']['accuracy']:.3f}  "
                 f"macro-F1 {report['metrics']['macro_f1']:.3f}")
     log("[4/4] summary")
-    return _results(options, runs, METRICS, "MultiEYE phantoms, fundus/OCT test split", started)
+    return _results(options, runs, METRICS, "MultiEYE phantoms, fundus/OCT test split", started, "multieye")
 
 
 def run_sall_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -141,7 +149,7 @@ def run_sall_demo(options: DemoOptions, log: Callable[[str], None] = print) -> d
             runs[role].append(row)
             log(f"      {role:<18} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
     log("[4/4] summary")
-    return _results(options, runs, SALL_METRICS, "graded fundus phantoms, per-task test splits", started)
+    return _results(options, runs, SALL_METRICS, "graded fundus phantoms, per-task test splits", started, "sall")
 
 
 def run_brats_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -177,7 +185,7 @@ def run_brats_demo(options: DemoOptions, log: Callable[[str], None] = print) -> 
             runs[role].append({k: metrics[k] for k in BRATS_METRICS})
             log(f"      {role:<26} " + "  ".join(f"{k} {metrics[k]:.3f}" for k in BRATS_METRICS))
     log("[4/4] summary")
-    return _results(options, runs, BRATS_METRICS, "BraTS phantoms, Dice on the test volumes", started)
+    return _results(options, runs, BRATS_METRICS, "BraTS phantoms, Dice on the test volumes", started, "brats")
 
 
 def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -218,7 +226,7 @@ def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
             log(f"      {role:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in runs[role][-1].items()))
     log("[4/4] summary")
     return _results(options, runs, WSI_METRICS, "slide phantoms, test AUC by share of missing clinical records",
-                    started)
+                    started, "wsi")
 
 
 def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -267,14 +275,33 @@ def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
             runs[role].append(row)
             log(f"      {role:<30} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
     log("[4/4] summary")
-    return _results(options, runs, CXR_METRICS, "CXR phantoms, test split", started)
+    return _results(options, runs, CXR_METRICS, "CXR phantoms, test split", started, "cxr")
 
 
 def _results(options: DemoOptions, runs: dict[str, list[dict]], metrics: tuple[str, ...], title: str,
-             started: float) -> dict[str, Any]:
+             started: float, pipeline: str) -> dict[str, Any]:
     return {"options": {k: str(v) for k, v in vars(options).items()}, "title": title, "metrics": list(metrics),
             "runs": runs, "summary": {role: summarise(values, metrics) for role, values in runs.items()},
+            "paired": {f"{model} - {reference}": paired_differences(runs[model], runs[reference], metrics)
+                       for model, reference in COMPARISONS[pipeline]},
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def paired_differences(model: list[dict], reference: list[dict], metrics: tuple[str, ...]) -> dict[str, dict]:
+    """Seed-by-seed differences (both trained from the same seed, on the same split): their mean, standard
+    deviation and standard error, and how many seeds went up and down. Metrics either side lacks are left out."""
+    result = {}
+    for metric in metrics:
+        pairs = [(m[metric], r[metric]) for m, r in zip(model, reference, strict=True)
+                 if m.get(metric) is not None and r.get(metric) is not None]
+        if not pairs:
+            continue
+        differences = [m - r for m, r in pairs]
+        sd = statistics.stdev(differences) if len(differences) > 1 else 0.0
+        result[metric] = {"per_seed": differences, "mean": statistics.fmean(differences), "std": sd,
+                          "se": sd / len(differences) ** 0.5, "up": sum(d > 0 for d in differences),
+                          "down": sum(d < 0 for d in differences)}
+    return result
 
 
 def summarise(values: list[dict], metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, float | None]]:
@@ -304,4 +331,13 @@ def render_table(results: dict[str, Any]):
             mean, std = stats[metric]["mean"], stats[metric]["std"]
             cells.append("-" if mean is None else f"{mean:.3f}" + (f" ± {std:.3f}" if seeds > 1 else ""))
         table.add_row(role, *cells)
+    for name, differences in results.get("paired", {}).items():
+        cells = []
+        for metric in results["metrics"]:
+            d = differences.get(metric)
+            cells.append("" if d is None else f"{d['mean']:+.3f}" + (
+                f" ± {d['se']:.3f} ({d['up']}↑ {d['down']}↓)" if seeds > 1 else ""))
+        table.add_row(f"Δ {name}", *cells, style="dim")
+    if seeds > 1 and results.get("paired"):
+        table.caption = "Δ: per-seed difference, mean ± standard error, seeds up/down"
     return table

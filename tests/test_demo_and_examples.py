@@ -28,6 +28,13 @@ def test_demo_reports_teacher_baseline_and_student_on_the_same_split(tmp_path):
         stats = report["summary"][role]["macro_f1"]
         assert stats["min"] <= stats["mean"] <= stats["max"]
     assert "CoDA student (fundus)" in result.stderr and "±" in result.stderr
+    paired = report["paired"]["CoDA student (fundus) - baseline (fundus)"]["accuracy"]
+    runs = report["runs"]
+    expected = [s["accuracy"] - b["accuracy"] for s, b in zip(runs["CoDA student (fundus)"],
+                                                               runs["baseline (fundus)"], strict=True)]
+    assert paired["per_seed"] == pytest.approx(expected)
+    assert paired["se"] == pytest.approx(abs(expected[0] - expected[1]) / 2)  # sd/sqrt(2) for two seeds
+    assert paired["up"] + paired["down"] <= 2 and "Δ: per-seed difference" in result.stderr  # the table says it
     seed_dirs = sorted(p.name for p in (tmp_path / "demo" / "multieye" / "checkpoints").iterdir())
     assert seed_dirs == ["seed0", "seed1"]
 
@@ -70,3 +77,8 @@ def test_new_pipeline_demos_report_their_comparison(tmp_path, pipeline, args, ro
     for role in roles:
         value = report["runs"][role][0][metric]
         assert value is None or 0.0 <= value <= 1.0, (role, value)
+    model, reference = roles[-1], roles[1] if pipeline == "cxr" else roles[0 if pipeline == "wsi" else 1]
+    paired = report["paired"][f"{model} - {reference}"]
+    for name, difference in paired.items():
+        ours, theirs = report["runs"][model][0][name], report["runs"][reference][0][name]
+        assert difference["per_seed"] == pytest.approx([ours - theirs]), name
