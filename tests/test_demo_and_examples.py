@@ -82,3 +82,35 @@ def test_new_pipeline_demos_report_their_comparison(tmp_path, pipeline, args, ro
     for name, difference in paired.items():
         ours, theirs = report["runs"][model][0][name], report["runs"][reference][0][name]
         assert difference["per_seed"] == pytest.approx([ours - theirs]), name
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_cluster_recipe_runs_here_without_slurm(multieye_raw, tmp_path):
+    """examples/cluster.sh outside SLURM: the array parts run in turn, merge gives the one-shot dataset, and
+    training goes through torchrun (one gloo process)."""
+    from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.prepare import PrepareOptions, prepare
+
+    shims = tmp_path / "bin"  # the checkout's kdcli and torchrun, whatever is installed on PATH
+    shims.mkdir()
+    for name, module in (("kdcli", "kdcli"), ("torchrun", "torch.distributed.run")):
+        (shims / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        (shims / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1", "PARTS": "3"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    script, shards = str(ROOT / "examples" / "cluster.sh"), tmp_path / "shards"
+
+    def stage(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=env, timeout=600)
+
+    for args in (("prepare", str(multieye_raw), str(shards), "--size", "32"), ("merge", str(shards)),
+                 ("teach", str(shards), str(tmp_path / "oct.pt"), "--modality", "oct", "--model", "test_resnet",
+                  "--epochs", "1", "--batch-size", "8", "--workers", "0")):
+        result = stage(*args)
+        assert result.returncode == 0, (args[0], result.stderr[-3000:])
+    one_shot = prepare(PrepareOptions(source="multieye", raw=multieye_raw, out=tmp_path / "one", size=32))
+    merged = json.loads((shards / "dataset.json").read_text())
+    assert merged["content_hash"] == one_shot.meta.content_hash
+    assert load_checkpoint(tmp_path / "oct.pt").meta["data"]["content_hash"] == merged["content_hash"]
+    assert stage("evaluate").returncode == 2
