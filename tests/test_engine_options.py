@@ -57,6 +57,22 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert values[100] == pytest.approx(1e-2)
 
 
+def test_poly_and_constant_schedules_after_the_same_warm_up(multieye_shards, tmp_path):
+    from kdcli.engine.loop import lr_multiplier
+
+    poly = [lr_multiplier("poly", step, 100, 10, 1e-3, 1e-5) for step in range(101)]
+    constant = [lr_multiplier("constant", step, 100, 10, 1e-3, 1e-5) for step in range(101)]
+    assert poly[:10] == constant[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert poly[55] == pytest.approx(0.5**0.9) and poly[100] == pytest.approx(1e-2)  # floored at min_lr
+    assert constant[10:] == [1.0] * 91
+    cfg = quick(multieye_shards, tmp_path / "p.pt", schedule="constant", warmup_epochs=0, lr=3e-3)
+    teach(cfg, log=lambda m: None)
+    rows = [json.loads(line) for line in (tmp_path / "p.metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == pytest.approx(3e-3)  # still the base rate at the end
+    with pytest.raises(UsageError, match="schedule"):
+        quick(multieye_shards, tmp_path / "x.pt", schedule="step")
+
+
 def test_unknown_metric_is_a_clear_error(multieye_shards, tmp_path):
     from kdcli.errors import KdcliError
 

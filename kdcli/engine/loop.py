@@ -35,6 +35,7 @@ class EngineConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-3
     warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # after warm-up: cosine | poly | constant
     min_lr: float = 1e-6
     seed: int = 0
     device: str = "auto"
@@ -58,7 +59,7 @@ class EngineConfig:
 
 
 CHOICES = {"amp": ("auto", "off", "bf16", "fp16"), "channels_last": ("auto", "on", "off"),
-           "deterministic": ("auto", "on", "off")}
+           "deterministic": ("auto", "on", "off"), "schedule": ("cosine", "poly", "constant")}
 
 
 @dataclass
@@ -72,11 +73,21 @@ class FitResult:
 
 def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
     """Multiplier for LambdaLR: linear warm-up, then half-cycle cosine down to min_lr (MultiEYE's schedule)."""
+    return lr_multiplier("cosine", step, total, warmup, base_lr, min_lr)
+
+
+def lr_multiplier(schedule: str, step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
+    """Linear warm-up, then `cosine` (half cycle down to min_lr; MultiEYE), `poly` ((1 - progress)^0.9, floored
+    at min_lr; nnU-Net and ProtoKD's teacher and baseline) or `constant` (ProtoKD's student in practice)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = min_lr / base_lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "poly":
+        return max(floor, (1 - progress) ** 0.9)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_loader(dataset: Dataset, cfg: EngineConfig, device: torch.device, labels: np.ndarray | None,
@@ -297,7 +308,7 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.lr, cfg.min_lr))
+        optimizer, lambda step: lr_multiplier(cfg.schedule, step, total_steps, warmup, cfg.lr, cfg.min_lr))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     check_every = 1 if device.type == "cpu" else 25
     ema = None
