@@ -54,14 +54,14 @@ def embed_patches(data: Path, model_name: str, pretrained: str | None = None, ba
     """Run a frozen timm encoder once over every patch and store the features beside the shards, so MIL training
     reads F numbers per patch instead of decoding and encoding pixels every epoch (`teach --embeddings NAME`)."""
     import hashlib
-    import types
 
     import h5py
     import timm
 
     from kdcli.engine.checkpoint import file_sha256
     from kdcli.engine.device import select_device
-    from kdcli.models.classifier import default_normalisation, load_pretrained_backbone
+    from kdcli.models.classifier import default_normalisation
+    from kdcli.models.pretrained import load_into
     from kdcli.shards.format import atomic_write_bytes
 
     store = ShardStore(data)
@@ -75,7 +75,7 @@ def embed_patches(data: Path, model_name: str, pretrained: str | None = None, ba
     seed_everything(0)  # random-init encoders are reproducible, and named by that
     encoder = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=3)
     if pretrained:
-        load_pretrained_backbone(types.SimpleNamespace(backbone=encoder, spec={"backbone": model_name}), pretrained)
+        load_into(encoder, pretrained, model_name)
     device = select_device(device_name)
     encoder.to(device).eval()
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in default_normalisation(3))

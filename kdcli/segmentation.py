@@ -53,9 +53,15 @@ def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], templ
         spec.update(backbone="plain", base=int(plain.group(1) or 16), depth=int(plain.group(2) or 4))
     else:
         spec.update(backbone=name, base=16)
-    if cfg.pretrained:
-        raise UsageError("--pretrained is not supported for segmentation models yet; train from scratch")
-    return UNet(spec)
+    if cfg.pretrained and plain:
+        raise UsageError(f"--pretrained: the plain U-Net ({name}) has no pretrained counterpart; use a timm encoder "
+                         "(--model resnet18, say) with that network's weights, or drop --pretrained")
+    model = UNet(spec)
+    if cfg.pretrained:  # classification weights of the same timm network fill the encoder
+        from kdcli.models.pretrained import load_into
+
+        load_into(model.encoder.body, cfg.pretrained, name)
+    return model
 
 
 def load_unet(checkpoint: Checkpoint) -> UNet:

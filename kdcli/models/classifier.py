@@ -88,29 +88,10 @@ class Classifier(nn.Module):
 
 
 def load_pretrained_backbone(model: Classifier, path: str) -> list[str]:
-    """Local weights only (no hub): a state dict, or a checkpoint dict with 'state_dict'/'model'."""
-    from pathlib import Path
+    """--pretrained: the backbone's weights from a local file (see kdcli.models.pretrained)."""
+    from kdcli.models.pretrained import load_into
 
-    path_obj = Path(path)
-    if not path_obj.is_file():
-        raise KdcliError("pretrained weights not found", path=path, hint="give a local .pth/.safetensors file")
-    if path_obj.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path_obj))
-    else:
-        state = torch.load(path_obj, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    backbone_state = model.backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in backbone_state and v.shape == backbone_state[k].shape}
-    if not usable:
-        raise KdcliError("no tensor in the file matches the backbone", path=path,
-                         hint=f"weights must be for {model.spec['backbone']}")
-    model.backbone.load_state_dict(usable, strict=False)
-    return sorted(set(backbone_state) - set(usable))
+    return load_into(model.backbone, path, model.spec["backbone"])
 
 
 def build_classifier(spec: dict[str, Any], concepts: torch.Tensor | None = None) -> Classifier:
