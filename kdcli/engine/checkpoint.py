@@ -48,7 +48,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not path.is_file():
         raise KdcliError("checkpoint not found", path=path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are paged in when used, so reading a checkpoint's metadata (to dispatch on its task, say)
+        # costs no more than its JSON; files are replaced by rename, so a mapped one never changes underneath
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise KdcliError(f"not a readable kdcli checkpoint ({type(exc).__name__})", path=path,
                          hint="the file is damaged or was not written by kdcli; retrain or restore it") from None
