@@ -200,8 +200,13 @@ def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
     log(f"[1/4] synth camelyon ({options.cases} slides) -> {raw}")
     synth_camelyon(raw, slides=options.cases, size=1536, seed=0, workers=2)
     log(f"[2/4] prepare -> {shards}")
-    prepare(PrepareOptions(source="camelyon", raw=raw, out=shards, size=options.size, overwrite=True, workers=2,
-                           source_options={"patch_size": 128, "max_patches": 32, "mag": 10}))
+    # A thin core can hold no 128 px patch at 10x with half its area tissue (about 1 slide in 600): skipped and
+    # reported, as a lab's prepare would, rather than failing the demo.
+    prepared = prepare(PrepareOptions(source="camelyon", raw=raw, out=shards, size=options.size, overwrite=True,
+                                      workers=2, source_options={"patch_size": 128, "max_patches": 32, "mag": 10,
+                                                                 "skip_bad": True}))
+    for note in prepared.notes:
+        log(f"      note: {note}")
     common = {"data": str(shards), "model": options.model or "test_resnet", "epochs": options.epochs,
               "batch_size": 8, "lr": options.lr, "workers": options.workers, "overwrite": True}
     runs: dict[str, list[dict]] = {role: [] for role in WSI_ROLES}
