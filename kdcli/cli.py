@@ -690,13 +690,18 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout
     from kdcli.methods import METHODS
     from kdcli.methods.base import params_table
 
-    listing = {name: {"help": METHODS.help(name), "params": {p: d for p, d, _ in params_table(
-        METHODS.get(name).Params)}} for name in METHODS.names()}
+    listing = {}
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        listing[name] = {"help": METHODS.help(name), "tasks": list(cls.tasks), "terms": list(cls.terms),
+                         "needs_teacher": cls.needs_teacher, "pairing": cls.pairing,
+                         "params": {p: d for p, d, _ in params_table(cls.Params)}}
     if as_json:
         typer.echo(json.dumps(listing, indent=2))
         return
     for name, info in listing.items():
         typer.echo(f"{name:<12} {info['help']}")
+        typer.echo(f"{'':<14}tasks: {', '.join(info['tasks'])}; terms: {', '.join(info['terms'])}")
         for key, default in info["params"].items():
             typer.echo(f"{'':<14}-p {key}={default}")
 

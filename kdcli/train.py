@@ -337,6 +337,7 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     out = _check_out(cfg)
     store = ShardStore(cfg.data)
     method_cls = METHODS.get(cfg.method)
+    method_cls.check_task(store.meta.task)
     if not cfg.teacher:
         raise UsageError(f"--method {cfg.method} needs --teacher")
     if cfg.cache_teacher and not method_cls.uses_teacher_outputs:

@@ -29,6 +29,17 @@ class Method(nn.Module):
     per_task_teachers: ClassVar[bool] = False  # True: one teacher per task (dict task -> model), multi-head student
     targets: ClassVar[tuple[str, ...]] = ()  # target arrays the batches must carry besides "label" (e.g. gaze maps)
     uses_teacher_outputs: ClassVar[bool] = True  # False: the teacher only seeds the student (CVI's stage 1)
+    # dataset tasks (dataset.json "task") the method can learn; anything else is refused before training
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    # the loss terms it returns, as logged per epoch (train_<term> in metrics.jsonl); "_x" are logged, not summed
+    terms: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_task(cls, task: str) -> None:
+        """Refuse a dataset of a task this method does not learn, in one line, before anything is written."""
+        if task not in cls.tasks:
+            raise UsageError(f"--method {cls.name} learns {' or '.join(cls.tasks)} data; this dataset is {task} "
+                             "(`kdcli methods` lists each method's tasks)")
 
     @classmethod
     def check_data(cls, meta: Any) -> None:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from kdcli.errors import UsageError
 from kdcli.methods.base import Method
+from kdcli.methods.losses import kd_loss
 from kdcli.methods.mil import drop_clinical
-from kdcli.models.mil import kl_logits
 
 
 @dataclasses.dataclass
@@ -41,6 +41,8 @@ class BidirectionalParams:
 
 class Bidirectional(Method):
     name = "bidirectional"
+    tasks = ("mil",)
+    terms = ("ce_mm", "ce_sm", "kd", "align")
     Params = BidirectionalParams
     needs_teacher = True
     uses_teacher_outputs = False
@@ -63,7 +65,7 @@ class Bidirectional(Method):
         return {
             "ce_mm": F.cross_entropy(out["logits_mm"].float(), labels),
             "ce_sm": p.sm_weight * F.cross_entropy(out["logits_sm"].float(), labels),
-            "kd": p.kd_weight * kl_logits(out["logits_sm"], out["logits_mm"], p.temperature),
+            "kd": p.kd_weight * kd_loss(out["logits_sm"], out["logits_mm"], p.temperature, dim=-1),
             "align": p.align_weight * (1 - F.cosine_similarity(out["h_mm"].float(), out["h_sm"].detach().float(),
                                                                dim=-1)).mean(),
         }

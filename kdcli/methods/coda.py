@@ -73,6 +73,8 @@ def supervised_contrastive(vectors: torch.Tensor, labels: torch.Tensor, temperat
 
 class CoDA(Method):
     name = "coda"
+    tasks = ("classification",)
+    terms = ("ce", "glob", "local", "_gate")
     Params = CoDAParams
     needs_teacher = True
     pairing = "unpaired"

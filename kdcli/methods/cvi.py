@@ -59,6 +59,8 @@ def cyclical_beta(progress: float, cycles: int, ratio: float) -> float:
 
 class CVI(Method):
     name = "cvi"
+    tasks = ("multilabel",)
+    terms = ("bce_prior", "bce_posterior", "kl", "_kl_raw", "attention")
     Params = CVIParams
     needs_teacher = True
     pairing = "none"

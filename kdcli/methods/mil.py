@@ -30,6 +30,8 @@ def drop_clinical(batch: dict, probability: float, training: bool) -> dict:
 
 class MIL(Method):
     name = "mil"
+    tasks = ("mil",)
+    terms = ("ce",)
     Params = MILParams
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

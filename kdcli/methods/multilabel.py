@@ -27,6 +27,8 @@ class MultiLabelParams:
 
 class MultiLabel(Method):
     name = "multilabel"
+    tasks = ("multilabel",)
+    terms = ("bce",)
     Params = MultiLabelParams
 
     def loss(self, batch, out):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcli.methods.base import Method
+from kdcli.methods.losses import kd_loss
 from kdcli.methods.segmentation import segmentation_loss
 
 
@@ -30,9 +31,8 @@ class ProtoKDParams:
 
 
 def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    teacher = F.softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_student, teacher, reduction="none").mean()
+    """The official voxel-wise KL: mean over (N, C, H, W), no T^2 factor."""
+    return kd_loss(student_logits, teacher_logits, temperature, t_squared=False, reduction="mean")
 
 
 def shared_classes(mask: torch.Tensor, num_classes: int) -> list[int]:
@@ -63,6 +63,8 @@ def prototype_loss(student_features: torch.Tensor, teacher_features: torch.Tenso
 
 class ProtoKD(Method):
     name = "protokd"
+    tasks = ("segmentation",)
+    terms = ("ce", "dice", "kd", "proto")
     Params = ProtoKDParams
     needs_teacher = True
     pairing = "paired"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcli.methods.base import Method
+from kdcli.methods.losses import kd_loss
 
 
 @dataclasses.dataclass
@@ -45,14 +46,14 @@ class GradientReversal(torch.autograd.Function):
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over the given samples."""
-    log_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_student, log_teacher, log_target=True, reduction="sum") * temperature**2
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over the given samples (divided by the batch later)."""
+    return kd_loss(student_logits, teacher_logits, temperature, reduction="sum")
 
 
 class SALL(Method):
     name = "sall"
+    tasks = ("classification",)
+    terms = ("ce", "kd", "own_kd", "adv", "_set_accuracy")
     Params = SALLParams
     needs_teacher = True
     per_task_teachers = True

@@ -39,6 +39,8 @@ class SegmentationParams:
 
 class Segmentation(Method):
     name = "segmentation"
+    tasks = ("segmentation",)
+    terms = ("ce", "dice")
     Params = SegmentationParams
 
     def loss(self, batch, out):

@@ -16,6 +16,8 @@ class SupervisedParams:
 
 class Supervised(Method):
     name = "supervised"
+    tasks = ("classification",)
+    terms = ("ce",)
     Params = SupervisedParams
 
     def loss(self, batch, out):

@@ -17,7 +17,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdcli.models.classifier import default_normalisation
@@ -103,10 +102,3 @@ def mil_spec(backbone: str, num_classes: int, branches: list[str], clinical_dims
     return {"arch": "mil", "backbone": backbone, "head": "mil", "in_chans": 3, "num_classes": num_classes,
             "branches": branches, "clinical_dims": clinical_dims, "hidden": hidden,
             "clinical_hidden": clinical_hidden}
-
-
-def kl_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean; the teacher side carries no gradient."""
-    return F.kl_div(F.log_softmax(student.float() / temperature, -1),
-                    F.log_softmax(teacher.detach().float() / temperature, -1), log_target=True,
-                    reduction="batchmean") * temperature**2

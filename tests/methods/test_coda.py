@@ -10,7 +10,7 @@ import torch
 from kdcli.errors import UsageError
 from kdcli.methods.base import parse_params
 from kdcli.methods.coda import CoDAParams, class_prototype_loss, gate_open, supervised_contrastive
-from kdcli.methods.kd import kd_kl
+from kdcli.methods.losses import kd_loss
 
 
 def brute_supcon(z: torch.Tensor, y: torch.Tensor, tau: float) -> float:
@@ -70,8 +70,8 @@ def test_gate_opens_only_when_the_teacher_is_better():
 
 def test_kd_kl_is_zero_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(4, 5)
-    assert kd_kl(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert kd_kl(logits, torch.randn(4, 5), 4.0).item() > 0
+    assert kd_loss(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(logits, torch.randn(4, 5), 4.0).item() > 0
 
 
 def test_params_have_the_papers_defaults_and_reject_unknown_keys():
