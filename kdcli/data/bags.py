@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from kdcli.data.epoch import SharedEpoch
 from kdcli.errors import KdcliError
 from kdcli.shards.reader import ShardStore
 
 
-class BagView(Dataset):
+class BagView(SharedEpoch, Dataset):
     @staticmethod
     def collate(items: list[dict]) -> dict:
         return collate_bags(items)
@@ -60,9 +61,6 @@ class BagView(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def patch_indices(self, i: int) -> np.ndarray:
         count = len(self.members[i][1])

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdcli.data.epoch import SharedEpoch
 from kdcli.errors import KdcliError
 from kdcli.shards.reader import ShardStore
 
 
-class SliceView(Dataset):
+class SliceView(SharedEpoch, Dataset):
     def __init__(self, store: ShardStore, split: str, modalities: list[str],
                  teacher_modalities: list[str] | None = None, augment: bool = False, seed: int = 0,
                  absent: tuple[str, ...] = (), target: str = "seg"):
@@ -38,9 +39,6 @@ class SliceView(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _stack(self, i: int, modalities: list[str], scales: dict[str, float]) -> np.ndarray:
         shard, index = self.shards[i], int(self.indices[i])

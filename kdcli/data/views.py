@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler, default_collate
 
+from kdcli.data.epoch import SharedEpoch
 from kdcli.data.transforms import FusedAugment
 from kdcli.shards.reader import ShardStore
 
@@ -47,7 +48,7 @@ class BufferPool:
         return {"keep": self.keep, "buffers": [], "_unheld": self._unheld}
 
 
-class ModalityView(Dataset):
+class ModalityView(SharedEpoch, Dataset):
     """One modality of one split: {"image", "label", "index"}. DataLoaders over it take `collate_fn=collate`
     (batches come assembled by `__getitems__`).
 
@@ -73,9 +74,6 @@ class ModalityView(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def item_seeds(self, items) -> np.ndarray:
         """Augmentation seed of each item this epoch (uint64, wrapping)."""
@@ -168,7 +166,7 @@ def collate(batch: list[dict] | dict):
     return batch if isinstance(batch, dict) else default_collate(batch)
 
 
-class UnpairedPartnerView(Dataset):
+class UnpairedPartnerView(SharedEpoch, Dataset):
     """Each student item gets a teacher-modality item of the same class drawn from the other pool
     (MultiEYE's unpaired sampling); a random one when the class has none. Deterministic per (seed, epoch)."""
 

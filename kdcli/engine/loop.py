@@ -71,6 +71,11 @@ class FitResult:
     seconds: float
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch generator's seed for one epoch's training steps (distinct from the data's (seed, epoch) draws)."""
+    return (seed * 1_000_033 + epoch * 7_919 + 17) % 2**63
+
+
 def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
     """Multiplier for LambdaLR: linear warm-up, then half-cycle cosine down to min_lr (MultiEYE's schedule)."""
     return lr_multiplier("cosine", step, total, warmup, base_lr, min_lr)
@@ -339,6 +344,9 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
             train_set.set_epoch(epoch)
         if hasattr(train_loader.sampler, "generator") and train_loader.sampler.generator is not None:
             train_loader.sampler.generator.manual_seed(cfg.seed * 1000 + epoch)
+        # The step's own draws (dropout, CVI's reparameterisation, hidden clinical records) restart from a seed of
+        # (seed, epoch) too, so a run resumed at an epoch boundary repeats the uninterrupted one bit for bit.
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
         method.train()
         for teacher in method.teachers():
             teacher.eval()
