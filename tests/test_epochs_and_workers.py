@@ -76,7 +76,7 @@ def test_zero_one_and_two_workers_give_identical_weights(multieye_shards, tmp_pa
         out = tmp_path / f"w{workers}.pt"
         result = CliRunner().invoke(app, _teach_args(multieye_shards, out, workers))
         assert result.exit_code == 0, result.output
-        runs[workers] = _weights(tmp_path / "w{}.last.pt".format(workers))
+        runs[workers] = _weights(tmp_path / f"w{workers}.last.pt")
     for workers in (1, 2):
         assert all(torch.equal(runs[0][k], runs[workers][k]) for k in runs[0]), f"{workers} workers differ"
 
