@@ -112,7 +112,47 @@ def test_paired_unpaired_and_cached_batches_match_their_items(multieye_shards):
         if view is cached:
             chosen = logits[batch["teacher_index"].numpy()]
             assert np.array_equal(batch["cached"]["teacher"]["logits"].numpy(), chosen)
-    assert not torch.equal(paired.__getitems__(indices)["image"], paired.__getitems__(indices)["teacher_image"])
+    # both images of a pair take the same draws: the same modality twice gives the same pixels, every epoch
+    for epoch in (0, 3):
+        paired.set_epoch(epoch)
+        batch = paired.__getitems__(indices)
+        assert torch.equal(batch["image"], batch["teacher_image"])
+        assert torch.equal(paired[indices[0]]["image"], paired[indices[0]]["teacher_image"])
+
+
+def test_paired_view_matches_records_by_id_not_row(multieye_shards, tmp_path):
+    """A teacher modality with an extra record (listed first) must not shift the pairs; unpairable data is
+    refused in one line."""
+    import shutil
+
+    import polars as pl
+
+    from kdcli.data.views import PairedView
+    from kdcli.errors import KdcliError
+
+    root = tmp_path / "shards"
+    shutil.copytree(multieye_shards, root)
+    manifest = pl.read_parquet(root / "manifest.parquet").filter(pl.col("split") == "train")
+    fundus_rows, oct_rows = (manifest.filter(pl.col("modality") == m) for m in ("fundus", "oct"))
+    count = min(fundus_rows.height, oct_rows.height) - 1
+    fundus_rows = fundus_rows.head(count)
+    # the OCT rows become the same records as the fundus ones (in reverse order), plus one OCT-only record first
+    oct_rows = oct_rows.head(count + 1).with_columns(
+        pl.Series("id", ["extra-oct-only", *reversed(fundus_rows["id"].to_list())]))
+    oct_rows = oct_rows.with_columns(pl.col("id").alias("record"))
+    pl.concat([oct_rows, fundus_rows]).write_parquet(root / "manifest.parquet")
+    store = ShardStore(root)
+    view = PairedView(store, "train", "fundus", "oct")
+    for i in range(len(view)):
+        j = int(view[i]["teacher_index"])
+        assert view.teacher.ids[j] == view.student.ids[i]
+        assert torch.equal(view.teacher[j]["image"], view[i]["teacher_image"])
+    batch = view.__getitems__(list(range(len(view))))
+    assert [view.teacher.ids[j] for j in batch["teacher_index"].tolist()] == view.student.ids
+
+    pl.concat([fundus_rows, oct_rows.head(count)]).write_parquet(root / "manifest.parquet")  # one OCT image lost
+    with pytest.raises(KdcliError, match="have no oct image"):
+        PairedView(ShardStore(root), "train", "fundus", "oct")
 
 
 @pytest.mark.parametrize("workers", [0, 1])

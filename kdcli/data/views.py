@@ -70,6 +70,8 @@ class ModalityView(SharedEpoch, Dataset):
         self.labels = rows["label"].to_numpy()
         self.shards = rows["shard"].to_list()
         self.indices = rows["index"].to_numpy()
+        # whose augmentation draws each row takes: its own, unless a pairing view lends it its partner's
+        self.draw_keys = np.arange(len(self.ids), dtype=np.uint64)
         self.buffers = BufferPool()
 
     def __len__(self) -> int:
@@ -79,7 +81,7 @@ class ModalityView(SharedEpoch, Dataset):
         """Augmentation seed of each item this epoch (uint64, wrapping)."""
         base = ((self.seed * 1_000_003 + self.epoch) * 10_000_019) & ((1 << 64) - 1)
         with np.errstate(over="ignore"):
-            return np.uint64(base) + np.asarray(items, dtype=np.uint64)
+            return np.uint64(base) + self.draw_keys[np.asarray(items, dtype=np.int64)]
 
     def _augment(self, i: int, image: np.ndarray, masks: list[np.ndarray] | None = None) -> dict:
         seed = int(self.item_seeds([i])[0])
@@ -210,18 +212,29 @@ class UnpairedPartnerView(SharedEpoch, Dataset):
 
 
 class PairedView(Dataset):
-    """Records that carry both modalities: the student's image and the teacher's, same augmentation seed."""
+    """Records that carry both modalities: the student's image and the teacher's image of the same record.
+
+    Pairs are matched by record id, not by row position (a teacher modality with an extra record would shift
+    every later pair), and the teacher's row takes the student item's augmentation draws: both images of a pair
+    get the same crop, flip and rotation (and the same colour draw; their intensities differ anyway)."""
 
     def __init__(self, store: ShardStore, split: str, student: str, teacher: str, augment=None,
                  teacher_augment=None, seed: int = 0):
-        self.student = ModalityView(store, split, student, augment, seed)
-        self.teacher = ModalityView(store, split, teacher, teacher_augment, seed + 1)
-        keep = set(self.student.ids) & set(self.teacher.ids)
-        if len(keep) != len(self.student.ids):
-            from kdcli.errors import KdcliError
+        from kdcli.errors import KdcliError
 
-            raise KdcliError(f"{len(self.student.ids) - len(keep)} {student} records have no {teacher} image",
-                             path=store.root, hint="paired methods (kd) need paired data; use --method coda")
+        self.student = ModalityView(store, split, student, augment, seed)
+        self.teacher = ModalityView(store, split, teacher, teacher_augment, seed)
+        row_of = {record: j for j, record in enumerate(self.teacher.ids)}
+        if len(row_of) != len(self.teacher.ids):
+            raise KdcliError(f"{teacher} ids repeat in split {split!r}: records cannot be paired", path=store.root,
+                             hint="re-run `kdcli prepare`; every record id must be unique")
+        unpaired = [record for record in self.student.ids if record not in row_of]
+        if unpaired:
+            raise KdcliError(f"{len(unpaired)} {student} records of split {split!r} have no {teacher} image "
+                             f"(first: {unpaired[0]})", path=store.root,
+                             hint="paired methods (kd) need paired data; use --method coda")
+        self.partner = np.array([row_of[record] for record in self.student.ids], dtype=np.int64)
+        self.teacher.draw_keys[self.partner] = self.student.draw_keys
 
     def __len__(self) -> int:
         return len(self.student)
@@ -232,17 +245,19 @@ class PairedView(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.student[i]
-        item["teacher_image"] = self.teacher[i]["image"]
+        j = int(self.partner[i])
+        item["teacher_image"] = self.teacher[j]["image"]
         item["teacher_label"] = item["label"]
-        item["teacher_index"] = i
+        item["teacher_index"] = j  # the teacher modality's row: what the teacher cache is indexed by
         return item
 
     def __getitems__(self, indices: list[int]) -> list[dict] | dict:
         if not (self.student.batched and self.teacher.batched):
             return [self[i] for i in indices]
         batch = self.student.__getitems__(indices)
-        batch.update(teacher_image=self.teacher.__getitems__(indices)["image"], teacher_label=batch["label"],
-                     teacher_index=batch["index"])
+        partners = self.partner[np.asarray(indices)]
+        batch.update(teacher_image=self.teacher.__getitems__(partners.tolist())["image"],
+                     teacher_label=batch["label"], teacher_index=torch.from_numpy(partners))
         return batch
 
 
