@@ -48,10 +48,12 @@ def test_checkpoints_record_sequences_and_method(brats):
     assert teacher["model"]["modalities"] == ["t1", "t1ce", "t2", "flair"] and teacher["model"]["in_chans"] == 4
     assert student["model"]["modalities"] == ["t1ce"] and student["method"] == "protokd"
     assert student["method_params"] == {"kd_weight": 10.0, "temperature": 10.0, "proto_weight": 0.1,
-                                        "seg_weight": 1.0}
+                                        "seg_weight": 1.0, "prototype_classes": "per_sample"}
     assert student["teacher"]["modality"] == "t1,t1ce,t2,flair"
     rows = [json.loads(line) for line in brats["student"].with_name("protokd.metrics.jsonl").read_text().splitlines()]
-    assert {"train_kd", "train_proto", "train_ce", "train_dice", "dev_dice_wt", "dev_dice_mean"} <= set(rows[0])
+    assert {"train_kd", "train_proto", "train_ce", "train_dice", "dev_dice_wt", "dev_dice_mean",
+            "train_proto_tumour_batches", "train_proto_tumour_pairs"} <= set(rows[0])
+    assert 0.0 <= rows[0]["train_proto_tumour_pairs"] <= rows[0]["train_proto_tumour_batches"] <= 1.0
 
 
 def test_evaluate_reports_region_dice_and_hd95(brats):
@@ -100,6 +102,14 @@ def test_protokd_refuses_classification_style_methods_and_cache(brats, tmp_path)
                                  "--out", str(tmp_path / "y.pt"), *SEG_FAST])
     assert result.exit_code != 0 and "online" in result.output
     assert not (tmp_path / "y.pt").exists()
+
+
+def test_protokd_refuses_an_unknown_prototype_rule_before_training(brats, tmp_path):
+    result = runner.invoke(app, ["distill", "--data", str(brats["shards"]), "--teacher", str(brats["teacher"]),
+                                 "--student", "t1ce", "--method", "protokd", "-p", "prototype_classes=batch",
+                                 "--out", str(tmp_path / "w.pt"), *SEG_FAST])
+    assert result.exit_code != 0 and "prototype_classes='batch' is not one of per_sample, shared" in result.output
+    assert not (tmp_path / "w.pt").exists()
 
 
 def test_teacher_with_unknown_sequence_is_one_line_error(brats, tmp_path):
