@@ -38,8 +38,12 @@ class Method(nn.Module):
     def check_task(cls, task: str) -> None:
         """Refuse a dataset of a task this method does not learn, in one line, before anything is written."""
         if task not in cls.tasks:
-            raise UsageError(f"--method {cls.name} learns {' or '.join(cls.tasks)} data; this dataset is {task} "
-                             "(`kdcli methods` lists each method's tasks)")
+            from kdcli.methods import METHODS
+
+            fitting = [name for name in METHODS.names() if METHODS.get(name).needs_teacher
+                       and task in METHODS.get(name).tasks]
+            raise UsageError(f"--method {cls.name} learns {' or '.join(cls.tasks)} data; this dataset is {task}: "
+                             f"use --method {' or '.join(fitting) or '(none fits)'}")
 
     @classmethod
     def check_data(cls, meta: Any) -> None:

@@ -206,3 +206,15 @@ def test_segmentation_losses_reward_correct_maps():
     perfect = F.one_hot(mask, 4).permute(0, 3, 1, 2).float() * 20
     assert soft_dice_loss(perfect, mask) < 0.05 < soft_dice_loss(torch.zeros_like(perfect), mask)
     assert weighted_cross_entropy(perfect, mask) < 1e-3
+
+
+@pytest.mark.parametrize(("method", "task", "suggested"), [("coda", "segmentation", "protokd"),
+                                                           ("protokd", "classification", "kd"),
+                                                           ("kd", "mil", "bidirectional")])
+def test_a_method_on_another_task_is_refused_naming_the_methods_that_fit(method, task, suggested):
+    from kdcli.errors import UsageError
+    from kdcli.methods import METHODS
+
+    with pytest.raises(UsageError, match=f"this dataset is {task}: use --method .*{suggested}"):
+        METHODS.get(method).check_task(task)
+    METHODS.get(method).check_task(METHODS.get(method).tasks[0])  # its own task passes
