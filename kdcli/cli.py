@@ -176,7 +176,8 @@ class Compression(StrEnum):
     gzip = "gzip"
 
 
-PrepOut = Annotated[Path, typer.Option("--out", "-o", help="Shard directory to create.")]
+PrepOut = Annotated[Path | None, typer.Option("--out", "-o", help="Shard directory to create (default: "
+                                                 "shards/SOURCE, or $KDCLI_SHARDS/SOURCE).")]
 PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to square, then resize).")]
 PrepWorkers = Annotated[int, typer.Option(help="Parallel processes.")]
 PrepResume = Annotated[bool, typer.Option(help="Finish an interrupted prepare; finished shards are kept.")]
@@ -199,13 +200,15 @@ PrepPart = Annotated[str | None, typer.Option(help="I/N: write only the I-th of 
                                                      "jobs); then `kdcli prepare merge OUT`.")]
 
 
-def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resume: bool, overwrite: bool,
+def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: int, resume: bool, overwrite: bool,
                 shard_size: int, compression: Compression, source_options: dict[str, Any],
                 append: bool = False, part: str | None = None) -> None:
     from tqdm import tqdm
 
+    from kdcli.defaults import default_prepare_out
     from kdcli.prepare import PrepareOptions, prepare
 
+    out = out or default_prepare_out(source)
     options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
                              overwrite=overwrite, shard_size=shard_size,
                              compression=None if compression is Compression.none else compression.value,
@@ -238,7 +241,7 @@ def run_prepare(source: str, raw: Path, out: Path, size: int, workers: int, resu
 @command(prepare_app, "multieye")
 def prepare_multieye(
     raw: Annotated[Path, typer.Argument(help="Folder holding assemble/ and assemble_oct/.")],
-    out: PrepOut,
+    out: PrepOut = None,
     size: PrepSize = 224,
     workers: PrepWorkers = 1,
     resume: PrepResume = False,
@@ -272,7 +275,7 @@ def prepare_fundus_grading(
     raw: Annotated[Path, typer.Argument(help="The set's folder (holds the label CSV and the images).")],
     labels: Annotated[Path, typer.Option(help="Label CSV (EyePACS image,level or APTOS id_code,diagnosis).")],
     task: Annotated[str, typer.Option(help="The task this set is graded for, e.g. dr or amd.")],
-    out: PrepOut,
+    out: PrepOut = None,
     size: PrepSize = 224,
     workers: PrepWorkers = 1,
     resume: PrepResume = False,
@@ -298,7 +301,7 @@ def prepare_fundus_grading(
 @command(prepare_app, "brats")
 def prepare_brats(
     raw: Annotated[Path, typer.Argument(help="Folder of BraTS cases (any release's naming, nested or not).")],
-    out: PrepOut,
+    out: PrepOut = None,
     size: PrepSize = 128,
     workers: PrepWorkers = 1,
     resume: PrepResume = False,
@@ -331,7 +334,7 @@ class Uncertain(StrEnum):
 def prepare_cxr(
     raw: Annotated[Path, typer.Argument(help="ChestX-ray14 folder (Data_Entry_2017.csv, images_*/) or "
                                              "MIMIC-CXR-JPG folder (files/, the split/metadata/chexpert CSVs).")],
-    out: PrepOut,
+    out: PrepOut = None,
     gaze: Annotated[Path | None, typer.Option(help="EGD-CXR folder (master_sheet.csv, fixations.csv) or REFLACX "
                                                    "folder (main_data/).")] = None,
     boxes: Annotated[Path | None, typer.Option(help="NIH BBox_List_2017.csv.")] = None,
@@ -361,7 +364,7 @@ def prepare_cxr(
 @command(prepare_app, "camelyon")
 def prepare_camelyon(
     raw: Annotated[Path, typer.Argument(help="Folder of slides (OpenSlide formats, or BCNB WSIs/*.jpg + .json).")],
-    out: PrepOut,
+    out: PrepOut = None,
     clinical: Annotated[Path | None, typer.Option(help="Clinical sheet (.xlsx/.csv; default raw/clinical.xlsx).")]
     = None,
     mag: Annotated[float, typer.Option(help="Magnification of the patches (objective power).")] = 20.0,
@@ -436,6 +439,9 @@ def inspect(
 
 # ------------------------------------------------------------------------------------- teach / distill
 Data = Annotated[Path, typer.Option("--data", "-d", help="Shard directory from `kdcli prepare`.")]
+DataOpt = Annotated[Path | None, typer.Option("--data", "-d", help="Shard directory from `kdcli prepare` (default: "
+                                              "the one under shards/; for a checkpoint or teacher, the dataset it "
+                                              "was trained on).")]
 Task = Annotated[str | None, typer.Option(help="Label space to train on, for datasets with several "
                                                 "(fundus-grading: dr or amd).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write (best); siblings: "
@@ -486,7 +492,7 @@ def _report_fit(result, out: Path) -> None:
 
 @command()
 def teach(
-    data: Data, modality: Annotated[str | None, typer.Option(help="Modality to train on, e.g. oct.")] = None,
+    data: DataOpt = None, modality: Annotated[str | None, typer.Option(help="Modality to train on, e.g. oct.")] = None,
     task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
@@ -509,10 +515,11 @@ def teach(
 
 @command()
 def distill(
-    data: Data,
+    data: DataOpt = None,
     teacher: Annotated[list[Path] | None, typer.Option(help="Teacher checkpoint(s).")] = None,
     student: Annotated[str | None, typer.Option(help="The student's modality, e.g. fundus.")] = None,
-    method: Annotated[str | None, typer.Option(help="Distillation method; `kdcli methods` lists them.")] = None,
+    method: Annotated[str | None, typer.Option(help="Distillation method; `kdcli methods` lists them (default: "
+                                                    "the one the data call for, printed).")] = None,
     task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
@@ -533,7 +540,9 @@ def distill(
     flags["teacher"] = [str(t) for t in teacher] if teacher else None
     cfg = resolve_config(_train_flags(**flags), config)
     if cfg.method == "supervised":
-        raise typer.BadParameter("choose a distillation method, e.g. --method coda", param_hint="--method")
+        if method is not None:
+            raise typer.BadParameter("choose a distillation method, e.g. --method coda", param_hint="--method")
+        cfg.method = "auto"  # the one the data call for (kdcli.defaults.default_method)
     result = run_distill(cfg, log=err)
     _report_fit(result, Path(cfg.out))
 
@@ -560,7 +569,7 @@ def embed(
 @command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
-    data: Data,
+    data: DataOpt = None,
     split: Annotated[str, typer.Option(help="train, dev or test.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout; the table goes to stderr.")] = False,
     predictions: Annotated[Path | None, typer.Option(help="Per-sample ids, labels, probabilities (.csv or "
@@ -668,7 +677,7 @@ def _print_segmentation(report: dict, out) -> None:
 @command()
 def explain(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
-    data: Data,
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for PNGs and index.html.")] = Path("explain"),
     split: Annotated[str, typer.Option(help="Split to draw images from.")] = "test",
     count: Annotated[int, typer.Option("--count", "-n", help="Images to explain.")] = 12,

@@ -299,8 +299,57 @@ def _check_task_options(cfg: TrainConfig, store: ShardStore) -> None:
         raise UsageError(f"--output-stride {cfg.output_stride}: use 8, 16 or 32")
 
 
+def _teach_defaults(cfg: TrainConfig) -> list[str]:
+    """--data and --out left out: the one dataset under shards/, and <modality>.pt (or <task>.pt). Returns the
+    notes saying so, printed once the output is known to be writable (a refusal stays one line)."""
+    from kdcli.defaults import default_teach_out, only_dataset
+    from kdcli.shards.format import DatasetMeta
+
+    notes: list[str] = []
+    if not cfg.data:
+        cfg.data = str(only_dataset())
+        notes.append(f"--data not given: using {cfg.data}")
+    if not cfg.out:
+        modalities = list(DatasetMeta.load(Path(cfg.data)).modalities)
+        modality = cfg.modality or (modalities[0] if len(modalities) == 1 else "")
+        out = default_teach_out(modality, cfg.task)
+        if out is None:
+            raise UsageError(f"--modality is required; the dataset has {', '.join(modalities)}")
+        cfg.out = str(out)
+        notes.append(f"--out not given: writing {cfg.out}")
+    return notes
+
+
+def _distill_defaults(cfg: TrainConfig) -> list[str]:
+    """--data, --method and --out left out: the teacher's dataset (checked), the method the data call for, and
+    <student>-<method>.pt beside the (first) teacher. Returns the notes saying so, as `_teach_defaults`."""
+    from kdcli.defaults import default_distill_out, default_method, recorded_dataset
+    from kdcli.shards.format import DatasetMeta
+
+    notes: list[str] = []
+    if not cfg.teacher:
+        raise UsageError("distill needs --teacher (a checkpoint from `kdcli teach`)")
+    first = Path(cfg.teacher[0])
+    first_meta = load_checkpoint(first).meta
+    if not cfg.data:
+        cfg.data = str(recorded_dataset(first_meta, first))
+        notes.append(f"--data not given: using {cfg.data}, the dataset {first} was trained on")
+    if cfg.method in ("", "auto"):
+        dataset = DatasetMeta.load(Path(cfg.data))
+        teachers = [first_meta, *(load_checkpoint(Path(t)).meta for t in cfg.teacher[1:])]
+        cfg.method, why = default_method(dataset.task, dataset.pairing, dataset.targets, teachers, dataset.tasks)
+        notes.append(f"--method not given: using {cfg.method} ({why})")
+    if not cfg.out:
+        cfg.out = str(default_distill_out(first, cfg.modality or first_meta["modality"], cfg.method))
+        notes.append(f"--out not given: writing {cfg.out}")
+    return notes
+
+
 def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
+    notes = _teach_defaults(cfg)
     out = _check_out(cfg)
+    for note in notes:
+        log(note)
     store = ShardStore(cfg.data)
     _check_task_options(cfg, store)
     if store.meta.task == "segmentation":
@@ -334,12 +383,13 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
 
 
 def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
+    notes = _distill_defaults(cfg)
     out = _check_out(cfg)
+    for note in notes:
+        log(note)
     store = ShardStore(cfg.data)
     method_cls = METHODS.get(cfg.method)
     method_cls.check_task(store.meta.task)
-    if not cfg.teacher:
-        raise UsageError(f"--method {cfg.method} needs --teacher")
     if cfg.cache_teacher and not method_cls.uses_teacher_outputs:
         raise UsageError(f"--cache-teacher: --method {cfg.method} reads no teacher outputs while it trains (the "
                          "teacher only seeds the student); drop the flag")

@@ -29,7 +29,7 @@ PREDICTION_SUFFIXES = (".parquet", ".csv", ".txt", "")
 @dataclass
 class EvaluateOptions:
     checkpoint: Path
-    data: Path
+    data: Path | None  # None: the dataset the checkpoint records
     split: str = "test"
     predictions: Path | None = None
     figure: Path | None = None
@@ -120,7 +120,12 @@ def check_predictions_path(path: Path | None) -> None:
 def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if options.split not in ("train", "dev", "test"):
         raise UsageError(f"--split {options.split!r}: use train, dev or test")
-    task = load_checkpoint(Path(options.checkpoint)).meta.get("task")
+    meta = load_checkpoint(Path(options.checkpoint)).meta
+    if options.data is None:  # the dataset it was trained on, if still there unchanged
+        from kdcli.defaults import recorded_dataset
+
+        options.data = recorded_dataset(meta, Path(options.checkpoint))
+    task = meta.get("task")
     if task == "segmentation":
         from kdcli.evaluate.volumes import evaluate_segmentation
 

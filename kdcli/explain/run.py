@@ -36,7 +36,7 @@ GAP = 6
 @dataclass
 class ExplainOptions:
     checkpoint: Path
-    data: Path
+    data: Path | None  # None: the dataset the checkpoint records
     out: Path
     split: str = "test"
     count: int = 12
@@ -182,7 +182,12 @@ def check_options(options: ExplainOptions) -> Path:
 
 
 def explain(options: ExplainOptions) -> Path:
-    task = load_checkpoint(Path(options.checkpoint)).meta.get("task")
+    meta = load_checkpoint(Path(options.checkpoint)).meta
+    if options.data is None:  # the dataset it was trained on, if still there unchanged
+        from kdcli.defaults import recorded_dataset
+
+        options.data = recorded_dataset(meta, Path(options.checkpoint))
+    task = meta.get("task")
     if task == "segmentation":
         from kdcli.explain.segmentation import explain_segmentation
 
