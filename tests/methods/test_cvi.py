@@ -153,3 +153,14 @@ def test_bad_head_input_is_refused_in_one_line():
 def test_the_run_says_whether_the_annotations_carry_anything(history, start):
     lines = annotation_verdict(history)
     assert (lines[0].startswith(start) and len(lines) == 1) if start else lines == []
+
+
+def test_a_dev_split_without_annotations_is_said_once(monkeypatch):
+    import numpy as np
+
+    from kdcli.methods import cvi as cvi_module
+
+    monkeypatch.setattr(cvi_module, "annotated_rows", lambda view, kind: np.zeros(0, dtype=np.int64))
+    said = []
+    method().make_validator(object(), ["a", "b", "c"], None, said.append)
+    assert len(said) == 1 and said[0].startswith("no dev image has gaze")
