@@ -236,7 +236,7 @@ def check_compatible(checkpoint: Checkpoint, store: ShardStore, modality: str | 
 
 
 def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: str | None,
-           targets: tuple[str, ...] = ()):
+           targets: tuple[str, ...] = (), dev_targets: tuple[str, ...] | None = None):
     from kdcli.data.transforms import train_augmentation
     from kdcli.data.views import ModalityView, PairedView, UnpairedPartnerView
 
@@ -246,7 +246,9 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
     seed = cfg.engine.seed
     tasks = [cfg.task] if cfg.task else None
     student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets)
-    dev = ModalityView(store, "dev", cfg.modality, tasks=tasks, targets=("labels",) if "labels" in targets else ())
+    if dev_targets is None:  # the labels only: dev items without maps are read and collated in whole batches
+        dev_targets = ("labels",) if "labels" in targets else ()
+    dev = ModalityView(store, "dev", cfg.modality, tasks=tasks, targets=dev_targets)
     if len(student_train) == 0 or len(dev) == 0:
         raise KdcliError(f"no {cfg.modality} samples in train or dev", path=store.root)
     if pairing == "unpaired":
@@ -438,13 +440,32 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     if missing:
         raise KdcliError(f"--method {cfg.method} needs {', '.join(missing)} in the data", path=store.root,
                          hint="prepare the dataset with them (e.g. prepare cxr --gaze/--boxes)")
-    train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality, targets)
+    train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality, targets,
+                                        method_cls.dev_targets)
+    rows = method.train_rows(train_set)
+    if rows is not None:  # e.g. CVI's stage 2 on the annotated subset
+        train_set, labels = _Rows(train_set, rows), labels[rows]
     if cfg.cache_teacher:
         train_set = _with_teacher_cache(cfg, store, train_set, {"teacher": teacher}, teacher_info, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
     _write_config(out, meta)
-    return fit(method, train_set, _validator(cfg, store, dev_set), cfg.engine, out, meta, resume=cfg.resume, log=log,
-               train_labels=labels)
+    from kdcli.engine.distributed import env_rank
+
+    say = log if env_rank() == 0 else (lambda message: None)  # under torchrun rank 0 speaks for all
+    validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too
+    validate = method.make_validator(dev_set, store.meta.classes, cfg.engine, say) or validate
+    result = fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
+                 train_labels=labels)
+    for line in method.fit_notes(result.history):
+        say(line)
+    return result
+
+
+class _Rows(torch.utils.data.Subset):
+    """Some rows of a training view, which still hears of the epoch (its augmentation draws depend on it)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
 
 
 def _validator(cfg: TrainConfig, store: ShardStore, dev_set):

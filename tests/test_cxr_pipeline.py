@@ -4,8 +4,9 @@ stage 1 (multi-label BCE) -> distill --method cvi -> evaluate (mean AUROC)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -23,7 +24,7 @@ def ok(args: list):
 
 
 @pytest.fixture(scope="module")
-def cxr(tmp_path_factory) -> dict[str, Path]:
+def cxr(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cxr")
     raw, shards = root / "raw", root / "shards"
     ok(["synth", "cxr", raw, "--per-class", "3", "--size", "96", "--annotated-fraction", "0.5"])
@@ -32,8 +33,8 @@ def cxr(tmp_path_factory) -> dict[str, Path]:
     paths = {"raw": raw, "shards": shards, "stage1": root / "stage1.pt", "cvi": root / "cvi.pt"}
     ok(["teach", "--data", shards, "--modality", "xray", "--model", "test_resnet", "--head", "linear",
         "--out", paths["stage1"], *FAST])
-    ok(["distill", "--data", shards, "--teacher", paths["stage1"], "--student", "xray", "--method", "cvi",
-        "--out", paths["cvi"], *FAST])
+    paths["cvi_log"] = ok(["distill", "--data", shards, "--teacher", paths["stage1"], "--student", "xray",
+                           "--method", "cvi", "--out", paths["cvi"], *FAST]).output
     return paths
 
 
@@ -115,3 +116,73 @@ def test_compile_reaches_methods_with_their_own_step(cxr, tmp_path, monkeypatch)
     ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
         "--out", tmp_path / "c.pt", "--compile", *FAST])
     assert calls and set(calls) == {2}  # image and annotation map, every step
+
+
+def gaze_flags(store, view) -> np.ndarray:
+    """Which images of a view have gaze, read row by row (not the way CVI reads them)."""
+    return np.array([bool(store.read(view.shards[i], int(view.indices[i]), "annotated")[0]) for i in range(len(view))])
+
+
+def test_cvi_trains_on_the_annotated_subset_by_default(cxr, tmp_path, monkeypatch):
+    from kdcli import train
+    from kdcli.data.views import ModalityView
+    from kdcli.engine.loop import FitResult
+    from kdcli.shards.reader import ShardStore
+
+    seen = {}
+
+    def fake_fit(method, train_set, validate, cfg, out, meta, resume=False, log=print, train_labels=None):
+        seen.update(items=len(train_set), labels=len(train_labels), first=train_set[0])
+        return FitResult(0, 0.0, 0, [], 0.0)
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
+        "--out", tmp_path / "c.pt", *FAST])
+    store = ShardStore(cxr["shards"])
+    flags = gaze_flags(store, ModalityView(store, "train", "xray"))
+    assert 0 < flags.sum() < len(flags)
+    assert seen["items"] == seen["labels"] == flags.sum() and seen["first"]["annotated"][0] == 1
+    ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
+        "-p", "annotated_only=false", "--out", tmp_path / "all.pt", *FAST])
+    assert seen["items"] == len(flags)
+
+
+def test_cvi_reports_prior_and_posterior_auroc_on_annotated_dev_images(cxr):
+    """Each epoch's row carries both AUROCs on the annotated dev images; the validator computes them as the model
+    does: the posterior from (image, gaze), the prior from the image alone, on the images with gaze."""
+    from kdcli.data.views import ModalityView
+    from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.engine.loop import EngineConfig
+    from kdcli.evaluate.metrics import multilabel_metrics
+    from kdcli.methods.cvi import CVI, annotated_validator
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import load_model
+
+    store = ShardStore(cxr["shards"])
+    rows = [json.loads(line) for line in cxr["cvi"].with_name("cvi.metrics.jsonl").read_text().splitlines()]
+    dev_flags = gaze_flags(store, ModalityView(store, "dev", "xray"))
+    for row in rows:
+        assert row["dev_annotated_images"] == dev_flags.sum()
+        assert {"dev_prior_auroc_annotated", "dev_posterior_auroc_annotated", "dev_mean_auroc"} <= set(row)
+    # one line on the comparison once training ends; this tiny dev split has too few annotated images to score
+    compared = [r for r in rows if r["dev_posterior_auroc_annotated"] is not None]
+    expected = "posterior and prior not compared" if not compared else "the posterior"
+    assert sum(expected in line for line in cxr["cvi_log"].splitlines()) == 1
+
+    # the validator itself, on a view with enough annotated images to score (the train split, unaugmented)
+    model = load_model(load_checkpoint(cxr["cvi"]))
+    view = ModalityView(store, "train", "xray", targets=CVI.targets)
+    report = annotated_validator(view, store.meta.classes, EngineConfig(batch_size=8, workers=0), "gaze")(
+        model, torch.device("cpu"), None)
+    items = [view[i] for i in np.flatnonzero(gaze_flags(store, view))]
+    images, gaze = torch.stack([it["image"] for it in items]), torch.stack([it["gaze"] for it in items])
+    labels = np.stack([it["labels"].numpy() for it in items])
+    with torch.no_grad():
+        posterior = model(images, gaze)["posterior_logits"].sigmoid().numpy()
+        prior = model(images)["logits"].sigmoid().numpy()
+    assert report["annotated_images"] == len(items)
+    assert report["posterior_auroc_annotated"] == pytest.approx(
+        multilabel_metrics(labels, posterior, store.meta.classes)["mean_auroc"], abs=1e-6)
+    assert report["prior_auroc_annotated"] == pytest.approx(
+        multilabel_metrics(labels, prior, store.meta.classes)["mean_auroc"], abs=1e-6)
+    assert report["posterior_auroc_annotated"] != report["prior_auroc_annotated"]

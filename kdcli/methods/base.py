@@ -28,6 +28,7 @@ class Method(nn.Module):
     pairing: ClassVar[str] = "none"  # "none" | "unpaired" (class-matched partner) | "paired"
     per_task_teachers: ClassVar[bool] = False  # True: one teacher per task (dict task -> model), multi-head student
     targets: ClassVar[tuple[str, ...]] = ()  # target arrays the batches must carry besides "label" (e.g. gaze maps)
+    dev_targets: ClassVar[tuple[str, ...] | None] = None  # those the dev view carries; None: the labels, if any
     uses_teacher_outputs: ClassVar[bool] = True  # False: the teacher only seeds the student (CVI's stage 1)
     # dataset tasks (dataset.json "task") the method can learn; anything else is refused before training
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
@@ -53,6 +54,19 @@ class Method(nn.Module):
     def make_student(cls, params: Any, teacher: nn.Module) -> nn.Module | None:
         """A student built from the teacher itself (e.g. its weights, partly frozen); None: the usual student."""
         return None
+
+    def train_rows(self, train_set: Any) -> Any:
+        """Indices of the training view to train on (an np.ndarray); None: all of it."""
+        return None
+
+    def make_validator(self, dev_set: Any, classes: list[str], engine: Any, log: Any) -> Any:
+        """A dev validator of the method's own (engine.loop.Validate; its dev view carries `dev_targets`);
+        None: the task's usual one."""
+        return None
+
+    def fit_notes(self, history: list[dict[str, Any]]) -> list[str]:
+        """Lines to log once training has ended, read from the per-epoch rows (e.g. a warning about them)."""
+        return []
 
     def __init__(self, params: Any, student: nn.Module, teacher: nn.Module | dict[str, nn.Module] | None = None):
         super().__init__()
