@@ -28,6 +28,7 @@ def test_teach_writes_checkpoint_logs_and_config(oct_teacher, multieye_shards):
     assert meta["kind"] == "teacher" and meta["modality"] == "oct" and meta["method"] == "supervised"
     assert meta["model"]["backbone"] == "test_resnet" and meta["model"]["head"] == "concept"
     assert meta["model"]["in_chans"] == 1 and len(meta["model"]["concepts"]) > 9
+    assert meta["model"]["concept_scale"] == 1.0  # the official concept classifier sees unscaled cosines
     data_hash = json.loads((multieye_shards / "dataset.json").read_text())["content_hash"]
     assert meta["data"]["content_hash"] == data_hash
     assert meta["config"]["epochs"] == 2 and meta["best"]["metric"] == "macro_f1"
