@@ -29,8 +29,9 @@ class ConceptHead(nn.Module):
 
     def __init__(self, in_features: int, concepts: torch.Tensor, num_classes: int, scale: float = 1.0):
         super().__init__()
-        # The official classifier sees the cosines as they are (scale 1). A larger fixed scale is only a
-        # re-parameterisation of W_c that makes its effective step larger (`--concept-scale`).
+        # The official classifier sees the cosines as they are (scale 1). A larger fixed scale only
+        # re-parameterises W_c, multiplying its effective step under Adam: 100 epochs x 562 steps (the
+        # official recipe) do not need it, a few hundred steps from scratch do (`--concept-scale`, the demo).
         self.scale = scale
         self.register_buffer("concepts", concepts.float())
         dim = concepts.shape[1]
