@@ -468,7 +468,9 @@ Balanced = Annotated[bool | None, typer.Option("--balanced/--no-balanced", help=
 Amp = Annotated[str | None, typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student.")]
 Concepts = Annotated[str | None, typer.Option(help="Concept bank (.npy like concepts_raw.npy, or text).")]
-ConceptEmb = Annotated[str | None, typer.Option(help="Concept embeddings (K, D) .npy.")]
+ConceptEmb = Annotated[str | None, typer.Option(help="Concept embeddings (K, D) .npy, e.g. FLAIR's text tower's.")]
+ConceptScale = Annotated[float | None, typer.Option(help="Fixed factor on the concept cosines before the concept "
+                                                         "classifier (default 1, as the official code).")]
 Extra = Annotated[list[str] | None, typer.Option("--set", help="Any other engine option KEY=VALUE, e.g. "
                                                     "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05.")]
 
@@ -498,7 +500,8 @@ def teach(
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
     pretrained: Pretrained = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
-    concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
+    concepts: Concepts = None, concept_embeddings: ConceptEmb = None, concept_scale: ConceptScale = None,
+    param: Param = None, extra: Extra = None,
     output_stride: OutputStride = None,
     embeddings: Annotated[str | None, typer.Option(help="Slides: train on patch embeddings cached by `kdcli "
                                                         "embed` (the name it printed) instead of pixels.")] = None,
@@ -525,7 +528,8 @@ def distill(
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
     pretrained: Pretrained = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
-    concepts: Concepts = None, concept_embeddings: ConceptEmb = None, param: Param = None, extra: Extra = None,
+    concepts: Concepts = None, concept_embeddings: ConceptEmb = None, concept_scale: ConceptScale = None,
+    param: Param = None, extra: Extra = None,
     cache_teacher: Annotated[bool, typer.Option(help="Run the teacher once over the un-augmented training "
                                                      "images and reuse its outputs (stored beside the shards).")]
     = False,

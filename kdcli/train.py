@@ -29,7 +29,7 @@ from kdcli.engine.loop import (
 from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
-from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_backbone
+from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_weights
 from kdcli.shards.reader import ShardStore
 
 
@@ -47,8 +47,9 @@ class TrainConfig:
     output_stride: int = 0  # 0: the model's own; 8 or 16 dilate the last stages (finer maps for CAMs and gaze)
     embeddings: str = ""  # slides: train MIL on patch embeddings cached by `kdcli embed` (their name)
     concepts: str = ""  # concept file (.npy or .txt); default: the dataset's bank
-    concept_embeddings: str = ""  # (K, D) .npy; default: fixed deterministic unit vectors
+    concept_embeddings: str = ""  # (K, D) .npy, a text tower's (FLAIR's); default: fixed deterministic unit vectors
     concept_dim: int = 512
+    concept_scale: float = 1.0  # fixed factor on the cosines before the concept classifier; 1 = the official
     pretrained: str = ""
     augment: str = "light"
     resume: bool = False
@@ -108,6 +109,12 @@ def resolve_config(flags: dict[str, Any], config_file: Path | None = None) -> Tr
                                  for k, v in engine_values.items()})
     except (TypeError, ValueError) as exc:
         raise UsageError(f"bad engine option ({exc}); fields: {', '.join(engine_fields)}") from None
+    scalars = {f.name: f.default for f in dataclasses.fields(TrainConfig) if isinstance(f.default, (bool, int, float))}
+    for key in set(top_values) & set(scalars):  # `--set concept_scale=10` and quoted config values arrive as text
+        try:
+            top_values[key] = _coerce(top_values[key], scalars[key])
+        except ValueError:
+            raise UsageError(f"{key}: expected {type(scalars[key]).__name__}, got {top_values[key]!r}") from None
     return TrainConfig(**top_values, engine=engine)
 
 
@@ -144,9 +151,11 @@ def _concept_bank(cfg: TrainConfig, store: ShardStore) -> tuple[list[str], torch
 
 
 def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: dict | None = None,
-                  tasks: dict[str, int] | None = None) -> Classifier:
+                  tasks: dict[str, int] | None = None, log: Callable[[str], None] | None = None) -> Classifier:
     """A classifier for `modality`; `template` (the teacher's spec) supplies backbone, head and concepts;
-    `tasks` (name -> number of classes) asks for one head per task."""
+    `tasks` (name -> number of classes) asks for one head per task. The concept scale is this run's
+    (`--concept-scale`), not the teacher's: it belongs to the student's own classifier, and the student must
+    match its `teach` baseline."""
     store.require_modality(modality)
     channels = store.meta.modalities[modality]["shape"][2]
     mean, std = default_normalisation(channels)
@@ -167,14 +176,20 @@ def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: 
     if head == "concept":
         if template and template.get("head") == "concept" and not cfg.concepts:
             texts, concepts = template["concepts"], None  # the teacher's bank; tensors copied below
-            spec.update(concepts=texts, concept_dim=template["concept_dim"],
-                        concept_scale=template.get("concept_scale", 10.0))
+            spec.update(concepts=texts, concept_dim=template["concept_dim"])
         else:
             texts, concepts = _concept_bank(cfg, store)
-            spec.update(concepts=texts, concept_dim=int(concepts.shape[1]), concept_scale=10.0)
+            spec.update(concepts=texts, concept_dim=int(concepts.shape[1]))
+        if not cfg.concept_scale > 0:
+            raise UsageError(f"--concept-scale must be > 0 (got {cfg.concept_scale}); 1 is the official")
+        spec["concept_scale"] = float(cfg.concept_scale)
     model = Classifier(spec, concepts)
     if cfg.pretrained:
-        load_pretrained_backbone(model, cfg.pretrained)
+        report, projection_loaded = load_pretrained_weights(model, cfg.pretrained)
+        if projection_loaded and not cfg.concept_embeddings and not template:
+            report += ("; concept embeddings: fixed random vectors, not in the projection's space "
+                       "(give the text tower's with --concept-embeddings)")
+        (log or print)(report)
     return model
 
 
@@ -375,7 +390,7 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     seed_everything(cfg.engine.seed)  # before the model is built: its initial weights depend on it
     method_cls = METHODS.get(cfg.method)
     params = parse_params(method_cls.Params, cfg.params, cfg.method)
-    model = build_student(cfg, store, cfg.modality)
+    model = build_student(cfg, store, cfg.modality, log=log)
     train_set, dev_set, labels = _views(cfg, store, "none", None, ("labels",) if multilabel else ())
     meta = _meta(cfg, store, model, "teacher", params, None)
     _write_config(out, meta)
@@ -430,7 +445,7 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
     student = method_cls.make_student(params, teacher)
     if student is None:
-        student = build_student(cfg, store, cfg.modality, template=teacher.spec)
+        student = build_student(cfg, store, cfg.modality, template=teacher.spec, log=log)
     if student.spec.get("head") == "concept" and teacher.spec.get("head") == "concept" and not cfg.concepts:
         student.head.concepts.copy_(teacher.head.concepts)
     method = method_cls(params, student, teacher if method_cls.uses_teacher_outputs else None)
@@ -488,7 +503,8 @@ def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, tea
                          f"tasks {tasks}")
     heads = {task: len(store.meta.tasks[task]["classes"]) for task in tasks}
     seed_everything(cfg.engine.seed)
-    student = build_student(cfg, store, cfg.modality, template={**teachers[0].spec, "head": "linear"}, tasks=heads)
+    student = build_student(cfg, store, cfg.modality, template={**teachers[0].spec, "head": "linear"}, tasks=heads,
+                            log=log)
     method = method_cls(params, student, dict(zip(tasks, teachers, strict=True)))
     augment = train_augmentation(store.meta.modalities[cfg.modality]["shape"][0], cfg.augment)
     train_set = ModalityView(store, "train", cfg.modality, augment, cfg.engine.seed, tasks)

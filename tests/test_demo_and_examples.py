@@ -37,6 +37,10 @@ def test_demo_reports_teacher_baseline_and_student_on_the_same_split(tmp_path):
     assert paired["up"] + paired["down"] <= 2 and "Δ: per-seed difference" in result.stderr  # the table says it
     seed_dirs = sorted(p.name for p in (tmp_path / "demo" / "multieye" / "checkpoints").iterdir())
     assert seed_dirs == ["seed0", "seed1"]
+    from kdcli.engine.checkpoint import load_checkpoint
+
+    student = load_checkpoint(tmp_path / "demo" / "multieye" / "checkpoints" / "seed0" / "fundus-coda.pt")
+    assert student.meta["model"]["concept_scale"] == 10.0  # short from-scratch runs: see kdcli/demo.py
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -87,6 +87,14 @@ def test_early_stop_after_patience(multieye_shards, tmp_path):
     assert result.epochs_run == 2 and result.best_epoch == 1
 
 
+def test_set_values_of_model_options_arrive_typed():
+    """`--set concept_dim=16` (or a quoted config value) is text; the model options get their own types."""
+    cfg = resolve_config({"concept_dim": "16", "concept_scale": "10", "output_stride": "8", "cache_teacher": "yes"})
+    assert (cfg.concept_dim, cfg.concept_scale, cfg.output_stride, cfg.cache_teacher) == (16, 10.0, 8, True)
+    with pytest.raises(UsageError, match="concept_dim: expected int, got 'wide'"):
+        resolve_config({"concept_dim": "wide"})
+
+
 def test_pretrained_backbone_comes_from_a_local_file_only(multieye_shards, tmp_path):
     import timm
 

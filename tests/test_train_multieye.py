@@ -28,6 +28,7 @@ def test_teach_writes_checkpoint_logs_and_config(oct_teacher, multieye_shards):
     assert meta["kind"] == "teacher" and meta["modality"] == "oct" and meta["method"] == "supervised"
     assert meta["model"]["backbone"] == "test_resnet" and meta["model"]["head"] == "concept"
     assert meta["model"]["in_chans"] == 1 and len(meta["model"]["concepts"]) > 9
+    assert meta["model"]["concept_scale"] == 1.0  # the official concept classifier sees unscaled cosines
     data_hash = json.loads((multieye_shards / "dataset.json").read_text())["content_hash"]
     assert meta["data"]["content_hash"] == data_hash
     assert meta["config"]["epochs"] == 2 and meta["best"]["metric"] == "macro_f1"
@@ -47,7 +48,7 @@ def test_student_records_its_teacher(fundus_student, oct_teacher):
     assert meta["kind"] == "student" and meta["method"] == "coda" and meta["modality"] == "fundus"
     assert meta["teacher"]["sha256"] == file_sha256(oct_teacher) and meta["teacher"]["modality"] == "oct"
     assert meta["method_params"] == {"alpha": 0.6, "beta": 0.05, "temperature": 10.0, "gate": True,
-                                     "global_grad": True}
+                                     "global_grad": False}
     assert meta["model"]["concepts"] == load_checkpoint(oct_teacher).meta["model"]["concepts"]
     rows = fundus_student.with_name("fundus.metrics.jsonl").read_text().splitlines()
     assert {"train_ce", "train_glob", "train_local", "train_gate"} <= set(json.loads(rows[0]))

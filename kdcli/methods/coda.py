@@ -8,9 +8,15 @@ Loss, as in xmed-lab/MultiEYE (process/finetune.py, model/flair_distill.py):
                over classes present in both halves of the batch
     L_local  = alpha * mean over the two similarity layers of a supervised contrastive loss over the 2B
                similarity vectors (student + teacher), temperature tau, no L2 normalisation
-Differences from the released code, on purpose: L_global has a gradient (the official builds the student
-prototypes from detached values, so it never trains; `global_grad=false` restores that), and each
-partner keeps its own label in L_local (identical to the official whenever the class-matched draw succeeds).
+As released, L_global carries no gradient: the official builds the student prototypes from `f_sim.detach()`,
+so L_global is computed and logged but never trains the student. `global_grad=true` gives it one; that cost
+about 4 points of test accuracy in kdcli's own ablation on the phantoms (README, Results).
+The concept space is FLAIR's (image-text aligned) when the student is built with `--pretrained` from a FLAIR
+checkpoint, whose vision projection becomes the concept head's W_v, and `--concept-embeddings` holds the text
+tower's concept embeddings (kdcli.models.pretrained). The concept classifier sees the cosines unscaled, as in
+the official code (`--concept-scale` sets a fixed factor).
+Difference from the released code, on purpose: each OCT partner keeps its own label in L_local (identical to
+the official whenever the class-matched draw succeeds).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ class CoDAParams:
     beta: float = dataclasses.field(default=0.05, metadata={"help": "L_global weight (beta_distill)"})
     temperature: float = dataclasses.field(default=10.0, metadata={"help": "L_local temperature tau"})
     gate: bool = dataclasses.field(default=True, metadata={"help": "distil only when the teacher is better"})
-    global_grad: bool = dataclasses.field(default=True, metadata={"help": "false = official no-grad L_global"})
+    global_grad: bool = dataclasses.field(default=False, metadata={
+        "help": "true = L_global trains the student (the released code detaches it)"})
 
 
 def gate_open(student_logits, teacher_logits, student_labels, teacher_labels) -> bool:

@@ -22,13 +22,16 @@ def default_normalisation(in_chans: int) -> tuple[list[float], list[float]]:
 
 
 class ConceptHead(nn.Module):
-    """s = norm(W_v norm(f)) T^T (cosine to each concept), logits = W_c s + b; a second similarity
-    layer s' = (P f) T^T (unnormalised, as the official `project_4`) is used only by distillation."""
+    """s = norm(W_v norm(f)) T^T (cosine to each concept), logits = W_c (scale * s) + b; a second similarity
+    layer s' = (P f) T^T (unnormalised, as the official `project_4`) is used only by distillation.
+    W_v (`embed`) is FLAIR's `projection_head_vision` (norm, Linear without bias, norm), so a FLAIR
+    checkpoint's projection loads into it."""
 
-    def __init__(self, in_features: int, concepts: torch.Tensor, num_classes: int, scale: float = 10.0):
+    def __init__(self, in_features: int, concepts: torch.Tensor, num_classes: int, scale: float = 1.0):
         super().__init__()
-        # Cosines live in [-1, 1]; a fixed scale in front of the classifier is only a re-parameterisation
-        # of W_c, but it lets short runs learn (the official trains 100 epochs x 562 steps without it).
+        # The official classifier sees the cosines as they are (scale 1). A larger fixed scale only
+        # re-parameterises W_c, multiplying its effective step under Adam: 100 epochs x 562 steps (the
+        # official recipe) do not need it, a few hundred steps from scratch do (`--concept-scale`, the demo).
         self.scale = scale
         self.register_buffer("concepts", concepts.float())
         dim = concepts.shape[1]
@@ -63,7 +66,8 @@ class Classifier(nn.Module):
         if spec["head"] == "concept":
             if concepts is None:
                 concepts = torch.zeros(len(spec["concepts"]), spec["concept_dim"])
-            self.head: nn.Module = ConceptHead(features, concepts, num_classes, spec.get("concept_scale", 10.0))
+            self.head: nn.Module = ConceptHead(features, concepts, num_classes,
+                                                  spec.get("concept_scale", 1.0))
         elif spec["head"] == "linear":
             self.head = nn.Linear(features, num_classes)
         elif spec["head"] == "multi":  # one linear head per task (SALL: DR and AMD grades on one backbone)
@@ -87,11 +91,50 @@ class Classifier(nn.Module):
         return {"features": features, "logits": self.head(features)}
 
 
-def load_pretrained_backbone(model: Classifier, path: str) -> list[str]:
-    """--pretrained: the backbone's weights from a local file (see kdcli.models.pretrained)."""
-    from kdcli.models.pretrained import load_into
+def load_pretrained_weights(model: Classifier, path: str) -> tuple[str, bool]:
+    """--pretrained: the backbone's weights from a local file and, from a FLAIR checkpoint, the vision
+    projection into a concept head's W_v (see kdcli.models.pretrained). Returns one line for the log (what
+    loaded, what was left as initialised, what in the file went unused) and whether the projection loaded."""
+    from kdcli.models.pretrained import listed, load_state, read_weights
 
-    return load_into(model.backbone, path, model.spec["backbone"])
+    weights = read_weights(path)
+    left, unused = load_state(model.backbone, weights, path, model.spec["backbone"])
+    projection_loaded = False
+    parts = [f"--pretrained {path}: {'FLAIR checkpoint, ' if weights.flair else ''}backbone "
+             f"{len(model.backbone.state_dict()) - len(left)} tensors loaded, left as initialised: {listed(left)}, "
+             f"unused from the file: {listed(unused)}"]
+    if weights.projection:
+        if isinstance(model.head, ConceptHead):
+            _load_projection(model.head, weights.projection, path)
+            projection_loaded = True
+            parts.append(f"projection {tuple(model.head.embed.weight.shape)} -> concept head")
+        else:
+            parts.append(f"projection not used ({model.spec['head']} head)")
+    if weights.others:
+        parts.append(f"not used: {len(weights.others)} other tensors, the text tower ({listed(weights.others, 2)})")
+    return "; ".join(parts), projection_loaded
+
+
+def _load_projection(head: ConceptHead, projection: dict[str, torch.Tensor], path: str) -> None:
+    from kdcli.models.pretrained import FLAIR_PROJECTION
+
+    extra = sorted(set(projection) - {"weight"})
+    if extra:
+        raise KdcliError(f"{FLAIR_PROJECTION}{extra[0]} has no place in the concept head (its W_v has no bias)",
+                         path=path, hint="FLAIR's default projection is bias-free (proj_bias=False)")
+    source, wanted = projection.get("weight"), head.embed.weight
+    if source is None:
+        raise KdcliError(f"{FLAIR_PROJECTION}weight missing", path=path)
+    if source.shape != wanted.shape:
+        what = (f"the concept embeddings (--concept-embeddings; distill: the teacher's) must have D = "
+                f"{source.shape[0]}, the projection's output"
+                if source.shape[0] != wanted.shape[0] else
+                f"the backbone must have {source.shape[1]} features (FLAIR's is resnet50)")
+        raise KdcliError(f"{FLAIR_PROJECTION}weight has shape {tuple(source.shape)}, the concept head's W_v "
+                         f"{tuple(wanted.shape)} (out = concept dimension D, in = backbone features)",
+                         path=path, hint=what)
+    with torch.no_grad():
+        wanted.copy_(source)
 
 
 def build_classifier(spec: dict[str, Any], concepts: torch.Tensor | None = None) -> Classifier:

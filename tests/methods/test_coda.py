@@ -77,6 +77,6 @@ def test_kd_kl_is_zero_for_equal_logits_and_positive_otherwise():
 def test_params_have_the_papers_defaults_and_reject_unknown_keys():
     params = parse_params(CoDAParams, {"alpha": "1.5", "gate": "false"}, "coda")
     assert (params.alpha, params.beta, params.temperature, params.gate) == (1.5, 0.05, 10.0, False)
-    assert CoDAParams() == CoDAParams(alpha=0.6, beta=0.05, temperature=10.0, gate=True, global_grad=True)
+    assert CoDAParams() == CoDAParams(alpha=0.6, beta=0.05, temperature=10.0, gate=True, global_grad=False)
     with pytest.raises(UsageError, match="alpha=0.6"):
         parse_params(CoDAParams, {"alpah": 1}, "coda")

@@ -44,3 +44,26 @@ def test_concept_head_similarities_are_cosines_and_drive_the_logits():
     head = model.head
     expected = head.classifier(head.scale * out["sims"][:, 0])
     assert torch.allclose(out["logits"], expected, atol=1e-5)
+
+
+def test_concept_scale_is_an_option_off_by_default_and_recorded_in_the_spec(multieye_shards, tmp_path):
+    """The official classifier sees the cosines unscaled; x10 is `--concept-scale 10`, and a checkpoint keeps
+    the scale it recorded."""
+    from conftest import FAST
+    from test_prepare_multieye import assert_one_line_error
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import build_student, resolve_config
+
+    store = ShardStore(multieye_shards)
+    flags = {"data": str(multieye_shards), "model": "test_resnet", "head": "concept"}
+    default = build_student(resolve_config(flags), store, "fundus")
+    assert default.spec["concept_scale"] == 1.0 and default.head.scale == 1.0
+    scaled = build_student(resolve_config({**flags, "concept_scale": "10"}), store, "fundus")  # as --set sends it
+    assert scaled.spec["concept_scale"] == 10.0 and scaled.head.scale == 10.0
+    assert Classifier(scaled.spec).head.scale == 10.0  # what load_model rebuilds from an old checkpoint
+    result = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "fundus",
+                                      "--concept-scale", "0", "--out", str(tmp_path / "m.pt"), *FAST])
+    assert_one_line_error(result, "--concept-scale must be > 0")

@@ -68,3 +68,100 @@ def test_plain_unet_refuses_pretrained_weights(tmp_path):
 
     with pytest.raises(UsageError, match="plain U-Net"):
         build_unet(TrainConfig(model="plain", pretrained=str(tmp_path / "w.pth")), Store(), ["t1ce"])
+
+
+def test_a_tensor_of_another_shape_is_refused_not_skipped(tmp_path):
+    donor, path = donor_file(tmp_path, "test_resnet")
+    donor["layer1.0.conv1.weight"] = donor["layer1.0.conv1.weight"][:, :, :1, :1].clone()  # a 1x1 where 3x3 is
+    torch.save(donor, tmp_path / "other.pth")
+    with pytest.raises(KdcliError, match=r"layer1\.0\.conv1\.weight has shape \(\d+, \d+, 1, 1\), the model's "
+                                         r"layer1\.0\.conv1\.weight has \(\d+, \d+, 3, 3\)"):
+        load_into(timm.create_model("test_resnet", num_classes=0), tmp_path / "other.pth", "test_resnet")
+
+
+# ------------------------------------------------------------------ FLAIR (jusiro/FLAIR) checkpoints
+FLAIR_PROJECTION = "vision_model.projection_head_vision.projection.weight"
+
+
+def flair_file(tmp_path, projection_shape=(16, 96)) -> tuple[dict, torch.Tensor, str]:
+    """A FLAIRModel.state_dict() in miniature: the vision ResNet (fc removed) under vision_model.model., its
+    bias-free projection, and a text tower that kdcli leaves alone."""
+    torch.manual_seed(2)
+    vision = timm.create_model("test_resnet", num_classes=0, in_chans=3).state_dict()
+    projection = torch.randn(projection_shape)
+    state = {f"vision_model.model.{k}": v for k, v in vision.items()}
+    state[FLAIR_PROJECTION] = projection
+    state["text_model.projection_head_text.projection.weight"] = torch.randn(projection_shape[0], 768)
+    state["logit_scale"] = torch.tensor(2.66)
+    path = tmp_path / "flair.pth"
+    torch.save(state, path)
+    return vision, projection, str(path)
+
+
+def test_torchvision_resnet50_names_and_shapes_are_timm_resnet50s():
+    """FLAIR's vision_model.model is torchvision's resnet50 with fc = Identity; it loads into timm's resnet50
+    by name only because the two agree on every key and shape."""
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        flair_vision = torchvision.models.resnet50()
+        flair_vision.fc = torch.nn.Identity()
+        ours = timm.create_model("resnet50", num_classes=0)
+    shapes = {k: tuple(v.shape) for k, v in flair_vision.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+
+
+def flair_config(shards, tmp_path, path, text_path, head="concept"):
+    from kdcli.train import resolve_config
+
+    return resolve_config({"data": str(shards), "modality": "fundus", "model": "test_resnet", "head": head,
+                           "workers": 0, "out": str(tmp_path / "m.pt"), "pretrained": path,
+                           "concept_embeddings": str(text_path)})
+
+
+def test_flair_checkpoint_fills_the_backbone_and_the_concept_projection(multieye_shards, tmp_path):
+    import numpy as np
+
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import build_student
+
+    vision, projection, path = flair_file(tmp_path)
+    store = ShardStore(multieye_shards)
+    text = np.random.default_rng(0).standard_normal((len(store.meta.extra["concepts"]), 16)).astype(np.float32)
+    np.save(tmp_path / "text.npy", text)  # the text tower's concept embeddings
+    lines: list[str] = []
+    model = build_student(flair_config(multieye_shards, tmp_path, path, tmp_path / "text.npy"), store, "fundus",
+                          log=lines.append)
+    backbone = model.backbone.state_dict()
+    assert set(backbone) == set(vision) and all(torch.equal(backbone[k], v) for k, v in vision.items())
+    assert torch.equal(model.head.embed.weight, projection)  # FLAIR's W_v, not a fresh one
+    unit_text = torch.from_numpy(text / np.linalg.norm(text, axis=1, keepdims=True))
+    assert torch.allclose(model.head.concepts, unit_text)
+    assert len(lines) == 1 and "FLAIR checkpoint" in lines[0] and "left as initialised: none" in lines[0]
+    assert "(16, 96) -> concept head" in lines[0] and "2 other tensors" in lines[0]
+    linear = build_student(flair_config(multieye_shards, tmp_path, path, tmp_path / "text.npy", head="linear"),
+                           store, "fundus", log=lines.append)
+    assert torch.equal(linear.backbone.state_dict()["layer1.0.conv1.weight"], vision["layer1.0.conv1.weight"])
+    assert "projection not used (linear head)" in lines[1]
+
+
+def test_a_flair_projection_that_does_not_fit_is_refused_in_one_line(multieye_shards, tmp_path):
+    import numpy as np
+    from conftest import FAST
+    from test_prepare_multieye import assert_one_line_error
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+    from kdcli.shards.reader import ShardStore
+
+    count = len(ShardStore(multieye_shards).meta.extra["concepts"])
+
+    def teach(path, dim):
+        np.save(tmp_path / "text.npy", np.ones((count, dim), dtype=np.float32))
+        return CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "fundus",
+                                        "--head", "concept", "--pretrained", path, "--concept-embeddings",
+                                        str(tmp_path / "text.npy"), "--out", str(tmp_path / "m.pt"), *FAST])
+
+    _, _, path = flair_file(tmp_path, projection_shape=(16, 50))  # made for a backbone of 50 features
+    assert_one_line_error(teach(path, 16), "flair.pth", FLAIR_PROJECTION, "(16, 50)", "(16, 96)", "50 features")
+    _, _, path = flair_file(tmp_path)  # fits the backbone, but the text embeddings are 8-d, not 16-d
+    assert_one_line_error(teach(path, 8), "flair.pth", FLAIR_PROJECTION, "(16, 96)", "(8, 96)", "D = 16")
