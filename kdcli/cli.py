@@ -430,6 +430,8 @@ def inspect(
                       *[str(report["counts"][modality].get(s, 0)) for s in ("train", "dev", "test")])
         names = report["label_names"] or [f"{t}:{c}" for t, info in report["tasks"].items()
                                           for c in info["classes"]]
+        if modality in report["unlabeled"]:
+            names = [*names, "unlabeled"]
         for name in names:
             table.add_row("", f"  {name}", *[str(per_split.get(s, {}).get(name, 0)) for s in ("train", "dev", "test")])
     out = console(stderr=False)
@@ -533,6 +535,10 @@ def distill(
     cache_teacher: Annotated[bool, typer.Option(help="Run the teacher once over the un-augmented training "
                                                      "images and reuse its outputs (stored beside the shards).")]
     = False,
+    unlabeled: Annotated[bool | None, typer.Option("--unlabeled/--no-unlabeled", help="Distil on the training set's "
+                                                   "unlabeled samples too (methods that can; default on).")] = None,
+    unlabeled_ratio: Annotated[float | None, typer.Option(min=0.0, help="Unlabeled samples drawn per labelled one "
+                                                          "(default 1).")] = None,
 ) -> None:
     """Distil a teacher into a single-modality student."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "student")}
@@ -707,14 +713,15 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout
     for name in METHODS.names():
         cls = METHODS.get(name)
         listing[name] = {"help": METHODS.help(name), "tasks": list(cls.tasks), "terms": list(cls.terms),
-                         "needs_teacher": cls.needs_teacher, "pairing": cls.pairing,
+                         "needs_teacher": cls.needs_teacher, "pairing": cls.pairing, "unlabeled": cls.unlabeled,
                          "params": {p: d for p, d, _ in params_table(cls.Params)}}
     if as_json:
         typer.echo(json.dumps(listing, indent=2))
         return
     for name, info in listing.items():
         typer.echo(f"{name:<12} {info['help']}")
-        typer.echo(f"{'':<14}tasks: {', '.join(info['tasks'])}; terms: {', '.join(info['terms'])}")
+        typer.echo(f"{'':<14}tasks: {', '.join(info['tasks'])}; terms: {', '.join(info['terms'])}; unlabeled "
+                   f"samples: {'distillation terms' if info['unlabeled'] else 'not used'}")
         for key, default in info["params"].items():
             typer.echo(f"{'':<14}-p {key}={default}")
 

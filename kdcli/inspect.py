@@ -10,7 +10,7 @@ import h5py
 import polars as pl
 
 from kdcli.errors import KdcliError
-from kdcli.shards.format import SHARD_DIR, content_hash
+from kdcli.shards.format import MANIFEST_COLUMNS, SHARD_DIR, content_hash
 from kdcli.shards.reader import ShardStore
 
 
@@ -25,12 +25,15 @@ def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
     # maps or vectors (a slice with tumour, an X-ray with any finding), named by the source
     label_names = meta.extra.get("label_names") or meta.classes
     for modality, split, task, label, count in exploded.group_by(keys).len().sort(keys).iter_rows():
-        name = f"{task}:{meta.classes_for(task)[label]}" if task else label_names[label]
+        if label < 0:
+            name = "unlabeled"
+        else:
+            name = f"{task}:{meta.classes_for(task)[label]}" if task else label_names[label]
         per_class.setdefault(modality, {}).setdefault(split, {})[name] = int(count)
     report: dict[str, Any] = {
         "path": str(root), "source": meta.source, "task": meta.task, "pairing": meta.pairing,
         "classes": meta.classes, "label_names": label_names if not meta.tasks else [], "tasks": meta.tasks,
-        "modalities": meta.modalities, "counts": meta.counts,
+        "modalities": meta.modalities, "counts": meta.counts, "unlabeled": meta.unlabeled,
         "per_class": per_class, "samples": manifest.height,
         "shards": manifest["shard"].n_unique(), "content_hash": meta.content_hash,
         "kdcli_version": meta.kdcli_version, "prepare": meta.prepare,
@@ -43,7 +46,7 @@ def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
 def verify_hash(store: ShardStore) -> bool:
     """Recompute every shard's digest from its pixels; raise naming the first shard that differs."""
     digests = {}
-    rows = store.manifest.select(list(store.manifest.columns)).rows()
+    rows = store.manifest.select(MANIFEST_COLUMNS).rows()  # the hashed columns (not derived ones: labelled)
     for shard in sorted(store.manifest["shard"].unique().to_list()):
         path = store.root / SHARD_DIR / shard
         with h5py.File(path, "r") as handle:

@@ -124,6 +124,7 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     scan = source_cls(**options.source_options).scan(Path(options.raw))
     if not scan.records:
         raise KdcliError("no records found", path=options.raw)
+    check_unlabeled(scan.records, options.raw)
     arguments = {
         "source": options.source, "raw": str(Path(options.raw).resolve()), "size": options.size,
         "shard_size": options.shard_size, "compression": options.compression,
@@ -175,6 +176,24 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
 
 
 PARTS = "parts"
+
+
+def check_unlabeled(records: list, raw: Path) -> None:
+    """Unlabeled records only train, and never belong to a patient of dev or test (that patient's other records
+    would leak into what the student is judged on)."""
+    from kdcli.sources.base import UNLABELED
+
+    held_out = {r.group: r.split for r in records if r.split != "train"}
+    for record in records:
+        if record.label != UNLABELED:
+            continue
+        if record.split != "train":
+            raise KdcliError(f"unlabeled record {record.id!r} is in split {record.split!r}", path=raw,
+                             hint="unlabeled cases can only train; list them with the training data")
+        if record.group in held_out:
+            raise KdcliError(f"unlabeled record {record.id!r} belongs to patient {record.group!r} of split "
+                             f"{held_out[record.group]!r}", path=raw,
+                             hint="drop it, or move that patient's labelled records to train")
 
 
 def _write_part(staging: Path, part: tuple[int, int], scan, rows: list[tuple], digests: dict[str, str],
@@ -278,15 +297,19 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
                                           ("modality", pl.Utf8), ("label", pl.Int64), ("shard", pl.Utf8),
                                           ("index", pl.Int64), ("task", pl.Utf8), ("record", pl.Utf8),
                                           ("position", pl.Int64)], orient="row")
+    manifest = manifest.with_columns((pl.col("label") >= 0).alias("labelled"))  # derived: not hashed
     tmp = folder / f".{MANIFEST}.tmp"
     manifest.write_parquet(tmp)
     tmp.replace(folder / MANIFEST)
     if records:
         atomic_write_json(folder / RECORDS_JSON, records)
     counts: dict[str, Counter] = {}
-    for _, _, split, modality, *_ in rows:
+    unlabeled: dict[str, Counter] = {}
+    for _, _, split, modality, label, *_ in rows:
         for name in modality.split("+"):
             counts.setdefault(name, Counter())[split] += 1
+            if label < 0:
+                unlabeled.setdefault(name, Counter())[split] += 1
     size = arguments["size"]
     meta = DatasetMeta(
         source=arguments["source"],
@@ -301,6 +324,7 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
         pairing=scan.pairing,
         tasks=tasks,
         counts={m: {s: int(c.get(s, 0)) for s in SPLITS} for m, c in counts.items()},
+        unlabeled={m: {s: int(c.get(s, 0)) for s in SPLITS} for m, c in unlabeled.items()},
         prepare=arguments,
         extra=extra if extra is not None else scan.extra,
         content_hash=content_hash({r[5]: digests[r[5]] for r in rows}, rows),

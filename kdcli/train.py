@@ -55,6 +55,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     cache_teacher: bool = False  # distill: read teacher outputs from <data>/cache (built on first use)
+    unlabeled: bool = True  # distill: train the distillation terms on unlabeled samples too (methods that can)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -251,7 +252,7 @@ def check_compatible(checkpoint: Checkpoint, store: ShardStore, modality: str | 
 
 
 def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: str | None,
-           targets: tuple[str, ...] = (), dev_targets: tuple[str, ...] | None = None):
+           targets: tuple[str, ...] = (), dev_targets: tuple[str, ...] | None = None, unlabeled: bool = False):
     from kdcli.data.transforms import train_augmentation
     from kdcli.data.views import ModalityView, PairedView, UnpairedPartnerView
 
@@ -271,8 +272,8 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
         return UnpairedPartnerView(student_train, partner, seed), dev, student_train.labels
     if pairing == "paired":
         view = PairedView(store, "train", cfg.modality, teacher_modality, augment(cfg.modality),
-                          augment(teacher_modality), seed)
-        return view, dev, view.student.labels
+                          augment(teacher_modality), seed, unlabeled=unlabeled)
+        return view, dev, view.labels
     return student_train, dev, student_train.labels
 
 
@@ -344,6 +345,8 @@ def _distill_defaults(cfg: TrainConfig) -> list[str]:
     from kdcli.shards.format import DatasetMeta
 
     notes: list[str] = []
+    if cfg.method not in ("", "auto"):
+        METHODS.get(cfg.method)  # an unknown name is the first thing to say
     if not cfg.teacher:
         raise UsageError("distill needs --teacher (a checkpoint from `kdcli teach`)")
     first = Path(cfg.teacher[0])
@@ -455,8 +458,11 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     if missing:
         raise KdcliError(f"--method {cfg.method} needs {', '.join(missing)} in the data", path=store.root,
                          hint="prepare the dataset with them (e.g. prepare cxr --gaze/--boxes)")
+    unlabeled = _unlabeled_choice(cfg, store, method_cls, log)
     train_set, dev_set, labels = _views(cfg, store, method_cls.pairing, teacher_modality, targets,
-                                        method_cls.dev_targets)
+                                        method_cls.dev_targets, unlabeled)
+    for note in getattr(train_set, "notes", []):
+        log(f"note: {note}")
     rows = method.train_rows(train_set)
     if rows is not None:  # e.g. CVI's stage 2 on the annotated subset
         train_set, labels = _Rows(train_set, rows), labels[rows]
@@ -481,6 +487,22 @@ class _Rows(torch.utils.data.Subset):
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+
+
+def _unlabeled_choice(cfg: TrainConfig, store: ShardStore, method_cls, log: Callable[[str], None]) -> bool:
+    """Whether the distillation terms see the training set's unlabeled samples; says why when they do not."""
+    count = store.meta.unlabeled.get(cfg.modality, {}).get("train", 0)
+    if not count:
+        return False
+    if not cfg.unlabeled:
+        log(f"--no-unlabeled: {count} unlabeled {cfg.modality} samples left out")
+        return False
+    if not method_cls.unlabeled:
+        log(f"note: --method {cfg.method} does not learn from unlabeled samples; {count} left out")
+        return False
+    log(f"{count} unlabeled {cfg.modality} samples: distillation terms only, "
+        f"{cfg.engine.unlabeled_ratio:g} per labelled sample")
+    return True
 
 
 def _validator(cfg: TrainConfig, store: ShardStore, dev_set):
@@ -528,8 +550,12 @@ def _with_teacher_cache(cfg: TrainConfig, store: ShardStore, train_set, teachers
     from kdcli.engine import teacher_cache
     from kdcli.engine.device import select_device
 
-    inputs = ModalityView(store, "train", modality, tasks=tasks)  # un-augmented, the rows teacher_index points at
-    path = teacher_cache.cache_path(store.root, [t["sha256"] for t in teacher_info], modality)
+    # un-augmented, the very rows teacher_index points at: a paired view's teacher side holds unlabeled rows too
+    teacher_side = getattr(train_set, "teacher", None) or getattr(train_set, "partner", None) or train_set
+    every_row = bool(getattr(teacher_side, "unlabeled", False))
+    inputs = ModalityView(store, "train", modality, tasks=tasks, unlabeled=every_row)
+    path = teacher_cache.cache_path(store.root, [t["sha256"] for t in teacher_info],
+                                    modality + ("+unlabeled" if every_row else ""))
     if not path.is_file():
         device = select_device(cfg.engine.device)
         for model in teachers.values():

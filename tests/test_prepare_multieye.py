@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from kdcli.cli import app
 from kdcli.errors import KdcliError
 from kdcli.prepare import PrepareOptions, prepare
-from kdcli.shards.format import MANIFEST_COLUMNS
+from kdcli.shards.format import DERIVED_COLUMNS, MANIFEST_COLUMNS
 
 runner = CliRunner()
 
@@ -50,7 +50,7 @@ def test_shards_match_the_lists_and_plain_h5py_reads_them(multieye_raw, multieye
                                   "oct": {"shape": [32, 32, 1], "dtype": "uint8"}}
     assert meta["content_hash"].startswith("sha256:") and meta["prepare"]["size"] == 32
     manifest = pl.read_parquet(multieye_shards / "manifest.parquet")
-    assert tuple(manifest.columns) == MANIFEST_COLUMNS
+    assert tuple(manifest.columns) == MANIFEST_COLUMNS + DERIVED_COLUMNS
     for modality, folder in (("fundus", "assemble"), ("oct", "assemble_oct")):
         for split in ("train", "dev", "test"):
             listed = read_list(multieye_raw / folder / split / "large9cls.txt")

@@ -6,6 +6,7 @@ import random
 import sys
 
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler, default_collate
 
@@ -55,14 +56,17 @@ class ModalityView(SharedEpoch, Dataset):
     Augmentation is seeded per (seed, epoch, item), so a run gives the same batches with 0 or N workers."""
 
     def __init__(self, store: ShardStore, split: str, modality: str, augment=None, seed: int = 0,
-                 tasks: list[str] | None = None, targets: tuple[str, ...] = ()):
+                 tasks: list[str] | None = None, targets: tuple[str, ...] = (), unlabeled: bool = False):
         store.require_modality(modality)
         self.store, self.split, self.modality, self.augment = store, split, modality, augment
+        self.unlabeled = unlabeled  # False: labelled samples only (teach, dev, test); True: label -1 ones too
         # Target arrays carried along (multi-label vectors, gaze heat maps, box masks): maps of the image's
         # size follow its augmentation, so a heat map stays on the pixels it marks.
         self.targets = tuple(targets)
         self.seed, self.epoch = seed, 0
         rows = store.rows(split, modality)
+        if not unlabeled:
+            rows = rows.filter(pl.col("labelled"))
         if tasks:  # datasets with several label spaces: keep these tasks' samples, remember which is which
             rows = rows.filter(rows["task"].is_in(tasks))
         self.tasks = np.array([tasks.index(t) for t in rows["task"]] if tasks else np.zeros(len(rows)), dtype=np.int64)
@@ -219,32 +223,40 @@ class PairedView(Dataset):
     get the same crop, flip and rotation (and the same colour draw; their intensities differ anyway)."""
 
     def __init__(self, store: ShardStore, split: str, student: str, teacher: str, augment=None,
-                 teacher_augment=None, seed: int = 0):
+                 teacher_augment=None, seed: int = 0, unlabeled: bool = False):
         from kdcli.errors import KdcliError
 
-        self.student = ModalityView(store, split, student, augment, seed)
-        self.teacher = ModalityView(store, split, teacher, teacher_augment, seed)
+        self.student = ModalityView(store, split, student, augment, seed, unlabeled=unlabeled)
+        # every teacher row, labelled or not: the rows the teacher cache is built over
+        self.teacher = ModalityView(store, split, teacher, teacher_augment, seed, unlabeled=True)
         row_of = {record: j for j, record in enumerate(self.teacher.ids)}
         if len(row_of) != len(self.teacher.ids):
             raise KdcliError(f"{teacher} ids repeat in split {split!r}: records cannot be paired", path=store.root,
                              hint="re-run `kdcli prepare`; every record id must be unique")
-        unpaired = [record for record in self.student.ids if record not in row_of]
-        if unpaired:
-            raise KdcliError(f"{len(unpaired)} {student} records of split {split!r} have no {teacher} image "
-                             f"(first: {unpaired[0]})", path=store.root,
+        unpaired = [i for i, record in enumerate(self.student.ids) if record not in row_of]
+        labelled_unpaired = [i for i in unpaired if self.student.labels[i] >= 0]
+        if labelled_unpaired:
+            raise KdcliError(f"{len(labelled_unpaired)} {student} records of split {split!r} have no {teacher} "
+                             f"image (first: {self.student.ids[labelled_unpaired[0]]})", path=store.root,
                              hint="paired methods (kd) need paired data; use --method coda")
-        self.partner = np.array([row_of[record] for record in self.student.ids], dtype=np.int64)
-        self.teacher.draw_keys[self.partner] = self.student.draw_keys
+        # unlabeled images of the student's modality alone cannot be labelled through the teacher: left out
+        self.notes = [f"{len(unpaired)} unlabeled {student} images have no {teacher} partner: not used"] if unpaired \
+            else []
+        self.rows = np.array([i for i in range(len(self.student)) if self.student.ids[i] in row_of], dtype=np.int64)
+        self.partner = np.array([row_of[self.student.ids[i]] for i in self.rows], dtype=np.int64)
+        self.teacher.draw_keys[self.partner] = self.student.draw_keys[self.rows]
+        self.labels = self.student.labels[self.rows]
 
     def __len__(self) -> int:
-        return len(self.student)
+        return len(self.rows)
 
     def set_epoch(self, epoch: int) -> None:
         self.student.set_epoch(epoch)
         self.teacher.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> dict:
-        item = self.student[i]
+        item = self.student[int(self.rows[i])]
+        item["index"] = i  # this view's index (the student's row differs when unpartnered rows were left out)
         j = int(self.partner[i])
         item["teacher_image"] = self.teacher[j]["image"]
         item["teacher_label"] = item["label"]
@@ -254,17 +266,31 @@ class PairedView(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict] | dict:
         if not (self.student.batched and self.teacher.batched):
             return [self[i] for i in indices]
-        batch = self.student.__getitems__(indices)
+        batch = self.student.__getitems__(self.rows[np.asarray(indices)].tolist())
+        if len(self.rows) != len(self.student):
+            batch["index"] = torch.as_tensor(indices)
         partners = self.partner[np.asarray(indices)]
         batch.update(teacher_image=self.teacher.__getitems__(partners.tolist())["image"],
                      teacher_label=batch["label"], teacher_index=torch.from_numpy(partners))
         return batch
 
 
-def class_balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> Sampler:
-    """Weights 1/class count, with replacement (as MultiEYE trains)."""
-    counts = np.bincount(labels)
-    weights = 1.0 / counts[labels]
+def class_balanced_sampler(labels: np.ndarray, num_samples: int, seed: int, unlabeled_ratio: float = 1.0,
+                           balanced: bool = True) -> Sampler:
+    """Weights 1/class count, with replacement (as MultiEYE trains); unlabeled samples (label -1) as one more
+    pool drawn `unlabeled_ratio` times as often as all labelled ones together. `balanced=False`: labelled
+    samples uniformly (the pool share still holds)."""
+    labels = np.asarray(labels)
+    labelled = labels >= 0
+    weights = np.zeros(len(labels))
+    if balanced:
+        counts = np.bincount(labels[labelled])
+        weights[labelled] = 1.0 / counts[labels[labelled]]
+    else:
+        weights[labelled] = 1.0
+    if not labelled.all():
+        # the pool's total weight is unlabeled_ratio x the labelled total, spread evenly over its samples
+        weights[~labelled] = unlabeled_ratio * weights[labelled].sum() / (~labelled).sum()
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples,
                                  replacement=True, generator=generator)

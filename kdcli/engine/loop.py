@@ -50,7 +50,8 @@ class EngineConfig:
     patience: int = 0
     metric: str = "macro_f1"
     balanced: bool = True
-    samples_per_epoch: int = 0  # 0 = the training set's size
+    samples_per_epoch: int = 0  # 0 = the training set's size (labelled samples x (1 + unlabeled_ratio))
+    unlabeled_ratio: float = 1.0  # unlabeled samples drawn per labelled one, when the training set has any
 
     def __post_init__(self) -> None:  # refused before anything is written, not at the first epoch
         for name, allowed in CHOICES.items():
@@ -100,10 +101,13 @@ def make_loader(dataset: Dataset, cfg: EngineConfig, device: torch.device, label
     sampler = None
     if train:
         num_samples = cfg.samples_per_epoch or len(dataset)
-        if cfg.balanced and labels is not None:
+        unlabeled = labels is not None and bool((labels < 0).any())
+        if unlabeled:  # an epoch: every labelled sample's worth, plus the unlabeled share on top
+            num_samples = cfg.samples_per_epoch or round(int((labels >= 0).sum()) * (1 + cfg.unlabeled_ratio))
+        if (cfg.balanced or unlabeled) and labels is not None:
             from kdcli.data.views import class_balanced_sampler
 
-            sampler = class_balanced_sampler(labels, num_samples, cfg.seed)
+            sampler = class_balanced_sampler(labels, num_samples, cfg.seed, cfg.unlabeled_ratio, cfg.balanced)
         else:
             sampler = RandomSampler(dataset, num_samples=num_samples,
                                     generator=torch.Generator().manual_seed(cfg.seed))

@@ -30,6 +30,9 @@ class Method(nn.Module):
     targets: ClassVar[tuple[str, ...]] = ()  # target arrays the batches must carry besides "label" (e.g. gaze maps)
     dev_targets: ClassVar[tuple[str, ...] | None] = None  # those the dev view carries; None: the labels, if any
     uses_teacher_outputs: ClassVar[bool] = True  # False: the teacher only seeds the student (CVI's stage 1)
+    # True: batches may carry unlabeled samples (label -1); supervised terms leave them out, distillation terms
+    # read the teacher's answer for them. False: they never reach the method.
+    unlabeled: ClassVar[bool] = False
     # dataset tasks (dataset.json "task") the method can learn; anything else is refused before training
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     # the loss terms it returns, as logged per epoch (train_<term> in metrics.jsonl); "_x" are logged, not summed

@@ -23,3 +23,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=dim)
     kl = F.kl_div(log_student, log_teacher, log_target=True, reduction=reduction)
     return kl * temperature**2 if t_squared else kl
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Cross-entropy over the labelled samples of a batch (label >= 0), mean over them; 0 (with a graph) when the
+    batch has none, where F.cross_entropy's ignore_index would give NaN."""
+    labelled = labels >= 0
+    if labelled.all():
+        return F.cross_entropy(logits, labels, **kwargs)
+    if not labelled.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labelled], labels[labelled], **kwargs)

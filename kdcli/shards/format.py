@@ -20,6 +20,7 @@ PLAN_JSON = "plan.json"
 RECORDS_JSON = "records.json"  # record id -> what its source remembered (a volume's grid and crop, a slide's size)
 SPLITS = ("train", "dev", "test")
 MANIFEST_COLUMNS = ("id", "group", "split", "modality", "label", "shard", "index", "task", "record", "position")
+DERIVED_COLUMNS = ("labelled",)  # written for readers' convenience, computed from the hashed columns (label >= 0)
 
 
 def modality_key(modalities: list[str] | tuple[str, ...]) -> str:
@@ -77,6 +78,8 @@ class DatasetMeta:
     # maps) or "input" (e.g. a clinical vector beside the slide patches)
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # of those, samples without a label (label -1, train only): modality -> split -> count; {} when none
+    unlabeled: dict[str, dict[str, int]] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
@@ -103,6 +106,7 @@ class DatasetMeta:
             "tasks": self.tasks,
             "targets": self.targets,
             "counts": self.counts,
+            "unlabeled": self.unlabeled,
             "prepare": self.prepare,
             "extra": self.extra,
             "content_hash": self.content_hash,

@@ -29,6 +29,8 @@ class ShardStore:
         if "record" not in self.manifest.columns:  # written by kdcli <= 0.1: one sample per record
             self.manifest = self.manifest.with_columns(pl.col("id").alias("record"),
                                                        pl.lit(-1, pl.Int64).alias("position"))
+        if "labelled" not in self.manifest.columns:  # written before unlabeled samples existed
+            self.manifest = self.manifest.with_columns((pl.col("label") >= 0).alias("labelled"))
         self._handles: dict[str, h5py.File] = {}
         self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
         self._raw: dict[tuple[str, str], tuple] = {}  # (raw chunks?, sample shape, dtype, offsets, bytes)

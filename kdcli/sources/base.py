@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+UNLABELED = -1  # the label of a record nobody graded: it may only train, and only distillation terms read it
+
 
 @dataclass(frozen=True)
 class Record:
@@ -17,7 +19,7 @@ class Record:
     id: str
     group: str  # patient or eye: splits and pairing never cut through a group
     split: str
-    label: int
+    label: int  # the class index; UNLABELED (-1) for a record without a label (train split only)
     files: dict[str, str]  # modality -> raw file
     task: str = ""  # which label space `label` belongs to, for datasets with several (e.g. DR and AMD grades)
 

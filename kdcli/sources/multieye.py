@@ -6,6 +6,13 @@ Layout as released (and as the official loader reads it):
     <root>/assemble_oct/{train,dev,test}/large9cls.txt
     <root>/assemble_oct/train/ImageData/oct-filter-448x448/<name>.png
 
+Unlabeled pool (kdcli's extension, for distillation on images nobody graded):
+    <root>/assemble/train/unlabeled.txt, <root>/assemble_oct/train/unlabeled.txt   one image name per line
+A second column, if present, is ignored (with a note). A name in both lists is one paired eye (when the
+labelled eyes are paired too); a name in one list only is an unpaired image, which paired methods leave out.
+Unlabeled images train only: an unlabeled list under dev/ or test/, a name that is also labelled, or a listed
+image that is missing is refused in one line.
+
 Quirks handled: lists separated by spaces or tabs (the official `test_file` override is tab-separated),
 names without extension and with inner dots, `large9cls_balance.txt` as the fundus list in some copies,
 8- and 16-bit PNGs of any size (zero-padded to square like the paper's offline step).
@@ -20,7 +27,7 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
-from kdcli.sources.base import Record, Scan, Source
+from kdcli.sources.base import UNLABELED, Record, Scan, Source
 from kdcli.sources.imaging import clahe_rgb, median_filter, read_image, resize_square
 
 CLASSES = ["NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD"]
@@ -29,6 +36,7 @@ LAYOUT = {  # modality -> (folder, image subfolder, channels)
     "oct": ("assemble_oct", "oct-filter-448x448", 1),
 }
 LIST_NAMES = ("large9cls.txt", "large9cls_balance.txt")
+UNLABELED_LIST = "unlabeled.txt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 # Textual concepts per class (ours, after the paper's GPT-4 bank); `--concepts FILE` replaces them.
@@ -108,6 +116,7 @@ class MultiEyeSource(Source):
         if not entries:
             raise KdcliError("neither assemble/ nor assemble_oct/ holds list files", path=root)
         records, pairing = self._pair(entries)
+        records += self._unlabeled(root, entries, pairing, notes)
         return Scan(
             records=records,
             classes=list(CLASSES),
@@ -162,6 +171,60 @@ class MultiEyeSource(Source):
                                      path=list_path, hint="restore the image or delete the line")
                 found.append((name, split, label, image))
         return found
+
+    def _unlabeled(self, root: Path, entries: dict[str, list], pairing: str, notes: list[str]) -> list[Record]:
+        """Records of the unlabeled lists (label -1, train split): paired where both lists name an image and the
+        labelled eyes are paired, else one record per modality and image."""
+        pools: dict[str, dict[str, Path]] = {}
+        for modality, (folder, _, _) in LAYOUT.items():
+            if modality not in entries:
+                continue
+            for split in ("dev", "test"):
+                if (root / folder / split / UNLABELED_LIST).is_file():
+                    raise KdcliError(f"an unlabeled list under {split}/", path=root / folder / split / UNLABELED_LIST,
+                                     hint="unlabeled images can only train: move the list to train/")
+            list_path = root / folder / "train" / UNLABELED_LIST
+            if not list_path.is_file():
+                continue
+            labelled = {name for name, *_ in entries[modality]}
+            image_dir = entries[modality][0][3].parent
+            pool: dict[str, Path] = {}
+            extra_columns = False
+            for number, line in enumerate(list_path.read_text(errors="replace").splitlines(), start=1):
+                parts = line.split("\t") if "\t" in line else line.split()
+                if not parts:
+                    continue
+                name = parts[0].strip()
+                extra_columns |= len(parts) > 1
+                if name in labelled:
+                    raise KdcliError(f"line {number}: {name!r} is also labelled", path=list_path,
+                                     hint="an image is labelled or unlabeled, not both: delete one of the lines")
+                image = resolve_image(image_dir, name)
+                if image is None:
+                    raise KdcliError(f"line {number}: listed image {name!r} not found in {image_dir}",
+                                     path=list_path, hint="restore the image or delete the line")
+                pool.setdefault(name, image)
+            if extra_columns:
+                notes.append(f"{list_path}: columns after the image name ignored (unlabeled images have no label)")
+            pools[modality] = pool
+        if not pools:
+            return []
+        both = set(pools.get("fundus", {})) & set(pools.get("oct", {})) if pairing == "paired" else set()
+        records = [Record(id=name, group=name, split="train", label=UNLABELED,
+                          files={m: str(pools[m][name]) for m in ("fundus", "oct")}) for name in sorted(both)]
+        alone = {m: sorted(set(pool) - both) for m, pool in pools.items()}
+        for modality, names in alone.items():
+            records += [Record(id=name if pairing == "paired" else f"{modality}:{name}",
+                               group=name if pairing == "paired" else f"{modality}:{name}", split="train",
+                               label=UNLABELED, files={modality: str(pools[modality][name])}) for name in names]
+        if pairing == "paired" and any(alone.values()):
+            notes.append("unlabeled images listed for one modality only: "
+                         + ", ".join(f"{len(n)} {m}" for m, n in alone.items() if n)
+                         + " (paired methods leave them out)")
+        counts = ", ".join(f"{len(pool)} {m}" for m, pool in pools.items())
+        notes.append(f"unlabeled pool: {counts} images ({len(both)} paired eyes)" if both else
+                     f"unlabeled pool: {counts} images")
+        return records
 
     def _list_path(self, split_dir: Path) -> Path:
         names = (self.options["list_name"],) if self.options.get("list_name") else LIST_NAMES
