@@ -537,7 +537,7 @@ def distill(
     = False,
     unlabeled: Annotated[bool | None, typer.Option("--unlabeled/--no-unlabeled", help="Distil on the training set's "
                                                    "unlabeled samples too (methods that can; default on).")] = None,
-    unlabeled_ratio: Annotated[float | None, typer.Option(min=0.0, help="Unlabeled samples drawn per labelled one "
+    unlabeled_ratio: Annotated[float | None, typer.Option(help="Unlabeled samples drawn per labelled one "
                                                           "(default 1).")] = None,
 ) -> None:
     """Distil a teacher into a single-modality student."""

@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from kdcli import __version__
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, UsageError
 from kdcli.shards.format import (
     DATASET_JSON,
     MANIFEST,
@@ -51,6 +51,14 @@ class PrepareOptions:
     append: bool = False  # add to an existing dataset of the same source (a new task's set)
     part: tuple[int, int] | None = None  # (I, N): write only the I-th of N disjoint shares, for array jobs
     source_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # before the raw folder is read or anything is written
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 8 <= self.size <= 8192:
+            raise UsageError(f"--size {self.size}: the stored image side in pixels, 8 to 8192")
+        if self.workers < 1:
+            raise UsageError(f"--workers {self.workers}: at least 1 process")
+        if self.shard_size < 0:
+            raise UsageError(f"--shard-size {self.shard_size}: 0 (the source's default) or more records")
 
 
 @dataclass

@@ -85,10 +85,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def resolve_config(flags: dict[str, Any], config_file: Path | None = None) -> TrainConfig:
     """Defaults < config file < flags given on the command line (None means 'not given')."""
     merged: dict[str, Any] = {}
+    from_file: set[str] = set()
     if config_file:
         file_values = read_config_file(config_file)
         file_values.update(file_values.pop("engine", {}) or {})
         merged.update(file_values)
+        from_file = set(file_values)
     for key, value in flags.items():
         if value is None:
             continue
@@ -104,26 +106,54 @@ def resolve_config(flags: dict[str, Any], config_file: Path | None = None) -> Tr
     top_values = {k: v for k, v in merged.items() if k in TOP_KEYS}
     if isinstance(top_values.get("teacher"), str):
         top_values["teacher"] = [top_values["teacher"]]
-    engine_fields = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+    def where(key: str) -> str:  # a bad value is named with the file it came from
+        return f" in {config_file}" if key in from_file and key not in flags_given else ""
+
+    flags_given = {k for k, v in flags.items() if v is not None}
+    coerced = {}
+    for key, value in engine_values.items():
+        default = EngineConfig.__dataclass_fields__[key].default
+        try:
+            coerced[key] = _coerce(value, default)
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"{key}: expected {type(default).__name__}, got {value!r}{where(key)}") from None
     try:
-        engine = EngineConfig(**{k: _coerce(v, EngineConfig.__dataclass_fields__[k].default)
-                                 for k, v in engine_values.items()})
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad engine option ({exc}); fields: {', '.join(engine_fields)}") from None
+        engine = EngineConfig(**coerced)
+    except UsageError as exc:
+        key = str(exc).split("=", 1)[0]
+        raise UsageError(f"{exc}{where(key)}") from None
     scalars = {f.name: f.default for f in dataclasses.fields(TrainConfig) if isinstance(f.default, (bool, int, float))}
     for key in set(top_values) & set(scalars):  # `--set concept_scale=10` and quoted config values arrive as text
         try:
             top_values[key] = _coerce(top_values[key], scalars[key])
-        except ValueError:
-            raise UsageError(f"{key}: expected {type(scalars[key]).__name__}, got {top_values[key]!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"{key}: expected {type(scalars[key]).__name__}, got {top_values[key]!r}"
+                             f"{where(key)}") from None
     return TrainConfig(**top_values, engine=engine)
 
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(value: Any, default: Any) -> Any:
+    """A flag, config or --set value as the type of the field's default; ValueError when it is not one (a
+    fractional epoch count or "maybe" for a switch is refused, not rounded or read as false)."""
     if isinstance(default, bool):
-        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-    if isinstance(default, (int, float)) and isinstance(value, str):
-        return type(default)(float(value)) if isinstance(default, int) else float(value)
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in TRUE + FALSE:
+            raise ValueError(value)
+        return text in TRUE
+    if isinstance(default, int):
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
+            raise ValueError(value)
+        return int(number)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(value)
+        return float(value)
     return value
 
 

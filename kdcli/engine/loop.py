@@ -57,10 +57,33 @@ class EngineConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{name}={getattr(self, name)!r}: use {', '.join(allowed)}")
+        for name, (low, high, closed, rule) in RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UsageError(f"{name}={value!r}: {rule}")
+            if value < low or (high is not None and (value > high if closed else value >= high)):
+                raise UsageError(f"{name}={value!r}: {rule}")
 
 
 CHOICES = {"amp": ("auto", "off", "bf16", "fp16"), "channels_last": ("auto", "on", "off"),
            "deterministic": ("auto", "on", "off"), "schedule": ("cosine", "poly", "constant")}
+_TINY = math.ulp(0.0)  # the smallest float above zero: "greater than zero"
+# name -> (lowest allowed, highest or None, highest allowed itself?, what to say)
+RANGES = {
+    "epochs": (1, None, True, "at least 1 (0 would write an untrained checkpoint)"),
+    "batch_size": (1, None, True, "at least 1"),
+    "lr": (_TINY, None, True, "a learning rate above 0"),
+    "weight_decay": (0, None, True, "0 or more"),
+    "warmup_epochs": (0, None, True, "0 or more"),
+    "min_lr": (0, None, True, "0 or more"),
+    "workers": (0, None, True, "0 or more worker processes"),
+    "grad_clip": (0, None, True, "0 (off) or a norm above 0"),
+    "accumulate": (1, None, True, "at least 1 step"),
+    "ema": (0, 1, False, "a decay in [0, 1): 0 is off, 0.999 typical"),
+    "patience": (0, None, True, "0 (off) or more epochs"),
+    "samples_per_epoch": (0, None, True, "0 (the training set's size) or more"),
+    "unlabeled_ratio": (0, None, True, "0 or more unlabeled samples per labelled one"),
+}
 
 
 @dataclass
