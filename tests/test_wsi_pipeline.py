@@ -82,6 +82,13 @@ def test_bidirectional_student_starts_as_its_teacher_and_routes_by_presence(wsi)
         from_teacher, from_student = teacher(batch), student(batch)
     assert torch.allclose(from_student["logits_mm"], from_teacher["logits_mm"], atol=1e-5)
     assert torch.allclose(from_student["logits_sm"].softmax(-1).sum(-1), torch.ones(2))
+    # a phantom teacher pools nearly uniformly: only a WSI-only branch of its own makes the alignment a term
+    method = Bidirectional(BidirectionalParams(), student).eval()
+    terms = method(batch)
+    assert (from_student["h_mm"] - from_student["h_sm"]).abs().max() > 1e-3 and terms["align"] > 1e-2
+    terms["align"].backward()
+    gradient = torch.stack([p.grad.norm() for p in student.pool["mm"].parameters()]).norm()
+    assert gradient > 1e-4
     batch["clinical_present"] = torch.tensor([True, False])
     with torch.no_grad():
         routed = student(batch)

@@ -16,24 +16,22 @@ At test each slide goes to z_mm when its clinical record is present and to z_sm 
 The student starts from the multi-modal teacher (`--teacher mm.pt`); the teacher itself is not used afterwards.
     shared patch encoder, clinical MLP, the multi-modal WSI pooling and the fusion head: copied, so the
         multi-modal branch starts as the teacher (its logits are the teacher's)
-    WSI-only pooling: its patch projection (Linear -> ReLU, the coordinates h_w lives in) copied from the
-        multi-modal one; its gated attention (value, gate, score) freshly initialised (seeded by --seed)
-    WSI-only head: the fusion head's WSI columns and bias, so z_sm starts as the teacher's WSI evidence read
-        through the WSI-only branch's own pooling (the clinical columns dropped: there is no record to read)
-Why: until issue 13 the WSI-only pooling was a copy of the multi-modal one (and its head a random init) while
-the encoder is shared, so h_w^sm == h_w^mm at the start (|delta|max 0, align 0, its gradient ~1e-7: 1 - cos is
-flat at equal vectors) and the sm -> mm term aligned the multi-modal branch to itself; the align logged in
-training (~0.04 on the phantoms) was mostly the two branches' different dropout masks (0.029 in train mode at the
-start, 0 in eval mode). A fresh attention makes the WSI-only branch choose its own patches (what matters when no
-clinical record can help) from the first step, while the copied projection and head columns keep h_w^sm in the
-teacher's coordinates and z_sm sensible, so the alignment pulls h_w^mm toward a different but meaningful vector.
-How different grows with how peaked the teacher's attention is (a fresh attention pools nearly uniformly): on
-the phantoms, whose teachers barely peak, the eval-mode align starts at 1e-5 to 2e-3 with a gradient of 0.02 to
-0.2 on the multi-modal branch. A wholly fresh WSI-only pooling (align ~0.5 at the start) would instead pull the
-trained multi-modal branch toward untrained features for the first epochs, and leave no sensible start for z_sm.
-No extra per-branch projection layer: each branch already has its own projection inside its pooling, and a
-Linear before it would compose with that Linear into one linear map, adding F^2 weights and a spec key for
-nothing but a different starting point. Checkpoints keep the same layout; only a new student's start changed.
+    WSI-only pooling (its own patch projection and gated attention) and head: freshly initialised, seeded by --seed
+Why: until issue 13 the WSI-only pooling was a copy of the multi-modal one while the encoder is shared, so
+h_w^sm == h_w^mm at the start (|delta|max 0, align 0, its gradient ~1e-7: 1 - cos is flat at equal vectors) and the
+sm -> mm term aligned the multi-modal branch to itself; the align logged in training (~0.04 on the phantoms) was
+mostly the two branches' different dropout masks (0.029 in train mode at the start, 0 in eval mode). The WSI-only
+branch's features have to be its own, learned from the slide alone, for the alignment to pass anything on.
+Rejected: copying the projection and the fusion head's WSI columns and only re-initialising the attention (so
+z_sm would start sensible): a fresh attention pools nearly uniformly, and so do the phantom teachers (largest
+weight 1.007x uniform), so h_sm stayed equal to h_mm (align 1e-7, |delta|max 4e-4 on the demo's teacher). Starting
+the WSI-only head from the fusion head's WSI columns is rejected with it: those columns read h_w^mm's coordinates,
+and on a fresh pooling's features they are as arbitrary as a fresh head. The cost: at the first step the alignment
+dominates the multi-modal branch (align 0.65, its gradient on that pooling 15x that of CE(z_mm) on the demo's
+teacher), pulling it toward features still being learned; `-p align_weight=` damps that.
+No extra per-branch projection layer: each branch already has its own projection inside its pooling, and a Linear
+before it would compose with that Linear into one linear map. Checkpoints keep the same layout; only a new
+student's start changed.
 """
 
 from __future__ import annotations
@@ -72,16 +70,11 @@ class Bidirectional(Method):
 
         if teacher.spec.get("arch") != "mil" or "mm" not in teacher.spec["branches"]:
             raise UsageError("--method bidirectional needs a WSI + clinical teacher (teach --modality wsi,clinical)")
-        # every layer freshly initialised first (seeded by the caller), then the teacher's parts copied over
+        # every layer freshly initialised (seeded by the caller), then the teacher's parts copied over
         student = MILClassifier({**teacher.spec, "branches": ["mm", "sm"]})
-        own = ("pool.sm.", "head_sm.")  # the WSI-only branch is initialised below whatever the teacher holds
+        own = ("pool.sm.", "head_sm.")  # the WSI-only branch stays fresh, whatever the teacher holds
         student.load_state_dict({k: v for k, v in teacher.state_dict().items() if not k.startswith(own)},
                                 strict=False)
-        student.pool["sm"].project.load_state_dict(teacher.pool["mm"].project.state_dict())
-        hidden = teacher.spec["hidden"]  # head_mm reads cat([h_w^mm, h_c]): its first `hidden` columns are WSI
-        with torch.no_grad():
-            student.head_sm.weight.copy_(teacher.head_mm.weight[:, :hidden])
-            student.head_sm.bias.copy_(teacher.head_mm.bias)
         return student
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

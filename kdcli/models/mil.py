@@ -8,7 +8,7 @@
                     (Linear -> ReLU, the space h_w lives in) and its own attention. No further per-branch layer
                     between encoder and pooling: a Linear there would compose with the projection's Linear into
                     one linear map. What makes the branches differ is how a student is initialised
-                    (Bidirectional.make_student: the WSI-only attention fresh, not copied)
+                    (Bidirectional.make_student: the WSI-only pooling fresh, not copied)
     clinical MLP    [values * observed, observed] -> h_c: a missing value is zero with its indicator at zero
     heads           fusion [h_w^mm, h_c] -> z_mm; WSI-only h_w^sm -> z_sm
 
