@@ -591,6 +591,9 @@ def evaluate(
     = None,
     missing_rate: Annotated[str | None, typer.Option(help="Slides: fractions of test patients whose clinical "
                                                           "record is withheld, e.g. 0,0.2,0.4,0.6,0.8.")] = None,
+    bag_size: Annotated[int | None, typer.Option(help="Slides: patches per evaluation bag, the slide's score the "
+                                                      "mean over its bags (default: the training bag size; 0: "
+                                                      "every patch in one bag).")] = None,
     device: Device = None,
 ) -> None:
     """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1; for segmentation
@@ -599,7 +602,7 @@ def evaluate(
     from kdcli.evaluate.run import evaluate as run_evaluate
 
     report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
-                                          missing=missing, missing_rate=missing_rate))
+                                          missing=missing, missing_rate=missing_rate, bag_size=bag_size))
     _print_metrics(report, to_stderr=as_json)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -26,7 +26,7 @@ from kdcli.models.mil import MILClassifier, mil_spec
 from kdcli.shards.reader import ShardStore
 from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict, load_model
 
-BAG_SIZE = 16  # patches drawn per slide and epoch in training
+BAG_SIZE = 16  # patches drawn per slide and epoch in training; evaluation scores bags of the same size
 EMBEDDINGS = "embeddings"  # folder inside the shard directory
 
 
@@ -117,35 +117,58 @@ def branches_for(modality: str, store: ShardStore) -> list[str]:
 
 @torch.no_grad()
 def predict_bags(model: torch.nn.Module, view, device: torch.device, dtype: torch.dtype | None = None,
-                 keep_attention: bool = False) -> dict[str, Any]:
-    """Slide probabilities (routed logits) and labels, and the attention used; every slide's whole bag."""
-    from kdcli.data.bags import collate_bags
+                 keep_attention: bool = False, bag_size: int | None = None) -> dict[str, Any]:
+    """Slide probabilities (routed logits) and labels, and the attention used.
+
+    bag_size k (what training and `kdcli evaluate` use: the training bag size): the slide's patches cut into
+    disjoint bags of at most k (`eval_bags`, the same for every model and run), the slide's probability the mean
+    of its bags' (BALNMP's "WSI score = mean over bags"); attention is then each patch's weight in its own bag.
+    bag_size None or 0: every patch of the slide in one attention pooling (the protocol before issue 13)."""
+    from kdcli.data.bags import collate_bags, eval_bags
 
     model.eval()
     out: dict[str, list] = {"probs": [], "labels": [], "attention": []}
     for i in range(len(view)):
-        batch = to_device(collate_bags([view[i]]), device, False)
+        item = view[i]
+        if bag_size:
+            bags = eval_bags(len(item["bag_mask"]), bag_size, view.records[i])
+            batch = collate_bags([bag_item(item, chosen) for chosen in bags])
+        else:
+            batch = collate_bags([item])
+        batch = to_device(batch, device, False)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             result = model(batch)
-        out["probs"].append(result["logits"].float().softmax(-1).cpu().numpy()[0])
+        out["probs"].append(result["logits"].float().softmax(-1).mean(0).cpu().numpy())
         out["labels"].append(int(batch["label"][0]))
         if keep_attention:
             key = "attention_sm" if "attention_sm" in result and not bool(batch["clinical_present"][0]) \
                 else next(k for k in ("attention_mm", "attention_sm") if k in result)
-            out["attention"].append(result[key].float().cpu().numpy()[0])
+            attention = result[key].float().cpu().numpy()
+            if bag_size:  # back to the slide's patch order
+                weights = np.zeros(len(item["bag_mask"]), np.float32)
+                for row, chosen in enumerate(bags):
+                    weights[chosen] = attention[row, :len(chosen)]
+                attention = weights[None]
+            out["attention"].append(attention[0])
     return {"probs": np.stack(out["probs"]), "labels": np.array(out["labels"]), "attention": out["attention"]}
+
+
+def bag_item(item: dict, chosen: np.ndarray) -> dict:
+    """The item restricted to the patches `chosen` (per-patch tensors indexed, the slide's fields kept)."""
+    index = torch.from_numpy(chosen)
+    return {k: (v[index] if k in ("patches", "features", "bag_mask") else v) for k, v in item.items()}
 
 
 def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate:
     from kdcli.evaluate.metrics import classification_metrics
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
-        predicted = predict_bags(model, dev_view, device, dtype)
+        predicted = predict_bags(model, dev_view, device, dtype, bag_size=BAG_SIZE)
         metrics = classification_metrics(predicted["labels"], predicted["probs"], classes)
         if dev_view.has_clinical:  # every dev record withheld: how the model does without clinical data
             dev_view.hide_clinical = set(dev_view.records)
             try:
-                without = predict_bags(model, dev_view, device, dtype)
+                without = predict_bags(model, dev_view, device, dtype, bag_size=BAG_SIZE)
             finally:
                 dev_view.hide_clinical = set()
             metrics["auc_without_clinical"] = classification_metrics(without["labels"], without["probs"],
@@ -164,7 +187,7 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: MILClassifier, kind: str, 
         "kdcli_version": __version__, "kind": kind, "task": "mil", "model": model.spec,
         "modality": cfg.modality, "classes": store.meta.classes, "label_task": None, "tasks": None,
         "size": store.meta.modalities["wsi"]["shape"][0], "method": cfg.method,
-        "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg),
+        "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg), "bag_size": BAG_SIZE,
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

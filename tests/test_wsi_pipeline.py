@@ -1,12 +1,13 @@
 """Slides + clinical records end to end through the CLI on tiny phantoms: synth camelyon -> prepare -> teach
-(WSI only; WSI + clinical) -> distill --method bidirectional -> evaluate --missing-rate; and the routing,
-padding and nesting rules the sweep relies on."""
+(WSI only; WSI + clinical) -> distill --method bidirectional -> evaluate --missing-rate; the routing,
+padding and nesting rules the sweep relies on; and the bags training and evaluation share."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -81,6 +82,13 @@ def test_bidirectional_student_starts_as_its_teacher_and_routes_by_presence(wsi)
         from_teacher, from_student = teacher(batch), student(batch)
     assert torch.allclose(from_student["logits_mm"], from_teacher["logits_mm"], atol=1e-5)
     assert torch.allclose(from_student["logits_sm"].softmax(-1).sum(-1), torch.ones(2))
+    # a phantom teacher pools nearly uniformly: only a WSI-only branch of its own makes the alignment a term
+    method = Bidirectional(BidirectionalParams(), student).eval()
+    terms = method(batch)
+    assert (from_student["h_mm"] - from_student["h_sm"]).abs().max() > 1e-3 and terms["align"] > 1e-2
+    terms["align"].backward()
+    gradient = torch.stack([p.grad.norm() for p in student.pool["mm"].parameters()]).norm()
+    assert gradient > 1e-4
     batch["clinical_present"] = torch.tensor([True, False])
     with torch.no_grad():
         routed = student(batch)
@@ -166,3 +174,38 @@ def test_embed_caches_patch_features_and_mil_trains_on_them(wsi, tmp_path):
     path.unlink()
     result = runner.invoke(app, ["evaluate", str(out), "--data", str(wsi["shards"]), "--json"])
     assert result.exit_code != 0 and "kdcli embed" in result.output
+
+
+def test_training_and_evaluation_bags_agree(wsi):
+    from kdcli.data.bags import BagView, collate_bags
+    from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.mil import BAG_SIZE, predict_bags
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import load_model
+
+    store = ShardStore(wsi["shards"])
+    train = BagView(store, "train", BAG_SIZE, seed=3)
+    every = BagView(store, "train")
+    for i in range(len(train)):
+        count = len(train.members[i][1])
+        drawn = train.patch_indices(i)
+        assert len(set(drawn.tolist())) == len(drawn) == min(count, BAG_SIZE)  # distinct patches, no duplicates
+    assert all(len(members[1]) <= BAG_SIZE for members in train.members)  # the phantom's slides: one bag each
+    model = load_model(load_checkpoint(wsi["bd"]))
+    predicted = predict_bags(model, every, torch.device("cpu"), bag_size=BAG_SIZE)
+    for epoch in (0, 5):  # a slide of at most BAG_SIZE patches is scored on the very bag it trains on
+        train.set_epoch(epoch)
+        with torch.no_grad():
+            probs = [model(collate_bags([train[i]]))["logits"].softmax(-1)[0].numpy() for i in range(len(train))]
+        assert torch.allclose(torch.from_numpy(predicted["probs"]), torch.tensor(np.stack(probs)), atol=1e-5)
+    again = predict_bags(model, BagView(store, "train", seed=9), torch.device("cpu"), bag_size=BAG_SIZE)
+    assert (again["probs"] == predicted["probs"]).all()  # deterministic, whatever the view's seed
+
+
+def test_evaluate_scores_the_training_bag_size_unless_told(wsi):
+    report = json.loads(ok(["evaluate", wsi["bd"], "--data", wsi["shards"], "--json"]).stdout)
+    assert report["bag_size"] == 16
+    whole = json.loads(ok(["evaluate", wsi["bd"], "--data", wsi["shards"], "--bag-size", "0", "--json"]).stdout)
+    assert whole["bag_size"] == 0 and whole["metrics"]["n"] == report["metrics"]["n"]
+    result = runner.invoke(app, ["evaluate", str(wsi["bd"]), "--data", str(wsi["shards"]), "--bag-size", "-1"])
+    assert result.exit_code != 0 and "--bag-size" in result.output and len(result.output.strip().splitlines()) == 1

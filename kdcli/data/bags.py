@@ -4,9 +4,15 @@ Items: {"patches": uint8 (K, C, H, W), "bag_mask": bool (K,) (False = padding), 
 "clinical_mask": float32 (D,) (1 = observed), "clinical_present": bool, "label", "index", "teacher_index"}.
 With `embeddings` (a file from `kdcli embed`), items carry "features" (K, F) float32, the cached patch
 embeddings, instead of pixels ("patches" too when `with_patches`, for pictures).
-In training, `bag_size` patches are drawn per slide and epoch (with replacement when a slide has fewer), seeded
-per (seed, epoch, slide) and flipped/rotated by 90 degrees (patches have no orientation); evaluation takes every
-patch in order. `collate_bags` pads bags to the batch's largest.
+In training, `bag_size` distinct patches are drawn per slide and epoch (a slide with fewer gives each of its
+patches once), seeded per (seed, epoch, slide) and flipped/rotated by 90 degrees (patches have no orientation);
+without `bag_size` an item is every patch in order. Evaluation (`kdcli.mil.predict_bags`) cuts each slide into
+`eval_bags`: disjoint bags of at most the training bag size, seeded by the slide's id, the slide's score the mean
+over its bags (BALNMP's protocol), so a model is scored on bags like those it learned from, the same bags for
+every model and run; a slide of at most bag_size patches is then one bag, the very bag it trains on.
+Until issue 13 training drew with replacement (16 draws from a 6-patch slide: random duplicates, each doubling a
+patch's attention weight, a reweighting evaluation never made) and evaluation pooled every patch at once.
+`collate_bags` pads bags to the batch's largest.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 from kdcli.data.epoch import SharedEpoch
 from kdcli.errors import KdcliError
 from kdcli.shards.reader import ShardStore
+from kdcli.sources.splits import stable_seed
 
 
 class BagView(SharedEpoch, Dataset):
@@ -67,7 +74,7 @@ class BagView(SharedEpoch, Dataset):
         if not self.bag_size:
             return np.arange(count)
         rng = np.random.default_rng((self.seed, self.epoch, i))
-        return rng.choice(count, size=self.bag_size, replace=count < self.bag_size)
+        return rng.choice(count, size=min(count, self.bag_size), replace=False)
 
     def features(self, i: int, chosen: np.ndarray) -> np.ndarray:
         import h5py
@@ -120,6 +127,13 @@ def collate_bags(items: list[dict]) -> dict:
                     value = item[key]
                     item[key] = torch.cat([value, value.new_zeros((missing, *value.shape[1:]))])
     return default_collate(items)
+
+
+def eval_bags(count: int, bag_size: int, record: str) -> list[np.ndarray]:
+    """A slide's `count` patches cut into ceil(count / bag_size) disjoint bags of near-equal size (at most
+    bag_size), in an order seeded by the slide's id alone: every model, epoch and run scores the same bags."""
+    order = np.random.default_rng(stable_seed("eval-bags", record)).permutation(count)
+    return [np.sort(part) for part in np.array_split(order, max(1, -(-count // bag_size)))]
 
 
 def embedding_rows(path: Path) -> dict[str, int]:

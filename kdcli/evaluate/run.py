@@ -38,6 +38,7 @@ class EvaluateOptions:
     workers: int = 0
     missing: str | None = None  # segmentation: "all" or "t1ce+flair,t2", sequences zero-filled
     missing_rate: str | None = None  # slides: "0,0.2,0.4" fractions of test patients without clinical record
+    bag_size: int | None = None  # slides: patches per evaluation bag (None: the training bag size; 0: whole slide)
 
 
 def label_tasks(meta: dict[str, Any]) -> list[str]:
@@ -135,9 +136,11 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         from kdcli.evaluate.slides import evaluate_slides
 
         return evaluate_slides(options.checkpoint, options.data, options.split, options.missing_rate,
-                               options.device)
+                               options.device, bag_size=options.bag_size)
     if options.missing_rate:
         raise UsageError("--missing-rate applies to slide checkpoints (clinical records withheld)")
+    if options.bag_size is not None:
+        raise UsageError("--bag-size applies to slide checkpoints (patches per evaluation bag)")
     if options.missing:
         raise UsageError("--missing applies to segmentation checkpoints (sequence subsets)")
     check_predictions_path(options.predictions)

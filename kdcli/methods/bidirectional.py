@@ -12,13 +12,30 @@ No code was released; these are the losses we chose, each weight a parameter:
     clinical_dropout hides whole clinical records during training (0 by default: the paper trains on complete
     pairs and meets missing records only at test).
 At test each slide goes to z_mm when its clinical record is present and to z_sm when it is not.
-The student starts from the multi-modal teacher (`--teacher mm.pt`): encoder, clinical MLP and fusion head
-copied, the WSI-only attention copied from the multi-modal one; the teacher itself is not used afterwards.
+
+The student starts from the multi-modal teacher (`--teacher mm.pt`); the teacher itself is not used afterwards.
+    shared patch encoder, clinical MLP, the multi-modal WSI pooling and the fusion head: copied, so the
+        multi-modal branch starts as the teacher (its logits are the teacher's)
+    WSI-only pooling (its own patch projection and gated attention) and head: freshly initialised, seeded by --seed
+Why: until issue 13 the WSI-only pooling was a copy of the multi-modal one while the encoder is shared, so
+h_w^sm == h_w^mm at the start (|delta|max 0, align 0, its gradient ~1e-7: 1 - cos is flat at equal vectors) and the
+sm -> mm term aligned the multi-modal branch to itself; the align logged in training (~0.04 on the phantoms) was
+mostly the two branches' different dropout masks (0.029 in train mode at the start, 0 in eval mode). The WSI-only
+branch's features have to be its own, learned from the slide alone, for the alignment to pass anything on.
+Rejected: copying the projection and the fusion head's WSI columns and only re-initialising the attention (so
+z_sm would start sensible): a fresh attention pools nearly uniformly, and so do the phantom teachers (largest
+weight 1.007x uniform), so h_sm stayed equal to h_mm (align 1e-7, |delta|max 4e-4 on the demo's teacher). Starting
+the WSI-only head from the fusion head's WSI columns is rejected with it: those columns read h_w^mm's coordinates,
+and on a fresh pooling's features they are as arbitrary as a fresh head. The cost: at the first step the alignment
+dominates the multi-modal branch (align 0.65, its gradient on that pooling 15x that of CE(z_mm) on the demo's
+teacher), pulling it toward features still being learned; `-p align_weight=` damps that.
+No extra per-branch projection layer: each branch already has its own projection inside its pooling, and a Linear
+before it would compose with that Linear into one linear map. Checkpoints keep the same layout; only a new
+student's start changed.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -53,9 +70,11 @@ class Bidirectional(Method):
 
         if teacher.spec.get("arch") != "mil" or "mm" not in teacher.spec["branches"]:
             raise UsageError("--method bidirectional needs a WSI + clinical teacher (teach --modality wsi,clinical)")
+        # every layer freshly initialised (seeded by the caller), then the teacher's parts copied over
         student = MILClassifier({**teacher.spec, "branches": ["mm", "sm"]})
-        student.load_state_dict(teacher.state_dict(), strict=False)
-        student.pool["sm"].load_state_dict(copy.deepcopy(teacher.pool["mm"].state_dict()))
+        own = ("pool.sm.", "head_sm.")  # the WSI-only branch stays fresh, whatever the teacher holds
+        student.load_state_dict({k: v for k, v in teacher.state_dict().items() if not k.startswith(own)},
+                                strict=False)
         return student
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

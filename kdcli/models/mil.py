@@ -1,9 +1,14 @@
 """Attention MIL over slide patches, with a clinical branch: the models of WSI + clinical ALN prediction.
 
-    patch encoder   timm backbone (normalisation inside), shared by both branches; or none, when the model reads
-                    patch embeddings cached by `kdcli embed` (spec["embeddings"])
+    patch encoder   timm backbone (normalisation inside), shared by both branches (one encoder pass per patch: a
+                    second encoder would double every step's cost); or none, when the model reads patch
+                    embeddings cached by `kdcli embed` (spec["embeddings"])
     WSI branches    gated attention pooling (Ilse et al. 2018) -> h_w; one per branch: "mm" (the multi-modal
-                    branch's WSI features) and "sm" (the WSI-only branch's)
+                    branch's WSI features) and "sm" (the WSI-only branch's), each with its own patch projection
+                    (Linear -> ReLU, the space h_w lives in) and its own attention. No further per-branch layer
+                    between encoder and pooling: a Linear there would compose with the projection's Linear into
+                    one linear map. What makes the branches differ is how a student is initialised
+                    (Bidirectional.make_student: the WSI-only pooling fresh, not copied)
     clinical MLP    [values * observed, observed] -> h_c: a missing value is zero with its indicator at zero
     heads           fusion [h_w^mm, h_c] -> z_mm; WSI-only h_w^sm -> z_sm
 
