@@ -462,7 +462,7 @@ def _oct(rng: np.random.Generator, act: np.ndarray, focus: float, s: int) -> np.
         ped = _bumps(x, np.array([lesion_x]), rng.uniform(0.06, 0.1, 1), np.array([0.13 * act[_PED]]))
     srf = np.zeros(s, np.float32)  # neuroretina lifted off the RPE (subretinal fluid)
     if act[_SRF] > 0.02:
-        srf = _bumps(x, lesion_x + rng.normal(0, 0.03, 1), rng.uniform(0.1, 0.16, 1), np.array([0.13 * act[_SRF]]))
+        srf = _bumps(x, lesion_x + rng.normal(0, 0.03, 1), rng.uniform(0.1, 0.16, 1), np.array([0.18 * act[_SRF]]))
     blood = np.zeros(s, np.float32)  # subretinal haemorrhage beside the CNV
     if act[_SUB_HAEM] > 0.02:
         beside = lesion_x + rng.choice([-1, 1]) * rng.uniform(0.1, 0.15, 1)
@@ -519,7 +519,7 @@ def _oct(rng: np.random.Generator, act: np.ndarray, focus: float, s: int) -> np.
     if act[_CNV] > 0.02:  # hyperreflective CNV mass sitting on the RPE
         j = min(max(int(lesion_x * s), 0), s - 1)
         ctr = fx([x[j] * s, (rpe[j] - 0.02) * s])
-        ax = fx([(0.02 + 0.08 * act[_CNV]) * s, (0.01 + 0.035 * act[_CNV]) * s])
+        ax = fx([(0.03 + 0.1 * act[_CNV]) * s, (0.015 + 0.045 * act[_CNV]) * s])
         cv2.ellipse(bright, ctr, ax, float(rng.uniform(-15, 15)), 0, 360, 255, -1, cv2.LINE_AA, 4)
     img = np.maximum(img, 0.85 * bright.astype(np.float32) / 255)
     img = img * rng.uniform(0.8, 1.2) * rng.gamma(4.0, 1 / 4.0, (s, s)).astype(np.float32)  # speckle
