@@ -99,7 +99,7 @@ NEIGHBOUR_SHARE = 0.7  # how often the secondary disease is one of the primary's
 MIX_BETA = 5.0  # secondary share m ~ Beta(1, MIX_BETA)
 FLIP_MARGIN = 0.2  # M0: label flips fall off as exp(-margin / M0)
 FLIP_CAP = 0.5  # no label is flipped more often than kept
-FUNDUS_GAIN = 1.3  # fundus visibility of a concept at full activation (OCT: 1)
+FUNDUS_GAIN = 1.3  # fundus alpha per unit of activation (each lesion type scales it further): faint
 OCT_KNEE = 0.25  # OCT draws a concept at (1 + knee) a / (a + knee): concave, a quarter load is already 5/8
 # Clinical neighbours of each disease (the continua raters confuse): two per class index 1..8.
 NEIGHBOURS = np.array([[0, 0], [8, 2], [8, 1], [7, 5], [6, 1], [3, 7], [4, 1], [3, 5], [1, 2]])
