@@ -92,15 +92,33 @@ def run_synth(name: str, out: Path, **options: Any) -> dict:
 @command(synth_app, "multieye")
 def synth_multieye(
     out: Annotated[Path, typer.Argument(help="Folder to write (MultiEYE layout: assemble/, assemble_oct/).")],
-    per_class: Annotated[int, typer.Option(help="Images per class and modality, all splits together.")] = 20,
+    per_class: Annotated[int, typer.Option(help="Images per class and modality, all splits together (without "
+                                                "the splits --test-per-class / --dev-per-class fill).")] = 20,
     size: SynthSize = 128,
     seed: SynthSeed = 0,
-    paired: Annotated[bool, typer.Option(help="Same eyes in both modalities (for --method kd).")] = False,
+    paired: Annotated[bool, typer.Option(help="Same eyes in both modalities (for --method kd): each eye's "
+                                              "fundus and OCT render one latent.")] = False,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING labels flipped to the eye's confusable "
+        "neighbour class, borderline eyes most often; dev/test stay clean; flips listed in label_noise.csv.",
+    )] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: each fundus image renders a latent of "
+                                                   "its own; fundus and OCT of an eye share only the class.")]
+    = False,
+    test_per_class: Annotated[int, typer.Option(help="Test images per class from a case pool of their own, "
+                                                     "the same whatever --per-class is (0: 20% of it).")] = 0,
+    dev_per_class: Annotated[int, typer.Option(help="Dev images per class from a case pool of their own "
+                                                    "(0: 20% of --per-class, 25% with --test-per-class).")] = 0,
     workers: SynthWorkers = 1,
 ) -> None:
-    """MultiEYE phantoms: OCT shows each class's concepts clearly, fundus only faintly."""
-    summary = run_synth("multieye", out, per_class=per_class, size=size, seed=seed, paired=paired, workers=workers)
-    err(f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}")
+    """MultiEYE phantoms: one latent per eye (severity, subtype mix, lesion position) rendered clearly in OCT and
+    faintly in fundus; concept_embeddings.npy beside the data is for --concept-embeddings."""
+    summary = run_synth("multieye", out, per_class=per_class, size=size, seed=seed, paired=paired,
+                        label_noise=label_noise, independent=independent, test_per_class=test_per_class,
+                        dev_per_class=dev_per_class, workers=workers)
+    flipped = sum(summary["flipped"].values())
+    err(f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}"
+        + (f" (labels of {flipped} training images flipped, see {out / 'label_noise.csv'})" if label_noise else ""))
 
 
 @command(synth_app, "fundus-grading")

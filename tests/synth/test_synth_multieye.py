@@ -1,5 +1,6 @@
-"""The MultiEYE phantom: official on-disk layout, real-download quirks, determinism, and a class
-signal that is strong in OCT and faint (but present) in fundus."""
+"""The MultiEYE phantom: official on-disk layout, real-download quirks, determinism, a class signal that is
+strong in OCT and faint (but present) in fundus, one latent per eye shared by its modalities (not under
+--independent), boundary-biased training-only label noise, a fixed test pool and the concept embeddings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from kdcli.synth.multieye import CLASSES, LAYOUT, LIST_NAME, SPLITS, synth_multieye
+from kdcli.synth.multieye import CLASSES, LAYOUT, LIST_NAME, SPLITS, Latent, synth_multieye
 
 SMALL = {"per_class": 3, "size": 32, "seed": 0}
 
@@ -209,3 +210,189 @@ def test_impossible_arguments_are_a_usage_error_through_the_cli(tmp_path):
         result = CliRunner().invoke(app, ["synth", *args])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert not (tmp_path / args[1]).exists()
+
+
+# ---------------------------------------------------------------- the shared latent, label noise, pools
+
+
+def _latent_rows(info: dict, modality: str) -> dict[str, dict]:
+    return {im["name"]: im for im in info["images"] if im["modality"] == modality}
+
+
+def _neighbour_and_margin(latent: Latent) -> tuple[int, float]:
+    order = np.argsort(-latent.scores(), kind="stable")
+    top = np.log(latent.scores()[order[:2]])
+    return int(order[1]), float(top[0] - top[1])
+
+
+def test_label_is_the_thresholded_score_of_the_latent_and_borderline_eyes_exist(small: tuple[Path, dict]) -> None:
+    _, info = small
+    margins = []
+    for im in info["images"]:
+        scores = im["latent"].scores()
+        assert int(np.argmax(scores)) == im["clean_label"] == im["label"]  # no label noise by default
+        margins.append(_neighbour_and_margin(im["latent"])[1])
+        assert (im["clean_label"] == 0) == (im["latent"].severity < 0.15)
+    assert min(margins) < 0.3 < max(margins)
+
+
+def _fundus_predicts_oct_severity(tmp_path: Path, independent: bool) -> float:
+    """Held-out correlation between a ridge read-out of fundus thumbnails and the OCT image's latent severity,
+    both centred within class: how much a paired eye's fundus photo says about its B-scan beyond the label."""
+    info = synth_multieye(tmp_path, per_class=30, size=32, seed=0, paired=True, independent=independent,
+                          fundus_signal=3.0)
+    oct_severity = {name: im["latent"].severity for name, im in _latent_rows(info, "oct").items()}
+    x, y = _load(tmp_path, "fundus", SPLITS)
+    names = [name for split in SPLITS for name, _ in _lists(tmp_path, "fundus")[split]]
+    target = np.array([oct_severity[name] for name in names])
+    for c in range(len(CLASSES)):
+        x[y == c] -= x[y == c].mean(0)
+        target[y == c] -= target[y == c].mean()
+    order = np.random.default_rng(0).permutation(len(target))
+    fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+    sd = x[fit].std(0) + 1e-3
+    xf, xh = x[fit] / sd, x[held] / sd
+    w = np.linalg.solve(xf.T @ xf + 0.1 * len(fit) * np.eye(x.shape[1]), xf.T @ target[fit])
+    return float(np.corrcoef(xh @ w, target[held])[0, 1])
+
+
+def test_paired_eyes_render_one_latent_unless_independent(tmp_path: Path) -> None:
+    shared = synth_multieye(tmp_path / "shared", **SMALL, paired=True)
+    control = synth_multieye(tmp_path / "control", **SMALL, paired=True, independent=True)
+    for info in (shared, control):
+        fundus, oct_ = _latent_rows(info, "fundus"), _latent_rows(info, "oct")
+        assert fundus.keys() == oct_.keys()
+        for name, im in fundus.items():
+            assert im["clean_label"] == oct_[name]["clean_label"] == int(np.argmax(im["latent"].scores()))
+            if info is shared:
+                assert im["latent"] == oct_[name]["latent"], name
+            else:  # a latent of its own, of the same class
+                assert im["latent"].severity != oct_[name]["latent"].severity, name
+    # The control changes the fundus images only: OCT byte-identical, every fundus photo redrawn.
+    for name in _latent_rows(shared, "oct"):
+        assert (_image_path(tmp_path / "shared", "oct", name).read_bytes()
+                == _image_path(tmp_path / "control", "oct", name).read_bytes())
+        assert (_image_path(tmp_path / "shared", "fundus", name).read_bytes()
+                != _image_path(tmp_path / "control", "fundus", name).read_bytes())
+    # Unpaired: each modality's eyes are cases of their own.
+    info = synth_multieye(tmp_path / "unpaired", **SMALL)
+    assert not _latent_rows(info, "fundus").keys() & _latent_rows(info, "oct").keys()
+
+
+def test_paired_fundus_pixels_carry_the_oct_latent_beyond_the_class(tmp_path: Path) -> None:
+    shared = _fundus_predicts_oct_severity(tmp_path / "shared", independent=False)
+    control = _fundus_predicts_oct_severity(tmp_path / "control", independent=True)
+    assert shared > 0.35, shared
+    assert abs(control) < 0.2, control
+
+
+def _read_noise_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_label_noise_flips_training_labels_to_the_confusable_neighbour(tmp_path: Path) -> None:
+    rho = 0.2
+    info = synth_multieye(tmp_path, per_class=60, size=16, seed=0, label_noise=rho)
+    flips = {(row["name"], row["modality"]): row for row in _read_noise_csv(tmp_path / "label_noise.csv")}
+    low, high = [], []  # flipped or not, by margin
+    for mod in ("fundus", "oct"):
+        rows = _latent_rows(info, mod)
+        lists = _lists(tmp_path, mod)
+        for split in SPLITS:
+            for name, listed in lists[split]:
+                im = rows[name]
+                assert listed == im["label"]  # the lists carry what the raters wrote
+                if split != "train":
+                    assert listed == im["clean_label"], (mod, split, name)  # dev and test stay clean
+                    continue
+                flipped = listed != im["clean_label"]
+                assert flipped == ((name, mod) in flips)
+                neighbour, margin = _neighbour_and_margin(im["latent"])
+                if flipped:
+                    assert listed == neighbour, (mod, name)
+                    assert int(flips[name, mod]["clean_label"]) == im["clean_label"]
+                    assert int(flips[name, mod]["noisy_label"]) == listed
+                (low if margin < 0.3 else high).append(flipped)
+        train = info["counts"][mod]["train"]
+        assert abs(info["flipped"][mod] / train - rho) < 0.06, (mod, info["flipped"][mod], train)
+    assert len(flips) == sum(info["flipped"].values())
+    assert np.mean(low) > 2 * np.mean(high), (np.mean(low), np.mean(high))  # borderline eyes flip most
+
+
+def test_label_noise_keeps_paired_eyes_paired(tmp_path: Path) -> None:
+    from kdcli.sources.multieye import MultiEyeSource
+
+    info = synth_multieye(tmp_path, **SMALL, paired=True, label_noise=0.45)
+    assert info["flipped"]["fundus"] == info["flipped"]["oct"] > 0
+    for split in SPLITS:
+        assert sorted(_lists(tmp_path, "fundus")[split]) == sorted(_lists(tmp_path, "oct")[split])
+    assert MultiEyeSource().scan(tmp_path).pairing == "paired"
+
+
+def test_test_pool_is_identical_whatever_per_class(tmp_path: Path) -> None:
+    options = {"size": 16, "seed": 0, "test_per_class": 4, "dev_per_class": 2, "label_noise": 0.3}
+    infos = {n: synth_multieye(tmp_path / str(n), per_class=n, **options) for n in (3, 8)}
+    for n, info in infos.items():
+        for mod in ("fundus", "oct"):
+            assert info["counts"][mod] == {"train": 9 * n, "dev": 18, "test": 36}
+    for mod in ("fundus", "oct"):
+        for split in ("dev", "test"):
+            lists = [(tmp_path / str(n) / LAYOUT[mod][0] / split / LIST_NAME).read_bytes() for n in (3, 8)]
+            assert lists[0] == lists[1], (mod, split)
+            for name, _ in _lists(tmp_path / "3", mod)[split]:
+                assert (_image_path(tmp_path / "3", mod, name).read_bytes()
+                        == _image_path(tmp_path / "8", mod, name).read_bytes()), (mod, name)
+        # Disjoint from the training eyes.
+        train = {name for name, _ in _lists(tmp_path / "8", mod)["train"]}
+        assert not train & {name for name, _ in _lists(tmp_path / "8", mod)["test"]}
+    # Without a dev pool, per_class is split 75/25 between train and dev.
+    info = synth_multieye(tmp_path / "plain", per_class=8, size=16, test_per_class=4)
+    assert info["counts"]["oct"] == {"train": 54, "dev": 18, "test": 36}
+
+
+def test_new_options_are_deterministic_and_worker_independent(tmp_path: Path) -> None:
+    options = {**SMALL, "paired": True, "independent": True, "label_noise": 0.3, "test_per_class": 2}
+    synth_multieye(tmp_path / "one", **options)
+    synth_multieye(tmp_path / "pool", **options, workers=2)
+    synth_multieye(tmp_path / "again", **options)
+    assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "pool") == _tree_bytes(tmp_path / "again")
+
+
+def test_concept_embeddings_orthonormal_and_loadable(small: tuple[Path, dict]) -> None:
+    from kdcli.models.concepts import load_concept_embeddings
+    from kdcli.sources.multieye import MultiEyeSource
+
+    root, info = small
+    concepts = MultiEyeSource().scan(root).extra["concepts"]
+    assert info["concepts"] == concepts
+    raw = np.load(info["concept_embeddings"])
+    assert raw.shape == (len(concepts), 512) and raw.dtype == np.float32
+    np.testing.assert_allclose(raw @ raw.T, np.eye(len(concepts)), atol=1e-5)
+    np.testing.assert_allclose(load_concept_embeddings(root / "concept_embeddings.npy", len(concepts)), raw,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"label_noise": 0.5}, {"label_noise": -0.1}, {"test_per_class": -1},
+                                 {"dev_per_class": -2}, {"per_class": 1, "test_per_class": 3}])
+def test_rejects_impossible_new_options(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(ValueError, match="label_noise|per_class"):
+        synth_multieye(tmp_path, **{**SMALL, **bad})
+
+
+def test_new_options_through_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth", "multieye", str(tmp_path / "a"), "--per-class", "3", "--size", "16",
+                                 "--label-noise", "0.3", "--paired", "--independent", "--test-per-class", "2",
+                                 "--dev-per-class", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "label_noise.csv").is_file() and (tmp_path / "a" / "concept_embeddings.npy").is_file()
+    assert len(_lists(tmp_path / "a", "oct")["test"]) == 18 and len(_lists(tmp_path / "a", "oct")["train"]) == 27
+    result = runner.invoke(app, ["synth", "multieye", str(tmp_path / "b"), "--label-noise", "0.6"])
+    assert result.exit_code == 2 and "label_noise" in result.output and "Traceback" not in result.output
