@@ -37,8 +37,9 @@ stream per sequence, and the rater. For each case, in this order:
 3. The tumour geometry, from u and the same stream: one glioma in white matter at a random place, rotated and
    stretched, its radii perturbed by smooth noise (the oedema the more, 0.10 + 0.10 i): necrotic core
    (label 1) inside an enhancing rim (label 4, or 3 for 2023; label 1 throughout when e < 0.2) inside oedema
-   (label 2), plus round(3 i) tapering oedema fingers along white matter (length (0.3 + 0.4 i) x radius).
-   The clean label map is this geometry; it never enters the pixels except as the geometry of u.
+   (label 2), plus round(3 i) tapering oedema fingers in random directions, in white matter only and connected
+   to the body, reaching (0.3 + 0.4 i) x U(0.7, 1) oedema radii beyond it. The clean label map is this
+   geometry: labels never enter the pixels except as the geometry of u.
 4. Each sequence renders u with its own gain (nuisance stream of that sequence: smooth bias field
    exp(0.06 x unit noise), Gaussian noise sigma = 0.04 relative to white matter, a gain U(0.8, 1.2)).
    Contrast relative to white matter = 1 (oedema: the underlying tissue plus a shift in noise sigmas; under the

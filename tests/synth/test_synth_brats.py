@@ -409,6 +409,24 @@ def test_new_options_deterministic_and_worker_independent(tmp_path: Path) -> Non
     assert _tree_bytes(tmp_path / "again") == ref
 
 
+def test_cli_exposes_the_new_options(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+
+    out = tmp_path / "raw"
+    result = CliRunner().invoke(app, ["synth", "brats", str(out), "--cases", "4", "--size", "16", "--label-noise",
+                                      "0.3", "--test-cases", "2", "--independent"])
+    assert result.exit_code == 0, result.output
+    assert "independent design" in result.output and f"--splits {out / 'splits.json'}" in result.output
+    splits = json.loads((out / "splits.json").read_text())
+    assert len(splits["test"]) == 2 and all(i.startswith("BraTS2021_9") for i in splits["test"])
+    assert sorted(p.stem.removesuffix(".nii") for p in (out / "clean_labels").iterdir()) == sorted(splits["train"])
+    bad = CliRunner().invoke(app, ["synth", "brats", str(tmp_path / "bad"), "--label-noise", "1.5"])
+    assert bad.exit_code != 0 and "label_noise must be between 0 and 1" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_gzip_header_has_no_timestamp(tmp_path: Path) -> None:
     info = synth_brats(tmp_path, cases=1, size=16, naming="2023")
     raw = (tmp_path / info["cases"][0]["files"]["t1ce"]).read_bytes()
