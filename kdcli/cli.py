@@ -146,10 +146,23 @@ def synth_brats(
                                              "2023 (t1n/t1c/t2w/t2f, ET=3).")] = "2021",
     seed: SynthSeed = 0,
     workers: SynthWorkers = 1,
+    label_noise: Annotated[float, typer.Option(help="Rater noise 0-1 on the TRAIN cases' label files (boundary "
+                                                    "dilation/erosion, dropped oedema fingers); clean maps go "
+                                                    "to clean_labels/.")] = 0.0,
+    test_cases: Annotated[int, typer.Option(help="Extra test cases, identical whatever --cases is (a fixed "
+                                                 "test set across training sizes).")] = 0,
+    independent: Annotated[bool, typer.Option(help="Negative control: fixed contrasts, no shared latent, "
+                                                   "labels exactly the pixels' geometry.")] = False,
 ) -> None:
-    """BraTS NIfTI phantoms: oedema bright in FLAIR/T2, enhancing rim bright in T1ce, faint elsewhere."""
-    summary = run_synth("brats", out, cases=cases, size=size, naming=naming, seed=seed, workers=workers)
-    err(f"wrote {len(summary['cases'])} cases ({naming} naming) to {out}")
+    """BraTS NIfTI phantoms: a per-case tumour latent rendered strongly in T1/T2/FLAIR, faintly in T1ce."""
+    summary = run_synth("brats", out, cases=cases, size=size, naming=naming, seed=seed, workers=workers,
+                        label_noise=label_noise, test_cases=test_cases, independent=independent)
+    counts = {split: len(ids) for split, ids in summary["splits"].items()}
+    err(f"wrote {len(summary['cases'])} cases ({naming} naming, {summary['design']} design; "
+        f"{counts['train']}/{counts['dev']}/{counts['test']} train/dev/test) to {out}")
+    if summary["splits_file"]:
+        err(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test cases "
+            "depend on this split)")
 
 
 @command(synth_app, "cxr")
