@@ -204,10 +204,12 @@ def explain_segmentation(options: ExplainOptions) -> Path:
     for n, i in enumerate(picks):
         truth = masks[n].numpy()
         classes = [int(c) for c in np.unique(truth)]  # ProtoKD's prototypes: every class the slice has
-        maps = {"student" if teacher is not None else "model": similarity_maps(features[n:n + 1], masks[n:n + 1],
-                                                                                 classes)[0].numpy()}
+        count = max(classes) + 1  # maps for classes 0..count-1; the slice's own are picked out
+        mask = masks[n:n + 1]
+        maps = {"student" if teacher is not None else "model":
+                similarity_maps(features[n:n + 1], mask, count)[0, classes].numpy()}
         if teacher_features is not None:
-            maps["teacher"] = similarity_maps(teacher_features[n:n + 1], masks[n:n + 1], classes)[0].numpy()
+            maps["teacher"] = similarity_maps(teacher_features[n:n + 1], mask, count)[0, classes].numpy()
         tiles = slice_tiles(images[n].numpy(), truth, preds[n], modalities, maps, classes, wt)
         case, position = view.records[i], int(view.positions[i])
         file = f"{n + 1:0{width}d}_{safe_name(case)}_z{position:03d}.png"

@@ -21,7 +21,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t_squared: multiply by T^2 so the gradient's scale does not shrink with T (Hinton); ProtoKD omits it."""
     log_student = F.log_softmax(student_logits.float() / temperature, dim=dim)
     log_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=dim)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction=reduction)
+    if reduction == "mean":  # every element's mean, spelled out: torch warns that its own "mean" will change
+        kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").mean()
+    else:
+        kl = F.kl_div(log_student, log_teacher, log_target=True, reduction=reduction)
     return kl * temperature**2 if t_squared else kl
 
 
