@@ -347,11 +347,15 @@ def prepare_brats(
     = "0.7,0.1,0.2",
     split_seed: Annotated[int, typer.Option(help="Seed of the patient split and of the empty-slice choice.")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="Skip broken cases with a report instead of stopping.")] = False,
+    unlabeled: Annotated[Path | None, typer.Option(help="Folder of cases with the four sequences and no label "
+                                                        "(BraTS validation data as shipped): unlabeled training "
+                                                        "cases, every brain slice kept, for distillation only.")]
+    = None,
     part: PrepPart = None,
 ) -> None:
     """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
     options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
-               **({"splits": str(splits)} if splits else {})}
+               **({"splits": str(splits)} if splits else {}), **({"unlabeled": str(unlabeled)} if unlabeled else {})}
     run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
 
 

@@ -78,14 +78,19 @@ def record_key(record: Record, modalities: dict | None = None) -> str:
 
 
 def plan_jobs(records: list[Record], shard_size: int, modalities: dict | None = None) -> list[ShardJob]:
-    groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
+    """Shards of one task, split and modality set each; unlabeled records (label -1) in shards of their own, as
+    every sample of a shard has the same arrays and theirs may lack the label maps (BraTS). Datasets without
+    unlabeled records get the very jobs, names and hence hashes they always had."""
+    from kdcli.sources.base import UNLABELED
+
+    groups: dict[tuple[str, str, str, bool], list[Record]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.id):
-        groups[(record.task, record.split, record_key(record, modalities))].append(record)
+        groups[(record.task, record.split, record_key(record, modalities), record.label == UNLABELED)].append(record)
     jobs = []
-    for (_, split, key), members in sorted(groups.items()):
+    for (_, split, key, unlabeled), members in sorted(groups.items()):
         prefix = f"{members[0].task}-" if members[0].task else ""  # sets appended later never collide
         for number, start in enumerate(range(0, len(members), shard_size)):
-            jobs.append(ShardJob(prefix + shard_name(split, key.split("+"), number),
+            jobs.append(ShardJob(prefix + shard_name(split, key.split("+"), number, unlabeled),
                                  tuple(members[start : start + shard_size])))
     return jobs
 

@@ -2,7 +2,10 @@
 sequences, the same engine as classification, selected by the dev volumes' mean Dice.
 
 `--modality t1,t1ce,t2,flair` gives the model those sequences as channels, in that order; a checkpoint records
-the order, so evaluate and distill feed it the same way."""
+the order, so evaluate and distill feed it the same way.
+
+Unlabeled slices (`prepare brats --unlabeled`) never reach teach; distill hands them to methods that learn from
+them (ProtoKD), drawn `--unlabeled-ratio` per labelled slice, unless `--no-unlabeled`."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdcli import __version__
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from kdcli.engine.device import seed_everything
@@ -22,7 +27,7 @@ from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.unet import UNet
 from kdcli.shards.reader import ShardStore
-from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict, load_weights
+from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, _write_config, config_to_dict, load_weights
 
 PLAIN = re.compile(r"^plain(?:-(\d+))?(?:-(\d+))?$")  # plain[-BASE[-DEPTH]]: ProtoKD's 16 filters, 4 levels
 
@@ -103,11 +108,12 @@ def _prepare_engine(cfg: TrainConfig) -> None:
         raise UsageError("--cache-teacher: ProtoKD needs the teacher on each augmented slice; it runs online")
 
 
-def _views(cfg: TrainConfig, store: ShardStore, modalities: list[str], teacher_modalities: list[str] | None):
+def _views(cfg: TrainConfig, store: ShardStore, modalities: list[str], teacher_modalities: list[str] | None,
+           unlabeled: bool = False):
     from kdcli.data.slices import SliceView
 
     train = SliceView(store, "train", modalities, teacher_modalities, augment=cfg.augment != "none",
-                      seed=cfg.engine.seed)
+                      seed=cfg.engine.seed, unlabeled=unlabeled)
     dev = SliceView(store, "dev", modalities)
     if len(train) == 0 or len(dev) == 0:
         raise KdcliError("no slices in train or dev", path=store.root, hint="prepare with more cases")
@@ -152,7 +158,13 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
     cfg.modality = ",".join(modalities)
     seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
     student = build_unet(cfg, store, modalities, template=teacher.spec)
-    train, dev = _views(cfg, store, modalities, teacher_modalities)
+    # the counts are per sequence, every one alike (a slice carries all four): the student's first tells
+    unlabeled = _unlabeled_choice(cfg, store, method_cls, log, modality=modalities[0], what="slices")
+    train, dev = _views(cfg, store, modalities, teacher_modalities, unlabeled)
+    # unlabeled slices as label -1, every labelled one alike (0): the sampler draws --unlabeled-ratio of the former
+    # per labelled slice and the labelled ones uniformly, balanced or not; without them, no labels, as ever (a
+    # uniform draw of the slices, not a balance of the tumour flag)
+    train_labels = np.where(train.labels < 0, -1, 0) if unlabeled else None
     teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
                     "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
                     "data_hash": checkpoint.meta["data"]["content_hash"]}
@@ -160,4 +172,4 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
     _write_config(out, meta)
     validate = segmentation_validator(dev, regions(store), cfg.engine)
     return fit(method_cls(params, student, teacher), train, validate, cfg.engine, out, meta, resume=cfg.resume,
-               log=log)
+               log=log, train_labels=train_labels)

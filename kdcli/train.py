@@ -519,19 +519,23 @@ class _Rows(torch.utils.data.Subset):
         self.dataset.set_epoch(epoch)
 
 
-def _unlabeled_choice(cfg: TrainConfig, store: ShardStore, method_cls, log: Callable[[str], None]) -> bool:
-    """Whether the distillation terms see the training set's unlabeled samples; says why when they do not."""
-    count = store.meta.unlabeled.get(cfg.modality, {}).get("train", 0)
+def _unlabeled_choice(cfg: TrainConfig, store: ShardStore, method_cls, log: Callable[[str], None],
+                      modality: str | None = None, what: str = "samples") -> bool:
+    """Whether the distillation terms see the training set's unlabeled samples; says why when they do not.
+    `modality`: the key of dataset.json's counts (default cfg.modality; a segmentation student's first sequence,
+    as its cfg.modality lists several); `what`: what a sample is (slices)."""
+    modality = modality or cfg.modality
+    count = store.meta.unlabeled.get(modality, {}).get("train", 0)
     if not count:
         return False
     if not cfg.unlabeled:
-        log(f"--no-unlabeled: {count} unlabeled {cfg.modality} samples left out")
+        log(f"--no-unlabeled: {count} unlabeled {modality} {what} left out")
         return False
     if not method_cls.unlabeled:
-        log(f"note: --method {cfg.method} does not learn from unlabeled samples; {count} left out")
+        log(f"note: --method {cfg.method} does not learn from unlabeled {what}; {count} left out")
         return False
-    log(f"{count} unlabeled {cfg.modality} samples: distillation terms only, "
-        f"{cfg.engine.unlabeled_ratio:g} per labelled sample")
+    log(f"{count} unlabeled {modality} {what}: distillation terms only, "
+        f"{cfg.engine.unlabeled_ratio:g} per labelled {what.removesuffix('s')}")
     return True
 
 

@@ -1,14 +1,19 @@
 """Slices of volumes for segmentation: several sequences stacked as channels, and the label map.
 
-Items: {"image": float32 (C, H, W), "mask": int64 (H, W), "label": 1 if the slice has tumour, "index",
-"teacher_index", "position": the slice's index in its volume} and, for paired distillation, "teacher_image"
-(the teacher's sequences of the same slice, flipped the same way, so pixels and mask stay aligned).
+Items: {"image": float32 (C, H, W), "mask": int64 (H, W), "label": 1 if the slice has tumour (0 if not, -1 if
+unlabeled), "index", "teacher_index", "position": the slice's index in its volume} and, for paired distillation,
+"teacher_image" (the teacher's sequences of the same slice, flipped the same way, so pixels and mask stay
+aligned).
 Sequences in `absent` are zero-filled (z-scored data: zero is the brain's mean), the missing-modality setting.
+Unlabeled slices (cases of `prepare brats --unlabeled`, label -1) are left out unless `unlabeled=True` (distill
+with a method that learns from them); theirs is a mask of -1 everywhere (no label map is stored), which
+segmentation_loss leaves out and ProtoKD replaces by the teacher's prediction.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import Dataset
 
@@ -20,7 +25,7 @@ from kdcli.shards.reader import ShardStore
 class SliceView(SharedEpoch, Dataset):
     def __init__(self, store: ShardStore, split: str, modalities: list[str],
                  teacher_modalities: list[str] | None = None, augment: bool = False, seed: int = 0,
-                 absent: tuple[str, ...] = (), target: str = "seg"):
+                 absent: tuple[str, ...] = (), target: str = "seg", unlabeled: bool = False):
         for modality in {*modalities, *(teacher_modalities or [])}:
             store.require_modality(modality)
         if target not in store.meta.targets:
@@ -29,7 +34,11 @@ class SliceView(SharedEpoch, Dataset):
         self.store, self.split, self.modalities = store, split, list(modalities)
         self.teacher_modalities = list(teacher_modalities or [])
         self.augment, self.seed, self.epoch, self.absent, self.target = augment, seed, 0, set(absent), target
-        rows = store.rows(split, modalities[0]).sort(["record", "position"])
+        self.unlabeled = unlabeled  # False: labelled slices only (teach, dev, test, evaluate); True: label -1 too
+        rows = store.rows(split, modalities[0])
+        if not unlabeled:
+            rows = rows.filter(pl.col("labelled"))
+        rows = rows.sort(["record", "position"])
         self.ids = rows["id"].to_list()
         self.records = rows["record"].to_list()
         self.positions = rows["position"].to_numpy()
@@ -57,8 +66,11 @@ class SliceView(SharedEpoch, Dataset):
             for m in sorted({*self.modalities, *self.teacher_modalities}):
                 scale = rng.uniform(0.9, 1.1)
                 scales[m] = scale if rng.random() < 0.5 else 1.0
-        item = {"image": self._stack(i, self.modalities, scales),
-                "mask": self.store.read(self.shards[i], int(self.indices[i]), self.target)[..., 0].astype(np.int64)}
+        if self.labels[i] < 0:  # an unlabeled slice: its shard holds no label map
+            mask = np.full(self.store.meta.targets[self.target]["shape"][:2], -1, np.int64)
+        else:
+            mask = self.store.read(self.shards[i], int(self.indices[i]), self.target)[..., 0].astype(np.int64)
+        item = {"image": self._stack(i, self.modalities, scales), "mask": mask}
         if self.teacher_modalities:
             item["teacher_image"] = self._stack(i, self.teacher_modalities, scales)
         for axis, flip in enumerate(flips):

@@ -22,6 +22,13 @@ Logged, not summed: `_proto_tumour_batches` (1 when a tumour class, any class bu
 its epoch mean is the share of such batches) and `_proto_tumour_pairs` (the share of the batch's pairs whose
 class is a tumour class, averaged over batches).
 
+Unlabeled slices (cases of `prepare brats --unlabeled`, e.g. BraTS validation data; mask -1, label -1; drawn
+`distill --unlabeled-ratio` per labelled slice, left out with `--no-unlabeled`): L_seg leaves them out (no
+gradient from it), L_kd covers them like every slice, and L_proto builds their prototypes, for the student's and
+the teacher's maps alike, from the teacher's own predicted mask (argmax of its logits) in place of the ground
+truth, which they lack; labelled slices keep the ground truth (the official term). Either prototype rule then
+reads that mask. Logged, not summed: `_unlabeled`, the share of the batch's slices that are unlabeled.
+
 The teacher sees its sequences of the same slice (flipped identically); the student its one sequence.
 """
 
@@ -98,6 +105,15 @@ def similarity_maps(features: torch.Tensor, mask: torch.Tensor, num_classes: int
     return dots / (pixel_norms * prototype_norms)
 
 
+def prototype_mask(mask: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The mask the prototypes are built from: the ground truth where there is one, the teacher's argmax where the
+    mask is -1 (unlabeled slices)."""
+    if teacher_logits.shape[-2:] != mask.shape[-2:]:
+        teacher_logits = F.interpolate(teacher_logits.float(), size=mask.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+    return torch.where(mask < 0, teacher_logits.detach().argmax(1), mask)
+
+
 def prototype_terms(student_features: torch.Tensor, teacher_features: torch.Tensor, mask: torch.Tensor,
                     num_classes: int, rule: str = "per_sample") -> dict[str, torch.Tensor]:
     """{"proto": mean over the rule's pairs of the pixel-mean (M_s - M_t)^2 (zero, still differentiable, when
@@ -124,18 +140,21 @@ def prototype_loss(student_features: torch.Tensor, teacher_features: torch.Tenso
 class ProtoKD(Method):
     name = "protokd"
     tasks = ("segmentation",)
-    terms = ("ce", "dice", "kd", "proto", "_proto_tumour_batches", "_proto_tumour_pairs")
+    terms = ("ce", "dice", "kd", "proto", "_proto_tumour_batches", "_proto_tumour_pairs", "_unlabeled")
     Params = ProtoKDParams
     needs_teacher = True
     pairing = "paired"
+    unlabeled = True  # L_kd and L_proto (on the teacher's mask) on unlabeled slices; L_seg on labelled ones
 
     def loss(self, batch, out):
         teacher = self.teacher_outputs(batch, "teacher_image")["teacher"]
         p = self.params
         terms = {k: p.seg_weight * v for k, v in segmentation_loss(out["logits"], batch["mask"]).items()}
         terms["kd"] = p.kd_weight * pixel_kd(out["logits"], teacher["logits"], p.temperature)
-        proto = prototype_terms(out["features"], teacher["features"], batch["mask"], out["logits"].shape[1],
-                                p.prototype_classes)
+        proto = prototype_terms(out["features"], teacher["features"], prototype_mask(batch["mask"], teacher["logits"]),
+                                out["logits"].shape[1], p.prototype_classes)
         terms["proto"] = p.proto_weight * proto.pop("proto")
         terms.update(proto)
+        # an unlabeled slice: a mask of -1 everywhere (read from the mask, which every batch carries)
+        terms["_unlabeled"] = (batch["mask"].flatten(1) < 0).all(1).float().mean()
         return terms

@@ -28,8 +28,9 @@ def modality_key(modalities: list[str] | tuple[str, ...]) -> str:
     return "+".join(sorted(modalities))
 
 
-def shard_name(split: str, modalities: list[str] | tuple[str, ...], number: int) -> str:
-    return f"{split}-{modality_key(modalities)}-{number:05d}.h5"
+def shard_name(split: str, modalities: list[str] | tuple[str, ...], number: int, unlabeled: bool = False) -> str:
+    """`unlabeled`: a shard of unlabeled records, which may lack arrays their labelled peers have (a label map)."""
+    return f"{split}-{modality_key(modalities)}-{'unlabeled-' if unlabeled else ''}{number:05d}.h5"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -11,6 +11,18 @@ carry a timepoint suffix (`-000`, `-001`) so the patient is the id without it; 2
 where earlier releases use 4. Labels are stored in kdcli's contiguous indices (0 background, 1 necrotic core,
 2 oedema, 3 enhancing tumour) whatever the release.
 
+Unlabeled cases (`prepare brats RAW --unlabeled DIR`, kdcli's extension for distillation on cases nobody
+segmented): DIR holds case folders in any of the layouts above with the four sequences and no label file, as
+BraTS validation data ship (e.g. MICCAI_BraTS2020_ValidationData/BraTS20_Validation_001/...). Every case of DIR is
+an unlabeled training case: records of label -1, split train (a --splits file may list them, in train only),
+never of a patient with labelled dev or test cases (2023 timepoints), never a case id also in RAW. A label file in
+DIR is ignored (with a note): DIR's cases are unlabeled by choice, e.g. for label-budget experiments. DIR may lie
+inside RAW (a release's Training and Validation folders side by side); RAW's scan then leaves it out. No tumour
+mask is known, so an unlabeled case keeps every brain slice (no `--empty-slices` share: which slices are
+tumour-free is unknown); `distill --unlabeled-ratio` sets how often they are drawn. Their slices carry the four
+sequences and no "seg" array, in shards of their own (`train-<sequences>-unlabeled-NNNNN.h5`), and `info` has
+no label_file. Without --unlabeled, a case in RAW without its label stays an error (--skip-bad skips it).
+
 Geometry, array axes (X, Y, Z) as nibabel returns them (no reorientation): a sample is the axial slice
 `vol[:, :, z]`, cropped in-plane to the brain's bounding box (union over slices), zero-padded to a centred square
 of side `side` and resized to `size`. `info` per record holds what `label_volume` needs to undo that.
@@ -32,7 +44,7 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
-from kdcli.sources.base import Record, Sample, Scan, Source
+from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.splits import parse_ratios, stable_seed
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
@@ -140,9 +152,10 @@ def _header(case: str, path: Path) -> nib.Nifti1Image:
 
 
 def _check_case(case: str, files: dict[str, Path]) -> None:
-    """All five files are 3-D NIfTI volumes on one grid (headers only; no voxel is decoded)."""
+    """All five files (four for an unlabeled case) are 3-D NIfTI volumes on one grid (headers only; no voxel is
+    decoded)."""
     reference_name, reference = "t1", _header(case, files["t1"])
-    for name in (*SEQUENCES[1:], "seg"):
+    for name in (*SEQUENCES[1:], *(["seg"] if "seg" in files else [])):
         image = _header(case, files[name])
         if image.shape != reference.shape:
             raise _case_error(case, f"{files[name].name} has shape {tuple(image.shape)}, "
@@ -152,8 +165,11 @@ def _check_case(case: str, files: dict[str, Path]) -> None:
                                     f"{files[reference_name].name}; the sequences must be co-registered")
 
 
-def _folder_case(folder: Path, names: list[str], notes: list[str]) -> tuple[str, str, dict[str, Path]] | None:
-    """(case id, naming, kdcli name -> file) when the folder holds BraTS-named files; raises when incomplete."""
+def _folder_case(folder: Path, names: list[str], notes: list[str],
+                 labelled: bool = True) -> tuple[str, str, dict[str, Path]] | None:
+    """(case id, naming, kdcli name -> file) when the folder holds BraTS-named files; raises when incomplete.
+    `labelled=False` (a case of --unlabeled): the four sequences are required, a label file is kept aside as
+    "seg" for the caller to report and drop."""
     found, misnamed, prefix = _case_files(folder, names)
     if not found:
         return None
@@ -164,33 +180,41 @@ def _folder_case(folder: Path, names: list[str], notes: list[str]) -> tuple[str,
     naming, files = next(iter(found.items()))
     separator, table = NAMINGS[naming]
     extension = next(e for e in NIFTI if next(iter(files.values())).name.lower().endswith(e))
-    if "seg" not in files and len(misnamed) == 1 and all(n in files for n in SEQUENCES):
+    if labelled and "seg" not in files and len(misnamed) == 1 and all(n in files for n in SEQUENCES):
         files["seg"] = misnamed[0]
         notes.append(f"case {case}: label file is {misnamed[0].name} (the BraTS 2020 misnamed label), used as seg")
-    for name in (*SEQUENCES, "seg"):
+    for name in (*SEQUENCES, *(["seg"] if labelled else [])):
         if name not in files:
             suffix = next(s for s, n in table.items() if n == name)
             what = "label" if name == "seg" else f"sequence {name}"
             hint = SKIP_HINT if name != "seg" else (
-                "validation/test cases ship without labels: point RAW at the training data, or pass --skip-bad")
+                "validation/test cases ship without labels: pass their folder as --unlabeled DIR to distil on "
+                "them, point RAW at the training data, or pass --skip-bad")
             raise _case_error(case, f"missing {what} (expected {prefix}{separator}{suffix}{extension} "
                                     f"in {folder})", hint=hint)
     return case, naming, files
 
 
-def _find_cases(raw: Path, notes: list[str], skip_bad: bool) -> tuple[dict[str, Case], set[str]]:
+def _find_cases(raw: Path, notes: list[str], skip_bad: bool, labelled: bool = True,
+                exclude: Path | None = None) -> tuple[dict[str, Case], set[str]]:
     """Every case under RAW (any depth: HGG/LGG and MICCAI_BraTS2020_TrainingData folders included), checked
-    from headers, and the ids of the cases left out as bad (only with skip_bad)."""
+    from headers, and the ids of the cases left out as bad (only with skip_bad). `labelled=False`: the cases of
+    --unlabeled (label files dropped, with one note); `exclude`: a folder not to walk into (--unlabeled's)."""
     cases: dict[str, Case] = {}
     skipped: set[str] = set()
+    labels_ignored: list[str] = []
     for folder, dirs, names in os.walk(raw):
-        dirs[:] = sorted(d for d in dirs if d != "__MACOSX" and not d.startswith("."))  # deterministic order
+        dirs[:] = sorted(d for d in dirs if d != "__MACOSX" and not d.startswith(".")  # deterministic order
+                         and (exclude is None or (Path(folder) / d).resolve() != exclude))
         folder_path = Path(folder)
         try:
-            found = _folder_case(folder_path, sorted(names), notes)
+            found = _folder_case(folder_path, sorted(names), notes, labelled)
             if found is None:
                 continue
             case, naming, files = found
+            if not labelled and "seg" in files:
+                labels_ignored.append(case)
+                files = {name: path for name, path in files.items() if name != "seg"}
             if case in cases:
                 raise KdcliError(f"case {case} found twice: {cases[case][2]} and {folder_path}", path=raw,
                                  hint="point RAW at one copy of the data")
@@ -202,6 +226,9 @@ def _find_cases(raw: Path, notes: list[str], skip_bad: bool) -> tuple[dict[str, 
             skipped.add(folder_path.name)
             continue
         cases[case] = (naming, files, folder_path)
+    if labels_ignored:
+        notes.append(f"--unlabeled: label files of {len(labels_ignored)} case(s) ignored (first: {labels_ignored[0]}); "
+                     "their cases are used unlabeled")
     return cases, skipped
 
 
@@ -361,7 +388,8 @@ def write_label_nifti(path: Path, volume: np.ndarray, info: dict[str, Any]) -> N
 
 class BratsSource(Source):
     """Options: empty_slices (fraction of tumour-free brain slices kept in train, default 0.2), splits (CSV
-    `case,split` or JSON file), ratios ("0.7,0.1,0.2"), seed, skip_bad."""
+    `case,split` or JSON file), ratios ("0.7,0.1,0.2"), seed, skip_bad, unlabeled (a folder of cases without
+    labels: unlabeled training cases, see the module doc)."""
 
     name = "brats"
     records_per_shard = 4  # a case is ~100 slices of 5 arrays
@@ -380,19 +408,31 @@ class BratsSource(Source):
         if not raw.is_dir():
             raise KdcliError("raw folder not found", path=raw, hint="point RAW at the extracted BraTS data")
         notes: list[str] = []
-        cases, skipped = _find_cases(raw, notes, self.skip_bad)
+        pool = Path(self.options["unlabeled"]) if self.options.get("unlabeled") else None
+        if pool is not None and not pool.is_dir():
+            raise KdcliError("--unlabeled folder not found", path=pool,
+                             hint="point --unlabeled at a folder of cases without labels (BraTS validation data)")
+        if pool is not None and pool.resolve() == raw.resolve():
+            raise KdcliError("--unlabeled is RAW itself", path=pool,
+                             hint="RAW holds the labelled cases, --unlabeled another folder of unlabeled ones")
+        cases, skipped = _find_cases(raw, notes, self.skip_bad, exclude=pool.resolve() if pool else None)
         if not cases and not skipped:
             raise KdcliError("no BraTS cases found", path=raw, hint=f"expected {ACCEPTED}")
         if not cases:
             raise KdcliError(f"all {len(skipped)} cases were skipped as bad; nothing to prepare", path=raw,
                              hint="see the notes for why")
-        split_of = self._splits(cases, skipped, notes)
-        namings = sorted({naming for naming, _, _ in cases.values()})
+        unlabeled, unlabeled_skipped = self._unlabeled_cases(pool, cases, notes) if pool is not None else ({}, set())
+        split_of = self._splits(cases, skipped | unlabeled_skipped, notes, unlabeled)
+        namings = sorted({naming for naming, _, _ in (*cases.values(), *unlabeled.values())})
         records = [
             Record(id=case, group=patient_of(case), split=split_of[case], label=0,
                    files={name: str(files[name]) for name in (*SEQUENCES, "seg")})
             for case, (_, files, _) in sorted(cases.items())
         ]
+        # split: train, unless a splits file lists the case elsewhere (then prepare's check_unlabeled refuses it)
+        records += [Record(id=case, group=patient_of(case), split=split_of.get(case, "train"), label=UNLABELED,
+                           files={name: str(files[name]) for name in SEQUENCES})
+                    for case, (_, files, _) in sorted(unlabeled.items())]
         arrays: dict[str, dict[str, Any]] = {name: {"channels": 1, "dtype": "float16", "role": "input"}
                                              for name in SEQUENCES}
         arrays["seg"] = {"channels": 1, "dtype": "uint8", "role": "target", "kind": "mask"}
@@ -413,7 +453,27 @@ class BratsSource(Source):
             notes=notes,
         )
 
-    def _splits(self, cases: dict[str, Case], skipped: set[str], notes: list[str]) -> dict[str, str]:
+    def _unlabeled_cases(self, pool: Path, cases: dict[str, Case],
+                         notes: list[str]) -> tuple[dict[str, Case], set[str]]:
+        """The cases of --unlabeled (four sequences each, none also a labelled case of RAW) and those skipped."""
+        found, skipped = _find_cases(pool, notes, self.skip_bad, labelled=False)
+        if not found and not skipped:
+            raise KdcliError("no BraTS cases found in the --unlabeled folder", path=pool,
+                             hint="expected case folders holding the four sequences (t1, t1ce, t2, flair)")
+        both = sorted(set(found) & set(cases))
+        if both:
+            raise KdcliError(f"case {both[0]} is both labelled (in {cases[both[0]][2]}) and unlabeled (in "
+                             f"{found[both[0]][2]})" + (f", and {len(both) - 1} more" if len(both) > 1 else ""),
+                             path=pool, hint="a case is labelled or unlabeled, not both: remove one of the copies")
+        notes.append(f"unlabeled: {len(found)} case(s) from {pool} (train only, every brain slice kept, no label "
+                     "maps)" + (f"; {len(skipped)} skipped as bad" if skipped else ""))
+        return found, skipped
+
+    def _splits(self, cases: dict[str, Case], skipped: set[str], notes: list[str],
+                unlabeled: dict[str, Case] | None = None) -> dict[str, str]:
+        """case -> split of the labelled cases (the unlabeled ones take no part in the seeded split, so adding
+        them changes no labelled case's split), and of unlabeled cases a splits file lists."""
+        unlabeled = unlabeled or {}
         groups = {case: patient_of(case) for case in cases}
         if not self.options.get("splits"):
             by_group = split_groups(list(groups.values()), parse_ratios(self.options.get("ratios") or "0.7,0.1,0.2"),
@@ -421,7 +481,8 @@ class BratsSource(Source):
             return {case: by_group[group] for case, group in groups.items()}
         path = Path(self.options["splits"])
         listed = read_splits(path)
-        absent = sorted(set(listed) - set(cases) - skipped)  # a case left out as bad is on disk, just not used
+        # a case left out as bad is on disk, just not used; unlabeled cases may be listed (in train) or not
+        absent = sorted(set(listed) - set(cases) - skipped - set(unlabeled))
         if absent:
             raise KdcliError(f"{len(absent)} listed case(s) not found in RAW: {', '.join(absent[:5])}"
                              f"{' ...' if len(absent) > 5 else ''}", path=path,
@@ -441,7 +502,7 @@ class BratsSource(Source):
         empty = [split for split in SPLITS if split not in set(listed.values())]
         if empty:
             notes.append(f"splits file {path.name} puts no case in {', '.join(empty)}")
-        return {case: listed[case] for case in cases}
+        return {case: listed[case] for case in (*cases, *unlabeled) if case in listed}
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
         try:
@@ -452,11 +513,9 @@ class BratsSource(Source):
             # prepare's note names the record already; the hint (how to skip) is moot once skipped
             return {"skipped": str(exc).split(" — ")[0].removeprefix(f"case {record.id}: ")}, iter([])
 
-    def _read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
-        case = record.id
-        naming = naming_of(record.files)
-        et_value = ET_VALUE[naming]
-        volumes = {name: _voxels(case, record.files[name], np.float32) for name in SEQUENCES}
+    def _mapped_label(self, record: Record, naming: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """The label volume in kdcli indices, and the label file's image (for its header)."""
+        case, et_value = record.id, ET_VALUE[naming]
         raw_label = _voxels(case, record.files["seg"], np.int32)
         label_image = nib.load(record.files["seg"])  # header only: the data above already read cleanly
         label = np.rint(raw_label).astype(np.int32) if raw_label.dtype.kind == "f" else raw_label.astype(np.int32)
@@ -472,12 +531,23 @@ class BratsSource(Source):
         mapped = np.zeros(label.shape, dtype=np.uint8)
         for kdcli_index, original in enumerate(allowed):
             mapped[label == original] = kdcli_index
+        return mapped, label_image
 
-        brain = np.zeros(label.shape, dtype=bool)
+    def _read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
+        case = record.id
+        naming = naming_of(record.files)
+        et_value = ET_VALUE[naming]
+        volumes = {name: _voxels(case, record.files[name], np.float32) for name in SEQUENCES}
+        labelled = record.label != UNLABELED
+        # an unlabeled case's grid comes from its T1 header (the sequences share it: checked by the scan)
+        mapped, grid_image = self._mapped_label(record, naming) if labelled else (None, nib.load(record.files["t1"]))
+        shape = volumes["t1"].shape
+
+        brain = np.zeros(shape, dtype=bool)
         for volume in volumes.values():
             brain |= volume != 0
         # Tumour voxels count as brain for the crop and the kept slices, so no labelled voxel is ever cropped away.
-        region = brain | (mapped > 0)
+        region = brain | (mapped > 0) if labelled else brain
         if not region.any():
             raise _case_error(case, "every sequence is zero everywhere (no brain)")
         for volume in volumes.values():  # in place: a 240x240x155 case is ~36 MB per float32 copy
@@ -492,14 +562,15 @@ class BratsSource(Source):
         side = max(x1 - x0, y1 - y0)
         crop, pad = [x0, x1, y0, y1], [(side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2]
         slices = self._kept_slices(record, region, mapped)
-        tumour = mapped.any(axis=(0, 1))
+        tumour = mapped.any(axis=(0, 1)) if labelled else None
         info = {
-            "shape": [int(s) for s in label.shape],
-            "affine": np.asarray(label_image.affine, dtype=float).tolist(),
-            "spacing": [float(z) for z in label_image.header.get_zooms()[:3]],
+            "shape": [int(s) for s in shape],
+            "affine": np.asarray(grid_image.affine, dtype=float).tolist(),
+            "spacing": [float(z) for z in grid_image.header.get_zooms()[:3]],
             "crop": crop, "pad": pad, "side": int(side), "size": int(size),
             "naming": naming, "et_value": et_value,
-            "label_file": Path(record.files["seg"]).name, "label_dtype": str(label_image.get_data_dtype()),
+            **({"label_file": Path(record.files["seg"]).name, "label_dtype": str(grid_image.get_data_dtype())}
+               if labelled else {"unlabeled": True}),
             "slices": slices,
         }
 
@@ -507,17 +578,21 @@ class BratsSource(Source):
             for z in slices:
                 arrays = {name: _resize(_to_square(volumes[name][:, :, z], crop, pad, side), size,
                                         cv2.INTER_LINEAR).astype(np.float16)[:, :, None] for name in SEQUENCES}
+                if not labelled:  # no label map: the slice's shard holds the sequences alone
+                    yield Sample(f"{case}:{z:03d}", UNLABELED, arrays, position=z)
+                    continue
                 arrays["seg"] = _resize(_to_square(mapped[:, :, z], crop, pad, side), size,
                                         NEAREST)[:, :, None]
                 yield Sample(f"{case}:{z:03d}", int(tumour[z]), arrays, position=z)
 
         return info, samples()
 
-    def _kept_slices(self, record: Record, region: np.ndarray, mapped: np.ndarray) -> list[int]:
+    def _kept_slices(self, record: Record, region: np.ndarray, mapped: np.ndarray | None) -> list[int]:
         """dev/test: every slice with brain (whole volumes are evaluated); train: tumour slices plus a seeded
-        `empty_slices` share of the tumour-free ones, which would otherwise swamp the loss."""
+        `empty_slices` share of the tumour-free ones, which would otherwise swamp the loss; unlabeled (no mask:
+        which slices are tumour-free is unknown): every slice with brain, as the teacher will label them."""
         with_brain = np.flatnonzero(region.any(axis=(0, 1)))
-        if record.split != "train":
+        if record.split != "train" or mapped is None:
             return [int(z) for z in with_brain]
         tumour = mapped.any(axis=(0, 1))
         full = [int(z) for z in with_brain if tumour[z]]
