@@ -109,13 +109,15 @@ def synth_multieye(
                                                      "the same whatever --per-class is (0: 20% of it).")] = 0,
     dev_per_class: Annotated[int, typer.Option(help="Dev images per class from a case pool of their own "
                                                     "(0: 20% of --per-class, 25% with --test-per-class).")] = 0,
+    unlabeled: Annotated[int, typer.Option(help="Unlabeled eyes per modality (the same eyes in both with "
+                                                "--paired), listed in train/unlabeled.txt.")] = 0,
     workers: SynthWorkers = 1,
 ) -> None:
     """MultiEYE phantoms: one latent per eye (severity, subtype mix, lesion position) rendered clearly in OCT and
     faintly in fundus; concept_embeddings.npy beside the data is for --concept-embeddings."""
     summary = run_synth("multieye", out, per_class=per_class, size=size, seed=seed, paired=paired,
                         label_noise=label_noise, independent=independent, test_per_class=test_per_class,
-                        dev_per_class=dev_per_class, workers=workers)
+                        dev_per_class=dev_per_class, unlabeled=unlabeled, workers=workers)
     flipped = sum(summary["flipped"].values())
     err(f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}"
         + (f" (labels of {flipped} training images flipped, see {out / 'label_noise.csv'})" if label_noise else ""))

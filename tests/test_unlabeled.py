@@ -163,3 +163,19 @@ def test_bad_unlabeled_lists_are_refused_in_one_line(paired_raw, tmp_path, damag
     out = tmp_path / "shards"
     assert_one_line_error(run("prepare", "multieye", raw, "--out", out, "--size", "32"), *needles)
     assert not out.exists()
+
+
+def test_synth_unlabeled_pool_is_prepared_as_unlabeled_paired_eyes(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "shards"
+    made = run("synth", "multieye", raw, "--paired", "--unlabeled", "15", "--per-class", "3", "--size", "16")
+    assert made.exit_code == 0, made.output
+    names = {m: (raw / folder / "train" / "unlabeled.txt").read_text().split() for m, (folder, _) in LAYOUT.items()}
+    assert len(names["fundus"]) == 15 and names["fundus"] == names["oct"]
+    labelled = (raw / "assemble" / "train" / "large9cls.txt").read_text().split()[::2]
+    assert not set(names["fundus"]) & set(labelled)
+    prepared = run("prepare", "multieye", raw, "--out", out, "--size", "16")
+    assert prepared.exit_code == 0, prepared.output
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["pairing"] == "paired" and meta["unlabeled"]["fundus"]["train"] == 15
+    view = PairedView(ShardStore(out), "train", "fundus", "oct", unlabeled=True)
+    assert (view.labels == -1).sum() == 15 and not view.notes

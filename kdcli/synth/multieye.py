@@ -51,6 +51,10 @@ Generative story (what a distillation method can and cannot exploit here)
 Sizes: `per_class` images per class and modality over all splits, split 60/20/20; with `test_per_class` (or
 `dev_per_class`) > 0 that split comes from a case pool of its own, identical whatever `per_class` is, and
 `per_class` covers the remaining splits (75/25, or all of it when both are set).
+Unlabeled pool (`unlabeled=N`): N more eyes per modality (the same eyes in both when paired) from a case pool
+of their own, in the stream's natural class mix (no class quota: nobody graded them), rendered like the
+others and listed by name only in `assemble[_oct]/train/unlabeled.txt` — what `prepare multieye` reads as
+unlabeled training data for distillation. Their latents and clean classes are in `latents.csv`.
 Side files: `<out>/concept_embeddings.npy` (K x 512, orthonormal rows, the bank's order: pass it as
 `--concept-embeddings`), `<out>/latents.csv` (every image's latent, clean and listed label) and, when
 rho > 0, `<out>/label_noise.csv`.
@@ -77,13 +81,14 @@ MODALITIES = ("fundus", "oct")
 # (list root, image folder) as data/dataset.py reads them; every split's images live under train/ImageData.
 LAYOUT = {"fundus": ("assemble", "cfp-clahe-224x224"), "oct": ("assemble_oct", "oct-filter-448x448")}
 LIST_NAME = "large9cls.txt"
+UNLABELED_LIST = "unlabeled.txt"
 EMBEDDINGS_NAME = "concept_embeddings.npy"
 LATENTS_NAME = "latents.csv"
 NOISE_NAME = "label_noise.csv"
 EMBEDDING_DIM = 512  # kdcli's default --concept-dim
 _MOD_ID = {"fundus": 1, "oct": 2}
 _TAG_ID = {"e": 0, "f": 1, "o": 2}
-_POOL_ID = {"main": 0, "dev": 1, "test": 2}
+_POOL_ID = {"main": 0, "dev": 1, "test": 2, "unlabeled": 3}
 # Stream keys: each random stream has its own first entry, so no two streams ever coincide.
 _CASE, _FREE, _NOISE, _NUISANCE, _REFERENCE = 11, 12, 13, 14, 15
 
@@ -254,7 +259,7 @@ def _held_counts(n: int, held: tuple[str, ...]) -> dict[str, int]:
 
 
 def _plan(per_class: int, seed: int, paired: bool, independent: bool, label_noise: float,
-          pools: dict[str, int]) -> list[Image]:
+          pools: dict[str, int], unlabeled: int = 0) -> list[Image]:
     """Every image to write. `pools`: pool name -> images per class (main covers the splits the others don't)."""
     own = [split for split in ("dev", "test") if split in pools]
     held = tuple(split for split in ("dev", "test") if split not in own)
@@ -280,6 +285,14 @@ def _plan(per_class: int, seed: int, paired: bool, independent: bool, label_nois
                             shown = _free_latent(seed, pool, tag, case, label)
                         images.append(Image(_eye_name(tag, seed, pool, case, k), mod, split, pool, case, k,
                                             label, noisy, shown))
+        for case in range(unlabeled):  # the natural class mix, label -1
+            latent = _draw_latent(np.random.default_rng([seed, _CASE, _POOL_ID["unlabeled"], _TAG_ID[tag], case]))
+            label = label_of(latent)
+            for mod in mods:
+                shown = _free_latent(seed, "unlabeled", tag, case, label) if independent and mod == "fundus" \
+                    else latent
+                images.append(Image(_eye_name(tag, seed, "unlabeled", case, case), mod, "unlabeled", "unlabeled",
+                                    case, case, label, -1, shown))
     return images
 
 
@@ -306,7 +319,7 @@ def _write_sidecars(out: Path, images: list[Image], label_noise: float) -> None:
             writer = csv.writer(handle)
             writer.writerow(["name", "modality", "clean_label", "noisy_label"])
             writer.writerows([im.name, im.modality, im.clean_label, im.label]
-                             for im in images if im.label != im.clean_label)
+                             for im in images if im.label != im.clean_label and im.split != "unlabeled")
 
 
 # ---------------------------------------------------------------- drawing helpers
@@ -561,6 +574,7 @@ def synth_multieye(
     independent: bool = False,
     test_per_class: int = 0,
     dev_per_class: int = 0,
+    unlabeled: int = 0,
     workers: int = 1,
 ) -> dict:
     """Write a fake MultiEYE dataset (fundus + OCT, 9 classes) under `out` in the official on-disk layout.
@@ -571,6 +585,7 @@ def synth_multieye(
     `fundus_signal` scales how visible the concepts are in fundus (OCT always shows them clearly);
     `label_noise` flips that share of the training labels to the eye's confusable neighbour (boundary-biased);
     `independent` renders each fundus image from a latent of its own (same class only): the negative control.
+    `unlabeled` adds that many eyes per modality listed in train/unlabeled.txt only (no label).
     Output depends only on the arguments (not on `workers`). The module docstring tells the generative story.
     Returns {"root", "counts": {modality: {split: n}}, "classes", "concepts", "concept_embeddings" (path),
     "images": [{name, modality, split, clean_label, label, latent (Latent)}], "flipped": {modality: n}}.
@@ -586,12 +601,14 @@ def synth_multieye(
         raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
     if test_per_class < 0 or dev_per_class < 0:
         raise ValueError(f"test_per_class and dev_per_class must be >= 0, got {test_per_class}, {dev_per_class}")
+    if unlabeled < 0:
+        raise ValueError(f"unlabeled must be >= 0, got {unlabeled}")
     if fundus_signal < 0:
         raise ValueError(f"fundus_signal must be >= 0, got {fundus_signal}")
     out = Path(out)
     pools = {"main": per_class, **({"dev": dev_per_class} if dev_per_class else {}),
              **({"test": test_per_class} if test_per_class else {})}
-    images = _plan(per_class, seed, paired, independent, label_noise, pools)
+    images = _plan(per_class, seed, paired, independent, label_noise, pools, unlabeled)
     jobs: list[Job] = []
     counts: dict[str, dict[str, int]] = {}
     gain = FUNDUS_GAIN * fundus_signal
@@ -607,6 +624,10 @@ def synth_multieye(
             sep = "\t" if (mod == "oct" and split == "test") else " "  # as in the real download
             _write_list(out / root / split / LIST_NAME, [sel[i] for i in order], sep)
             counts[mod][split] = len(sel)
+        pool_names = [im.name for im in rows if im.split == "unlabeled"]
+        if pool_names:
+            (out / root / "train" / UNLABELED_LIST).write_text("\n".join(pool_names) + "\n")
+            counts[mod]["unlabeled"] = len(pool_names)
         tag_id = _TAG_ID["e" if paired else mod[0]]
         jobs += [(str(img_dir / f"{im.name}.png"), mod, im.index, size,
                   (seed, _NUISANCE, _MOD_ID[mod], _POOL_ID[im.pool], tag_id, im.case),
@@ -623,6 +644,7 @@ def synth_multieye(
         "concept_embeddings": str(out / EMBEDDINGS_NAME),
         "images": [{"name": im.name, "modality": im.modality, "split": im.split, "clean_label": im.clean_label,
                     "label": im.label, "latent": im.latent} for im in images],
-        "flipped": {mod: sum(im.label != im.clean_label for im in images if im.modality == mod)
+        "flipped": {mod: sum(im.label != im.clean_label for im in images if im.modality == mod
+                             and im.split != "unlabeled")
                     for mod in MODALITIES},
     }
