@@ -155,16 +155,21 @@ def synth_brats(
                                                  "test set across training sizes).")] = 0,
     independent: Annotated[bool, typer.Option(help="Negative control: fixed contrasts, no shared latent, "
                                                    "labels exactly the pixels' geometry.")] = False,
+    unlabeled: Annotated[int, typer.Option(help="Cases without label files in OUT/unlabeled/ (as validation data "
+                                                "ship), for prepare --unlabeled.")] = 0,
 ) -> None:
     """BraTS NIfTI phantoms: a per-case tumour latent rendered strongly in T1/T2/FLAIR, faintly in T1ce."""
     summary = run_synth("brats", out, cases=cases, size=size, naming=naming, seed=seed, workers=workers,
-                        label_noise=label_noise, test_cases=test_cases, independent=independent)
+                        label_noise=label_noise, test_cases=test_cases, independent=independent,
+                        unlabeled=unlabeled)
     counts = {split: len(ids) for split, ids in summary["splits"].items()}
     err(f"wrote {len(summary['cases'])} cases ({naming} naming, {summary['design']} design; "
         f"{counts['train']}/{counts['dev']}/{counts['test']} train/dev/test) to {out}")
     if summary["splits_file"]:
         err(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test cases "
             "depend on this split)")
+    if unlabeled:
+        err(f"{unlabeled} unlabeled cases in {out / 'unlabeled'}: prepare with --unlabeled {out / 'unlabeled'}")
 
 
 @command(synth_app, "cxr")

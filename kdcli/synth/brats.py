@@ -124,7 +124,8 @@ CONTRAST: dict[str, tuple[float, float, float, float, float, float]] = {
 }
 CONTRAST_FIELDS = ("wm", "gm", "csf", "oedema_shift_sigma", "necrosis", "enhancing")
 ENHANCING_THRESHOLD = 0.2  # shared design: a tumour enhances iff its enhancement latent reaches this
-MAX_TEST_CASES = 1000  # the reserved id ranges hold this many
+MAX_TEST_CASES = 1000  # the reserved id ranges hold this many (extra test cases and unlabeled ones together)
+UNLABELED_DIR = "unlabeled"  # <out>/unlabeled/: cases without label files
 CLEAN_LABELS = "clean_labels"  # prepare walks every folder, but these file names match no BraTS suffix
 SPLITS_FILE = "splits.json"
 SPLIT_SEED = 0  # prepare's default --split-seed: without test cases the phantom's split is prepare's default one
@@ -635,10 +636,13 @@ def synth_brats(
     label_noise: float = 0.0,
     independent: bool = False,
     test_cases: int = 0,
+    unlabeled: int = 0,
 ) -> dict:
     """Write `cases` BraTS-like cases (and `test_cases` extra test cases) under `out` in the layout of release
     `naming` (2018, 2019, 2020, 2021, 2023); see the module docstring for the generative story.
 
+    `unlabeled`: that many more cases in `<out>/unlabeled/`, four sequences and no label file (as BraTS
+    validation data ship): `prepare brats RAW --unlabeled RAW/unlabeled` reads them as unlabeled training cases.
     `label_noise` (0-1): rater noise on the train cases' label files. `independent`: the negative control
     (today's fixed-contrast design). Returns {"root", "naming", "design" ("shared" or "independent"),
     "label_noise", "cases": [{"id", "folder" (relative to root), "grade", "split", "test_case", "labels" (values
@@ -667,15 +671,21 @@ def synth_brats(
         raise ValueError(f"label_noise must be between 0 and 1, got {label_noise}")
     if not 0 <= test_cases <= MAX_TEST_CASES:
         raise ValueError(f"test_cases must be between 0 and {MAX_TEST_CASES}, got {test_cases}")
+    if not 0 <= unlabeled <= MAX_TEST_CASES - test_cases:
+        raise ValueError(f"unlabeled must be between 0 and {MAX_TEST_CASES - test_cases} (with test_cases="
+                         f"{test_cases}), got {unlabeled}")
     out = Path(out)
     suffixes = _suffixes(naming)
     ids, folders, grades = _plan(cases, naming, seed)
-    test_ids, test_folders, test_grades = _test_plan(test_cases, naming, seed)
+    # the unlabeled cases continue the reserved stream of the extra test cases (the first test_cases stay as they are)
+    test_ids, test_folders, test_grades = _test_plan(test_cases + unlabeled, naming, seed)
+    pool_folders = [Path(folder).name for folder in test_folders[test_cases:]]
     clash = sorted(set(ids) & set(test_ids))
     if clash:
         raise ValueError(f"cases={cases} reaches the ids reserved for the extra test cases ({clash[0]}); "
                          "use fewer cases or no test_cases")
-    splits = _main_splits(ids, test_cases) + ["test"] * test_cases
+    splits = _main_splits(ids, test_cases) + ["test"] * test_cases + ["unlabeled"] * unlabeled
+    test_folders = test_folders[:test_cases] + pool_folders
     seg_ext = ".nii" if naming == "2020" else ".nii.gz"
     control_lgg = np.random.default_rng([seed, 14])  # the control's enhancement draws, as today
     lgg_seen, jobs = False, []
@@ -697,7 +707,7 @@ def synth_brats(
             files["seg"] = MISNAMED_2020
         rho = label_noise if split == "train" else 0.0
         jobs.append(Job(
-            root=str(out), folder=folder, files=files,
+            root=str(out / UNLABELED_DIR if split == "unlabeled" else out), folder=folder, files=files,
             key=(seed, _TEST, j) if is_test else (seed, _MAIN, k),
             control_key=(seed, _TEST, j, _CONTROL_TEST) if is_test else (seed, k),
             size=size, depth=depth, naming=naming, grade=grade, independent=bool(independent),
@@ -708,7 +718,7 @@ def synth_brats(
     if naming == "2020":
         (out / "MICCAI_BraTS2020_TrainingData").mkdir(exist_ok=True)
         _name_mapping(out / "MICCAI_BraTS2020_TrainingData" / "name_mapping.csv", ids, grades, seed,
-                      list(zip(test_ids, test_grades, strict=True)))
+                      list(zip(test_ids[:test_cases], test_grades[:test_cases], strict=True)))
     if label_noise > 0:
         (out / CLEAN_LABELS).mkdir(exist_ok=True)
     if workers > 1:
@@ -718,8 +728,13 @@ def synth_brats(
         results = [_render(job) for job in jobs]
     summary = []
     for k, ((case_id, folder, grade, split), job, res) in enumerate(zip(every, jobs, results, strict=True)):
-        row = {"id": case_id, "folder": folder, "grade": grade, "split": split, "test_case": k >= cases, **res,
-               "files": {name: f"{folder}/{fn}" for name, fn in job.files.items()}}
+        files = {name: f"{folder}/{fn}" for name, fn in job.files.items()}
+        if split == "unlabeled":  # rendered like every case; its label file is not shipped
+            (Path(job.root) / job.folder / job.files["seg"]).unlink()
+            folder = f"{UNLABELED_DIR}/{folder}"
+            files = {name: f"{folder}/{fn}" for name, fn in job.files.items() if name != "seg"}
+        row = {"id": case_id, "folder": folder, "grade": grade, "split": split,
+               "test_case": k >= cases and split == "test", **res, "files": files}
         if job.clean_file is not None:
             row["clean_seg"] = job.clean_file
         summary.append(row)
