@@ -293,3 +293,18 @@ def test_protokd_distils_on_unlabeled_slices_at_the_ratio_and_not_with_no_unlabe
                 "--out", left_out, "--no-unlabeled", *SEG_QUICK)
     assert f"--no-unlabeled: {count} unlabeled t1ce slices left out" in result.output
     assert metrics(left_out)["train_unlabeled"] == 0
+
+
+def test_synth_brats_unlabeled_folder_is_prepared_as_unlabeled_training_cases(tmp_path):
+    raw = tmp_path / "raw"
+    made = ok("synth", "brats", raw, "--cases", "6", "--size", "32", "--unlabeled", "2")
+    assert f"prepare with --unlabeled {raw / 'unlabeled'}" in made.output
+    pool = case_folders(raw / "unlabeled")
+    assert len(pool) == 2 and not any(list(p.glob("*seg.nii*")) for p in pool)
+    out = tmp_path / "shards"
+    ok("prepare", "brats", raw, "--out", out, "--size", "32", "--unlabeled", raw / "unlabeled")
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["unlabeled"]["t1ce"]["train"] > 0 and meta["unlabeled"]["t1ce"]["test"] == 0
+    store = ShardStore(out)
+    records = set(store.manifest.filter(~store.manifest["labelled"])["record"])
+    assert records == {p.name for p in pool}
