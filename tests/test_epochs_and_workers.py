@@ -88,7 +88,9 @@ def test_sigint_during_teach_with_workers_then_resume_equals_uninterrupted(multi
     assert CliRunner().invoke(app, _teach_args(multieye_shards, whole, 2, epochs)).exit_code == 0
 
     cut = tmp_path / "cut.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the same intra-op thread count as this process, which trains the other runs: CPU reductions split over
+    # another number of threads round differently
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen([sys.executable, "-m", "kdcli", *_teach_args(multieye_shards, cut, 2, epochs)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     metrics = tmp_path / "cut.metrics.jsonl"
