@@ -42,7 +42,8 @@ Grids: the default grid is 4 log-spaced sizes x 5 seeds x both variants, test_re
 for the whole grid: multieye 150 s (-> 25 CPU-minutes), brats 172 s at 15 epochs (-> 24 at the 12 it uses),
 cxr ~100 s (-> 18), camelyon ~130 s with its phantoms (-> 24 with the fixed test slides), fundus-grading 94 s
 (-> 16): under 30 minutes on 2 cores, about half that with `--jobs 2` (OMP_NUM_THREADS=1); half of each while
-the generators have no independent control. `--quick` (2 sizes x 2 seeds, 4 epochs) takes a minute or two.
+the generators have no independent control. `--quick` (2 sizes x 2 seeds, 5 epochs of at least 256 samples)
+takes one to two minutes.
 The full grid on a GPU (5 sizes, 10 seeds, larger images and models), e.g.:
     kdcli bench distill multieye --sizes 8,16,32,64,128 --seeds 10 --epochs 40 --image-size 128 \\
         --model resnet18 --device cuda --workers 4 --jobs 4 --out bench-multieye
@@ -188,7 +189,7 @@ RECIPES: dict[str, Recipe] = {
                            phantom="paired")},
         metrics=(Metric("accuracy", ("accuracy",), "baseline", "teacher"),),
         default=Grid((8, 16, 32, 64), 5, 15, 32, "test_resnet", min_samples=256, test_size=50),
-        quick=Grid((8, 16), 2, 4, 32, "test_resnet", min_samples=128, test_size=10),
+        quick=Grid((8, 16), 2, 5, 32, "test_resnet", min_samples=256, test_size=10),
         notes=("multieye: CoDA on the unpaired phantom (its design: class-matched OCT partners), Hinton KD on a "
                "--paired one (it needs the same eye in both modalities); each phantom has its own teacher and "
                "baseline; the label-smoothing control runs on the unpaired one",)),
@@ -201,7 +202,7 @@ RECIPES: dict[str, Recipe] = {
         methods={"protokd": Run("distill", {"modality": "t1ce", "method": "protokd"}, ("teacher",))},
         metrics=(Metric("dice_mean", ("dice_mean",), "baseline", "teacher"),),
         default=Grid((8, 16, 32, 64), 5, 12, 32, "plain-8", min_samples=256, test_size=24),
-        quick=Grid((6, 12), 2, 4, 32, "plain-8-2", min_samples=128, test_size=6)),
+        quick=Grid((6, 12), 2, 5, 32, "plain-8-2", min_samples=256, test_size=6)),
     "cxr": Recipe(
         synth="cxr", size_option="per_class", test_option="test_per_class",
         synth_options=lambda grid: {"size": max(64, 2 * grid.image_size), "annotated_fraction": 0.2},
@@ -212,7 +213,7 @@ RECIPES: dict[str, Recipe] = {
         methods={"cvi": Run("distill", {"modality": "xray", "method": "cvi"}, ("stage1",), **_STAGE2)},
         metrics=(Metric("mean_auroc", ("mean_auroc",), "control", "stage1", teacher_should_beat=False),),
         default=Grid((4, 8, 16, 32), 5, 12, 64, "test_resnet", min_samples=256, test_size=20),
-        quick=Grid((4, 8), 2, 4, 32, "test_resnet", min_samples=128, test_size=4),
+        quick=Grid((4, 8), 2, 5, 32, "test_resnet", min_samples=256, test_size=4),
         notes=("cxr: the baseline is CVI's stage 2 with the posterior and KL terms off (the same epochs, frozen "
                "blocks, heads and initial weights: stage 1), as the README's control; the teacher is stage 1",)),
     "camelyon": Recipe(
@@ -228,7 +229,7 @@ RECIPES: dict[str, Recipe] = {
                  Metric("auc@0.8", ("0.8", "auc"), "wsi", "fusion", teacher_should_beat=False)),
         evaluate={"missing_rate": "0,0.8"},
         default=Grid((30, 60, 120, 240), 5, 15, 32, "test_resnet", batch_size=8, test_size=100),
-        quick=Grid((16, 32), 2, 4, 32, "test_resnet", batch_size=8, test_size=16),
+        quick=Grid((16, 32), 2, 5, 32, "test_resnet", batch_size=8, test_size=16),
         notes=("camelyon: AUC with every clinical record present (auc@0) and with 80% withheld (auc@0.8), as the "
                "README's table; the bidirectional student starts from the fusion teacher (its design) and trains "
                "half the epochs at a third of the lr; the baseline is the WSI-only model from scratch",)),
@@ -242,7 +243,7 @@ RECIPES: dict[str, Recipe] = {
         metrics=(Metric("dr_accuracy", ("dr", "accuracy"), "dr", "dr", teacher_should_beat=False),
                  Metric("amd_accuracy", ("amd", "accuracy"), "amd", "amd", teacher_should_beat=False)),
         default=Grid((8, 16, 32, 64), 5, 15, 32, "test_resnet", min_samples=256, test_size=40),
-        quick=Grid((6, 12), 2, 4, 32, "test_resnet", min_samples=128, test_size=8),
+        quick=Grid((6, 12), 2, 5, 32, "test_resnet", min_samples=256, test_size=8),
         notes=("fundus-grading: the single-task graders are both SALL's teachers and its baselines (DR accuracy "
                "against the DR grader, AMD accuracy against the AMD grader)",)),
 }
@@ -429,6 +430,8 @@ def train_cell(job: CellJob, log: Callable[[str], None] = print) -> dict[str, di
             log(f"{job.label} {run.name}: done earlier")
             continue
         resume = sibling(out, ".last.pt").is_file() and _read_json(key_path) == key
+        if not resume:  # a .last.pt of another configuration must not be resumed if this run is interrupted early
+            sibling(out, ".last.pt").unlink(missing_ok=True)
         atomic_write_json(key_path, key)  # what the .last.pt belongs to, so an interrupted run resumes
         flags = {**run.flags, "data": job.data, "out": str(out), "seed": job.seed, "device": job.device,
                  "workers": job.workers, "resume": resume, "overwrite": not resume,

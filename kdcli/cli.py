@@ -781,7 +781,7 @@ def bench_distill(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for runs/ (phantoms, checkpoints; reused "
                                                                  "when rerun) and the results (default: "
                                                                  "kdcli-bench/DATASET).")] = None,
-    quick: Annotated[bool, typer.Option(help="CI scale: 2 sizes x 2 seeds, 4 epochs (minutes).")] = False,
+    quick: Annotated[bool, typer.Option(help="CI scale: 2 sizes x 2 seeds, 5 epochs (minutes).")] = False,
     sizes: Annotated[str | None, typer.Option(help="Training sizes, comma-separated, in the generator's unit "
                                                    "(per class, cases or slides); default: the grid's.")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds 0..N-1 (0: the grid's, 5; --quick 2).")] = 0,

@@ -130,13 +130,16 @@ def test_bench_distill_multieye_end_to_end(tmp_path):
     smoothed = load_checkpoint(out / "runs" / "shared" / "unpaired" / "n6" / "seed0" / "baseline+ls.pt").meta
     assert smoothed["method_params"]["label_smoothing"] == 0.1
 
-    # rerun after losing one result: only that run trains again, the others are read back
+    # rerun after losing one result (as if interrupted after its last epoch): only that run is taken up again,
+    # from its .last.pt, and gives the same test accuracy; the others are read back
     (out / "runs" / "shared" / "unpaired" / "n6" / "seed1" / "coda.bench.json").unlink()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     runs = json.loads(again.stdout)["runs"]
     assert [(r["phantom"], r["seed"], r["run"]) for r in runs if not r["cached"]] == [("unpaired", 1, "coda")]
-    assert len(runs) == 14
+    assert len(runs) == 14 and "seed 1 coda: accuracy" in again.stderr and "resumed" in again.stderr
+    before = {(r["phantom"], r["seed"], r["run"]): r["metrics"] for r in report["runs"]}
+    assert {(r["phantom"], r["seed"], r["run"]): r["metrics"] for r in runs} == before
 
 
 def test_parallel_jobs_return_results_in_order():
