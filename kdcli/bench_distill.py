@@ -1,0 +1,795 @@
+"""`kdcli bench distill DATASET`: does distillation beat the same student trained without a teacher, and by how
+much, as the training set grows? Paired differences with t intervals over seeds, on phantoms written for it.
+
+For each variant of the phantom ("shared": the generator's design; "independent": its control where the
+modalities share only the label, when the generator offers `independent`), each training size of a log-spaced
+grid and each seed, one cell trains, in order:
+    the teacher(s), the baseline (the student's modality, architecture and head, no teacher), a label-smoothing
+    baseline (`-p label_smoothing=0.1`, the same epochs and batches: soft targets without a teacher), and every
+    distillation method of the dataset,
+then evaluates each on the TEST split with `kdcli evaluate`'s library function. The row of a method is the
+paired difference method - baseline over seeds: mean, t 95% interval (mean ± t_{0.975, n-1} · sd / √n; none
+for one seed) and the number of seeds up and down.
+
+Design decisions:
+- Data: one phantom per (variant, size), drawn with `--data-seed`; the seeds repeat TRAINING on it (initial
+  weights, batch order, augmentation, and the teacher's own training). The test set is fixed when the generator
+  takes a test-size option (test_per_class / test_cases / test_slides), else it is each size's own 20% split
+  (said in the notes). The interval is therefore over training randomness given the data; `--resample` draws
+  new data per seed (synth seed = data seed + seed) so that it covers data draws too.
+- Pairing: baseline and students of one cell read the same shards (the same content hash in their checkpoints)
+  and are trained with the same seed, so kdcli gives them the same initial weights and the same batch order.
+  Exceptions by the methods' design, said in the notes: CVI's stage 2 and the bidirectional student start from
+  their teacher, so their baselines are chosen to match (CVI: stage 2 with the posterior and KL off, as the
+  README's control; bidirectional: the WSI-only model, as the README's table).
+- Teachers are trained once per cell (per seed): a method's gain should not hinge on one lucky teacher. Each
+  row reports the teacher's own metric beside it (a weak teacher has nothing to transfer).
+- Small sizes still train: every epoch draws at least the grid's `min_samples` training samples (the engine's
+  samples_per_epoch), the same for every run of a cell.
+- Options the phantom generators are gaining (`independent`, `label_noise`, test sizes) are passed only when the
+  generator's signature takes them; otherwise the variant is skipped, or the fixed test set dropped, with a note.
+  `--label-noise` given to a generator without it is refused: results without the noise asked for would mislead.
+- Resumable: everything lives under OUT/runs/; a run whose result file records the same configuration, data and
+  teachers is not retrained, an interrupted one resumes from its last epoch, so rerunning the command after an
+  interruption (or with more seeds or sizes) only trains what is missing.
+
+Outputs under --out: runs/ (phantom shards, checkpoints, per-run results), results.csv, results.json (rows +
+metadata: metric, command line, grid, notes, kdcli version, seconds), gain.png (one panel per method and
+metric: difference vs training size with 95% intervals, shared vs independent).
+
+Grids: the default grid is 4 log-spaced sizes x 5 seeds x both variants, test_resnet (brats: a plain-8 U-Net) at
+32 px (cxr 64), 12-15 epochs of at least 256 samples. Measured CPU time of one seed of the shared variant, x 10
+for the whole grid: multieye 150 s (-> 25 CPU-minutes), brats 172 s at 15 epochs (-> 24 at the 12 it uses),
+cxr ~100 s (-> 18), camelyon ~130 s with its phantoms (-> 24 with the fixed test slides), fundus-grading 94 s
+(-> 16): under 30 minutes on 2 cores, about half that with `--jobs 2` (OMP_NUM_THREADS=1); half of each while
+the generators have no independent control. `--quick` (2 sizes x 2 seeds, 5 epochs of at least 256 samples)
+takes one to two minutes.
+The full grid on a GPU (5 sizes, 10 seeds, larger images and models), e.g.:
+    kdcli bench distill multieye --sizes 8,16,32,64,128 --seeds 10 --epochs 40 --image-size 128 \\
+        --model resnet18 --device cuda --workers 4 --jobs 4 --out bench-multieye
+and likewise brats (`--sizes 8,16,32,64,128 --image-size 96 --model plain-16`), cxr (`--sizes 4,8,16,32,64
+--image-size 128`), camelyon (`--sizes 30,60,120,240,480 --image-size 64`), fundus-grading (as multieye).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcli.errors import UsageError
+
+VARIANTS = ("shared", "independent")
+LABEL_SMOOTHING = "label-smoothing"  # the row name of the label-smoothing control
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+@dataclass(frozen=True)
+class Grid:
+    sizes: tuple[int, ...]
+    seeds: int
+    epochs: int
+    image_size: int
+    model: str
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_samples: int = 0  # each epoch draws at least this many training samples (0: the training set's size)
+    test_size: int = 0  # fixed test set size, passed as the recipe's test option when the generator takes it
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model of a cell: `teach` or `distill` with these flags beyond the grid's; `teachers` name other runs
+    of the cell; `epochs` and `lr` scale the grid's (a fine-tuning stage trains half as long at a third)."""
+
+    kind: str  # teach | distill
+    flags: dict[str, Any] = field(default_factory=dict)
+    teachers: tuple[str, ...] = ()
+    epochs: float = 1.0
+    lr: float = 1.0
+    phantom: str = ""  # methods only: the phantom it needs (default: the recipe's first)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # as printed and in the rows
+    path: tuple[str, ...]  # keys into evaluate's report["metrics"]
+    baseline: str  # the run every method is compared against
+    teacher: str  # the run whose value is reported beside (the teacher's quality)
+    teacher_should_beat: bool = True  # False where the teacher is an earlier stage or the baseline itself
+
+
+@dataclass(frozen=True)
+class Recipe:
+    synth: str  # kdcli.synth.SYNTHS name
+    size_option: str  # the generator's training-size keyword
+    test_option: str  # its fixed test-size keyword, once it has one
+    synth_options: Callable[[Grid], dict[str, Any]]
+    prepare: Callable[[Path, Path, dict, Grid, int], list[str]]  # (raw, shards, synth summary, grid, workers)
+    runs: dict[str, Run]  # teachers and baselines, in training order
+    methods: dict[str, Run]
+    metrics: tuple[Metric, ...]
+    default: Grid
+    quick: Grid
+    phantoms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
+    evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateOptions fields
+    notes: tuple[str, ...] = ()
+
+
+def _plain_prepare(source: str, **source_options: Any):
+    def run(raw: Path, shards: Path, summary: dict, grid: Grid, workers: int) -> list[str]:
+        from kdcli.prepare import PrepareOptions, prepare
+
+        done = prepare(PrepareOptions(source=source, raw=raw, out=shards, size=grid.image_size, overwrite=True,
+                                      workers=max(1, workers), source_options=dict(source_options)))
+        return list(done.notes)
+
+    return run
+
+
+def _prepare_fundus_grading(raw: Path, shards: Path, summary: dict, grid: Grid, workers: int) -> list[str]:
+    from kdcli.prepare import PrepareOptions, prepare
+
+    for task, info in summary["sets"].items():  # the DR set, then the AMD set appended: one dataset, two tasks
+        prepare(PrepareOptions(source="fundus-grading", raw=Path(info["labels"]).parent, out=shards,
+                               size=grid.image_size, overwrite=True, append=task != "dr", workers=max(1, workers),
+                               source_options={"labels": info["labels"], "task": task}))
+    return []
+
+
+def _prepare_cxr(raw: Path, shards: Path, summary: dict, grid: Grid, workers: int) -> list[str]:
+    from kdcli.prepare import PrepareOptions, prepare
+
+    # EGD's sigma is 6% of the image width (150 px on ~2,500 px); the phantom is drawn at twice the stored size
+    annotations = {"gaze": str(raw / "egd-cxr"), "boxes": str(raw / "BBox_List_2017.csv"),
+                   "egd_sigma": 0.06 * 2 * grid.image_size}
+    done = prepare(PrepareOptions(source="cxr", raw=raw, out=shards, size=grid.image_size, overwrite=True,
+                                  workers=max(1, workers), source_options=annotations))
+    return list(done.notes)
+
+
+def _prepare_camelyon(raw: Path, shards: Path, summary: dict, grid: Grid, workers: int) -> list[str]:
+    from kdcli.prepare import PrepareOptions, prepare
+
+    # as `kdcli demo wsi`: up to 32 tissue patches per slide at 10x, 128 px, stored at the grid's image size; a
+    # core too thin for one patch is skipped and reported
+    done = prepare(PrepareOptions(source="camelyon", raw=raw, out=shards, size=grid.image_size, overwrite=True,
+                                  workers=max(1, workers), source_options={"patch_size": 128, "max_patches": 32,
+                                                                           "mag": 10, "skip_bad": True}))
+    return list(done.notes)
+
+
+_CONCEPT = {"head": "concept"}  # MultiEYE: teacher, baseline and students share the concept head CoDA needs
+_STAGE2 = {"epochs": 0.5, "lr": 1 / 3}  # a stage that fine-tunes its teacher: half the epochs, a third of the lr
+
+RECIPES: dict[str, Recipe] = {
+    "multieye": Recipe(
+        synth="multieye", size_option="per_class", test_option="test_per_class",
+        synth_options=lambda grid: {"size": grid.image_size},
+        prepare=_plain_prepare("multieye"),
+        phantoms={"unpaired": {}, "paired": {"paired": True}},
+        runs={"teacher": Run("teach", {"modality": "oct", **_CONCEPT}),
+              "baseline": Run("teach", {"modality": "fundus", **_CONCEPT})},
+        methods={"coda": Run("distill", {"modality": "fundus", "method": "coda", **_CONCEPT}, ("teacher",),
+                             phantom="unpaired"),
+                 "kd": Run("distill", {"modality": "fundus", "method": "kd", **_CONCEPT}, ("teacher",),
+                           phantom="paired")},
+        metrics=(Metric("accuracy", ("accuracy",), "baseline", "teacher"),),
+        default=Grid((8, 16, 32, 64), 5, 15, 32, "test_resnet", min_samples=256, test_size=50),
+        quick=Grid((8, 16), 2, 5, 32, "test_resnet", min_samples=256, test_size=10),
+        notes=("multieye: CoDA on the unpaired phantom (its design: class-matched OCT partners), Hinton KD on a "
+               "--paired one (it needs the same eye in both modalities); each phantom has its own teacher and "
+               "baseline; the label-smoothing control runs on the unpaired one",)),
+    "brats": Recipe(
+        synth="brats", size_option="cases", test_option="test_cases",
+        synth_options=lambda grid: {"size": grid.image_size},
+        prepare=_plain_prepare("brats"),
+        runs={"teacher": Run("teach", {"modality": "t1,t1ce,t2,flair"}),
+              "baseline": Run("teach", {"modality": "t1ce"})},
+        methods={"protokd": Run("distill", {"modality": "t1ce", "method": "protokd"}, ("teacher",))},
+        metrics=(Metric("dice_mean", ("dice_mean",), "baseline", "teacher"),),
+        default=Grid((8, 16, 32, 64), 5, 12, 32, "plain-8", min_samples=256, test_size=24),
+        quick=Grid((6, 12), 2, 5, 32, "plain-8-2", min_samples=256, test_size=6)),
+    "cxr": Recipe(
+        synth="cxr", size_option="per_class", test_option="test_per_class",
+        synth_options=lambda grid: {"size": max(64, 2 * grid.image_size), "annotated_fraction": 0.2},
+        prepare=_prepare_cxr,
+        runs={"stage1": Run("teach", {"modality": "xray", "head": "linear", "output_stride": 8}),
+              "control": Run("distill", {"modality": "xray", "method": "cvi",
+                                         "params": {"posterior_weight": 0, "kl_weight": 0}}, ("stage1",), **_STAGE2)},
+        methods={"cvi": Run("distill", {"modality": "xray", "method": "cvi"}, ("stage1",), **_STAGE2)},
+        metrics=(Metric("mean_auroc", ("mean_auroc",), "control", "stage1", teacher_should_beat=False),),
+        default=Grid((4, 8, 16, 32), 5, 12, 64, "test_resnet", min_samples=256, test_size=20),
+        quick=Grid((4, 8), 2, 5, 32, "test_resnet", min_samples=256, test_size=4),
+        notes=("cxr: the baseline is CVI's stage 2 with the posterior and KL terms off (the same epochs, frozen "
+               "blocks, heads and initial weights: stage 1), as the README's control; the teacher is stage 1",)),
+    "camelyon": Recipe(
+        synth="camelyon", size_option="slides", test_option="test_slides",
+        synth_options=lambda grid: {"size": 1536},
+        prepare=_prepare_camelyon,
+        runs={"fusion": Run("teach", {"modality": "wsi,clinical"}),
+              "wsi": Run("teach", {"modality": "wsi"})},
+        methods={"bidirectional": Run("distill", {"modality": "wsi", "method": "bidirectional"}, ("fusion",),
+                                      **_STAGE2)},
+        # the teacher's quality is its AUC with the records it was built for; with 80% withheld it is not a teacher
+        metrics=(Metric("auc@0", ("0", "auc"), "wsi", "fusion"),
+                 Metric("auc@0.8", ("0.8", "auc"), "wsi", "fusion", teacher_should_beat=False)),
+        evaluate={"missing_rate": "0,0.8"},
+        default=Grid((30, 60, 120, 240), 5, 15, 32, "test_resnet", batch_size=8, test_size=100),
+        quick=Grid((16, 32), 2, 5, 32, "test_resnet", batch_size=8, test_size=16),
+        notes=("camelyon: AUC with every clinical record present (auc@0) and with 80% withheld (auc@0.8), as the "
+               "README's table; the bidirectional student starts from the fusion teacher (its design) and trains "
+               "half the epochs at a third of the lr; the baseline is the WSI-only model from scratch",)),
+    "fundus-grading": Recipe(
+        synth="fundus-grading", size_option="per_class", test_option="test_per_class",
+        # drawn at twice the stored size, so that microaneurysm-sized lesions survive the downsampling
+        synth_options=lambda grid: {"size": 2 * grid.image_size},
+        prepare=_prepare_fundus_grading,
+        runs={"dr": Run("teach", {"task": "dr"}), "amd": Run("teach", {"task": "amd"})},
+        methods={"sall": Run("distill", {"method": "sall"}, ("dr", "amd"))},
+        metrics=(Metric("dr_accuracy", ("dr", "accuracy"), "dr", "dr", teacher_should_beat=False),
+                 Metric("amd_accuracy", ("amd", "accuracy"), "amd", "amd", teacher_should_beat=False)),
+        default=Grid((8, 16, 32, 64), 5, 15, 32, "test_resnet", min_samples=256, test_size=40),
+        quick=Grid((6, 12), 2, 5, 32, "test_resnet", min_samples=256, test_size=8),
+        notes=("fundus-grading: the single-task graders are both SALL's teachers and its baselines (DR accuracy "
+               "against the DR grader, AMD accuracy against the AMD grader)",)),
+}
+
+
+# --------------------------------------------------------------------------------------------- statistics
+def paired_interval(deltas: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of the per-seed differences, its t interval mean ± t_{(1+c)/2, n-1} · sd / √n (sd with n - 1; None
+    for one seed) and how many seeds went up (> 0) and down (< 0)."""
+    from scipy import stats
+
+    values = np.asarray(list(deltas), dtype=float)
+    if values.size == 0:
+        raise ValueError("no paired differences")
+    mean = float(values.mean())
+    low = high = None
+    if values.size > 1:
+        half = float(stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+        low, high = mean - half, mean + half
+    return {"seeds": int(values.size), "delta_mean": mean, "ci_low": low, "ci_high": high,
+            "seeds_up": int((values > 0).sum()), "seeds_down": int((values < 0).sum())}
+
+
+# ----------------------------------------------------------------------------------------------- options
+@dataclass
+class DistillBenchOptions:
+    dataset: str
+    out: Path
+    quick: bool = False
+    sizes: tuple[int, ...] = ()  # empty: the grid's
+    seeds: int = 0  # 0: the grid's
+    epochs: int = 0
+    model: str = ""
+    image_size: int = 0
+    methods: tuple[str, ...] = ()  # empty: all of the dataset's
+    independent: bool = True  # also run the independent-modalities control
+    label_smoothing: float = 0.1  # 0: no label-smoothing control
+    label_noise: float | None = None  # passed to the generator (training labels flipped)
+    data_seed: int = 0
+    resample: bool = False  # new data per seed
+    device: str = "auto"
+    workers: int = 0  # DataLoader workers; synth and prepare use max(1, workers) processes
+    jobs: int = 1  # cells trained in parallel processes
+
+
+def generator_options(function: Callable, wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The options of `wanted` that `function` takes, and the names of those it does not."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(wanted), []
+    return ({k: v for k, v in wanted.items() if k in parameters}, [k for k in wanted if k not in parameters])
+
+
+def resolve_grid(recipe: Recipe, options: DistillBenchOptions) -> Grid:
+    grid = recipe.quick if options.quick else recipe.default
+    changes = {key: value for key, value in (("sizes", tuple(options.sizes)), ("seeds", options.seeds),
+                                             ("epochs", options.epochs), ("model", options.model),
+                                             ("image_size", options.image_size)) if value}
+    grid = dataclasses.replace(grid, **changes)
+    if any(size < 1 for size in grid.sizes) or len(set(grid.sizes)) != len(grid.sizes):
+        raise UsageError(f"--sizes {','.join(map(str, grid.sizes))}: give distinct positive sizes")
+    if grid.seeds < 1 or grid.epochs < 1:
+        raise UsageError("--seeds and --epochs must be at least 1")
+    return dataclasses.replace(grid, sizes=tuple(sorted(grid.sizes)))
+
+
+def command_line(options: DistillBenchOptions, grid: Grid, methods: list[str]) -> str:
+    """The command that reruns this benchmark with every grid value spelled out."""
+    parts = ["kdcli", "bench", "distill", options.dataset, "--sizes", ",".join(map(str, grid.sizes)), "--seeds",
+             str(grid.seeds), "--epochs", str(grid.epochs), "--model", grid.model, "--image-size",
+             str(grid.image_size), "--methods", ",".join(methods), "--label-smoothing", f"{options.label_smoothing:g}",
+             "--data-seed", str(options.data_seed), "--out", str(options.out)]
+    parts += [] if options.independent else ["--no-independent"]
+    parts += ["--resample"] if options.resample else []
+    parts += [] if options.label_noise is None else ["--label-noise", f"{options.label_noise:g}"]
+    parts += [] if options.device == "auto" else ["--device", options.device]
+    parts += [] if not options.quick else ["--quick"]
+    return shlex.join(parts)
+
+
+# -------------------------------------------------------------------------------------------------- jobs
+@dataclass
+class DataJob:
+    label: str
+    dataset: str
+    folder: str
+    synth_kwargs: dict[str, Any]
+    grid: Grid
+    workers: int
+
+
+@dataclass
+class RunJob:
+    name: str
+    kind: str
+    flags: dict[str, Any]  # resolve_config flags, without data, out, teacher and seed
+    teachers: list[str]
+
+
+@dataclass
+class CellJob:
+    label: str
+    data: str
+    folder: str
+    seed: int
+    runs: list[RunJob]
+    metrics: dict[str, list[str]]  # name -> path into the report's metrics
+    evaluate: dict[str, Any]
+    device: str
+    workers: int
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_data(job: DataJob, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Synth + prepare one phantom into job.folder/shards, unless an identical one is already there."""
+    from kdcli.shards.format import atomic_write_json
+    from kdcli.shards.reader import ShardStore
+    from kdcli.synth import SYNTHS
+
+    folder = Path(job.folder)
+    key = {"dataset": job.dataset, "synth": job.synth_kwargs, "image_size": job.grid.image_size}
+    done = _read_json(folder / "data.json")
+    if done and done.get("key") == key and (folder / "shards" / "dataset.json").is_file():
+        log(f"{job.label} data: done earlier")
+        return done
+    for stale in (folder / "raw", folder / "shards"):  # a different or half-written phantom: start clean
+        shutil.rmtree(stale, ignore_errors=True)
+    recipe = RECIPES[job.dataset]
+    started = time.perf_counter()
+    try:
+        summary = SYNTHS.get(recipe.synth)(folder / "raw", **job.synth_kwargs, workers=max(1, job.workers))
+    except ValueError as exc:
+        raise UsageError(f"synth {recipe.synth}: {exc}") from None
+    notes = recipe.prepare(folder / "raw", folder / "shards", summary, job.grid, job.workers)
+    shutil.rmtree(folder / "raw", ignore_errors=True)  # the shards are what the runs read; phantoms can be large
+    meta = ShardStore(folder / "shards").meta
+    result = {"key": key, "content_hash": meta.content_hash, "task": meta.task, "counts": meta.counts, "notes": notes,
+              "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_json(folder / "data.json", result)
+    log(f"{job.label} data: synth {recipe.synth} {json.dumps(job.synth_kwargs)}, prepare ({result['seconds']:.0f}s)")
+    return result
+
+
+def _metric_values(report: dict[str, Any], paths: dict[str, list[str]]) -> dict[str, float]:
+    values = {}
+    for name, path in paths.items():
+        value: Any = report.get("metrics")
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            values[name] = float(value)
+    return values
+
+
+def train_cell(job: CellJob, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Every run of one (variant, size, seed) cell in order, each skipped when its result is already there with
+    the same configuration, data and teachers, resumed when it was interrupted."""
+    from kdcli.engine.checkpoint import file_sha256, sibling
+    from kdcli.evaluate.run import EvaluateOptions, evaluate
+    from kdcli.shards.format import atomic_write_json
+    from kdcli.shards.reader import ShardStore
+    from kdcli.train import distill, resolve_config, teach
+
+    folder = Path(job.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    content_hash = ShardStore(job.data).meta.content_hash
+    results: dict[str, dict[str, Any]] = {}
+    quiet = lambda message: None  # noqa: E731 - per-epoch lines would drown the benchmark's progress
+    for run in job.runs:
+        out = folder / f"{run.name}.pt"
+        teachers = [str(folder / f"{name}.pt") for name in run.teachers]
+        key = {"kind": run.kind, "flags": run.flags, "seed": job.seed, "data": content_hash,
+               "teachers": [file_sha256(Path(path)) for path in teachers], "evaluate": job.evaluate}
+        result_path, key_path = sibling(out, ".bench.json"), sibling(out, ".bench-key.json")
+        previous = _read_json(result_path)
+        if previous and previous.get("key") == key and out.is_file():
+            results[run.name] = {**previous, "cached": True}
+            log(f"{job.label} {run.name}: done earlier")
+            continue
+        resume = sibling(out, ".last.pt").is_file() and _read_json(key_path) == key
+        if not resume:  # a .last.pt of another configuration must not be resumed if this run is interrupted early
+            sibling(out, ".last.pt").unlink(missing_ok=True)
+        atomic_write_json(key_path, key)  # what the .last.pt belongs to, so an interrupted run resumes
+        flags = {**run.flags, "data": job.data, "out": str(out), "seed": job.seed, "device": job.device,
+                 "workers": job.workers, "resume": resume, "overwrite": not resume,
+                 **({"teacher": teachers} if teachers else {})}
+        started = time.perf_counter()
+        (teach if run.kind == "teach" else distill)(resolve_config(flags), log=quiet)
+        report = evaluate(EvaluateOptions(out, Path(job.data), "test", device=job.device, **job.evaluate))
+        values = _metric_values(report, job.metrics)
+        result = {"key": key, "metrics": values, "seconds": round(time.perf_counter() - started, 2),
+                  "content_hash": content_hash}
+        atomic_write_json(result_path, result)
+        results[run.name] = {**result, "cached": False}
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in values.items())
+        log(f"{job.label} {run.name}: {shown} ({result['seconds']:.1f}s{', resumed' if resume else ''})")
+    return results
+
+
+def _child_init(threads: int) -> None:
+    if "OMP_NUM_THREADS" not in os.environ:  # parallel cells share the cores instead of oversubscribing them
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _stderr_log(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def _child_data(job: DataJob) -> dict[str, Any]:
+    return build_data(job, _stderr_log)
+
+
+def _child_cell(job: CellJob) -> dict[str, dict[str, Any]]:
+    return train_cell(job, _stderr_log)
+
+
+def _map(function: Callable, child: Callable, jobs: list, workers: int, log: Callable[[str], None]) -> list:
+    """In this process for --jobs 1 (logs through `log`), else in `workers` spawned processes (fork after torch
+    is loaded can deadlock its thread pools)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [function(job, log) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_child_init, initargs=(threads,)) as pool:
+        return list(pool.map(child, jobs))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _teach_method(task: str) -> str:
+    return {"classification": "supervised", "multilabel": "multilabel", "segmentation": "segmentation",
+            "mil": "mil"}.get(task, "supervised")
+
+
+def _accepts(method: str, parameter: str) -> bool:
+    from kdcli.methods import METHODS
+
+    return parameter in {f.name for f in dataclasses.fields(METHODS.get(method).Params)}
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    grid: Grid
+    methods: list[str]
+    variants: list[str]
+    phantoms: list[str]  # the recipe's
+    used_phantoms: list[str]  # those the chosen methods need
+    data_jobs: dict[tuple, DataJob]  # (variant, phantom, size, data seed or None) -> phantom to write
+    notes: list[str]
+
+
+def plan_benchmark(options: DistillBenchOptions) -> Plan:
+    """Grid, variants and phantoms to write, from the options and what the generator takes today."""
+    from kdcli.synth import SYNTHS
+
+    if options.dataset not in RECIPES:
+        raise UsageError(f"unknown dataset {options.dataset!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[options.dataset]
+    grid = resolve_grid(recipe, options)
+    methods = list(options.methods) or list(recipe.methods)
+    unknown = [m for m in methods if m not in recipe.methods]
+    if unknown:
+        raise UsageError(f"--methods {','.join(unknown)}: {options.dataset} has {', '.join(recipe.methods)}")
+    if not 0 <= options.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing {options.label_smoothing}: use 0 (off) or a value in (0, 1)")
+    notes = list(recipe.notes)
+    wanted = {"independent": True, recipe.test_option: grid.test_size}
+    if options.label_noise is not None:
+        wanted["label_noise"] = options.label_noise
+    taken, missing = generator_options(SYNTHS.get(recipe.synth), wanted)
+    if "label_noise" in missing:
+        raise UsageError(f"--label-noise: the {recipe.synth} generator has no label_noise option yet")
+    variants = ["shared"] + (["independent"] if options.independent else [])
+    if "independent" in missing and "independent" in variants:
+        variants.remove("independent")
+        notes.append(f"independent control skipped: the {recipe.synth} generator has no independent option yet "
+                     "('shared' is its current design)")
+    if recipe.test_option in taken:
+        notes.append(f"fixed test set: {recipe.test_option}={grid.test_size} at every size")
+    else:
+        notes.append(f"no fixed test set: the {recipe.synth} generator has no {recipe.test_option} option yet; "
+                     "each size is tested on its own test split")
+    if options.resample:
+        notes.append("--resample: each seed draws its own phantom (synth seed = data seed + seed)")
+    phantoms = list(recipe.phantoms)
+    used = [p for p in phantoms if any((recipe.methods[m].phantom or phantoms[0]) == p for m in methods)]
+    data_jobs: dict[tuple, DataJob] = {}
+    for variant in variants:
+        for phantom in used:
+            for size in grid.sizes:
+                for seed in (range(grid.seeds) if options.resample else [None]):
+                    synth_kwargs = {**recipe.synth_options(grid), **recipe.phantoms[phantom],
+                                    recipe.size_option: size, "seed": options.data_seed + (seed or 0)}
+                    if "independent" in taken:
+                        synth_kwargs["independent"] = variant == "independent"
+                    synth_kwargs |= {k: v for k, v in taken.items() if k in (recipe.test_option, "label_noise")}
+                    label = (f"{variant}{'/' + phantom if len(phantoms) > 1 else ''} {recipe.size_option}={size}"
+                             + ("" if seed is None else f" seed {seed}"))
+                    folder = _cell_folder(Path(options.out), variant, phantom, size, seed, len(phantoms)) / "data"
+                    data_jobs[(variant, phantom, size, seed)] = DataJob(label, options.dataset, str(folder),
+                                                                        synth_kwargs, grid, options.workers)
+    return Plan(recipe, grid, methods, variants, phantoms, used, data_jobs, notes)
+
+
+def plan_cells(plan: Plan, options: DistillBenchOptions, data: dict[tuple, dict]) -> dict[tuple, CellJob]:
+    """(variant, phantom, size, seed) -> the runs of that cell, in training order."""
+    recipe, grid = plan.recipe, plan.grid
+    cells: dict[tuple, CellJob] = {}
+    skipped: set[str] = set()
+    for (variant, phantom, size, data_seed), info in data.items():
+        shards = Path(plan.data_jobs[(variant, phantom, size, data_seed)].folder) / "shards"
+        samples = _samples_per_epoch(info["counts"], grid.min_samples)
+        for seed in (range(grid.seeds) if data_seed is None else [data_seed]):
+            runs = [_run_job(name, run, grid, samples) for name, run in recipe.runs.items()]
+            if options.label_smoothing and phantom == plan.used_phantoms[0]:
+                for name in sorted({metric.baseline for metric in recipe.metrics}):
+                    base = recipe.runs[name]
+                    trained_by = base.flags.get("method") or _teach_method(info["task"])
+                    if base.kind != "teach" or not _accepts(trained_by, "label_smoothing"):
+                        skipped.add(f"label-smoothing control skipped for {name}: {trained_by} has no "
+                                    "label_smoothing parameter")
+                        continue
+                    smoothed = dataclasses.replace(base, flags={**base.flags, "params": {
+                        **base.flags.get("params", {}), "label_smoothing": options.label_smoothing}})
+                    runs.append(_run_job(f"{name}+ls", smoothed, grid, samples))
+            runs += [_run_job(name, recipe.methods[name], grid, samples) for name in plan.methods
+                     if (recipe.methods[name].phantom or plan.phantoms[0]) == phantom]
+            folder = _cell_folder(Path(options.out), variant, phantom, size, None, len(plan.phantoms)) / f"seed{seed}"
+            where = f"{variant}/{phantom}" if len(plan.phantoms) > 1 else variant
+            label = f"{where} {recipe.size_option}={size} seed {seed}"
+            cells[(variant, phantom, size, seed)] = CellJob(
+                label, str(shards), str(folder), seed, runs, {m.name: list(m.path) for m in recipe.metrics},
+                dict(recipe.evaluate), options.device, options.workers)
+    plan.notes += sorted(skipped)
+    return cells
+
+
+def bench_distill(options: DistillBenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from kdcli import __version__
+
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    plan = plan_benchmark(options)
+    recipe, grid, out = plan.recipe, plan.grid, Path(options.out)
+    log(f"bench distill {options.dataset}: {len(plan.variants)} variant(s) x {len(grid.sizes)} sizes x "
+        f"{grid.seeds} seeds, methods {', '.join(plan.methods)}; {grid.model}, {grid.image_size} px, "
+        f"{grid.epochs} epochs")
+    for note in plan.notes:
+        log(f"note: {note}")
+    data = dict(zip(plan.data_jobs, _map(build_data, _child_data, list(plan.data_jobs.values()), options.jobs, log),
+                    strict=True))
+    for job, info in zip(plan.data_jobs.values(), data.values(), strict=True):
+        plan.notes += [f"{job.label}: {note}" for note in info.get("notes") or []]
+    known = len(plan.notes)
+    cells = plan_cells(plan, options, data)
+    for note in plan.notes[known:]:
+        log(f"note: {note}")
+    cell_results = dict(zip(cells, _map(train_cell, _child_cell, list(cells.values()), options.jobs, log),
+                            strict=True))
+
+    compared = [(m, recipe.methods[m].phantom or plan.phantoms[0]) for m in plan.methods]
+    if options.label_smoothing:
+        compared.append((LABEL_SMOOTHING, plan.used_phantoms[0]))
+    known = len(plan.notes)
+    rows = summarise_rows(recipe, compared, cell_results, plan.variants, grid, plan.notes)
+    for note in plan.notes[known:]:
+        log(f"note: {note}")
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    results = {
+        "dataset": options.dataset, "metric": recipe.metrics[0].name, "metrics": [m.name for m in recipe.metrics],
+        "size_option": recipe.size_option, "rows": rows, "notes": plan.notes,
+        "command": command_line(options, grid, plan.methods), "grid": dataclasses.asdict(grid),
+        "variants": plan.variants, "kdcli_version": __version__, "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
+        "runs": [{"variant": v, "phantom": p, "train_size": n, "seed": s, "run": name, "metrics": r["metrics"],
+                  "seconds": r["seconds"], "cached": r["cached"]}
+                 for (v, p, n, s), cell in cell_results.items() for name, r in cell.items()],
+        "data": {job.label: {"content_hash": info["content_hash"], "counts": info["counts"],
+                             "synth": job.synth_kwargs}
+                 for job, info in zip(plan.data_jobs.values(), data.values(), strict=True)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    results["files"] = write_outputs(results, out)
+    log(f"{len(results['runs'])} runs ({sum(not r['cached'] for r in results['runs'])} trained) in "
+        f"{seconds:.0f}s wall, {cpu:.0f}s CPU; {out / 'results.json'}")
+    return results
+
+
+def _cpu_seconds() -> float:
+    times = os.times()  # this process and its finished children (spawned cells, synth workers)
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _cell_folder(out: Path, variant: str, phantom: str, size: int, seed: int | None, phantom_count: int) -> Path:
+    folder = out / "runs" / variant
+    folder = folder / phantom if phantom_count > 1 else folder
+    folder = folder / f"n{size}"
+    return folder / f"seed{seed}" if seed is not None else folder
+
+
+def _samples_per_epoch(counts: dict[str, dict[str, int]], minimum: int) -> int:
+    """`minimum` when the training split is smaller (0 = the engine's default: the split's size)."""
+    train = max((c.get("train", 0) for c in counts.values()), default=0)
+    return minimum if minimum and train < minimum else 0
+
+
+def _run_job(name: str, run: Run, grid: Grid, samples_per_epoch: int) -> RunJob:
+    flags = {"model": grid.model, "batch_size": grid.batch_size, "epochs": max(1, round(grid.epochs * run.epochs)),
+             "lr": grid.lr * run.lr, "samples_per_epoch": samples_per_epoch, **run.flags}
+    return RunJob(name, run.kind, flags, list(run.teachers))
+
+
+# ------------------------------------------------------------------------------------------------ results
+ROW_FIELDS = ("method", "variant", "train_size", "seeds", "baseline_mean", "student_mean", "delta_mean", "ci_low",
+              "ci_high", "seeds_up", "seeds_down", "metric", "phantom", "teacher_mean", "deltas")
+
+
+def summarise_rows(recipe: Recipe, compared: list[tuple[str, str]], cells: dict[tuple, dict[str, dict]],
+                   variants: list[str], grid: Grid, notes: list[str]) -> list[dict[str, Any]]:
+    """One row per (metric, method, variant, size): the paired differences over the seeds where both the method
+    and its baseline have the metric (an AUC is undefined on a one-class test split)."""
+    def value(cell: dict[str, dict], run: str, metric: str) -> float | None:
+        return (cell.get(run) or {}).get("metrics", {}).get(metric)
+
+    rows = []
+    for metric in recipe.metrics:
+        for method, phantom in compared:
+            run = f"{metric.baseline}+ls" if method == LABEL_SMOOTHING else method
+            for variant in variants:
+                for size in grid.sizes:
+                    seeds = [cells[key] for key in sorted(k for k in cells if k[:3] == (variant, phantom, size))]
+                    if not any(run in cell for cell in seeds):
+                        continue  # a control not run for this baseline (its method has no label smoothing)
+                    pairs = [(value(c, metric.baseline, metric.name), value(c, run, metric.name)) for c in seeds]
+                    pairs = [(b, s) for b, s in pairs if b is not None and s is not None]
+                    if not pairs:
+                        notes.append(f"{method} {variant} {recipe.size_option}={size}: {metric.name} undefined on "
+                                     "every seed's test split")
+                        continue
+                    teacher = [t for c in seeds if (t := value(c, metric.teacher, metric.name)) is not None]
+                    deltas = [s - b for b, s in pairs]
+                    stats = paired_interval(deltas)
+                    row = {"method": method, "variant": variant, "train_size": size, "seeds": stats["seeds"],
+                           "baseline_mean": float(np.mean([b for b, _ in pairs])),
+                           "student_mean": float(np.mean([s for _, s in pairs])),
+                           **{k: stats[k] for k in ("delta_mean", "ci_low", "ci_high", "seeds_up", "seeds_down")},
+                           "metric": metric.name, "phantom": phantom,
+                           "teacher_mean": float(np.mean(teacher)) if teacher else None, "deltas": deltas}
+                    rows.append(row)
+                    if (metric.teacher_should_beat and teacher
+                            and method != LABEL_SMOOTHING and row["teacher_mean"] <= row["baseline_mean"]):
+                        notes.append(f"weak teacher: {variant} {recipe.size_option}={size}: the teacher's "
+                                     f"{metric.name} {row['teacher_mean']:.3f} is not above the baseline's "
+                                     f"{row['baseline_mean']:.3f}; it has little to transfer")
+    return rows
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> dict[str, str]:
+    from kdcli.shards.format import atomic_write_bytes, atomic_write_json
+
+    files = {"json": str(out / "results.json"), "csv": str(out / "results.csv"), "png": str(out / "gain.png")}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(ROW_FIELDS)
+    for row in results["rows"]:
+        writer.writerow(["" if row[k] is None else ";".join(f"{d:.6g}" for d in row[k]) if k == "deltas"
+                         else f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in ROW_FIELDS])
+    atomic_write_bytes(Path(files["csv"]), buffer.getvalue().encode())
+    plot_gain(results, Path(files["png"]))
+    atomic_write_json(Path(files["json"]), {**results, "files": files})
+    return files
+
+
+def plot_gain(results: dict[str, Any], path: Path) -> None:
+    """One panel per (method, metric): mean difference vs training size (log axis), 95% t interval bars, shared
+    and independent side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    panels = list(dict.fromkeys((r["method"], r["metric"]) for r in rows)) or [("no rows", "")]
+    columns = min(3, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / columns), columns, figsize=(4.2 * columns,
+                             3.3 * math.ceil(len(panels) / columns)), squeeze=False)
+    sizes = sorted({r["train_size"] for r in rows})
+    for ax, (method, metric) in zip(axes.flat, panels, strict=False):
+        for offset, variant in enumerate(VARIANTS):
+            chosen = sorted((r for r in rows if (r["method"], r["metric"], r["variant"]) == (method, metric, variant)),
+                            key=lambda r: r["train_size"])
+            if not chosen:
+                continue
+            x = np.array([r["train_size"] for r in chosen], dtype=float) * (1 + 0.05 * (offset - 0.5))
+            y = np.array([r["delta_mean"] for r in chosen])
+            below = [0.0 if r["ci_low"] is None else r["delta_mean"] - r["ci_low"] for r in chosen]
+            above = [0.0 if r["ci_high"] is None else r["ci_high"] - r["delta_mean"] for r in chosen]
+            ax.errorbar(x, y, yerr=[below, above], marker="o", capsize=3, label=variant,
+                        color="C0" if variant == "shared" else "C1")
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        if sizes:
+            ax.set_xscale("log")
+            ax.set_xticks(sizes, [str(s) for s in sizes])
+            ax.minorticks_off()
+            ax.legend(fontsize=7)
+        ax.set_title(f"{method} - baseline" if method != "no rows" else method, fontsize=9)
+        ax.set_xlabel(f"training size ({results['size_option']})", fontsize=8)
+        ax.set_ylabel(f"delta {metric}", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{results['dataset']}: paired difference over seeds, 95% t interval", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def render_table(results: dict[str, Any]):
+    from rich.table import Table
+
+    several = len(results["metrics"]) > 1
+    table = Table(title=f"bench distill {results['dataset']}: method - baseline, test {results['metric']}"
+                        f"{' and others' if several else ''}, {results['seconds']:.0f}s", title_justify="left")
+    for name in ("method", "variant", results["size_option"], "teacher", "baseline", "student", "delta", "95% CI",
+                 "seeds +/-"):
+        table.add_column(name, justify="left" if name in ("method", "variant") else "right", no_wrap=True)
+    number = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in results["rows"]:
+        interval = "-" if r["ci_low"] is None else f"{r['ci_low']:+.3f} {r['ci_high']:+.3f}"
+        table.add_row(r["method"] + (f" {r['metric']}" if several else ""), r["variant"], str(r["train_size"]),
+                      number(r["teacher_mean"]), number(r["baseline_mean"]), number(r["student_mean"]),
+                      f"{r['delta_mean']:+.3f}", interval, f"{r['seeds_up']}/{r['seeds_down']} of {r['seeds']}")
+    table.caption = ("delta: mean per-seed difference method - baseline (same data, seed and initial weights); "
+                     "CI: mean ± t(0.975, n-1)·sd/√n")
+    return table
