@@ -96,6 +96,14 @@ class CoDA(Method):
             raise KdcliError("teacher and student use different concept banks",
                              hint="distil with the teacher's concepts (leave --concepts unset)")
 
+    def fit_notes(self, history: list[dict]) -> list[str]:
+        gates = [row["train_gate"] for row in history if "train_gate" in row]
+        if gates and max(gates) == 0:
+            return ["warning: CoDA's gate never opened (the teacher was never better than the student on a batch), "
+                    "so this student is its baseline; use a stronger teacher, or --concept-scale 10 for short runs "
+                    "from scratch"]
+        return []
+
     def loss(self, batch, out):
         labels, teacher_labels = batch["label"], batch["teacher_label"]
         terms = {"ce": F.cross_entropy(out["logits"], labels)}

@@ -9,7 +9,7 @@ import torch
 
 from kdcli.errors import UsageError
 from kdcli.methods.base import parse_params
-from kdcli.methods.coda import CoDAParams, class_prototype_loss, gate_open, supervised_contrastive
+from kdcli.methods.coda import CoDA, CoDAParams, class_prototype_loss, gate_open, supervised_contrastive
 from kdcli.methods.losses import kd_loss
 
 
@@ -80,3 +80,10 @@ def test_params_have_the_papers_defaults_and_reject_unknown_keys():
     assert CoDAParams() == CoDAParams(alpha=0.6, beta=0.05, temperature=10.0, gate=True, global_grad=False)
     with pytest.raises(UsageError, match="alpha=0.6"):
         parse_params(CoDAParams, {"alpah": 1}, "coda")
+
+
+def test_a_gate_that_never_opened_is_reported_as_a_student_equal_to_its_baseline():
+    method = CoDA.__new__(CoDA)  # fit_notes reads the history only
+    closed = [{"epoch": 1, "train_gate": 0.0}, {"epoch": 2, "train_gate": 0.0}]
+    assert "gate never opened" in " ".join(CoDA.fit_notes(method, closed))
+    assert CoDA.fit_notes(method, [*closed, {"epoch": 3, "train_gate": 0.25}]) == []
