@@ -771,11 +771,9 @@ def plot_gain(results: dict[str, Any], path: Path) -> None:
         ax.set_visible(False)
     fig.suptitle(f"{results['dataset']}: paired difference over seeds, 95% t interval", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from kdcli.evaluate.run import save_figure
+
+    save_figure(fig, path)
 
 
 def render_table(results: dict[str, Any]):
