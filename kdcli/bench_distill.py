@@ -144,9 +144,10 @@ def _prepare_fundus_grading(raw: Path, shards: Path, summary: dict, grid: Grid, 
     from kdcli.prepare import PrepareOptions, prepare
 
     for task, info in summary["sets"].items():  # the DR set, then the AMD set appended: one dataset, two tasks
+        # the phantom's own split: grader noise lives in its train split, the fixed test pool in test
         prepare(PrepareOptions(source="fundus-grading", raw=Path(info["labels"]).parent, out=shards,
                                size=grid.image_size, overwrite=True, append=task != "dr", workers=max(1, workers),
-                               source_options={"labels": info["labels"], "task": task}))
+                               source_options={"labels": info["labels"], "task": task, "splits": info["splits"]}))
     return []
 
 
@@ -237,18 +238,22 @@ RECIPES: dict[str, Recipe] = {
                "README's table; the bidirectional student starts from the fusion teacher (its design) and trains "
                "half the epochs at a third of the lr; the baseline is the WSI-only model from scratch",)),
     "fundus-grading": Recipe(
-        synth="fundus-grading", size_option="per_class", test_option="test_per_class",
-        # drawn at twice the stored size, so that microaneurysm-sized lesions survive the downsampling
-        synth_options=lambda grid: {"size": 2 * grid.image_size},
+        synth="fundus-grading", size_option="amd_per_class", test_option="test_per_class",
+        # drawn at twice the stored size, so that microaneurysm-sized lesions survive the downsampling; the DR set
+        # stays large (48 eyes per grade) while the grid's size is the small AMD set's eyes per grade
+        synth_options=lambda grid: {"size": 2 * grid.image_size, "per_class": 48},
         prepare=_prepare_fundus_grading,
         runs={"dr": Run("teach", {"task": "dr"}), "amd": Run("teach", {"task": "amd"})},
         methods={"sall": Run("distill", {"method": "sall"}, ("dr", "amd"))},
-        metrics=(Metric("dr_accuracy", ("dr", "accuracy"), "dr", "dr", teacher_should_beat=False),
-                 Metric("amd_accuracy", ("amd", "accuracy"), "amd", "amd", teacher_should_beat=False)),
-        default=Grid((8, 16, 32, 64), 5, 15, 32, "test_resnet", min_samples=256, test_size=40),
-        quick=Grid((6, 12), 2, 5, 32, "test_resnet", min_samples=256, test_size=8),
-        notes=("fundus-grading: the single-task graders are both SALL's teachers and its baselines (DR accuracy "
-               "against the DR grader, AMD accuracy against the AMD grader)",)),
+        metrics=(Metric("amd_accuracy", ("amd", "accuracy"), "amd", "amd", teacher_should_beat=False),
+                 Metric("dr_accuracy", ("dr", "accuracy"), "dr", "dr", teacher_should_beat=False)),
+        # min_samples above the largest training set: every run of a cell trains the same number of samples
+        default=Grid((4, 8, 16, 32), 5, 15, 32, "test_resnet", min_samples=512, test_size=40),
+        quick=Grid((4, 8), 2, 5, 32, "test_resnet", min_samples=512, test_size=8),
+        notes=("fundus-grading: asymmetric sets: 48 DR eyes per grade at every size, the "
+               "size is the AMD set's eyes per grade (75/25 train/dev; the fixed test pool is per grade and set); "
+               "the single-task graders are both SALL's teachers and its baselines (AMD accuracy against the AMD "
+               "grader, DR accuracy against the DR grader); independent: each set without the other disease",)),
 }
 
 

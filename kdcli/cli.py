@@ -126,17 +126,34 @@ def synth_multieye(
 @command(synth_app, "fundus-grading")
 def synth_fundus_grading(
     out: Annotated[Path, typer.Argument(help="Folder to write: dr/ (EyePACS or APTOS layout) and amd/.")],
-    per_class: Annotated[int, typer.Option(help="Images per grade in each set.")] = 20,
+    per_class: Annotated[int, typer.Option(help="DR eyes per DR grade, all splits together (without "
+                                                "--test-per-class's pool).")] = 100,
+    amd_per_class: Annotated[int, typer.Option(help="AMD eyes per AMD grade: the small set SALL helps.")] = 20,
     size: SynthSize = 128,
     seed: SynthSeed = 0,
     dr_layout: Annotated[str, typer.Option(help="eyepacs (trainLabels.csv) or aptos (train.csv).")] = "eyepacs",
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING grades moved to the neighbouring grade, "
+        "borderline eyes most often (grader noise); dev/test stay clean; listed in label_noise.csv.",
+    )] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: each set's eyes show no sign of the other "
+                                                   "disease, so SALL's extra labels carry nothing.")] = False,
+    test_per_class: Annotated[int, typer.Option(help="Test eyes per grade and set from a pool of their own, the "
+                                                     "same whatever --per-class is (0: 20% of each set).")] = 0,
     workers: SynthWorkers = 1,
 ) -> None:
-    """Two disjoint graded fundus sets (DR 0-4, AMD 0-3) where every eye has both diseases, one labelled."""
-    summary = run_synth("fundus-grading", out, per_class=per_class, size=size, seed=seed, dr_layout=dr_layout,
-                        workers=workers)
+    """Two disjoint graded fundus sets (DR 0-4, AMD 0-3): every eye renders one latent with both diseases, each
+    set lists its own grade; splits.csv in each set is the phantom's split (prepare --splits)."""
+    summary = run_synth("fundus-grading", out, per_class=per_class, amd_per_class=amd_per_class, size=size,
+                        seed=seed, dr_layout=dr_layout, label_noise=label_noise, independent=independent,
+                        test_per_class=test_per_class, workers=workers)
     for name, info in summary["sets"].items():
-        err(f"{name}: {sum(info['counts'])} images, labels {info['labels']}")
+        counts = info["split_counts"]
+        moved = f", {info['flipped']} training grades moved" if label_noise else ""
+        err(f"{name}: {sum(info['counts'])} images ({counts['train']}/{counts['dev']}/{counts['test']} "
+            f"train/dev/test{moved}), labels {info['labels']}")
+    if label_noise or test_per_class:
+        err("prepare each set with --splits <set>/splits.csv (the grader noise and the test pool depend on it)")
 
 
 @command(synth_app, "brats")
@@ -326,12 +343,15 @@ def prepare_fundus_grading(
     label_column: Annotated[str | None, typer.Option(help="CSV column with grades.")] = None,
     grades: Annotated[int | None, typer.Option(help="Number of grades (default 5 for dr, 4 for amd).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the patient-level 60/20/20 split.")] = 0,
+    splits: Annotated[Path | None, typer.Option(help="Each image's split: CSV image,split or JSON {train: [...], "
+                                                     "dev: [...], test: [...]} (default: the seeded split).")]
+    = None,
 ) -> None:
     """A graded fundus set for one task; a second call with another --task adds to the same --out."""
     options = {"labels": str(labels), "task": task, "split_seed": split_seed,
                **{k: str(v) if isinstance(v, Path) else v for k, v in
                   (("image_dir", image_dir), ("image_column", image_column), ("label_column", label_column),
-                   ("grades", grades)) if v is not None}}
+                   ("grades", grades), ("splits", splits)) if v is not None}}
     run_prepare("fundus-grading", raw, out, size, workers, resume, overwrite, shard_size, compression, options,
                 append=True)
 

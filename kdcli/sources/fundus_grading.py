@@ -7,12 +7,19 @@
 Each `prepare fundus-grading` call reads one set for one task (`--task dr`, `--task amd`) and adds it to a
 shard directory that records, per sample, which task it is labelled for. There is no official split, so
 samples are split by patient (EyePACS `<patient>_<left|right>` names keep both eyes together), stratified by
-grade and seeded.
+grade and seeded, unless `--splits FILE` gives each image its split (CSV `image,split` or JSON {"train":
+[...], "dev": [...], "test": [...]}; `kdcli synth fundus-grading` writes one per set).
+
+Grades must be whole numbers in 0..grades-1: a fractional (2.5), infinite or NaN grade, a negative one, an
+image listed twice (with its two grades named when they differ), an empty or non-UTF-8 CSV are refused with
+the file and row named, before anything is written.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -80,17 +87,115 @@ def split_groups(groups: dict[str, int], ratios: tuple[float, float, float], see
     assignment = {}
     for grade, members in sorted(by_grade.items()):
         order = np.random.default_rng([seed, grade]).permutation(len(members))
-        n_dev = max(1, round(ratios[1] * len(members))) if len(members) >= 3 else 0
-        n_test = max(1, round(ratios[2] * len(members))) if len(members) >= 3 else 0
+        # with 3+ patients a split with a non-zero ratio gets at least one; a zero ratio stays empty
+        n_dev = max(1, round(ratios[1] * len(members))) if len(members) >= 3 and ratios[1] > 0 else 0
+        n_test = max(1, round(ratios[2] * len(members))) if len(members) >= 3 and ratios[2] > 0 else 0
         for rank, index in enumerate(order):
             split = "dev" if rank < n_dev else "test" if rank < n_dev + n_test else "train"
             assignment[members[index]] = split
     return assignment
 
 
+SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
+                 "validation": "dev", "test": "test", "testing": "test"}
+
+
+def _open_text(path: Path):
+    """The CSV's text, refused in one line when it is empty or not UTF-8 (Excel's BOM is fine)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise KdcliError(f"cannot read ({exc.strerror or exc})", path=path) from None
+    if not raw.strip():
+        raise KdcliError("is empty (no header, no rows)", path=path, hint="point --labels at the set's label CSV")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise KdcliError(f"line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 text", path=path,
+                         hint="save the file as UTF-8 (or plain ASCII)") from None
+
+
+def read_splits(path: Path) -> dict[str, str]:
+    """image name -> train | dev | test, from a CSV (`image,split`) or a JSON ({"train": [names], ...})."""
+    if not path.is_file():
+        raise KdcliError("splits file not found", path=path, hint="pass --splits with a CSV or JSON file")
+    listed: dict[str, str] = {}
+
+    def add(name: str, split: str, where: str) -> None:
+        canonical = SPLIT_ALIASES.get(split.strip().lower())
+        if canonical is None:
+            raise KdcliError(f"{where}: unknown split {split!r}", path=path,
+                             hint="splits are train, dev (or val/validation) and test")
+        name = name.strip()
+        if name in listed and listed[name] != canonical:
+            raise KdcliError(f"{where}: image {name!r} is listed in {listed[name]} and {canonical}", path=path,
+                             hint="an image belongs to one split only")
+        listed[name] = canonical
+
+    text = _open_text(path)
+    if path.suffix.lower() == ".json":
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise KdcliError(f"not valid JSON ({exc})", path=path) from None
+        if not isinstance(payload, dict) or not all(isinstance(v, list) for v in payload.values()):
+            raise KdcliError('expected {"train": [images], "dev": [images], "test": [images]}', path=path)
+        for split, names in payload.items():
+            for name in names:
+                add(str(name), str(split), f"{split!r} list")
+    else:
+        reader = csv.reader(text.splitlines())
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "image" not in header or "split" not in header:
+            raise KdcliError(f"expected a header with columns image,split (found: {','.join(header)})", path=path)
+        name_at, split_at = header.index("image"), header.index("split")
+        for number, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(name_at, split_at):
+                raise KdcliError(f"row {number} has too few columns", path=path)
+            add(row[name_at], row[split_at], f"row {number}")
+    if not listed:
+        raise KdcliError("lists no images", path=path)
+    return listed
+
+
+def parse_grade(value: str, number: int, path: Path) -> int:
+    """A CSV cell as a whole grade (`2`, `2.0`), or one clear error naming the row."""
+    try:
+        grade = float(value)
+    except ValueError:
+        raise KdcliError(f"row {number}: grade {value!r} is not a number", path=path) from None
+    if not math.isfinite(grade):
+        raise KdcliError(f"row {number}: grade {value!r} is not a finite number", path=path,
+                         hint="fix or delete the row")
+    if grade != int(grade):
+        raise KdcliError(f"row {number}: grade {value!r} is not a whole grade", path=path,
+                         hint="grades are whole numbers 0, 1, 2, ...; round the row deliberately or delete it")
+    if grade < 0:
+        raise KdcliError(f"row {number}: grade {value!r} is negative", path=path, hint="grades start at 0")
+    return int(grade)
+
+
+def _declared_grades(value: object) -> int | None:
+    """--grades as given (None: not given); 0, 1 or a non-integer is refused, never replaced by the default."""
+    if value is None:
+        return None
+    try:
+        count = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        count = -1
+    if count < 2 or str(count) != str(value).strip():
+        raise KdcliError(f"--grades {value}: a grading has at least 2 grades (a whole number)",
+                         hint="give the number of grades, e.g. --grades 5 for DR 0-4, or leave it out")
+    return count
+
+
 class FundusGradingSource(Source):
     """Options: labels (CSV, required), task (required), image_dir, image_column, label_column,
-    grades (number of grades; default 5 for dr, 4 for amd), split_seed, ratios."""
+    grades (number of grades, at least 2; default 5 for dr, 4 for amd, else the largest grade + 1), splits
+    (CSV `image,split` or JSON: the split of every image), split_seed, ratios."""
 
     name = "fundus-grading"
 
@@ -101,20 +206,26 @@ class FundusGradingSource(Source):
         labels = Path(self.options.get("labels") or "")
         if not labels.is_file():
             raise KdcliError("label CSV not found", path=labels, hint="pass --labels PATH")
+        declared = _declared_grades(self.options.get("grades"))
         folder = _image_dir(labels, self.options.get("image_dir"))
         names = GRADE_NAMES.get(task)
-        grades = int(self.options.get("grades") or (len(names) if names else 0))
+        grades = declared or (len(names) if names else 0)
         rows = self._read(labels, folder, grades)
-        grades = int(self.options.get("grades") or grades)
+        if not grades:  # an unknown task without --grades: the largest grade seen sets the range
+            grades = self.options["grades"] = max(g for _, g, _ in rows) + 1
         if not names or len(names) != grades:
             names = [str(g) for g in range(grades)]
-        group_grades: dict[str, int] = {}
-        for name, grade, _ in rows:
-            group = patient_of(name)
-            group_grades[group] = max(grade, group_grades.get(group, 0))
-        ratios = tuple(self.options.get("ratios") or (0.6, 0.2, 0.2))
-        splits = split_groups(group_grades, ratios, int(self.options.get("split_seed", 0)))
-        records = [Record(id=f"{task}:{name}", group=patient_of(name), split=splits[patient_of(name)],
+        if self.options.get("splits"):
+            splits = self._listed_splits(Path(self.options["splits"]), [name for name, _, _ in rows])
+        else:
+            group_grades: dict[str, int] = {}
+            for name, grade, _ in rows:
+                group = patient_of(name)
+                group_grades[group] = max(grade, group_grades.get(group, 0))
+            ratios = tuple(self.options.get("ratios") or (0.6, 0.2, 0.2))
+            by_group = split_groups(group_grades, ratios, int(self.options.get("split_seed", 0)))
+            splits = {name: by_group[patient_of(name)] for name, _, _ in rows}
+        records = [Record(id=f"{task}:{name}", group=patient_of(name), split=splits[name],
                           label=grade, files={"fundus": str(path)}, task=task) for name, grade, path in rows]
         return Scan(records=records, classes=[], modalities={"fundus": 3}, pairing="unpaired",
                     tasks={task: {"classes": [f"{g} {n}" if n != str(g) else n for g, n in enumerate(names)],
@@ -123,36 +234,56 @@ class FundusGradingSource(Source):
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
         return {"fundus": resize_square(read_image(record.files["fundus"], 3), size)}
 
+    @staticmethod
+    def _listed_splits(path: Path, names: list[str]) -> dict[str, str]:
+        listed = read_splits(path)
+        unlisted = [name for name in names if name not in listed]
+        if unlisted:
+            raise KdcliError(f"{len(unlisted)} image(s) of the label CSV are not listed: {', '.join(unlisted[:5])}"
+                             f"{' ...' if len(unlisted) > 5 else ''}", path=path,
+                             hint="give every image a split (train, dev or test)")
+        absent = sorted(set(listed) - set(names))
+        if absent:
+            raise KdcliError(f"{len(absent)} listed image(s) are not in the label CSV: {', '.join(absent[:5])}"
+                             f"{' ...' if len(absent) > 5 else ''}", path=path,
+                             hint="is this the splits file of the other set?")
+        by_group: dict[str, set[str]] = {}
+        for name in names:
+            by_group.setdefault(patient_of(name), set()).add(listed[name])
+        cut = sorted(group for group, splits in by_group.items() if len(splits) > 1)
+        if cut:
+            raise KdcliError(f"patient {cut[0]} has eyes in several splits ({', '.join(sorted(by_group[cut[0]]))})",
+                             path=path, hint="keep both eyes of a patient in one split")
+        return {name: listed[name] for name in names}
+
     def _read(self, path: Path, folder: Path, grades: int) -> list[tuple[str, int, Path]]:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = [h.strip() for h in next(reader, [])]
-            image_column, label_column = _columns(path, header, self.options.get("image_column"),
-                                                  self.options.get("label_column"))
-            image_at, label_at = header.index(image_column), header.index(label_column)
-            rows, seen = [], {}
-            for number, row in enumerate(reader, start=2):
-                if not any(cell.strip() for cell in row):
-                    continue
-                name, value = row[image_at].strip(), row[label_at].strip()
-                try:
-                    grade = int(float(value))
-                except ValueError:
-                    raise KdcliError(f"row {number}: grade {value!r} is not a number", path=path) from None
-                if grades and not 0 <= grade < grades:
-                    raise KdcliError(f"row {number}: grade {grade} outside 0..{grades - 1}", path=path,
-                                     hint="fix the row, or declare the range with --grades N")
-                if name in seen:
-                    raise KdcliError(f"row {number}: image {name!r} listed twice (first at row {seen[name]})",
-                                     path=path, hint="remove the duplicate row")
-                seen[name] = number
-                image = _find_image(folder, name)
-                if image is None:
-                    raise KdcliError(f"row {number}: image {name!r} not found in {folder}", path=path,
-                                     hint="restore it, delete the row, or set --image-dir")
-                rows.append((name, grade, image))
+        reader = csv.reader(_open_text(path).splitlines())
+        header = [h.strip() for h in next(reader, [])]
+        image_column, label_column = _columns(path, header, self.options.get("image_column"),
+                                              self.options.get("label_column"))
+        image_at, label_at = header.index(image_column), header.index(label_column)
+        rows, seen = [], {}
+        for number, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(image_at, label_at):
+                raise KdcliError(f"row {number} has too few columns", path=path)
+            name, value = row[image_at].strip(), row[label_at].strip()
+            grade = parse_grade(value, number, path)
+            if grades and grade >= grades:
+                raise KdcliError(f"row {number}: grade {grade} outside 0..{grades - 1}", path=path,
+                                 hint="fix the row, or declare the range with --grades N")
+            if name in seen:
+                first, first_grade = seen[name]
+                conflict = f" with grades {first_grade} and {grade}" if first_grade != grade else ""
+                raise KdcliError(f"row {number}: image {name!r} listed twice{conflict} (first at row {first})",
+                                 path=path, hint="keep one row per image")
+            seen[name] = (number, grade)
+            image = _find_image(folder, name)
+            if image is None:
+                raise KdcliError(f"row {number}: image {name!r} not found in {folder}", path=path,
+                                 hint="restore it, delete the row, or set --image-dir")
+            rows.append((name, grade, image))
         if not rows:
             raise KdcliError("no rows", path=path)
-        if not grades:
-            self.options["grades"] = max(g for _, g, _ in rows) + 1
         return rows

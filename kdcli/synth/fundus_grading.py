@@ -1,25 +1,79 @@
 """Deterministic DR + AMD grading phantoms for SALL (Ju et al., JBHI 2021), in EyePACS/APTOS-like layouts.
 
-SALL trains a DR grader and an AMD grader together although each dataset is labelled for one disease only;
-each model's soft predictions on the *other* dataset act as extra labels. That only helps when images of one
-set also carry the other disease, as real patients do. So here EVERY eye has both a DR grade and an AMD grade:
-in the DR set the DR grade is balanced (`per_class` per grade) and the AMD grade is drawn from a prior, and
-the other way round in the AMD set. Only the set's own grade is written to its CSV; the hidden grade is
-returned in the summary (for tests and benchmarks) and never written to disk.
+SALL trains a DR grader and an AMD grader together although each set is graded for one disease only; each
+model's soft predictions on the *other* set act as extra labels. That can only help when the eyes of one set
+also show the other disease, as real patients do, when one set is too small to learn its disease alone, and
+when the graders' labels are noisy. This phantom is built so that all three hold, and so that a control
+removes the first.
 
-Lesions shared by both diseases, as the paper observes: haemorrhage and exudation appear in DR >= 2 (spread
-over the retina, all quadrants at grade 3+) and in late AMD (concentrated at the macula).
+Generative story
+----------------
+1. Eye latent. Every eye draws its latent u first, from a random stream keyed by the eye alone (seed, set,
+   pool, case index) -- never by its grade or split:
+     - DR severity d = U^1.76 and AMD severity a = U^1.51 (U ~ U(0, 1), independent): continuous disease
+       progress, most eyes mild, as in a screening population;
+     - shared lesion propensities h (haemorrhage) and e (exudation), each ~ U(0.5, 1): how strongly this eye
+       bleeds and leaks, whichever disease makes it do so.
+2. Grades. DR grade = number of DR_CUTS (0.2, 0.4, 0.6, 0.8) at or below d; AMD grade = number of AMD_CUTS
+   (0.25, 0.5, 0.75) at or below a. Thresholded scores of u, so borderline eyes exist: an eye whose severity
+   lies within 0.02 of a cut (about 10 % of a balanced set) looks like its neighbouring grade. The population
+   priors of the hidden grades follow: DR (0.40, 0.19, 0.15, 0.13, 0.12), AMD (0.40, 0.23, 0.19, 0.17).
+   Every eye has both grades. The DR set keeps eyes in stream order until each DR grade holds `per_class`
+   (quota sampling: within a grade, eyes are i.i.d. from p(u | grade)); its AMD grades are whatever the eyes
+   have (the prior). The AMD set likewise, `amd_per_class` per AMD grade. Only the set's own grade is written
+   to its CSV; the other ("hidden") grade is in the summary and in `<out>/latents.csv`.
+3. Rendering. Each image renders its eye's whole latent, both diseases -- the grades never enter the pixels
+   except through u. Lesion amounts ramp continuously with the severity (counts ~ Poisson of a ramp),
+   crossing each grade's cut in its middle:
+     - DR (spread over the retina): microaneurysms from d ~ 0.1, blot haemorrhages (x h) and hard-exudate
+       clusters (x e) from d ~ 0.33, venous beading from d ~ 0.52, neovascular tufts at the disc and a
+       pre-retinal bleed (x h) from d ~ 0.72;
+     - AMD (at the macula): a few tiny ageing drusen when a is low, small drusen from a ~ 0.12, large drusen
+       from a ~ 0.38, pigment mottling from a ~ 0.4, a grey-green CNV membrane with a haemorrhage rim (x h) and
+       an exudate ring (x e) from a ~ 0.68.
+   Haemorrhage and exudate look the same whichever disease causes them (one colour, one blend), and both
+   scale with the eye's h and e: the lesions the paper notes the diseases share. So a DR grader must learn
+   that macular bleeding with a membrane is AMD's, and an AMD grader that scattered bleeding is DR's.
+   Nuisance (camera, illumination, vessels, disc side, exact lesion scatter, a dust speck on 30 %, sensor
+   noise, focus, exposure) comes from streams of its own per eye: the photo's base, DR's lesions and AMD's
+   lesions each draw from their own stream, so an eye's DR lesions are the same pixels whatever a is.
+4. Grader noise (`label_noise` = rho), TRAIN images only: a training eye's listed grade is moved to its
+   neighbouring grade (the other side of the nearest cut) with probability min(1/2, c exp(-margin / 0.04)),
+   margin = |severity - nearest cut|: disagreements fall on borderline eyes, as between real graders. c is
+   solved per set on a reference sample so that a grade-balanced training split flips rho in expectation.
+   Dev and test grades stay clean; `<out>/label_noise.csv` lists every moved grade (set, image, clean, listed).
+5. Negative control (`independent=True`): each set's eyes carry no sign of the other disease -- the DR set is
+   drawn from a population without AMD (a = 0: hidden AMD grade 0, no drusen, pigment or membrane), the AMD
+   set from one without DR (d = 0). Everything else is byte for byte the shared design: the same eyes, own
+   severities, propensities, splits, grader noise, base photos and own-disease lesions. Why this control:
+   SALL's extra labels are the other teacher's soft labels on a set's images, and they can only say what
+   those images show of the other disease. Here they show nothing, so the AMD teacher's soft labels on the
+   DR set carry no AMD grading information (all eyes are "none") and the DR teacher's on the AMD set none
+   about DR. Rendering the other disease from an independent latent instead would not remove anything:
+   the benchmark never scores the hidden grade, and the severities are independent already, so that control
+   would equal the shared design in distribution. What the control keeps is SALL's shared backbone (DR's
+   haemorrhage and exudate features also serve late AMD): a gain there is the multi-task part, not the labels.
 
-Calibration (per_class=40, size 128 read at 64 px, timm test_resnet from scratch, 20 epochs, AdamW 3e-3, batch
-32, 60/20/20 split, 8 seeds): test accuracy ~0.49 for DR (0.38-0.63) and ~0.63 for AMD (0.47-0.78); the AMD
-model applied to DR-set eyes matches their hidden AMD grade ~0.59 of the time (majority-class baseline ~0.4).
+Sizes and splits. `per_class` DR eyes per grade and `amd_per_class` AMD eyes per grade (the asymmetric sets
+SALL was made for: a large DR set, a small AMD one), all splits together, split by patient 60/20/20 with
+`prepare fundus-grading`'s default split (stratified by the patient's highest grade, split seed 0). With
+`test_per_class` > 0 each set gains that many test eyes per grade from a case pool of its own, the same
+whatever `per_class` is, and the main eyes split 75/25 into train/dev. The split is written to
+`<set>/splits.csv` (`image,split`): pass it as `prepare fundus-grading --splits`; without label noise and test
+pool it equals prepare's default split, with them it is needed (noise only in train, the pool only in test).
+
+Calibration (measured; `kdcli bench distill fundus-grading --quick`, see kdcli/bench_distill.py): see the
+RECIPES["fundus-grading"] notes there for the numbers of this design.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -28,20 +82,89 @@ from kdcli.synth._fundus import fx, vessel_paths
 
 DR_GRADES = ("none", "mild", "moderate", "severe", "proliferative")  # 0..4, EyePACS/APTOS
 AMD_GRADES = ("none", "early", "intermediate", "late")  # 0..3
+SETS = ("dr", "amd")
 # layout -> (labels csv, image column, grade column, image folder), as in the Kaggle downloads
 DR_LAYOUTS = {
     "eyepacs": ("trainLabels.csv", "image", "level", "train"),
     "aptos": ("train.csv", "id_code", "diagnosis", "train_images"),
 }
-# Hidden-grade priors: most eyes have neither disease, as in a screening population.
-AMD_PRIOR = (0.4, 0.25, 0.2, 0.15)
-DR_PRIOR = (0.4, 0.2, 0.2, 0.1, 0.1)
+AMD_LAYOUT = ("labels.csv", "image", "level", "images")
+DR_CUTS = (0.2, 0.4, 0.6, 0.8)  # DR grade = cuts at or below the DR severity
+AMD_CUTS = (0.25, 0.5, 0.75)
+DR_POWER, AMD_POWER = 1.76, 1.51  # severity = U^power: 40 % of the population without either disease
+CUTS = {"dr": DR_CUTS, "amd": AMD_CUTS}
+FLIP_MARGIN = 0.04  # grader disagreement falls off as exp(-|severity - cut| / FLIP_MARGIN)
+FLIP_CAP = 0.5  # no grade is moved more often than kept
+SPLITS_NAME = "splits.csv"  # in each set's folder
+LATENTS_NAME = "latents.csv"  # at the root
+NOISE_NAME = "label_noise.csv"  # at the root, when label_noise > 0
+MAX_PER_CLASS = 10_000  # EyePACS-style patient ids of the main eyes stay below the test pool's reserved range
 _SET_ID = {"dr": 1, "amd": 2}
+_POOL_ID = {"main": 0, "test": 2}
+# Stream keys: each random stream has its own first entry, so no two streams ever coincide.
+_CASE, _ORDER, _NOISE, _BASE, _DR_LESIONS, _AMD_LESIONS, _REFERENCE = 21, 22, 23, 24, 25, 26, 27
 
-Job = tuple[str, int, int, int, int, int, int]  # path, set id, index, dr grade, amd grade, size, seed
+
+class EyeLatent(NamedTuple):
+    """One eye's latent u (see the module docstring)."""
+
+    dr: float  # DR severity d in [0, 1)
+    amd: float  # AMD severity a in [0, 1)
+    haemorrhage: float  # propensity h, shared by both diseases
+    exudate: float  # propensity e, shared by both diseases
+
+    def grade(self, disease: str) -> int:
+        return grade_of(self.dr if disease == "dr" else self.amd, disease)
+
+
+def grade_of(severity: float, disease: str) -> int:
+    return int(np.searchsorted(CUTS[disease], severity, side="right"))
+
+
+def _draw_latent(rng: np.random.Generator) -> EyeLatent:
+    u = rng.random(4)
+    return EyeLatent(float(u[0] ** DR_POWER), float(u[1] ** AMD_POWER), float(0.5 + 0.5 * u[2]),
+                     float(0.5 + 0.5 * u[3]))
+
+
+def _neighbour_and_margin(severity: np.ndarray, disease: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per severity: the grade across the nearest cut, and the distance to that cut."""
+    cuts = np.asarray(CUTS[disease])
+    nearest = np.abs(np.asarray(severity)[..., None] - cuts).argmin(-1)
+    margin = np.abs(np.asarray(severity) - cuts[nearest])
+    grade = np.searchsorted(cuts, severity, side="right")
+    return np.where(grade > nearest, nearest, nearest + 1), margin
+
+
+@lru_cache(maxsize=32)
+def _flip_scale(rho: float, disease: str) -> float:
+    """c such that a grade-balanced training split of this disease moves rho of its grades in expectation."""
+    power = DR_POWER if disease == "dr" else AMD_POWER
+    severity = np.random.default_rng([_REFERENCE, _SET_ID[disease]]).random(200_000) ** power
+    grade = np.searchsorted(CUTS[disease], severity, side="right")
+    weight = np.exp(-_neighbour_and_margin(severity, disease)[1] / FLIP_MARGIN)
+    per_grade = [weight[grade == g] for g in range(len(CUTS[disease]) + 1)]
+
+    def rate(c: float) -> float:
+        return float(np.mean([np.minimum(FLIP_CAP, c * w).mean() for w in per_grade]))
+
+    lo, hi = 0.0, 1.0
+    while rate(hi) < rho:
+        hi *= 2
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if rate((lo + hi) / 2) < rho else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def flip_probability(severity: float, disease: str, rho: float) -> float:
+    """How likely a grader moves this eye's grade to its neighbour, at noise level rho."""
+    if rho <= 0:
+        return 0.0
+    margin = float(_neighbour_and_margin(np.array([severity]), disease)[1][0])
+    return min(FLIP_CAP, _flip_scale(rho, disease) * float(np.exp(-margin / FLIP_MARGIN)))
+
 
 # ---------------------------------------------------------------- drawing helpers
-
 
 
 def _disc(yy: np.ndarray, xx: np.ndarray, c: np.ndarray, r: float, edge: float = 1.0) -> np.ndarray:
@@ -69,27 +192,34 @@ def _in_retina(rng: np.random.Generator, c: np.ndarray, r: float, n: int, lo: fl
     return c + np.stack([rad * np.cos(th), rad * np.sin(th)], 1)
 
 
+def _ramp(x: float, lo: float, hi: float) -> float:
+    return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
+
 
 # ---------------------------------------------------------------- lesions
 
 _HAEM, _EXUD, _DRUSEN = (0.32, 0.03, 0.02), (0.98, 0.86, 0.3), (0.95, 0.88, 0.55)
 
 
-def _dr_lesions(
-    rng: np.random.Generator,
-    img: np.ndarray,
-    g: int,
-    c: np.ndarray,
-    r: float,
-    disc: np.ndarray,
-    paths: list[np.ndarray],
-    red: np.ndarray,
-) -> None:
-    s = img.shape[0]
-    # Counts overlap between neighbouring grades on purpose: grading is learnable, not a lookup.
-    n_ma = int(rng.integers(*((0, 1), (6, 13), (8, 16), (12, 24), (12, 24))[g]))
-    n_blot = int(rng.integers(*((0, 1), (0, 1), (3, 8), (10, 20), (10, 20))[g]))
-    n_ex = int(rng.integers(*((0, 1), (0, 1), (2, 7), (4, 10), (4, 10))[g]))
+class Eye(NamedTuple):
+    """The photo's anatomy, drawn from the base stream: what both diseases' lesions are placed on."""
+
+    c: np.ndarray
+    r: float
+    disc: np.ndarray
+    mac: np.ndarray
+    paths: list[np.ndarray]
+    yy: np.ndarray
+    xx: np.ndarray
+
+
+def _dr_lesions(rng: np.random.Generator, img: np.ndarray, u: EyeLatent, eye: Eye, red: np.ndarray) -> None:
+    d, s, c, r = u.dr, img.shape[0], eye.c, eye.r
+    if d <= 0:  # the control's AMD set: no DR at all
+        return
+    n_ma = int(rng.poisson(16 * _ramp(d, 0.1, 0.45)))
+    n_blot = int(rng.poisson(18 * u.haemorrhage * _ramp(d, 0.33, 0.75)))
+    n_ex = int(rng.poisson(9 * u.exudate * _ramp(d, 0.33, 0.7)))
     pts = _in_retina(rng, c, r, n_ma + n_blot, 0.15, 0.88)
     rad = np.concatenate([rng.uniform(0.024, 0.036, n_ma), rng.uniform(0.035, 0.065, n_blot)]) * r
     red += _spots(s, pts, rad) * rng.uniform(0.8, 1.0)
@@ -97,74 +227,69 @@ def _dr_lesions(
         hubs = _in_retina(rng, c, r, 2, 0.2, 0.75)
         ex = hubs[rng.integers(0, 2, n_ex)] + rng.normal(0, 0.07 * r, (n_ex, 2))
         _blend(img, _spots(s, ex, rng.uniform(0.018, 0.032, n_ex) * r), _EXUD, rng.uniform(0.6, 0.9))
-    if g >= 3:  # venous beading: sausage-like dark swellings along a stretch of a main vein
+    beading = _ramp(d, 0.52, 0.68)
+    if beading > 0.02:  # venous beading: sausage-like dark swellings along a stretch of a main vein
         m = np.zeros((s, s), np.uint8)
         for k in rng.choice(4, 2, replace=False):
-            p = paths[2 * k]
+            p = eye.paths[2 * k]
             j = int(rng.integers(2, len(p) - 4))
             seg = p[j] + (p[j + 3] - p[j]) * np.linspace(0, 1, 7)[:, None]
             for q, w in zip(seg, 0.025 * r * (1 + 0.6 * (np.arange(7) % 2)), strict=True):
                 cv2.circle(m, fx(q), max(fx(w), 10), 255, -1, cv2.LINE_AA, shift=4)
-        red += m.astype(np.float32) / 255 * 0.6
-    if g == 4:  # neovascular tufts: fine irregular loops at the disc, and a boat-shaped pre-retinal bleed
+        red += m.astype(np.float32) / 255 * 0.6 * beading
+    growth = _ramp(d, 0.72, 0.88)
+    if growth > 0.02:  # neovascular tufts: fine irregular loops at the disc, and a boat-shaped pre-retinal bleed
         m = np.zeros((s, s), np.uint8)
         for _ in range(int(rng.integers(2, 4))):
-            ctr = disc + rng.normal(0, 0.12 * r, 2)
+            ctr = eye.disc + rng.normal(0, 0.12 * r, 2)
             th = np.linspace(0, 2 * np.pi, 9) + rng.normal(0, 0.3, 9)
             loop = ctr + (0.06 * r * rng.uniform(0.6, 1.4, (9, 1))) * np.stack([np.cos(th), np.sin(th)], 1)
             pts = np.round(loop * 16).astype(np.int32)
             cv2.polylines(m, [pts], True, 255, max(1, round(0.012 * s)), cv2.LINE_AA, 4)
-        _blend(img, m.astype(np.float32) / 255, (0.55, 0.04, 0.05), 0.8)
+        _blend(img, m.astype(np.float32) / 255, (0.55, 0.04, 0.05), 0.8 * growth)
         b = np.zeros((s, s), np.uint8)
         ctr, ax = _in_retina(rng, c, r, 1, 0.35, 0.7)[0], fx(rng.uniform(0.18, 0.28, 2) * r)
         cv2.ellipse(b, fx(ctr), ax, 0, 0, 180, 255, -1, cv2.LINE_AA, 4)  # flat top: blood settles
-        red += b.astype(np.float32) / 255 * 0.9
+        red += b.astype(np.float32) / 255 * 0.9 * growth * u.haemorrhage
 
 
-def _amd_lesions(
-    rng: np.random.Generator,
-    img: np.ndarray,
-    g: int,
-    mac: np.ndarray,
-    r: float,
-    red: np.ndarray,
-    yy: np.ndarray,
-    xx: np.ndarray,
-) -> None:
-    s = img.shape[0]
-    # Grade 0 still may show a few tiny hard drusen (normal ageing, "no AMD" in AREDS): 0 vs 1 is by size.
-    n_tiny = int(rng.integers(0, 4)) if g == 0 else 0
-    n_small = int(rng.integers(*((0, 1), (5, 12), (3, 8), (0, 5))[g]))
-    n_large = int(rng.integers(*((0, 1), (0, 1), (5, 11), (0, 4))[g]))
+def _amd_lesions(rng: np.random.Generator, img: np.ndarray, u: EyeLatent, eye: Eye, red: np.ndarray) -> None:
+    a, s, r, mac, yy, xx = u.amd, img.shape[0], eye.r, eye.mac, eye.yy, eye.xx
+    if a <= 0:  # the control's DR set: no AMD at all
+        return
+    # A few tiny hard drusen on low grades (normal ageing, "no AMD" in AREDS): grade 0 vs 1 is by size.
+    n_tiny = int(rng.poisson(2.0 * (1 - _ramp(a, 0.15, 0.3))))
+    n_small = int(rng.poisson(10 * _ramp(a, 0.12, 0.35) * (1 - 0.6 * _ramp(a, 0.5, 0.8))))
+    n_large = int(rng.poisson(9 * _ramp(a, 0.38, 0.6) * (1 - 0.6 * _ramp(a, 0.75, 0.95))))
     pts = mac + rng.normal(0, 0.13 * r, (n_tiny + n_small + n_large, 2))
-    rad = (
-        np.concatenate(
-            [rng.uniform(0.012, 0.02, n_tiny), rng.uniform(0.02, 0.035, n_small), rng.uniform(0.045, 0.075, n_large)]
-        )
-        * r
-    )
+    rad = np.concatenate([rng.uniform(0.012, 0.02, n_tiny), rng.uniform(0.02, 0.035, n_small),
+                          rng.uniform(0.045, 0.075, n_large)]) * r
     _blend(img, cv2.GaussianBlur(_spots(s, pts, rad), (3, 3), 0.7), _DRUSEN, rng.uniform(0.35, 0.65))
-    if g >= 2:  # pigment change: coarse dark/light mottling confined to the macula
+    pigment = _ramp(a, 0.4, 0.6)
+    if pigment > 0.02:  # pigment change: coarse dark/light mottling confined to the macula
         noise = cv2.resize(rng.random((7, 7)).astype(np.float32), (s, s), interpolation=cv2.INTER_CUBIC)
         near = np.exp(-((np.hypot(xx - mac[0], yy - mac[1]) / (0.2 * r)) ** 2))
-        a = rng.uniform(0.25, 0.5)
-        _blend(img, (noise < 0.35) * near, (0.25, 0.1, 0.04), a)
-        _blend(img, (noise > 0.7) * near, (0.95, 0.75, 0.5), 0.6 * a)
-    if g == 3:  # CNV: grey-green membrane, a rim of haemorrhage, exudate ring further out
+        alpha = rng.uniform(0.25, 0.5) * pigment
+        _blend(img, (noise < 0.35) * near, (0.25, 0.1, 0.04), alpha)
+        _blend(img, (noise > 0.7) * near, (0.95, 0.75, 0.5), 0.6 * alpha)
+    cnv = _ramp(a, 0.68, 0.82)
+    if cnv > 0.02:  # CNV: grey-green membrane, a rim of haemorrhage, exudate ring further out
         rad0 = rng.uniform(0.1, 0.16) * r
         ctr = mac + rng.normal(0, 0.04 * r, 2)
         inner = _disc(yy, xx, ctr, rad0, 2)
-        red += (_disc(yy, xx, ctr, rad0 * rng.uniform(1.3, 1.6), 2) - inner) * 0.85
-        th = rng.uniform(0, 2 * np.pi, 6)
-        ring = ctr + rad0 * rng.uniform(1.7, 2.2, (6, 1)) * np.stack([np.cos(th), np.sin(th)], 1)
-        _blend(img, _spots(s, ring, rng.uniform(0.015, 0.03, 6) * r), _EXUD, 0.7)
-        _blend(img, inner, (0.38, 0.46, 0.4), rng.uniform(0.55, 0.8))
+        red += (_disc(yy, xx, ctr, rad0 * rng.uniform(1.3, 1.6), 2) - inner) * 0.85 * cnv * u.haemorrhage
+        n_ring = int(rng.poisson(7 * cnv * u.exudate))
+        th = rng.uniform(0, 2 * np.pi, n_ring)
+        ring = ctr + rad0 * rng.uniform(1.7, 2.2, (n_ring, 1)) * np.stack([np.cos(th), np.sin(th)], 1)
+        _blend(img, _spots(s, ring, rng.uniform(0.015, 0.03, n_ring) * r), _EXUD, 0.7)
+        _blend(img, inner, (0.38, 0.46, 0.4), rng.uniform(0.55, 0.8) * cnv)
 
 
 # ---------------------------------------------------------------- fundus photo
 
 
-def _fundus(rng: np.random.Generator, dr: int, amd: int, s: int) -> np.ndarray:
+def _fundus(streams: tuple[np.random.Generator, ...], u: EyeLatent, s: int) -> np.ndarray:
+    rng, dr_rng, amd_rng = streams
     c = (s / 2 + rng.normal(0, 0.03 * s, 2)).astype(np.float32)  # float32 throughout: 2x faster
     r = float(s * rng.uniform(0.42, 0.48))
     side = int(rng.choice([-1, 1]))  # left / right eye: disc on either side
@@ -192,8 +317,9 @@ def _fundus(rng: np.random.Generator, dr: int, amd: int, s: int) -> np.ndarray:
     # Hard cases: a dust speck or a small dark camera artefact on any grade, mimicking a red lesion.
     if rng.random() < 0.3:
         red += _spots(s, _in_retina(rng, c, r, 1, 0.1, 0.9), rng.uniform(0.02, 0.04, 1) * r) * 0.5
-    _dr_lesions(rng, img, dr, c, r, disc, paths, red)
-    _amd_lesions(rng, img, amd, mac, r, red, yy, xx)
+    eye = Eye(c, r, disc, mac, paths, yy, xx)
+    _dr_lesions(dr_rng, img, u, eye, red)
+    _amd_lesions(amd_rng, img, u, eye, red)
     _blend(img, np.minimum(red, 1.0), _HAEM, 0.85)
     img *= rng.uniform(0.85, 1.15) ** 2  # exposure varies a lot between cameras
     # Sensor noise, std 0.025: uniform is 5x cheaper to draw than normal and the blur below rounds it off anyway.
@@ -203,70 +329,190 @@ def _fundus(rng: np.random.Generator, dr: int, amd: int, s: int) -> np.ndarray:
     return np.clip(img[..., ::-1] * 255 + 0.5, 0, 255).astype(np.uint8)  # RGB -> BGR for cv2.imwrite
 
 
-# ---------------------------------------------------------------- planning and writing
+# ---------------------------------------------------------------- planning: eyes, names, splits, noise
 
 
-def _names(set_name: str, layout: str, n: int, seed: int) -> list[str]:
-    if set_name == "amd":
-        return [f"amd_{k + 1:04d}" for k in range(n)]
+class Image(NamedTuple):
+    set: str  # dr | amd: the disease this image is graded for
+    name: str
+    split: str
+    pool: str  # main | test
+    case: int  # index in the pool's case stream
+    clean_grade: int  # the set's own grade, from the latent
+    grade: int  # as listed (after grader noise)
+    hidden_grade: int  # the other disease's grade, from the same latent
+    latent: EyeLatent  # what the image renders
+
+
+def _fill(seed: int, disease: str, pool: str, per_grade: int) -> list[list[tuple[int, EyeLatent]]]:
+    """Eyes in stream order, each kept until its own grade holds `per_grade`: [(case, latent)] per grade."""
+    kept: list[list[tuple[int, EyeLatent]]] = [[] for _ in range(len(CUTS[disease]) + 1)]
+    case = 0
+    while min(len(rows) for rows in kept) < per_grade:
+        latent = _draw_latent(np.random.default_rng([seed, _CASE, _SET_ID[disease], _POOL_ID[pool], case]))
+        rows = kept[latent.grade(disease)]
+        if len(rows) < per_grade:
+            rows.append((case, latent))
+        case += 1
+    return kept
+
+
+def _names(disease: str, layout: str, pool: str, n: int, seed: int) -> list[str]:
+    if disease == "amd":
+        return [f"amd_{'t' if pool == 'test' else ''}{k + 1:04d}" for k in range(n)]
     if layout == "aptos":  # APTOS id_code: 12 hex digits
-        return [hashlib.blake2b(f"{seed}:dr:{k}".encode(), digest_size=6).hexdigest() for k in range(n)]
-    return [f"{10 + 3 * (k // 2)}_{('left', 'right')[k % 2]}" for k in range(n)]  # Kaggle: <patient>_<eye>
+        tag = "" if pool == "main" else f"{pool}:"
+        return [hashlib.blake2b(f"{seed}:dr:{tag}{k}".encode(), digest_size=6).hexdigest() for k in range(n)]
+    first = 10 if pool == "main" else 100_000  # Kaggle: <patient>_<eye>, two eyes per patient
+    return [f"{first + 3 * (k // 2)}_{('left', 'right')[k % 2]}" for k in range(n)]
+
+
+def _main_splits(names: list[str], grades: list[int], held_test: bool) -> list[str]:
+    """prepare fundus-grading's default split (patient-level, stratified, split seed 0), or train/dev 75/25
+    when the test pool is the test split."""
+    from kdcli.sources.fundus_grading import patient_of, split_groups
+
+    group_grades: dict[str, int] = {}
+    for name, grade in zip(names, grades, strict=True):
+        group_grades[patient_of(name)] = max(grade, group_grades.get(patient_of(name), 0))
+    ratios = (0.75, 0.25, 0.0) if held_test else (0.6, 0.2, 0.2)
+    by_group = split_groups(group_grades, ratios, 0)
+    return [by_group[patient_of(name)] for name in names]
+
+
+def _plan(per_grade: dict[str, int], test_per_class: int, seed: int, dr_layout: str, independent: bool,
+          label_noise: float) -> list[Image]:
+    images: list[Image] = []
+    for disease in SETS:
+        other = "amd" if disease == "dr" else "dr"
+        pools = {"main": per_grade[disease], **({"test": test_per_class} if test_per_class else {})}
+        for pool, count in pools.items():
+            by_grade = _fill(seed, disease, pool, count)
+            flat = [(grade, case, latent) for grade, rows in enumerate(by_grade) for case, latent in rows]
+            # grades interleaved, so that the two eyes of an EyePACS patient mostly differ
+            order = np.random.default_rng([seed, _ORDER, _SET_ID[disease], _POOL_ID[pool]]).permutation(len(flat))
+            flat = [flat[i] for i in order]
+            names = _names(disease, dr_layout, pool, len(flat), seed)
+            splits = (_main_splits(names, [g for g, _, _ in flat], bool(test_per_class)) if pool == "main"
+                      else ["test"] * len(flat))
+            for name, split, (grade, case, latent) in zip(names, splits, flat, strict=True):
+                if independent:  # a population without the other disease: its severity is 0
+                    latent = latent._replace(**{other: 0.0})
+                listed = grade
+                if split == "train" and label_noise > 0:
+                    severity = getattr(latent, disease)
+                    draw = np.random.default_rng([seed, _NOISE, _SET_ID[disease], _POOL_ID[pool], case]).random()
+                    if draw < flip_probability(severity, disease, label_noise):
+                        listed = int(_neighbour_and_margin(np.array([severity]), disease)[0][0])
+                images.append(Image(disease, name, split, pool, case, grade, listed, latent.grade(other), latent))
+    return images
+
+
+# ---------------------------------------------------------------- writing
+
+
+Job = tuple[str, tuple[int, ...], tuple[float, ...], int]  # path, stream key, latent, size
 
 
 def _render(job: Job) -> None:
-    path, set_id, k, dr, amd, size, seed = job
-    img = _fundus(np.random.default_rng([seed, set_id, k]), dr, amd, size)
+    path, key, latent, size = job
+    streams = tuple(np.random.default_rng([*key, part]) for part in (_BASE, _DR_LESIONS, _AMD_LESIONS))
+    img = _fundus(streams, EyeLatent(*latent), size)
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.endswith(".jpeg") else []
     if not cv2.imwrite(path, img, params):
         raise OSError(f"cv2 could not write {path}")
 
 
-def synth_fundus_grading(
-    out: Path, *, per_class: int = 20, size: int = 128, seed: int = 0, dr_layout: str = "eyepacs", workers: int = 1
-) -> dict:
-    """Write a DR-graded set (EyePACS or APTOS layout) and an AMD-graded set under `out`.
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
-    Returns {"root": str, "sets": {"dr"|"amd": {"labels": csv path, "images": dir, "counts": [n per grade],
-    "hidden": {image name: the other disease's grade}}}}. Output depends only on the arguments (not `workers`).
+
+def synth_fundus_grading(
+    out: Path,
+    *,
+    per_class: int = 100,
+    amd_per_class: int = 20,
+    size: int = 128,
+    seed: int = 0,
+    dr_layout: str = "eyepacs",
+    label_noise: float = 0.0,
+    independent: bool = False,
+    test_per_class: int = 0,
+    workers: int = 1,
+) -> dict:
+    """Write a DR-graded set (EyePACS or APTOS layout, `per_class` eyes per DR grade) and an AMD-graded set
+    (`amd_per_class` per AMD grade) under `out`; the module docstring tells the generative story.
+
+    `label_noise` (rho in [0, 0.5)): grader noise on the TRAIN grades, moved to the neighbouring grade, mostly
+    on borderline eyes. `independent`: the negative control (each set without the other disease).
+    `test_per_class`: that many more test eyes per grade and set, from a pool of their own.
+    Returns {"root", "design" ("shared" | "independent"), "label_noise", "sets": {"dr"|"amd": {"labels" (csv
+    path), "images" (folder), "splits" (splits.csv path), "counts" ([eyes per own grade, all splits]),
+    "split_counts" ({split: n}), "hidden" ({image name: the other disease's grade}), "flipped" (n)}},
+    "images": [{"set", "name", "split", "pool", "clean_grade", "grade", "hidden_grade", "latent" (EyeLatent)}]}.
+    Output depends only on the arguments (not `workers`): the same arguments give identical bytes.
     """
-    if per_class < 3:
-        raise ValueError(f"per_class must be >= 3, got {per_class}")
+    for name, value in (("per_class", per_class), ("amd_per_class", amd_per_class)):
+        if not 3 <= value <= MAX_PER_CLASS:
+            raise ValueError(f"{name} must be between 3 and {MAX_PER_CLASS}, got {value}")
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
     if dr_layout not in DR_LAYOUTS:
         raise ValueError(f"dr_layout must be one of {sorted(DR_LAYOUTS)}, got {dr_layout!r}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")  # numpy SeedSequence rejects negative entropy
+    label_noise = float(label_noise)
+    if not 0.0 <= label_noise < FLIP_CAP:  # also refuses NaN
+        raise ValueError(f"label_noise must be in [0, {FLIP_CAP}), got {label_noise}")
+    if not 0 <= test_per_class <= MAX_PER_CLASS:
+        raise ValueError(f"test_per_class must be between 0 and {MAX_PER_CLASS}, got {test_per_class}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
-    sets = {
-        "dr": (*DR_LAYOUTS[dr_layout], ".jpeg" if dr_layout == "eyepacs" else ".png", len(DR_GRADES), AMD_PRIOR),
-        "amd": ("labels.csv", "image", "level", "images", ".png", len(AMD_GRADES), DR_PRIOR),
-    }
+    images = _plan({"dr": per_class, "amd": amd_per_class}, test_per_class, seed, dr_layout, independent,
+                   label_noise)
+    layouts = {"dr": (*DR_LAYOUTS[dr_layout], ".jpeg" if dr_layout == "eyepacs" else ".png"),
+               "amd": (*AMD_LAYOUT, ".png")}
     jobs: list[Job] = []
     summary: dict[str, dict] = {}
-    for name, (csv_name, col_img, col_lvl, folder, ext, n_grades, prior) in sets.items():
-        sid, n = _SET_ID[name], per_class * n_grades
-        own = np.random.default_rng([seed, sid, 1]).permutation(np.repeat(np.arange(n_grades), per_class))
-        hidden = np.random.default_rng([seed, sid, 2]).choice(len(prior), size=n, p=prior)
-        names = _names(name, dr_layout, n, seed)
-        img_dir = out / name / folder
+    for disease in SETS:
+        csv_name, col_img, col_lvl, folder, ext = layouts[disease]
+        rows = [im for im in images if im.set == disease]
+        img_dir = out / disease / folder
         img_dir.mkdir(parents=True, exist_ok=True)
-        rows = [f"{col_img},{col_lvl}"] + [f"{nm},{g}" for nm, g in zip(names, own, strict=True)]
-        (out / name / csv_name).write_text("\n".join(rows) + "\n")
-        for k in range(n):
-            dr, amd = (own[k], hidden[k]) if name == "dr" else (hidden[k], own[k])
-            jobs.append((str(img_dir / f"{names[k]}{ext}"), sid, k, int(dr), int(amd), size, seed))
-        summary[name] = {
-            "labels": str(out / name / csv_name),
+        _write_csv(out / disease / csv_name, [col_img, col_lvl], [[im.name, im.grade] for im in rows])
+        _write_csv(out / disease / SPLITS_NAME, ["image", "split"], [[im.name, im.split] for im in rows])
+        jobs += [(str(img_dir / f"{im.name}{ext}"), (seed, _SET_ID[disease], _POOL_ID[im.pool], im.case),
+                  tuple(im.latent), size) for im in rows]
+        summary[disease] = {
+            "labels": str(out / disease / csv_name),
             "images": str(img_dir),
-            "counts": np.bincount(own, minlength=n_grades).tolist(),
-            "hidden": {nm: int(h) for nm, h in zip(names, hidden, strict=True)},
+            "splits": str(out / disease / SPLITS_NAME),
+            "counts": np.bincount([im.clean_grade for im in rows], minlength=len(CUTS[disease]) + 1).tolist(),
+            "split_counts": {split: sum(im.split == split for im in rows) for split in ("train", "dev", "test")},
+            "hidden": {im.name: im.hidden_grade for im in rows},
+            "flipped": sum(im.grade != im.clean_grade for im in rows),
         }
+    _write_csv(out / LATENTS_NAME, ["set", "image", "split", "pool", "dr_severity", "amd_severity", "haemorrhage",
+                                    "exudate", "dr_grade", "amd_grade", "listed_grade"],
+               [[im.set, im.name, im.split, im.pool, *(f"{v:.6f}" for v in im.latent), im.latent.grade("dr"),
+                 im.latent.grade("amd"), im.grade] for im in images])
+    if label_noise > 0:
+        _write_csv(out / NOISE_NAME, ["set", "image", "clean_grade", "listed_grade"],
+                   [[im.set, im.name, im.clean_grade, im.grade] for im in images if im.grade != im.clean_grade])
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_render, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
     else:
         for job in jobs:
             _render(job)
-    return {"root": str(out), "sets": summary}
+    return {
+        "root": str(out), "design": "independent" if independent else "shared", "label_noise": label_noise,
+        "sets": summary,
+        "images": [{"set": im.set, "name": im.name, "split": im.split, "pool": im.pool,
+                    "clean_grade": im.clean_grade, "grade": im.grade, "hidden_grade": im.hidden_grade,
+                    "latent": im.latent} for im in images],
+    }

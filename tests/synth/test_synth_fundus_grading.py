@@ -12,7 +12,7 @@ import pytest
 
 from kdcli.synth.fundus_grading import AMD_GRADES, DR_GRADES, synth_fundus_grading
 
-SMALL = {"per_class": 3, "size": 32, "seed": 0}
+SMALL = {"per_class": 3, "amd_per_class": 3, "size": 32, "seed": 0}
 # set -> layout -> (csv name, header, image folder, extension)
 EXPECTED = {
     "eyepacs": ("trainLabels.csv", ["image", "level"], "train", ".jpeg"),
@@ -79,19 +79,25 @@ def test_images_are_colour_fundus_photos(small: tuple[str, Path, dict]) -> None:
     assert np.mean([im[0, 0].max() for im in ims]) < 10  # on black
 
 
-def test_hidden_grades_returned_but_never_written(small: tuple[str, Path, dict]) -> None:
+def test_hidden_grades_returned_and_in_the_root_sidecar_never_in_a_set(small: tuple[str, Path, dict]) -> None:
     layout, root, info = small
     for name, prior_grades in (("dr", len(AMD_GRADES)), ("amd", len(DR_GRADES))):
         st = info["sets"][name]
         _, rows = _rows(Path(st["labels"]))
         assert set(st["hidden"]) == {n for n, _ in rows}
         assert all(0 <= g < prior_grades for g in st["hidden"].values())
-    # Nothing on disk but the two label CSVs (two columns each) and the images.
+    # In each set's folder: its label CSV (two columns), its splits.csv and the images; the latents beside the sets.
     files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
     others = {f for f in files if not f.endswith((".png", ".jpeg"))}
-    assert others == {f"dr/{EXPECTED[layout][0]}", f"amd/{EXPECTED['amd'][0]}"}
+    assert others == {f"dr/{EXPECTED[layout][0]}", f"amd/{EXPECTED['amd'][0]}", "dr/splits.csv", "amd/splits.csv",
+                      "latents.csv"}
     for st in info["sets"].values():
         assert all(len(line.split(",")) == 2 for line in Path(st["labels"]).read_text().splitlines())
+    with open(root / "latents.csv", newline="") as f:
+        latents = {(row["set"], row["image"]): row for row in csv.DictReader(f)}
+    for name, other in (("dr", "amd"), ("amd", "dr")):
+        for image, hidden in info["sets"][name]["hidden"].items():
+            assert int(latents[(name, image)][f"{other}_grade"]) == hidden
 
 
 def test_deterministic_and_worker_independent(small: tuple[str, Path, dict], tmp_path: Path) -> None:
@@ -145,7 +151,7 @@ def _features(info: dict, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 @pytest.fixture(scope="module")
 def signal(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return synth_fundus_grading(tmp_path_factory.mktemp("signal"), per_class=10, size=96, seed=0)
+    return synth_fundus_grading(tmp_path_factory.mktemp("signal"), per_class=10, amd_per_class=10, size=96, seed=0)
 
 
 def test_red_lesions_rise_with_dr_grade(signal: dict) -> None:
