@@ -76,9 +76,13 @@ def test_every_grade_is_a_threshold_of_the_one_latent_the_image_renders(noisy) -
     for disease in ("dr", "amd"):
         margins = [_margin(getattr(im["latent"], disease), disease) for im in info["images"] if im["set"] == disease]
         assert 0.03 < np.mean(np.array(margins) < 0.02) < 0.3
-    # the hidden grades follow the population prior: every grade present, "none" the most common
-    hidden = np.bincount([im["hidden_grade"] for im in info["images"] if im["set"] == "dr"], minlength=4)
-    assert hidden.min() > 0 and hidden.argmax() == 0
+    # every hidden grade occurs, and the two severities share risk: the hidden one rises with the set's own
+    for disease in ("dr", "amd"):
+        rows = [im for im in info["images"] if im["set"] == disease]
+        hidden = np.bincount([im["hidden_grade"] for im in rows], minlength=len(CUTS[OTHER[disease]]) + 1)
+        assert hidden.min() > 0
+        own, other = (np.array([getattr(im["latent"], d) for im in rows]) for d in (disease, OTHER[disease]))
+        assert np.corrcoef(own, other)[0, 1] > 0.3
 
 
 def test_other_disease_in_the_pixels_follows_the_hidden_severity_and_the_control_removes_it(tmp_path) -> None:
@@ -162,10 +166,10 @@ def test_grader_noise_only_in_train_recorded_and_on_borderline_eyes(noisy, tmp_p
             assert im["grade"] == grade_of(nearest - 1e-9 if severity >= nearest else nearest, disease)
             assert abs(im["grade"] - im["clean_grade"]) == 1
             assert listed[im["name"]] == im["grade"] == int(moved[(disease, im["name"])]["listed_grade"])
-        kept = [_margin(getattr(im["latent"], disease), disease) for im in train if im["grade"] == im["clean_grade"]]
-        moved_margins = [_margin(getattr(im["latent"], disease), disease) for im in train
-                         if im["grade"] != im["clean_grade"]]
-        assert np.mean(moved_margins) < 0.5 * np.mean(kept)  # boundary-biased
+        margins = np.array([_margin(getattr(im["latent"], disease), disease) for im in train])
+        moved_here = np.array([im["grade"] != im["clean_grade"] for im in train])
+        near = margins < np.median(margins)
+        assert moved_here[near].mean() > 2 * moved_here[~near].mean()  # boundary-biased
     # the noise is in the listed grades only: the pixels are those of the clean phantom
     clean = synth_fundus_grading(tmp_path / "clean", per_class=40, amd_per_class=30, size=32, seed=0,
                                  test_per_class=4)

@@ -44,7 +44,7 @@ def grading(tmp_path_factory) -> dict[str, Path]:
     from kdcli.synth.fundus_grading import synth_fundus_grading
 
     root = tmp_path_factory.mktemp("grading")
-    sets = synth_fundus_grading(root / "raw", per_class=5, size=48, seed=0)["sets"]
+    sets = synth_fundus_grading(root / "raw", per_class=5, amd_per_class=5, size=48, seed=0)["sets"]
     shards = root / "shards"
     for task in TASKS:
         labels = sets[task]["labels"]

@@ -32,6 +32,13 @@ What the adversary may remove, and the two guards against it (neither is in the 
       (the GRL scales only the gradient into the backbone). `grl_schedule=constant` keeps grl_lambda
       throughout (earlier versions). The strength in use is logged as `_grl`; `_set_accuracy` is how often
       the discriminator tells the sets apart (chance, i.e. aligned, is the larger set's share of a batch).
+
+Unlabeled samples (label -1): not used (`unlabeled = False`; `kdcli methods` says "not used", `distill` notes
+how many it leaves out). SALL's extra labels already are soft labels on images nobody graded for that head
+(the DR set is ungraded for AMD, the AMD set for DR), so a pool graded for neither adds more of the same kind,
+not a new lever; and such a sample belongs to no set: the discriminator (one class per set), the (task, grade)
+balanced sampler and `prepare fundus-grading` (one graded set per call) have no place for it. A third,
+ungraded set would need all three; until then fundus-grading datasets hold no unlabeled samples.
 """
 
 from __future__ import annotations

@@ -10,14 +10,18 @@ Generative story
 ----------------
 1. Eye latent. Every eye draws its latent u first, from a random stream keyed by the eye alone (seed, set,
    pool, case index) -- never by its grade or split:
-     - DR severity d = U^1.76 and AMD severity a = U^1.51 (U ~ U(0, 1), independent): continuous disease
-       progress, most eyes mild, as in a screening population;
+     - DR severity d = Phi(z_d)^1.76 and AMD severity a = Phi(z_a)^1.51: continuous disease progress, most
+       eyes mild as in a screening population; (z_d, z_a) are standard normal with correlation 0.6
+       (SEVERITY_CORRELATION: shared risk such as age and vascular health), so d and a correlate (Pearson
+       ~0.57) and an eye with one disease tends to show the other -- what lets one grader's knowledge serve
+       the other;
      - shared lesion propensities h (haemorrhage) and e (exudation), each ~ U(0.5, 1): how strongly this eye
        bleeds and leaks, whichever disease makes it do so.
 2. Grades. DR grade = number of DR_CUTS (0.2, 0.4, 0.6, 0.8) at or below d; AMD grade = number of AMD_CUTS
    (0.25, 0.5, 0.75) at or below a. Thresholded scores of u, so borderline eyes exist: an eye whose severity
-   lies within 0.02 of a cut (about 10 % of a balanced set) looks like its neighbouring grade. The population
-   priors of the hidden grades follow: DR (0.40, 0.19, 0.15, 0.13, 0.12), AMD (0.40, 0.23, 0.19, 0.17).
+   lies within 0.02 of a cut (17 % of a grade-balanced DR set, 12 % of an AMD one) looks like its neighbouring
+   grade. Population priors: DR (0.40, 0.19, 0.15, 0.13, 0.12), AMD (0.40, 0.23, 0.19, 0.17); a set's
+   hidden grades follow them shifted by the shared risk (more late AMD among severe DR eyes, and back).
    Every eye has both grades. The DR set keeps eyes in stream order until each DR grade holds `per_class`
    (quota sampling: within a grade, eyes are i.i.d. from p(u | grade)); its AMD grades are whatever the eyes
    have (the prior). The AMD set likewise, `amd_per_class` per AMD grade. Only the set's own grade is written
@@ -49,10 +53,11 @@ Generative story
    SALL's extra labels are the other teacher's soft labels on a set's images, and they can only say what
    those images show of the other disease. Here they show nothing, so the AMD teacher's soft labels on the
    DR set carry no AMD grading information (all eyes are "none") and the DR teacher's on the AMD set none
-   about DR. Rendering the other disease from an independent latent instead would not remove anything:
-   the benchmark never scores the hidden grade, and the severities are independent already, so that control
-   would equal the shared design in distribution. What the control keeps is SALL's shared backbone (DR's
-   haemorrhage and exudate features also serve late AMD): a gain there is the multi-task part, not the labels.
+   about DR; nor can the shared risk help, since a set's images hold no lesion of the other disease for a
+   grader to read. Rendering the other disease from an independent latent instead would only remove the
+   correlation: the other set's images would still show the other disease at its prior, and the soft labels
+   would still grade it. What the control keeps is SALL's shared backbone (DR's haemorrhage and exudate
+   features also serve late AMD): a gain there is the multi-task part, not the extra labels.
 
 Sizes and splits. `per_class` DR eyes per grade and `amd_per_class` AMD eyes per grade (the asymmetric sets
 SALL was made for: a large DR set, a small AMD one), all splits together, split by patient 60/20/20 with
@@ -70,6 +75,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -92,6 +98,7 @@ AMD_LAYOUT = ("labels.csv", "image", "level", "images")
 DR_CUTS = (0.2, 0.4, 0.6, 0.8)  # DR grade = cuts at or below the DR severity
 AMD_CUTS = (0.25, 0.5, 0.75)
 DR_POWER, AMD_POWER = 1.76, 1.51  # severity = U^power: 40 % of the population without either disease
+SEVERITY_CORRELATION = 0.6  # of the two severities' normal scores: shared risk (age, vascular health)
 CUTS = {"dr": DR_CUTS, "amd": AMD_CUTS}
 FLIP_MARGIN = 0.04  # grader disagreement falls off as exp(-|severity - cut| / FLIP_MARGIN)
 FLIP_CAP = 0.5  # no grade is moved more often than kept
@@ -121,10 +128,16 @@ def grade_of(severity: float, disease: str) -> int:
     return int(np.searchsorted(CUTS[disease], severity, side="right"))
 
 
+def _normal_cdf(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
 def _draw_latent(rng: np.random.Generator) -> EyeLatent:
-    u = rng.random(4)
-    return EyeLatent(float(u[0] ** DR_POWER), float(u[1] ** AMD_POWER), float(0.5 + 0.5 * u[2]),
-                     float(0.5 + 0.5 * u[3]))
+    z = rng.standard_normal(2)
+    shared = SEVERITY_CORRELATION * z[0] + math.sqrt(1 - SEVERITY_CORRELATION**2) * z[1]
+    u = rng.random(2)
+    return EyeLatent(_normal_cdf(float(z[0])) ** DR_POWER, _normal_cdf(float(shared)) ** AMD_POWER,
+                     float(0.5 + 0.5 * u[0]), float(0.5 + 0.5 * u[1]))
 
 
 def _neighbour_and_margin(severity: np.ndarray, disease: str) -> tuple[np.ndarray, np.ndarray]:
