@@ -862,6 +862,10 @@ def bench_distill(
                                                         "control).")] = 0.1,
     label_noise: Annotated[float | None, typer.Option(help="Share of training labels the generator flips (when it "
                                                            "has the option).")] = None,
+    unlabeled: Annotated[str | None, typer.Option(help="Unlabeled-pool sizes, comma-separated (e.g. 0,200): the "
+                                                       "methods that learn from unlabeled samples train again with "
+                                                       "each pool, beside a self-training control (the baseline as "
+                                                       "teacher); teachers and baselines never see it.")] = None,
     data_seed: Annotated[int, typer.Option(help="Seed of the phantoms.")] = 0,
     resample: Annotated[bool, typer.Option(help="Draw a new phantom per seed (the interval then covers data "
                                                 "draws too).")] = False,
@@ -873,7 +877,8 @@ def bench_distill(
 ) -> None:
     """Distillation vs the same student without a teacher: paired differences over seeds and training sizes.
 
-    Per (variant, size, seed): teacher, baseline, label-smoothing baseline and each method, on phantoms.
+    Per (variant, size, seed): teacher, baseline, label-smoothing baseline and each method, on phantoms;
+    with --unlabeled, each method that learns from unlabeled samples again per pool, and self-training.
 
     Writes results.csv, results.json and gain.png under --out; rerun to resume.
 
@@ -885,13 +890,13 @@ def bench_distill(
 
     options = DistillBenchOptions(
         dataset, out or Path("kdcli-bench") / dataset, quick, parse_list(sizes, "--sizes", int), seeds, epochs,
-        model, image_size, parse_list(methods, "--methods"), independent, label_smoothing, label_noise, data_seed,
-        resample, device, workers, jobs)
+        model, image_size, parse_list(methods, "--methods"), independent, label_smoothing, label_noise,
+        parse_list(unlabeled, "--unlabeled", int), data_seed, resample, device, workers, jobs)
     results = run_bench(options, log=err)
     from rich.console import Console
 
-    # wide enough for the table's ten columns in a log file (rich assumes 80 when stderr is not a terminal)
-    Console(stderr=True, width=None if sys.stderr.isatty() else 132).print(render_table(results))
+    # wide enough for the table's columns in a log file (rich assumes 80 when stderr is not a terminal)
+    Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(render_table(results))
     if as_json:
         typer.echo(json.dumps(results, indent=2))
 
