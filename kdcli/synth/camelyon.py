@@ -77,7 +77,17 @@ nobody staged their axilla), rendered like every slide, their sheet row complete
 Side files: `latents.csv` (every patient's b, image and clinical latent, clean and listed status, pool, split),
 `label_noise.csv` and `splits.json` when they apply. Same arguments, same bytes (the xlsx included).
 
-Calibration (N0 vs N+ AUCs). CALIBRATION
+Calibration (N0 vs N+ AUCs; 20,000 planned patients, seed 0, the sheet's observed columns -- age, log size, Ki67,
+grade, ER, PR, HER2 -- through a logistic regression fitted on 10,000 and scored on the other 10,000): b itself
+1.0 (the label is its threshold); the image latent 0.78, as in the earlier design (the slide is as hard as it
+was); the sheet 0.92 (tumour size alone 0.87, Ki67 0.80), identical in both designs; sheet + image latent 0.93
+shared but 0.94 in the control, where the slide's evidence is independent of the record's. Within-class
+correlation of the image and clinical latents: 0.38 shared, 0.01 control. On 120 rendered slides (size 512,
+seed 1) the summed tumour-box area scores 0.80 in both designs, and its within-class correlation with the
+sheet's log tumour size is 0.21 shared, -0.04 control. A slide model sees the latent through stain, geometry,
+pen, blur, ducts and lymphocytes (the WSI-only phantom model scored ~0.71 on the earlier design's slides). For
+scale, BCNB's authors report clinical-only 0.61, WSI 0.82 and WSI + clinical 0.83, the paper 0.861 for WSI +
+clinical: the phantom's record is deliberately stronger than BCNB's (it is what the teacher adds here).
 """
 
 from __future__ import annotations
