@@ -201,10 +201,30 @@ def synth_camelyon(
     size: Annotated[int, typer.Option(help="Level-0 width in pixels (20x, 0.5 um/px).")] = 4096,
     seed: SynthSeed = 0,
     workers: SynthWorkers = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING ALN statuses flipped across N0 / N+, borderline "
+        "patients most often; dev/test stay clean; flips listed in label_noise.csv.")] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: slide and clinical record render latents "
+                                                   "of their own; they share only the ALN status.")] = False,
+    test_slides: Annotated[int, typer.Option(help="Extra test slides, identical whatever --slides is (a fixed "
+                                                  "test set across training sizes).")] = 0,
+    unlabeled: Annotated[int, typer.Option(help="Extra slides whose sheet row has no ALN status (unlabeled "
+                                                "training slides for prepare).")] = 0,
 ) -> None:
-    """Core-needle biopsy slide phantoms and a BCNB clinical sheet; both carry part of the ALN signal."""
-    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers)
-    err(f"wrote {len(summary['slides'])} slides ({format}) and {summary['clinical']} to {out}")
+    """Core-needle biopsy slide phantoms and a BCNB clinical sheet: one tumour-biology latent per patient, shown
+    strongly in the record and faintly in the slide."""
+    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers,
+                        label_noise=label_noise, independent=independent, test_slides=test_slides,
+                        unlabeled=unlabeled)
+    counts = {split: len(ids) for split, ids in summary["splits"].items()}
+    err(f"wrote {len(summary['slides'])} slides ({format}, {summary['design']} design; {counts['train']}/"
+        f"{counts['dev']}/{counts['test']} train/dev/test" + (f", {unlabeled} unlabeled" if unlabeled else "")
+        + f") and {summary['clinical']} to {out}")
+    if label_noise:
+        err(f"labels of {summary['flipped']} training slides flipped, see {out / 'label_noise.csv'}")
+    if summary["splits_file"]:
+        err(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test slides "
+            "depend on this split)")
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -428,18 +448,23 @@ def prepare_camelyon(
     annotated_only: Annotated[bool, typer.Option(help="Only patches inside the tumour outlines.")] = False,
     ratios: Annotated[str, typer.Option(help="train,dev,test fractions (stratified by label).")] = "0.6,0.2,0.2",
     split_seed: Annotated[int, typer.Option(help="Seed of the split and the patch choice.")] = 0,
+    splits: Annotated[Path | None, typer.Option(help="Splits file: JSON {train: [ids], dev: [...], test: [...]} "
+                                                     "or CSV slide,split (e.g. synth camelyon's splits.json).")]
+    = None,
     thumbnails: Annotated[bool, typer.Option(help="A tissue-mask/patch thumbnail PNG per slide in "
                                                   "<out>/thumbnails/.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad slides/rows with a report instead of stopping.")] = False,
     part: PrepPart = None,
 ) -> None:
     """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
-    clinical record per slide (missing values kept as missing)."""
+    clinical record per slide (missing values kept as missing); rows without an ALN status are unlabeled
+    training slides (for distillation terms)."""
     options = {"mag": mag, "patch_size": patch_size, "max_patches": max_patches, "id_column": id_column,
                "label_column": label_column, "binary": binary, "tissue_threshold": tissue_threshold,
                "min_tissue": min_tissue, "annotated_only": annotated_only, "ratios": ratios, "seed": split_seed,
                "skip_bad": skip_bad,
                **({"clinical": str(clinical)} if clinical else {}),
+               **({"splits": str(splits)} if splits else {}),
                **({"native_mag": native_mag} if native_mag else {}),
                **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
     run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
