@@ -153,8 +153,8 @@ class Recipe:
 
 
 # bumped when a recipe's prepare writes other shards from the same phantom (brats 2: with the generator's split,
-# so that its extra test cases are the test split, and its unlabeled cases)
-PREPARE_REVISIONS = {"brats": 2}
+# so that its extra test cases are the test split, and its unlabeled cases; camelyon 2: with the generator's split)
+PREPARE_REVISIONS = {"brats": 2, "camelyon": 2}
 
 
 def _plain_prepare(source: str, **source_options: Any):
@@ -208,9 +208,11 @@ def _prepare_camelyon(raw: Path, shards: Path, summary: dict, grid: Grid, worker
 
     # as `kdcli demo wsi`: up to 32 tissue patches per slide at 10x, 128 px, stored at the grid's image size; a
     # core too thin for one patch is skipped and reported
+    options: dict[str, Any] = {"patch_size": 128, "max_patches": 32, "mag": 10, "skip_bad": True}
+    if summary.get("splits_file"):  # the fixed test slides (and noisy train labels) are fixed by this split
+        options["splits"] = str(raw / summary["splits_file"])
     done = prepare(PrepareOptions(source="camelyon", raw=raw, out=shards, size=grid.image_size, overwrite=True,
-                                  workers=max(1, workers), source_options={"patch_size": 128, "max_patches": 32,
-                                                                           "mag": 10, "skip_bad": True}))
+                                  workers=max(1, workers), source_options=options))
     return list(done.notes)
 
 
