@@ -600,8 +600,11 @@ def _with_teacher_cache(cfg: TrainConfig, store: ShardStore, train_set, teachers
 
 def _write_config(out: Path, meta: dict) -> None:
     from kdcli.engine.distributed import env_rank
+    from kdcli.engine.resume import check_resume
     from kdcli.shards.format import atomic_write_bytes
 
+    if meta["config"].get("resume"):  # before config.json is replaced: a resume of another run is refused
+        check_resume(out, meta)
     if env_rank() != 0:  # under torchrun only rank 0 writes
         return
     atomic_write_bytes(sibling(out, ".config.json"), (json.dumps(meta["config"], indent=2) + "\n").encode())
