@@ -145,6 +145,12 @@ def test_an_edit_that_keeps_size_and_time_is_caught_where_the_bytes_matter(multi
     assert_one_line_error(result, shard.name, "differs from its recorded digest")
 
 
+def test_inspect_verify_rehashes_a_manifest_edited_with_its_time_restored(multieye_shards, tmp_path):
+    data = copy_of(multieye_shards, tmp_path)
+    restore_time(data / "manifest.parquet", lambda: relabel_manifest(data))
+    assert_one_line_error(run("inspect", data, "--verify"), "dataset.json", "content_hash")
+
+
 def test_a_copy_without_times_is_rehashed_once_then_fingerprinted_by_verify(multieye_shards, tmp_path):
     from kdcli.shards.integrity import FINGERPRINTS
 
@@ -250,7 +256,7 @@ def outputs(out: Path) -> dict[str, bytes]:
     (["--modality", "fundus"], ("--modality fundus", "oct")),
     (["--lr", "0.01"], ("--lr 0.01", "0.003")),
     (["--batch-size", "8"], ("--batch-size 8", "16")),
-    (["--epochs", "5"], ("--epochs 5",)),
+    (["--set", "ema=0.9"], ("--ema 0.9",)),
     (["--set", "weight_decay=0.5"], ("--weight-decay 0.5",)),
     (["--data", "OTHER"], ("holds other data", "content hash")),
 ])

@@ -4,7 +4,8 @@ A resumed run repeats the uninterrupted one bit for bit (the loop reseeds per ep
 the same architecture, modality, method, teachers, data (by content hash) and training options. Any other
 value, e.g. a new --lr, would be recorded in config.json while the optimizer state restored from .last.pt
 kept the old one, so a changed option is refused rather than half used. Only where and how fast the run goes
-may change: the worker count, the device, compile, and the paths (the data are compared by content).
+may change (the worker count, the device, compile, the paths: the data are compared by content), and how long:
+--epochs, which the loop and the learning-rate schedule read afresh, extends or shortens the run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 from kdcli.engine.checkpoint import load_checkpoint, sibling
 from kdcli.errors import KdcliError
 
-FREE_OPTIONS = frozenset({"resume", "overwrite", "data", "out", "workers", "device", "compile", "teacher"})
+# epochs may change too: the loop and the schedule read it afresh, so a resumed run can be extended (or cut short)
+FREE_OPTIONS = frozenset({"resume", "overwrite", "data", "out", "workers", "device", "compile", "teacher", "epochs"})
 SHOWN = 3  # differences named in the one error line; the rest are counted
 
 

@@ -61,7 +61,7 @@ class ShardStore:
         """Re-hash the shards of `split` (all when None) from their bytes, once per process; raises naming a shard
         that differs. Returns shard -> digest of every shard."""
         shards = set(self.rows(split)["shard"].to_list())
-        return check_dataset(self.root, self.manifest, self.meta.content_hash, rehash=shards)
+        return check_dataset(self.root, self.manifest, self.meta.content_hash, rehash=shards, full=split is None)
 
     def require_modality(self, modality: str) -> None:
         if modality not in self.meta.modalities:
