@@ -494,6 +494,10 @@ def inspect(
     out = console(stderr=False)
     out.print(table)
     out.print(f"hash {report['content_hash']}" + ("  (verified)" if verify else ""))
+    from kdcli.sources.quality import lines as quality_lines
+
+    for line in quality_lines(report["data_warnings"]):
+        typer.echo(f"data warning: {line}")  # unwrapped: one line per kind, as prepare printed it
 
 
 # ------------------------------------------------------------------------------------- teach / distill

@@ -34,6 +34,7 @@ def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
         "per_class": per_class, "samples": manifest.height,
         "shards": manifest["shard"].n_unique(), "content_hash": meta.content_hash,
         "kdcli_version": meta.kdcli_version, "prepare": meta.prepare,
+        "data_warnings": meta.data_warnings,  # bad data prepare kept (repaired), counted per kind
     }
     if verify:
         report["verified"] = True  # or verify_hash raised, naming what differs

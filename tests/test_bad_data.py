@@ -362,6 +362,19 @@ def entry_twice_same(raw: Path) -> str:
     return rows[1][0]
 
 
+def list_line_twice(raw: Path) -> str:
+    name = lines_of(raw / "test_list.txt")[0]
+    write_lines(raw / "test_list.txt", [*lines_of(raw / "test_list.txt"), name])
+    return name
+
+
+def split_row_twice_same(raw: Path) -> str:
+    path = raw / "mimic-cxr-2.0.0-split.csv"
+    rows = csv_rows(path)
+    write_csv(path, [*rows, rows[1]])
+    return rows[1][0]
+
+
 def box_rows(raw: Path) -> list[list[str]]:
     return csv_rows(raw / "BBox_List_2017.csv")
 
@@ -394,6 +407,8 @@ KEPT = {
     "multieye: name twice, same label": ("multieye", repeat_with_same_label, "duplicate_entry", 1),
     "multieye: float32 TIFF of 0..1000": ("multieye", float_tiff, "image_rescaled", 1),
     "nih: Data_Entry row twice": ("nih", entry_twice_same, "duplicate_row", 1),
+    "nih: test_list line twice": ("nih", list_line_twice, "duplicate_list_line", 1),
+    "mimic: split row twice": ("mimic", split_row_twice_same, "duplicate_row", 1),
     "nih: box off the image": ("nih", box_off_image, "box_off_image", 1),
     "nih: box partly off the image": ("nih", box_partly_off_image, "box_clipped", 1),
     "brats: NaN voxels in FLAIR": ("brats", nan_voxels, "nonfinite_voxels", 1),
@@ -420,6 +435,8 @@ def test_bad_data_kept_is_repaired_and_counted(phantoms, tmp_path, case):
     assert set(warnings) == {kind} and warnings[kind]["count"] == count, warnings
     assert name in warnings[kind]["examples"][0]
     assert f"warning: {count} x {warnings[kind]['message']}" in result.output
+    inspected = run("inspect", out)
+    assert inspected.exit_code == 0 and f"data warning: {count} x {warnings[kind]['message']}" in inspected.output
     manifest = pl.read_parquet(out / "manifest.parquet")
     assert manifest["id"].n_unique() == manifest.height  # never the same sample twice
     if kind == "image_rescaled":

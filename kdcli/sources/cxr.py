@@ -530,7 +530,10 @@ class CxrSource(Source):
                 if name and split_of.get(name, split) != split:
                     raise KdcliError(f"line {number}: image {name} is also in train_val_list.txt", path=path,
                                      hint="an image belongs to one split: delete it from one of the two lists")
-                if name:
+                if name in split_of:
+                    warn("duplicate_list_line", "images listed twice in one split list, kept once",
+                         f"{name} ({list_name} line {number})")
+                elif name:
                     split_of[name] = split
         return split_of
 
