@@ -254,23 +254,27 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+PrepAllowLeakage = Annotated[bool, typer.Option(help="Keep patients whose records sit in several splits "
+                                                   "(refused otherwise); counted in dataset.json.")]
 PrepPart = Annotated[str | None, typer.Option(help="I/N: write only the I-th of N disjoint shares (cluster array "
                                                      "jobs); then `kdcli prepare merge OUT`.")]
 
 
 def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: int, resume: bool, overwrite: bool,
                 shard_size: int, compression: Compression, source_options: dict[str, Any],
-                append: bool = False, part: str | None = None) -> None:
+                append: bool = False, part: str | None = None, allow_leakage: bool = False) -> None:
     from tqdm import tqdm
 
     from kdcli.defaults import default_prepare_out
     from kdcli.prepare import PrepareOptions, prepare
+    from kdcli.sources.quality import lines as quality_lines
 
     out = out or default_prepare_out(source)
     options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
                              overwrite=overwrite, shard_size=shard_size,
                              compression=None if compression is Compression.none else compression.value,
-                             source_options=source_options, append=append, part=parse_part(part))
+                             source_options=source_options, append=append, part=parse_part(part),
+                             allow_leakage=allow_leakage)
     bars: list = []
 
     def progress_factory(total: int):
@@ -286,6 +290,8 @@ def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: in
             bar.close()
     for note in result.notes:
         err(f"note: {note}")
+    for line in quality_lines(result.warnings):
+        err(f"warning: {line}")
     if options.part:
         err(f"part {options.part[0]}/{options.part[1]} done ({result.written} shards written, {result.reused} "
             f"reused); when every part is done: kdcli prepare merge {out}")
@@ -309,11 +315,13 @@ def prepare_multieye(
     clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
     median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
     list_name: Annotated[str | None, typer.Option(help="List file name in each split folder.")] = None,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
     run_prepare("multieye", raw, out, size, workers, resume, overwrite, shard_size, compression,
-                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part)
+                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part,
+                allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "merge")
@@ -346,6 +354,7 @@ def prepare_fundus_grading(
     label_column: Annotated[str | None, typer.Option(help="CSV column with grades.")] = None,
     grades: Annotated[int | None, typer.Option(help="Number of grades (default 5 for dr, 4 for amd).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the patient-level 60/20/20 split.")] = 0,
+    allow_leakage: PrepAllowLeakage = False,
 ) -> None:
     """A graded fundus set for one task; a second call with another --task adds to the same --out."""
     options = {"labels": str(labels), "task": task, "split_seed": split_seed,
@@ -353,7 +362,7 @@ def prepare_fundus_grading(
                   (("image_dir", image_dir), ("image_column", image_column), ("label_column", label_column),
                    ("grades", grades)) if v is not None}}
     run_prepare("fundus-grading", raw, out, size, workers, resume, overwrite, shard_size, compression, options,
-                append=True)
+                append=True, allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "brats")
@@ -378,12 +387,14 @@ def prepare_brats(
                                                         "(BraTS validation data as shipped): unlabeled training "
                                                         "cases, every brain slice kept, for distillation only.")]
     = None,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
     options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
                **({"splits": str(splits)} if splits else {}), **({"unlabeled": str(unlabeled)} if unlabeled else {})}
-    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 class Uncertain(StrEnum):
@@ -414,13 +425,15 @@ def prepare_cxr(
     split_seed: Annotated[int, typer.Option(help="Seed of the dev split.")] = 0,
     labels: Annotated[str | None, typer.Option(help="Comma list restricting the label set.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad rows/images with a report instead of stopping.")] = False,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits."""
     options = {"uncertain": uncertain.value, "egd_sigma": egd_sigma, "dev_fraction": dev_fraction,
                "seed": split_seed, "skip_bad": skip_bad,
                **{k: str(v) for k, v in (("gaze", gaze), ("boxes", boxes), ("labels", labels)) if v is not None}}
-    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "camelyon")
@@ -454,6 +467,7 @@ def prepare_camelyon(
     thumbnails: Annotated[bool, typer.Option(help="A tissue-mask/patch thumbnail PNG per slide in "
                                                   "<out>/thumbnails/.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad slides/rows with a report instead of stopping.")] = False,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
@@ -467,7 +481,8 @@ def prepare_camelyon(
                **({"splits": str(splits)} if splits else {}),
                **({"native_mag": native_mag} if native_mag else {}),
                **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
-    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 # --------------------------------------------------------------------------------------------- inspect
@@ -504,6 +519,10 @@ def inspect(
     out = console(stderr=False)
     out.print(table)
     out.print(f"hash {report['content_hash']}" + ("  (verified)" if verify else ""))
+    from kdcli.sources.quality import lines as quality_lines
+
+    for line in quality_lines(report["data_warnings"]):
+        typer.echo(f"data warning: {line}")  # unwrapped: one line per kind, as prepare printed it
 
 
 # ------------------------------------------------------------------------------------- teach / distill

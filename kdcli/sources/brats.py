@@ -45,7 +45,9 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
+from kdcli.sources.quality import warn
 from kdcli.sources.splits import parse_ratios, stable_seed
+from kdcli.sources.text import decoding
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -291,7 +293,7 @@ def read_splits(path: Path) -> dict[str, str]:
             for case in cases:
                 add(str(case), str(split), f"{split!r} list")
     else:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle, decoding(path):
             reader = csv.reader(handle)
             header = [h.strip().lower() for h in next(reader, [])]
             if "case" not in header or "split" not in header:
@@ -320,6 +322,17 @@ def _voxels(case: str, path: str, dtype: type) -> np.ndarray:
     except Exception as exc:  # truncated gzip: EOFError; bad deflate data: zlib.error; short .nii: ValueError
         raise _case_error(case, f"{path}: voxel data unreadable, truncated or corrupt ({_reason(exc, path)})",
                           hint="re-download or re-extract the case, or pass --skip-bad") from None
+
+
+def _zero_nonfinite(case: str, name: str, path: str, volume: np.ndarray) -> None:
+    """NaN or infinite voxels (a skull-stripping tool's background, a failed conversion) become 0, i.e. outside
+    the brain, in place, and are counted as a data warning instead of reaching the shards as NaN."""
+    bad = ~np.isfinite(volume)
+    count = int(bad.sum())
+    if count:
+        volume[bad] = 0.0
+        warn("nonfinite_voxels", "sequences with NaN or infinite voxels, set to 0 (outside the brain)",
+             f"case {case} {name}: {count} voxel(s) in {Path(path).name}")
 
 
 def _bounds(mask: np.ndarray) -> tuple[int, int]:
@@ -402,6 +415,7 @@ class BratsSource(Source):
             raise KdcliError(f"--empty-slices {self.empty_slices}: expected a fraction between 0 and 1")
         self.seed = int(options.get("seed") or 0)
         self.skip_bad = bool(options.get("skip_bad", False))
+        self.ratios = parse_ratios(options.get("ratios") or "0.7,0.1,0.2")  # refused before any case is read
 
     def scan(self, raw: Path) -> Scan:
         raw = Path(raw)
@@ -476,8 +490,7 @@ class BratsSource(Source):
         unlabeled = unlabeled or {}
         groups = {case: patient_of(case) for case in cases}
         if not self.options.get("splits"):
-            by_group = split_groups(list(groups.values()), parse_ratios(self.options.get("ratios") or "0.7,0.1,0.2"),
-                                    self.seed)
+            by_group = split_groups(list(groups.values()), self.ratios, self.seed)
             return {case: by_group[group] for case, group in groups.items()}
         path = Path(self.options["splits"])
         listed = read_splits(path)
@@ -538,6 +551,8 @@ class BratsSource(Source):
         naming = naming_of(record.files)
         et_value = ET_VALUE[naming]
         volumes = {name: _voxels(case, record.files[name], np.float32) for name in SEQUENCES}
+        for name, volume in volumes.items():
+            _zero_nonfinite(case, name, record.files[name], volume)
         labelled = record.label != UNLABELED
         # an unlabeled case's grid comes from its T1 header (the sequences share it: checked by the scan)
         mapped, grid_image = self._mapped_label(record, naming) if labelled else (None, nib.load(record.files["t1"]))
