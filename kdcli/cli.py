@@ -794,8 +794,8 @@ class ExportFormat(StrEnum):
 @command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
-    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (needs `pip install "
-                                                                          "'kdcli[export]'`) or torchscript.")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (needs the onnx package: the "
+                                                                          "`export` extra) or torchscript.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model file (.onnx; .pt or .ts for TorchScript); the "
                                                           "contract goes beside it as <file>.json.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,

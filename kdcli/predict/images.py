@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kdcli.errors import KdcliError, UsageError
-from kdcli.predict.inputs import IMAGE_SUFFIXES, XRAY_SUFFIXES, Failure, Item, image_items
+from kdcli.predict.inputs import IMAGE_SUFFIXES, XRAY_SUFFIXES, Failure, Item, image_items, progress
 
 
 def image_reader(record: dict[str, Any], modality: str) -> Callable[[str], np.ndarray]:
@@ -115,7 +115,9 @@ def predict_images(checkpoint, record: dict[str, Any], inputs: list[str], device
     loader = torch.utils.data.DataLoader(RawImages(items, reader), batch_size=batch_size, num_workers=workers,
                                          collate_fn=as_list)
     rows: list[dict[str, Any]] = []
+    bar = progress(len(items), "img")
     for batch in loader:
+        bar.update(len(batch))
         good = []
         for position, image, error in batch:
             if error:
@@ -139,6 +141,7 @@ def predict_images(checkpoint, record: dict[str, Any], inputs: list[str], device
             write_explanations(model, images, [items[p] for p, _ in good], outputs, heads, device, explain_dir,
                                batch_rows)
         rows += batch_rows
+    bar.close()
     return rows, failures
 
 

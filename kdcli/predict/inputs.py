@@ -34,6 +34,15 @@ class Failure:
     reason: str
 
 
+def progress(total: int, what: str):
+    """A progress bar on an interactive terminal (tqdm), silent in logs and pipelines; call it with a count."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=what, desc="predict", file=sys.stderr, leave=False, disable=None)
+
+
 def has_suffix(path: str | Path, suffixes: Iterable[str]) -> bool:
     return str(path).lower().endswith(tuple(suffixes))
 

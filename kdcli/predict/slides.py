@@ -19,7 +19,7 @@ import torch
 
 from kdcli.errors import KdcliError, UsageError
 from kdcli.predict.images import one_line
-from kdcli.predict.inputs import Failure, Item, slide_items
+from kdcli.predict.inputs import Failure, Item, progress, slide_items
 
 HEAT_SIDE = 1024  # the thumbnail's longer side under the heat map, in pixels
 
@@ -78,7 +78,9 @@ def predict_slides(checkpoint, record: dict[str, Any], inputs: list[str], device
         raise KdcliError(failures[0].reason, path=failures[0].input)
     model = load_model(checkpoint).to(device).eval()
     rows = []
+    bar = progress(len(items), "slide")
     for item in items:
+        bar.update(1)
         try:
             patches, coords, info = read_patches(item, record)
             bag = {"patches": torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))),
@@ -97,6 +99,7 @@ def predict_slides(checkpoint, record: dict[str, Any], inputs: list[str], device
         rows.append({"id": item.id, "path": item.path, "prediction": predicted, "prediction_name": classes[predicted],
                      **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
                      "patches": len(patches), "heatmap": str(heat)})
+    bar.close()
     return rows, failures
 
 

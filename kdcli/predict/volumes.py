@@ -17,7 +17,7 @@ import torch
 
 from kdcli.errors import KdcliError
 from kdcli.predict.images import one_line
-from kdcli.predict.inputs import Failure, Item, case_items
+from kdcli.predict.inputs import Failure, Item, case_items, progress
 
 NAMING_ET = {"2018-2021": 4, "2023": 3}
 
@@ -103,7 +103,9 @@ def predict_volumes(checkpoint, record: dict[str, Any], inputs: list[str], devic
         raise KdcliError(failures[0].reason, path=failures[0].input)
     model = load_model(checkpoint).to(device).eval()
     rows = []
+    bar = progress(len(items), "case")
     for item in items:
+        bar.update(1)
         try:
             et = et_value(item.id, namings, record)
             volume, info, maps, plane_at = predict_case(model, item, sequences, size, et, device, batch_size)
@@ -124,6 +126,7 @@ def predict_volumes(checkpoint, record: dict[str, Any], inputs: list[str], devic
         if explain:
             row["explanation"] = str(write_overlay(folder, item.id, maps, plane_at))
         rows.append(row)
+    bar.close()
     return rows, failures
 
 
