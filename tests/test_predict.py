@@ -180,6 +180,7 @@ def test_brats_files_group_into_cases_and_unnamed_files_need_a_single_sequence_m
     case.mkdir()
     for name in ("t1", "t1ce", "t2", "flair", "seg"):
         (case / f"BraTS2021_00001_{name}.nii.gz").write_bytes(b"")
+    (case / "W39_1998.09.19_Segm.nii").write_bytes(b"")  # BraTS 2020's misnamed label: a label, not a sequence
     (tmp_path / "scan.nii").write_bytes(b"")
     items, failures, namings = case_items([str(case), str(tmp_path / "scan.nii")], ["t1", "t1ce", "t2", "flair"])
     assert [(i.id, sorted(i.files)) for i in items] == [("BraTS2021_00001", ["flair", "t1", "t1ce", "t2"])]

@@ -153,9 +153,11 @@ def case_items(inputs: list[str], sequences: list[str]) -> tuple[list[Item], lis
     groups: dict[tuple[str, str], dict[str, str]] = {}
     namings: dict[str, str] = {}
     where: dict[tuple[str, str], str] = {}
+    from kdcli.sources.brats import MISNAMED_LABEL
+
     for file in files:
         case, sequence, naming = sequence_of(file)
-        if sequence == "seg":
+        if sequence == "seg" or MISNAMED_LABEL.search(file.name):  # label files (BraTS 2020's misnamed one too)
             continue
         if sequence is None:
             if len(sequences) != 1:
