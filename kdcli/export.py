@@ -159,6 +159,7 @@ def export(options: ExportOptions) -> dict[str, Any]:
     checkpoint = load_checkpoint(Path(options.checkpoint))
     record = checkpoint_preprocessing(checkpoint.meta, checkpoint.path, options.data)
     wrapper, inputs, outputs, dynamic = example_inputs(checkpoint, record)
+    wrapper.eval()  # the ONNX exporter restores the wrapper's mode afterwards, recursively: it must be eval too
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -196,7 +197,7 @@ def verify(wrapper: nn.Module, out: Path, fmt: str, inputs: dict[str, torch.Tens
     """The written file run on the example inputs against PyTorch: the largest absolute difference per output
     (ONNX: only where onnxruntime is installed; None otherwise)."""
     with torch.no_grad():
-        expected = [t.numpy() for t in wrapper(*inputs.values())]
+        expected = [t.numpy() for t in wrapper.eval()(*inputs.values())]
     if fmt == "onnx":
         try:
             import onnxruntime

@@ -173,6 +173,7 @@ def test_onnx_matches_pytorch_in_onnxruntime(tmp_path, kind) -> None:
     got = session.run(contract["outputs"], inputs)
     for expected, value in zip(pytorch_outputs(checkpoint, inputs), got, strict=True):
         assert np.allclose(expected, value, atol=1e-4), kind
+    assert max(contract["verified"]["max_abs_diff"].values()) < 1e-4  # the check export itself ran
 
 
 def test_unet_exports_match_pytorch(tmp_path) -> None:

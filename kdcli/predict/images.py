@@ -38,10 +38,11 @@ def image_reader(record: dict[str, Any], modality: str) -> Callable[[str], np.nd
                      "on prepared shards instead")
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one line without the hint on how `prepare` would skip it."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text.split(" — ")[0]
+def one_line(exc: BaseException, path: str | None = None) -> str:
+    """An exception as one line, without the hint on how `prepare` would skip it nor the file's name (the
+    `failed PATH:` line names it)."""
+    text = (" ".join(str(exc).split()) or type(exc).__name__).split(" — ")[0]
+    return text.removeprefix(f"{path}: ") if path else text
 
 
 class RawImages(torch.utils.data.Dataset):
@@ -57,7 +58,7 @@ class RawImages(torch.utils.data.Dataset):
         try:
             return i, self.reader(self.items[i].files["image"]), ""
         except Exception as exc:  # noqa: BLE001  (decoders raise many types; each becomes one line for its file)
-            return i, None, one_line(exc)
+            return i, None, one_line(exc, self.items[i].files["image"])
 
 
 def as_list(batch: list) -> list:

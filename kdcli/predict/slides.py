@@ -91,8 +91,8 @@ def predict_slides(checkpoint, record: dict[str, Any], inputs: list[str], device
             heat = write_heat_map(folder, item, record, patches, coords, info, result["attention"][0])
         except Exception as exc:  # noqa: BLE001  (OpenSlide and decoders raise many types; one line per slide)
             if strict:
-                raise KdcliError(one_line(exc), path=item.path) from None
-            failures.append(Failure(item.path, one_line(exc)))
+                raise KdcliError(one_line(exc, item.path), path=item.path) from None
+            failures.append(Failure(item.path, one_line(exc, item.path)))
             continue
         probs = result["probs"][0]
         predicted = int(probs.argmax())

@@ -111,8 +111,8 @@ def predict_volumes(checkpoint, record: dict[str, Any], inputs: list[str], devic
             volume, info, maps, plane_at = predict_case(model, item, sequences, size, et, device, batch_size)
         except Exception as exc:  # noqa: BLE001  (nibabel and zlib raise many types; one line per case)
             if strict:
-                raise KdcliError(one_line(exc), path=item.path) from None
-            failures.append(Failure(item.path, one_line(exc)))
+                raise KdcliError(one_line(exc, item.path), path=item.path) from None
+            failures.append(Failure(item.path, one_line(exc, item.path)))
             continue
         path = folder / f"{item.id}.nii.gz"
         write_label_nifti(path, volume, info)
