@@ -347,3 +347,18 @@ def test_predict_on_raw_slides_scores_them_as_evaluate_does(tmp_path) -> None:
             compared += 1
     assert compared == table.height == 8
     assert all(Path(p).is_file() for p in table["heatmap"])
+
+
+def test_slide_models_predict_cannot_feed_are_refused_in_one_line(tmp_path) -> None:
+    from kdcli.models.mil import MILClassifier, mil_spec
+
+    spec = mil_spec("test_resnet", 2, ["mm"], clinical_dims=4, hidden=8, clinical_hidden=4)
+    meta = {"kind": "teacher", "task": "mil", "model": spec, "classes": ["N0", "N+"], "modality": "wsi,clinical",
+            "method": "supervised", "data": {"path": "", "source": "camelyon"}, "bag_size": 16,
+            "preprocess": {"source": "camelyon", "size": 32, "options": {},
+                           "modalities": {"wsi": {"shape": [32, 32, 3], "dtype": "uint8"}}}}
+    save_checkpoint(tmp_path / "mm.pt", meta, MILClassifier(spec).state_dict())
+    (tmp_path / "slide.tif").write_bytes(b"")
+    result = cli("predict", tmp_path / "mm.pt", tmp_path / "slide.tif", "--out", tmp_path / "p.csv")
+    assert result.exit_code == 2 and "no WSI-only head" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "p.csv").exists()
