@@ -30,6 +30,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_weights
+from kdcli.predict.contract import preprocessing_record
 from kdcli.shards.reader import ShardStore
 
 
@@ -333,6 +334,7 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, par
         "config": config_to_dict(cfg),
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

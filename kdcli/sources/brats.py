@@ -352,6 +352,40 @@ def _resize(square: np.ndarray, size: int, interpolation: int) -> np.ndarray:
     return square if square.shape[0] == size else cv2.resize(square, (size, size), interpolation=interpolation)
 
 
+def brain_mask(volumes: dict[str, np.ndarray]) -> np.ndarray:
+    """The brain: voxels non-zero in any of the (skull-stripped) sequences."""
+    brain = np.zeros(next(iter(volumes.values())).shape, dtype=bool)
+    for volume in volumes.values():
+        brain |= volume != 0
+    return brain
+
+
+def zscore_in_brain(volumes: dict[str, np.ndarray], brain: np.ndarray) -> None:
+    """Each sequence z-scored over the brain, zero outside; in place: a 240x240x155 case is ~36 MB per float32
+    copy. `prepare` and `kdcli predict` both call this."""
+    for volume in volumes.values():
+        inside = volume[brain]
+        mean = float(inside.mean(dtype=np.float64)) if inside.size else 0.0
+        std = float(inside.std(dtype=np.float64)) if inside.size else 0.0
+        volume[brain] = (inside - mean) / (std if std > 1e-8 else 1.0)  # a flat sequence becomes 0s, not NaN
+        volume[~brain] = 0.0
+
+
+def crop_square(region: np.ndarray) -> tuple[list[int], list[int], int]:
+    """The in-plane crop (x0, x1, y0, y1) of `region`'s bounding box over all slices, the centring pad and the
+    square's side: what `stored_slice` applies and `label_volume` undoes."""
+    x0, x1 = _bounds(region.any(axis=(1, 2)))
+    y0, y1 = _bounds(region.any(axis=(0, 2)))
+    side = max(x1 - x0, y1 - y0)
+    return [x0, x1, y0, y1], [(side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2], side
+
+
+def stored_slice(volume: np.ndarray, z: int, crop: list[int], pad: list[int], side: int, size: int) -> np.ndarray:
+    """Axial slice z of a z-scored sequence as stored: cropped, padded to the square, resized; float16
+    (size, size, 1)."""
+    return _resize(_to_square(volume[:, :, z], crop, pad, side), size, cv2.INTER_LINEAR).astype(np.float16)[:, :, None]
+
+
 def label_volume(info: dict[str, Any], slices: dict[int, np.ndarray]) -> np.ndarray:
     """The label volume on the record's original grid (shape info["shape"], original values: kdcli 3 -> the
     release's ET value) from per-slice maps of kdcli indices (size x size, or size x size x 1) at their z;
@@ -558,24 +592,13 @@ class BratsSource(Source):
         mapped, grid_image = self._mapped_label(record, naming) if labelled else (None, nib.load(record.files["t1"]))
         shape = volumes["t1"].shape
 
-        brain = np.zeros(shape, dtype=bool)
-        for volume in volumes.values():
-            brain |= volume != 0
+        brain = brain_mask(volumes)
         # Tumour voxels count as brain for the crop and the kept slices, so no labelled voxel is ever cropped away.
         region = brain | (mapped > 0) if labelled else brain
         if not region.any():
             raise _case_error(case, "every sequence is zero everywhere (no brain)")
-        for volume in volumes.values():  # in place: a 240x240x155 case is ~36 MB per float32 copy
-            inside = volume[brain]
-            mean = float(inside.mean(dtype=np.float64)) if inside.size else 0.0
-            std = float(inside.std(dtype=np.float64)) if inside.size else 0.0
-            volume[brain] = (inside - mean) / (std if std > 1e-8 else 1.0)  # a flat sequence becomes 0s, not NaN
-            volume[~brain] = 0.0
-
-        x0, x1 = _bounds(region.any(axis=(1, 2)))
-        y0, y1 = _bounds(region.any(axis=(0, 2)))
-        side = max(x1 - x0, y1 - y0)
-        crop, pad = [x0, x1, y0, y1], [(side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2]
+        zscore_in_brain(volumes, brain)
+        crop, pad, side = crop_square(region)
         slices = self._kept_slices(record, region, mapped)
         tumour = mapped.any(axis=(0, 1)) if labelled else None
         info = {
@@ -591,8 +614,7 @@ class BratsSource(Source):
 
         def samples() -> Iterator[Sample]:
             for z in slices:
-                arrays = {name: _resize(_to_square(volumes[name][:, :, z], crop, pad, side), size,
-                                        cv2.INTER_LINEAR).astype(np.float16)[:, :, None] for name in SEQUENCES}
+                arrays = {name: stored_slice(volumes[name], z, crop, pad, side, size) for name in SEQUENCES}
                 if not labelled:  # no label map: the slice's shard holds the sequences alone
                     yield Sample(f"{case}:{z:03d}", UNLABELED, arrays, position=z)
                     continue

@@ -212,6 +212,16 @@ def read_xray(path: str | Path) -> np.ndarray:
     return image
 
 
+def stored_xray(image: np.ndarray, size: int) -> np.ndarray:
+    """A decoded grey X-ray (H, W) as stored: zero-padded to square, resized, (size, size, 1)."""
+    return resize_square(image[:, :, None], size)
+
+
+def preprocess_xray(path: str | Path, size: int) -> np.ndarray:
+    """One raw X-ray file (PNG, JPEG or DICOM) as `prepare` stores it; `kdcli predict` calls this too."""
+    return stored_xray(read_xray(path), size)
+
+
 # ---------------------------------------------------------------- heatmaps and masks (original-image geometry)
 
 
@@ -747,7 +757,7 @@ class CxrSource(Source):
             heat = to_stored_heatmap(reflacx_heatmap(readings, height, width, size), size)
         boxes = targets.get("boxes") or []
         return {
-            "xray": resize_square(image[:, :, None], size),
+            "xray": stored_xray(image, size),
             "labels": np.asarray(targets.get("labels", []), np.uint8),
             "gaze": heat,
             "boxes": box_mask(boxes, height, width, size) if boxes else np.zeros((size, size, 1), np.uint8),
@@ -755,5 +765,6 @@ class CxrSource(Source):
         }
 
 
-__all__ = ["CxrRecord", "CxrSource", "read_xray", "image_dims", "egd_heatmap", "reflacx_heatmap", "box_mask",
+__all__ = ["CxrRecord", "CxrSource", "read_xray", "preprocess_xray", "stored_xray", "image_dims",
+           "egd_heatmap", "reflacx_heatmap", "box_mask",
            "NIH_LABELS", "CHEXPERT_LABELS"]

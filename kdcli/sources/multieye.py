@@ -99,6 +99,17 @@ def resolve_image(image_dir: Path, name: str) -> Path | None:
     return plain if plain.is_file() else None
 
 
+def preprocess_image(path: str | Path, modality: str, size: int, clahe: bool = False, median: int = 0) -> np.ndarray:
+    """One raw image as `prepare` stores it (`kdcli predict` calls this too): decoded to the modality's channels,
+    CLAHE on fundus photos / a median filter on OCT when asked, zero-padded to square and resized."""
+    image = read_image(path, LAYOUT[modality][2])
+    if modality == "fundus" and clahe:
+        image = clahe_rgb(image)
+    if modality == "oct" and median:
+        image = median_filter(image, median)
+    return resize_square(image, size)
+
+
 class MultiEyeSource(Source):
     """Options: clahe (bool, fundus), median (odd kernel, OCT; 0 = off), list_name (override)."""
 
@@ -129,15 +140,9 @@ class MultiEyeSource(Source):
         )
 
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
-        arrays = {}
-        for modality, path in record.files.items():
-            image = read_image(path, LAYOUT[modality][2])
-            if modality == "fundus" and self.options.get("clahe"):
-                image = clahe_rgb(image)
-            if modality == "oct" and int(self.options.get("median", 0)):
-                image = median_filter(image, int(self.options["median"]))
-            arrays[modality] = resize_square(image, size)
-        return arrays
+        return {modality: preprocess_image(path, modality, size, bool(self.options.get("clahe")),
+                                           int(self.options.get("median", 0) or 0))
+                for modality, path in record.files.items()}
 
     def _fallback_image_dir(self, folder: Path, expected: str, notes: list[str]) -> Path:
         parent = folder / "train" / "ImageData"
