@@ -162,7 +162,7 @@ def test_unlabeled_axis_plans_pooled_runs_against_the_same_baseline(tmp_path):
     """--unlabeled 50: kd (which learns from unlabeled samples) trains again on a phantom with the pool, beside
     the self-training control (kd with the baseline as teacher); teacher, baseline and the runs without a pool
     are those of N = 0, CoDA (which cannot use the pool) gets no pooled run, and a pooled run draws the same
-    samples per epoch as the others."""
+    labelled samples per epoch as the others plus as many unlabeled ones."""
     from kdcli.bench_distill import command_line, plan_benchmark, plan_cells
 
     options = _options(tmp_path, unlabeled=(50, 0), independent=False)
@@ -189,12 +189,13 @@ def test_unlabeled_axis_plans_pooled_runs_against_the_same_baseline(tmp_path):
     assert runs["kd+u50"].data == runs["self-train+u50"].data == pool_shards
     assert (runs["kd+u50"].unlabeled, runs["self-train+u50"].unlabeled, runs["kd"].unlabeled) == (50, 50, 0)
     assert runs["kd+u50"].teachers == ["teacher"] and runs["self-train+u50"].teachers == ["baseline"]
-    # the same method, flags and budget: only the data (the pool) and, for self-training, the teacher differ
-    assert runs["kd+u50"].flags == runs["kd"].flags == runs["self-train+u50"].flags
+    # the same method and flags: only the data (the pool), the budget and, for self-training, the teacher differ
+    pooled_flags = {**runs["kd"].flags, "samples_per_epoch": 512}  # 256 labelled + as many unlabeled
+    assert runs["kd+u50"].flags == runs["self-train+u50"].flags == pooled_flags
     assert runs["kd"].flags["samples_per_epoch"] == 256
     large = {run.name: run for run in cells[("shared", "paired", 12, 1)].runs}
     assert large["kd"].flags["samples_per_epoch"] == 0  # the engine's default: one pass over the 300
-    assert large["kd+u50"].flags["samples_per_epoch"] == 300  # not 600 (labelled x (1 + ratio)): no extra steps
+    assert large["kd+u50"].flags["samples_per_epoch"] == 600  # the 300 labelled, as the baseline, + 300 unlabeled
     assert [run.name for run in cells[("shared", "unpaired", 6, 0)].runs] == ["teacher", "baseline", "baseline+ls",
                                                                                "coda"]
     assert "--unlabeled 0,50" in command_line(options, plan.grid, plan.methods)
@@ -343,7 +344,8 @@ def test_bench_distill_with_an_unlabeled_pool_end_to_end(tmp_path):
         assert meta["self-train+u20"]["teacher"]["sha256"] == file_sha256(cell / "baseline.pt")
         assert meta["self-train+u20"]["teacher"]["modality"] == meta["self-train+u20"]["modality"] == "fundus"
         assert {m["config"]["seed"] for m in meta.values()} == {seed}
-        assert {m["config"]["samples_per_epoch"] for m in meta.values()} == {256}
+        assert {n: m["config"]["samples_per_epoch"] for n, m in meta.items()} == {
+            "teacher": 256, "baseline": 256, "kd": 256, "kd+u20": 512, "self-train+u20": 512}
         assert meta["kd+u20"]["method"] == meta["self-train+u20"]["method"] == "kd"
 
     again = CliRunner().invoke(app, args)
