@@ -22,6 +22,16 @@ Stored arrays per image: xray (size, size, 1) uint8; labels (L,) uint8 0/1, 255 
 any box; annotated [has_gaze, has_boxes]. Heatmaps and box masks share the image's geometry (pad to square,
 resize), so they stay aligned with it.
 
+Unlabeled images (kdcli's extension, for distillation on images nobody graded): ChestX-ray14 rows of Data_Entry
+whose Finding Labels field is blank (Data_Entry is the metadata and the label file at once; the real release
+writes "No Finding" for normals, never a blank), MIMIC-CXR images of the split CSV whose study has no chexpert
+row or one with every finding blank. They become records of label -1 without a `labels` array (in shards of
+their own; views read their label vector as all 255), in the train split only: an unlabeled image in
+test_list.txt or in MIMIC's validate/test split, one of a patient with dev or test images, a name listed both
+labelled and unlabeled, a study with a blank and a labelled row, or a box on an unlabeled image is refused in
+one line (skip_bad leaves such images out, where that is meaningful). ChestX-ray14's dev carve keeps patients
+with unlabeled images in train. Their gaze is read as any other's; the annotated fraction counts labelled images.
+
 Gaze heatmaps follow the official recipes at the original image's resolution:
     EGD-CXR   counts at (X_ORIGINAL, Y_ORIGINAL), which are already original-image pixels (the master sheet's pads
               are screen letterboxing, not applied again), then scipy gaussian_filter(sigma=egd_sigma px).

@@ -3,31 +3,89 @@
 Built for the two-stage coarse-to-fine CXR setting (van Sonsbeek et al., WACV 2023): global multi-label
 labels on every image, plus eye-gaze fixations and disease boxes on an annotated subset only. Grey PA chests
 (dark lungs, bright mediastinum and heart, ribs, clavicles, domed diaphragms, hilar vessels, exposure and noise
-variation) carry 0-2 of seven ChestX-ray14 findings drawn where they occur: Nodule (small round opacity),
+variation) carry lesions of seven ChestX-ray14 findings drawn where they occur: Nodule (small round opacity),
 Mass (larger lobulated opacity), Consolidation (patchy opacity, mid/lower zone), Atelectasis (plate-like band,
-lower zone), Effusion (basal opacity with a meniscus blunting the costophrenic angle), Cardiomegaly (heart
-18-32% wider, half that taller; normal hearts vary by +-5%) and Pneumothorax (apical-lateral rim of air without
-lung markings, darker, with a thin visceral pleural line). Each finding gets `per_class` images as the primary
-finding (about a quarter of those carry a second one), plus as many "No Finding" images, as in ChestX-ray14 (~half
-normal).
+lower zone), Effusion (basal opacity with a meniscus blunting the costophrenic angle), Cardiomegaly (a wider heart,
+half as much taller; normal hearts vary by +-5%) and Pneumothorax (apical-lateral rim of air without lung
+markings, darker, with a thin visceral pleural line), plus look-alike opacities that are no finding at all.
 
-Findings are low contrast but sized and scaled to survive the usual 2x reduction and random crops: peak +0.11..0.24
-(Pneumothorax -0.055) on a [0, 1] image whose lung field sits ~0.33 below soft tissue, pixel noise std
-0.015-0.025, ribs and vessels of similar contrast; a nodule is ~3-5 px across at 64 px. So a classifier trained from
-scratch on a few hundred 64-128 px images ranks them well above chance but not perfectly, some findings clearly
-harder than others, and knowing where to look helps. Gaze fixations (~70% Gaussian around the findings, the rest
-roaming the lungs, ~2% just off the image) and boxes gather on the findings, so gaze/box supervision carries
-localisation signal.
+Generative story (what a distillation method can and cannot exploit here)
+------------------------------------------------------------------------
+CVI's roles: the X-ray is the student's modality, the gaze and the boxes (on a patient-wise subset) the teacher's.
+1. Case latent. Every image ("case") draws a latent u first, from a random stream keyed by the case alone
+   (seed, pool, case index) -- never by its class, split, patient or annotation:
+     - a primary finding p, uniform over the 7, with severity s_p ~ U(0, 1), and with probability 0.3 a second
+       finding q != p with its own s_q ~ U(0, 1); every other severity is 0 (no such lesion);
+     - look-alike distractors, Poisson counts per kind drawn whatever the severities: nipple shadows (0.45 per
+       image: a flat sharp-edged disc low in the lung, in both lungs 60% of the time), rib crossings (0.45: a
+       nodule-like density where a posterior and an anterior rib cross) and soft-tissue overlap (0.3: a broad
+       patchy opacity low and lateral, like consolidation), at 45-95% of a nodule's (consolidation's) contrast.
+   Where each lesion and distractor lies (side, zone, place, shape) comes from a geometry stream keyed by the case
+   too, inside the patient's lungs (the anatomy is per patient; follow-ups jitter it).
+2. Label. Finding f is labelled present iff s_f > 0.5 (`_chest.THRESHOLD`): a thresholded score of u. Every "No
+   Finding" image carries its primary lesion below the threshold (uniform: half of them below 0.25, barely
+   there), and a fifth of the lesions lie within 0.1 of the threshold on either side: borderline cases. Exact
+   counts by quota sampling: cases in stream order, each kept until its class (the most severe labelled finding,
+   or No Finding) is full -- `per_class` per finding, 7 x `per_class` No Finding, as ChestX-ray14 is ~half normal;
+   within a class the cases are i.i.d. from p(u | class).
+3. Rendering. Both modalities render the very same lesions (place, shape, severity), each with its own gain:
+     - the X-ray (student), weak and linear: peak contrast AMP x (0.1 + 1.2 s) x U(0.9, 1.1), i.e. 0.7 AMP at the
+       threshold (`_chest.image_gain`); the heart 1 + 0.32 s wider, the effusion's height and the pneumothorax's
+       air rim grow with s. Distractors are drawn at their own contrast, whatever the label;
+     - the gaze (teacher), strong and concave: a share 0.7 w of the fixations gathers on the lesions, w = max over
+       lesions of 1.15 s / (s + 0.15) (0.58 at s = 0.15, 0.88 at the threshold; `_chest.gaze_weight`), split
+       between lesions in proportion to w; the rest roam the lungs and keep clear of the distractors (a reader
+       recognises a nipple shadow and does not dwell on it); ~2% glance off the image. Boxes (BBox_List rows,
+       REFLACX ellipses) mark the labelled lesions.
+   So the annotation says where this image's lesions are, faint or not, and which opacity is a lesion and which
+   a look-alike: what its label does not. Nuisance (anatomy, pose, exposure, gamma, noise, file formats) comes
+   from streams of their own; the label never enters the pixels except through u.
+4. Label noise (`label_noise` = rho in [0, 0.5)). In a TRAINING image (the split `prepare cxr` gives it with
+   its defaults: MIMIC's train split; for ChestX-ray14 the train_val patients that its dev carve -- the same
+   function, `kdcli.sources.cxr.nih_dev_patients` -- keeps in train) each lesion's label flips with probability
+   min(1/2, c exp(-|s - 0.5| / 0.1)): borderline positives are missed and faint lesions called, as raters
+   disagree; a finding without a lesion is never called. c is solved once on a reference sample so that rho of a
+   training split's images change label set in expectation. At rho = 0.1 a lesion within 0.1 of the threshold
+   flips 7x as often as one further away (25% vs 3.6%); at rho = 0.3 the borderline ones alone cannot supply the
+   flips (50% vs 18%). Dev and test labels stay clean, pixels and annotations do not change, and
+   `<out>/label_noise.csv` lists every flipped image with both label sets.
+5. Negative control (`independent=True`): X-rays, labels and label noise byte-identical; the gaze and the boxes
+   render a latent of their own, drawn from a stream of its own conditioned on the image's clean label (the same
+   labelled findings, its own severities, places and distractors, in the same patient's lungs). The annotation
+   then carries the label (a labelled Cardiomegaly still draws the gaze to the heart) and nothing beyond it: not
+   where this image's lesion lies, not which opacity is a look-alike. A control whose gaze is drawn to
+   distractors as much as to lesions would still say where the lesions are; this one says nothing the label does
+   not, so a method's gain over its baseline must vanish there.
 
-Calibration (knobs: `_chest.AMP`, `_chest.CARDIO_SCALE`, finding sizes, anatomical variation, noise):
-`kdcli demo cxr --seeds 1 --per-class 40 --size 64 --epochs 20 --annotated 0.2` (560 images at 128 px prepared
-at 64 px, timm test_resnet from scratch, AdamW 3e-3, batch 32, light augmentation, patient-wise test split):
-stage 1 test mean AUROC 0.77 (train 0.81): Mass 0.91, Pneumothorax 0.89, Atelectasis 0.81, Effusion 0.76,
-Consolidation 0.74, Nodule 0.64, Cardiomegaly 0.63; CVI stage 2 0.80 (Effusion 0.88, Cardiomegaly 0.69, the rest
-within +-0.03). Training seeds 0-2 on the same data: stage 1 0.77 / 0.76 / 0.72, CVI 0.80 / 0.82 / 0.75. One data
-set, ~16 test positives per finding: a rough guide, not a benchmark. The earlier, fainter calibration (peaks
-0.045-0.11, nodules ~2-3 px across at 64 px, hearts 7-17% wider against +-9% normal variation) gave ~0.51-0.54
-test and ~0.6 train with this very command: not learnable by the pipeline.
+Sizes: `per_class` as above, split patient-wise ~72/8/20 (train/validate/test; ChestX-ray14 writes train +
+validate as train_val_list.txt and `prepare` carves its own dev). `test_per_class` = T > 0: the test split is T per
+finding and 7T No Finding from a case pool of its own (its own patients and streams), byte-identical whatever
+`per_class` is, so one fixed, large test set sits beside training sets of every size; the main pool then splits
+7/1 into train and validate. Unlabeled pool (`unlabeled` = N): N more images from a pool of their own, in the
+stream's natural mix (no quota: nobody graded them; ~43% without a labelled finding), on patients of their own
+(never a dev or test patient), with gaze on the patient-wise `annotated_fraction` of them and no box (a box
+names its finding: a label). ChestX-ray14 layout: rows of Data_Entry_2017.csv whose Finding Labels field is
+blank (Data_Entry is the metadata and the label file at once; the real release never leaves it blank, normals
+say "No Finding"), listed in train_val_list.txt. MIMIC layout: rows of the split (train) and metadata CSVs whose
+study is absent from the chexpert CSV, or (one in three) there with every finding blank. Their EGD master-sheet
+and REFLACX label columns are blank. Patient ids: pool test from 70000001 (NIH) / subject 17000000, unlabeled
+from 80000001 / 18000000. `<out>/latents.csv` holds every image's latent (severities, distractor counts, what the
+annotation was drawn from), clean and listed labels and splits.
+
+Calibration (knobs: `_chest.AMP`, `image_gain`, `gaze_weight`, `DISTRACTOR_RATE`, finding sizes, noise), measured
+with `kdcli demo cxr --seeds 3 --per-class 40 --size 64 --epochs 20 --annotated 0.2` (560 images at 128 px
+prepared at 64 px, timm test_resnet from scratch, patient-wise test split of ~110 images): stage 1 test mean
+AUROC 0.626 +- 0.024 (seed 0: Pneumothorax 0.76, Mass 0.75, Cardiomegaly 0.65, Effusion 0.64, Nodule 0.61,
+Consolidation 0.60, Atelectasis 0.56), control 0.622 +- 0.032, CVI 0.624 +- 0.030 (CVI - control +0.2 +- 0.2
+points, 2 seeds up, 1 down). Without distractors (rates 0, seed 0) stage 1 reaches 0.733: the look-alikes cost
+the image-only model ~8 points. The annotation carries what the label lacks: on the 13 annotated dev images of
+seed 0 the posterior (which reads the gaze) beats the prior by 4-10 AUROC points in 9 of 10 epochs (0.72-0.78
+vs 0.64-0.72; seeds 1 and 2 tie), yet the prior does not take it up: seed 0 with `-p kl_weight=0.1` 0.655 vs the
+control's 0.659, with `-p attention_weight=1` 0.657; seed 0 with 560 unlabeled images (119 with gaze) `distill`
+(default ratio 1) 0.656, without them 0.658. The pre-latent design (findings in class-fixed zones, every
+positive at 0.75-1.15 AMP, no look-alikes) gave stage 1 0.77 with this command. `kdcli bench distill cxr --quick`
+(32 px, 5 epochs, per_class 4 and 8, 2 seeds) stays near chance (stage 1 0.53-0.60) in both variants: too small
+to say anything, every interval includes 0 (CVI - control -0.2..+0.6 points).
 
 Layouts:
 - "nih" (ChestX-ray14): images_00N/images/<8-digit patient>_<3-digit follow-up>.png (40 per folder), 8-bit
@@ -45,8 +103,8 @@ Layouts:
   REFLACX phase-1 images are read twice (two ids per image, as the real phase 1/2 readers shared images).
 
 Every image is square (`size` px); pixel coordinates are those of the written file. The returned summary holds
-the ground truth (findings, centres, boxes) for tests; files carry only what the real files carry.
-Same arguments -> identical bytes, whatever `workers`.
+the ground truth (latent, lesions, distractors, centres, boxes) for tests; files carry only what the real files
+carry. Same arguments -> identical bytes, whatever `workers`.
 """
 
 from __future__ import annotations
