@@ -184,12 +184,30 @@ def synth_cxr(
     dicom_fraction: Annotated[float, typer.Option(help="Fraction written as DICOM (half MONOCHROME1).")] = 0.0,
     seed: SynthSeed = 0,
     workers: SynthWorkers = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING images whose finding labels a rater flips, "
+        "borderline lesions most often; dev/test stay clean; flips listed in label_noise.csv.",
+    )] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: gaze and boxes drawn from a latent of their "
+                                                   "own with the same labels; they carry nothing beyond them.")]
+    = False,
+    test_per_class: Annotated[int, typer.Option(help="Test images per finding (plus 7x as many normal) from a case "
+                                                     "pool of their own, the same whatever --per-class is (0: 20% "
+                                                     "of the patients).")] = 0,
+    unlabeled: Annotated[int, typer.Option(help="Unlabeled training images (patients of their own): NIH rows with "
+                                                "blank Finding Labels; MIMIC studies without a CheXpert label.")]
+    = 0,
 ) -> None:
-    """Chest X-ray phantoms with subtle findings; gaze fixations and boxes gather on them."""
+    """Chest X-ray phantoms: one latent per image (lesion severities and places) rendered faintly in the X-ray and
+    strongly in the gaze and boxes, plus look-alike distractors that the gaze avoids."""
     summary = run_synth("cxr", out, per_class=per_class, size=size, layout=layout, gaze=gaze,
                         annotated_fraction=annotated_fraction, dicom_fraction=dicom_fraction, seed=seed,
-                        workers=workers)
-    err(f"wrote {len(summary['images'])} images ({layout} layout, gaze {gaze}) to {out}")
+                        workers=workers, label_noise=label_noise, independent=independent,
+                        test_per_class=test_per_class, unlabeled=unlabeled)
+    err(f"wrote {summary['n_images']} labelled images ({layout} layout, gaze {gaze}, {summary['design']} design) "
+        f"to {out}" + (f", {summary['n_unlabeled']} unlabeled" if unlabeled else "")
+        + (f" (labels of {summary['flipped']} training images flipped, see {out / 'label_noise.csv'})"
+           if label_noise else ""))
 
 
 @command(synth_app, "camelyon")
@@ -428,7 +446,9 @@ def prepare_cxr(
     allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
-    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits."""
+    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits.
+    Images without labels (NIH: blank Finding Labels; MIMIC: study without a CheXpert row, or every finding blank)
+    become unlabeled training samples (label -1) for distillation."""
     options = {"uncertain": uncertain.value, "egd_sigma": egd_sigma, "dev_fraction": dev_fraction,
                "seed": split_seed, "skip_bad": skip_bad,
                **{k: str(v) for k, v in (("gaze", gaze), ("boxes", boxes), ("labels", labels)) if v is not None}}

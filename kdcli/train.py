@@ -292,7 +292,9 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
 
     seed = cfg.engine.seed
     tasks = [cfg.task] if cfg.task else None
-    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets)
+    # unlabeled rows join a plain view only for a method that reads them (pairing "none": CVI's KL)
+    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets,
+                                 unlabeled=unlabeled and pairing == "none")
     if dev_targets is None:  # the labels only: dev items without maps are read and collated in whole batches
         dev_targets = ("labels",) if "labels" in targets else ()
     dev = ModalityView(store, "dev", cfg.modality, tasks=tasks, targets=dev_targets)
