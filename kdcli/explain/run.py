@@ -6,10 +6,13 @@ gets one overlay per head on the same image, side by side, each for that head's 
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,13 @@ from torch import nn
 
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.engine.device import select_device
-from kdcli.errors import KdcliError, UsageError
+from kdcli.errors import DiskFull, KdcliError, UsageError
 from kdcli.evaluate.run import head_for, label_tasks, split_view
+from kdcli.locks import output_lock
 from kdcli.models.classifier import Classifier
 from kdcli.shards.format import atomic_write_bytes
 from kdcli.shards.reader import ShardStore
+from kdcli.storage import remove_leftovers, replace_folder
 from kdcli.train import check_compatible, load_model
 
 SPLITS = ("train", "dev", "test")
@@ -43,6 +48,7 @@ class ExplainOptions:
     top_concepts: int = 5
     device: str = "auto"
     batch_size: int = 32
+    overwrite: bool = False  # replace an earlier explain folder at `out` (as a whole, once the new one is done)
 
 
 def head_logits(out: dict[str, Any], head: str | None) -> torch.Tensor:
@@ -181,7 +187,44 @@ def check_options(options: ExplainOptions) -> Path:
     return out
 
 
+REPORT_FILES = ("explain.json", "index.html")
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """--out is new, empty, or an earlier explain folder that --overwrite replaces; anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not any((out / name).is_file() for name in REPORT_FILES):
+        raise KdcliError("exists and is not an explain folder; refusing to replace it", path=out,
+                         hint="choose another --out (a new or empty folder)")
+    if not overwrite:
+        raise KdcliError("holds an earlier explain report", path=out,
+                         hint="pass --overwrite to replace it, or choose another --out")
+
+
 def explain(options: ExplainOptions) -> Path:
+    """Explain into a folder built beside --out and swapped in whole when done, under --out's lock: a failure
+    leaves the earlier folder as it was, and a replaced report never keeps PNGs of the old one."""
+    out = Path(options.out)
+    check_out_folder(out, options.overwrite)
+    with output_lock(out, f"kdcli explain {options.checkpoint} --out {out}"):
+        check_out_folder(out, options.overwrite)  # again under the lock: another run may have just finished
+        remove_leftovers(out)
+        staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+        try:
+            index = _explain(dataclasses.replace(options, out=staging))
+            replace_folder(staging, out)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, DiskFull) and exc.path.is_relative_to(staging):  # name the file asked for
+                raise DiskFull(out / exc.path.relative_to(staging), exc.hint) from None
+            raise
+    return out / index.name
+
+
+def _explain(options: ExplainOptions) -> Path:
     meta = load_checkpoint(Path(options.checkpoint)).meta
     if options.data is None:  # the dataset it was trained on, if still there unchanged
         from kdcli.defaults import recorded_dataset
