@@ -33,7 +33,7 @@ from kdcli.shards.format import (
     modality_key,
     shard_name,
 )
-from kdcli.shards.writer import ShardJob, write_all
+from kdcli.shards.writer import ShardJob, check_folder_arguments, write_all
 from kdcli.sources import SOURCES
 from kdcli.sources.base import Record
 from kdcli.storage import atomic_write, remove_leftovers, replace_folder
@@ -188,9 +188,12 @@ def _prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     kept = _existing_rows(options, scan) if appending else []
     staging.mkdir(parents=True, exist_ok=True)
     plan_path = staging / PLAN_JSON
+    stamp = json.dumps(arguments, sort_keys=True)  # recorded in every shard too, for a folder that lost its plan
     if plan_path.is_file() and json.loads(plan_path.read_text()) != arguments:
         raise KdcliError("other arguments than the run that started this folder", path=plan_path,
                          hint="rerun with the same arguments, or drop --resume to start over")
+    if not plan_path.is_file():
+        check_folder_arguments(staging / SHARD_DIR, stamp)
     atomic_write_json(plan_path, arguments)
 
     jobs = plan_jobs(scan.records, options.shard_size, scan.modalities)
@@ -201,7 +204,7 @@ def _prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     before = {p.name for p in shard_dir.glob("*.h5")} if shard_dir.is_dir() else set()
     progress = progress_factory(len(scan.records)) if progress_factory else (lambda n: None)
     results = write_all(jobs, shard_dir, source_cls, options.source_options, options.size,
-                        options.workers, options.compression, progress, json.dumps(arguments, sort_keys=True))
+                        options.workers, options.compression, progress, stamp)
     reused = sum(1 for job in jobs if job.name in before)
     by_id = {r.id: r for r in scan.records}
     rows = [

@@ -79,6 +79,17 @@ def check_arguments(handle: h5py.File, stamp: str | None, path: Path) -> bool:
     return True
 
 
+def check_folder_arguments(shard_dir: Path, stamp: str) -> None:
+    """Refuse a folder holding finished shards of other arguments (before this run records its plan there)."""
+    for path in sorted(shard_dir.glob("*.h5")) if shard_dir.is_dir() else []:
+        try:
+            with h5py.File(path, "r") as handle:
+                if handle.attrs.get("complete"):
+                    check_arguments(handle, stamp, path)
+        except OSError:  # unreadable: rewritten like any unfinished shard
+            continue
+
+
 def read_result(path: Path, job: ShardJob, stamp: str | None = None) -> ShardResult | None:
     """The finished shard's result when it holds exactly the job's records and was written with the run's
     arguments (`stamp`, JSON), else None (to be rewritten); a shard of other arguments is refused."""
