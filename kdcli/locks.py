@@ -17,11 +17,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kdcli.errors import KdcliError, write_failure
-from kdcli.storage import make_folder
+from kdcli.storage import make_folder, remove_folders
 
 try:
     import fcntl
@@ -109,29 +109,32 @@ def _same_file(fd: int, path: Path) -> bool:
 class Held:
     path: Path
     fd: int
+    created: list[Path] = field(default_factory=list)  # folders made for the lock file, removed if left empty
 
     def release(self) -> None:
         # unlink before close: a run that opened the file meanwhile sees it is no longer the lock (_same_file)
         if _same_file(self.fd, self.path):
             self.path.unlink(missing_ok=True)
         os.close(self.fd)
+        remove_folders(self.created)  # a run refused or failed before writing leaves no empty folder behind
 
 
 def acquire(target: Path, command: str, tag: str = "", report: Callable[[str], None] = _stderr) -> Held:
     """Take the lock of `target` (`tag`: one of several locks beside it, e.g. a prepare part's) or raise
     OutputLocked naming its live holder. A stale lock (its holder died) is reported and taken over."""
     path = lock_path(target, tag)
-    make_folder(path.parent)
+    created = make_folder(path.parent)
     for _ in range(5):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            remove_folders(created)
             raise write_failure(exc, path, "choose an output in a writable folder") or exc from None
         locked = _try_flock(fd)
         previous = _read_holder(fd)
         if locked is False:
             os.close(fd)
-            raise OutputLocked(target, path, previous)
+            raise OutputLocked(target, path, previous)  # its holder made the folder: nothing of ours to remove
         if not _same_file(fd, path):  # its holder released and deleted it between our open and flock
             os.close(fd)
             continue
@@ -146,7 +149,7 @@ def acquire(target: Path, command: str, tag: str = "", report: Callable[[str], N
         me = json.dumps(asdict(Holder.me(command))).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, me, 0)
-        return Held(path, fd)
+        return Held(path, fd, created)
     raise OutputLocked(target, path, None)
 
 

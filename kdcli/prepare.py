@@ -121,9 +121,8 @@ def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
         if not 1 <= index <= count:
             raise KdcliError(f"--part {index}/{count}: I must be between 1 and N")
         return staging  # other parts may be writing into the same staging folder right now
-    # the lock is ours and no part is live: whatever killed runs left (their staging folder, a replaced dataset
-    # not yet deleted, half-written files) belongs to no one
-    remove_leftovers(out, ("old",))
+    # the lock is ours and no part is live: whatever killed runs left (their staging folder, half-written files)
+    # belongs to no one
     if staging.exists() and not options.resume:
         shutil.rmtree(staging)
     for folder in (staging, out if appending else None):
@@ -165,6 +164,8 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
 
 def _prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     started = time.perf_counter()
+    if not options.part:  # a dataset replaced by a killed run: deleted, or put back if the run died mid-swap
+        remove_leftovers(options.out, ("old",))
     appending = options.append and (options.out / DATASET_JSON).is_file()
     if options.part and appending:
         raise KdcliError("--part cannot add to an existing dataset", path=options.out,
@@ -277,6 +278,7 @@ def merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
 def _merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
     from kdcli.sources.base import Scan
 
+    remove_leftovers(out, ("old",))
     staging = Path(str(out) + ".partial")
     found = sorted((staging / PARTS).glob("part-*-of-*.json")) if (staging / PARTS).is_dir() else []
     if not found:

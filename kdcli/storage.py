@@ -193,12 +193,18 @@ def replace_folder(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_leftovers(out: Path, kinds: tuple[str, ...] = ("old", "staging")) -> list[Path]:
-    """Delete `.<name>.<kind>-*` siblings of `out` that killed runs left (replaced folders not yet deleted,
-    half-built ones). Only call it while holding the output's lock: then no live run owns them."""
-    removed = []
+def remove_leftovers(out: Path, kinds: tuple[str, ...] = ("old", "staging"),
+                     report: Callable[[str], None] | None = None) -> None:
+    """Clear `.<name>.<kind>-*` siblings of `out` that killed runs left: half-built folders, and replaced ones
+    not yet deleted. One exception: a run killed between moving the old `out` aside and moving the new one in
+    left no `out` at all; the old one is put back. Only call this holding the output's lock: then no live run
+    owns them."""
+    say = report or (lambda message: print(message, file=sys.stderr, flush=True))
     for kind in kinds:
-        for leftover in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+        found = sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"), key=lambda p: p.stat().st_mtime)
+        if kind == "old" and found and not out.exists():
+            found[-1].rename(out)
+            say(f"note: {out} was missing after an interrupted replacement; restored the previous one")
+            found = found[:-1]
+        for leftover in found:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-            removed.append(leftover)
-    return removed

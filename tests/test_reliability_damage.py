@@ -433,6 +433,17 @@ def test_resume_without_its_plan_with_the_same_arguments_equals_a_clean_run(mult
     assert snapshot(out) == snapshot(clean) and leftovers(tmp_path) == []
 
 
+def test_a_dataset_moved_aside_by_a_run_killed_mid_swap_is_put_back(multieye_raw, multieye_shards, tmp_path):
+    """Killed between moving the old --out aside and the new one in: the next run restores it, never deletes it."""
+    out = tmp_path / "shards"
+    shutil.copytree(multieye_shards, out.with_name(f".{out.name}.old-4242-1700000000"))
+    before = snapshot(out.with_name(f".{out.name}.old-4242-1700000000"))
+    result = invoke(*prepare_args(multieye_raw, out))  # no --overwrite: the restored dataset is refused, kept
+    assert_error(result, 1, str(out), "output directory exists", "--overwrite")
+    assert "restored the previous one" in result.output and snapshot(out) == before
+    assert leftovers(tmp_path) == []
+
+
 def test_resume_cleans_temporaries_a_killed_run_left(multieye_raw, tmp_path, monkeypatch):
     out = tmp_path / "shards"
     partial = crashed_partial(multieye_raw, out, monkeypatch)
@@ -498,12 +509,27 @@ def test_out_that_is_a_regular_file_is_refused_and_left_alone(command, multieye_
     assert regular.read_bytes() == b"precious" and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["teach", "explain"])
+def test_a_run_failing_after_it_took_the_lock_leaves_no_folder_behind(command, fake_checkpoint, tmp_path):
+    missing = tmp_path / "no-such-dataset"
+    argv = {"teach": ["teach", "--data", missing, "--modality", "oct", "--out", tmp_path / "new" / "deep" / "oct.pt",
+                      *TINY],
+            "explain": ["explain", fake_checkpoint, "--data", missing, "--out", tmp_path / "new" / "deep" / "ex"]}
+    result = invoke(*argv[command])
+    assert_error(result, 1, str(missing))
+    assert not (tmp_path / "new").exists()
+
+
 # ------------------------------------------------------------------------------- explain into a folder
 def make_explain_folder(folder: Path) -> dict[str, str]:
+    """An earlier report (page, JSON, a panel it lists, a panel of a still earlier run mixed in by old kdcli) and
+    a file of the user's."""
     folder.mkdir(parents=True)
     (folder / "index.html").write_text("<html>old report</html>")
-    (folder / "explain.json").write_text('{"images": []}')
-    (folder / "01_old_image.png").write_bytes(b"old png")
+    (folder / "explain.json").write_text('{"images": [{"file": "1_old_image.png"}]}')
+    (folder / "1_old_image.png").write_bytes(b"old png")
+    (folder / "07_older_run.png").write_bytes(b"older png")
+    (folder / "notes.txt").write_text("mine")
     return snapshot(folder)
 
 
@@ -515,27 +541,36 @@ def test_explain_into_an_earlier_report_is_refused_without_overwrite(fake_checkp
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_explain_never_replaces_a_folder_that_is_not_a_report(fake_checkpoint, multieye_shards, tmp_path, overwrite):
-    out = tmp_path / "results"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    result = invoke("explain", fake_checkpoint, "--data", multieye_shards, "--out", out, *overwrite)
-    assert_error(result, 1, str(out), "not an explain folder")
-    assert (out / "notes.txt").read_text() == "mine"
-
-
 @pytest.mark.slow
-def test_explain_overwrite_replaces_the_folder_as_a_whole(oct_teacher, multieye_shards, tmp_path):
+def test_explain_overwrite_replaces_the_report_as_a_whole(oct_teacher, multieye_shards, tmp_path):
     out = tmp_path / "explain"
     make_explain_folder(out)
     result = invoke("explain", oct_teacher, "--data", multieye_shards, "--out", out, "--count", "3",
                     "--overwrite")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "explain.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted(["explain.json", "index.html",
+    assert sorted(p.name for p in out.iterdir()) == sorted(["explain.json", "index.html", "notes.txt",
                                                             *(r["file"] for r in report["images"])])
-    assert not (out / "01_old_image.png").exists() and leftovers(tmp_path) == []
+    assert (out / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_explain_into_a_new_folder_is_renamed_into_place_whole(oct_teacher, multieye_shards, tmp_path,
+                                                               monkeypatch):
+    import kdcli.explain.run as run
+
+    seen = {}
+    original = run.write_report
+
+    def look_while_writing(out, report, page):
+        seen["visible"] = (tmp_path / "new").exists()  # nothing at --out before the report is complete
+        return original(out, report, page)
+
+    monkeypatch.setattr(run, "write_report", look_while_writing)
+    result = invoke("explain", oct_teacher, "--data", multieye_shards, "--out", tmp_path / "new", "--count", "2")
+    assert result.exit_code == 0, result.output
+    assert seen == {"visible": False} and (tmp_path / "new" / "index.html").is_file()
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.slow
