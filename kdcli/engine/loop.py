@@ -221,8 +221,9 @@ class MetricsLog:
             with open(self.jsonl, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         except BaseException as exc:  # no half line for a later --resume to choke on
-            with open(self.jsonl, "r+b") as handle:
-                handle.truncate(size)
+            if self.jsonl.exists():
+                with open(self.jsonl, "r+b") as handle:
+                    handle.truncate(size)
             raise write_failure(exc, self.jsonl) or exc from None
         rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
         columns = list(dict.fromkeys(k for r in rows for k in r))

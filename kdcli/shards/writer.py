@@ -147,7 +147,7 @@ def temporary_name(shard_dir: Path, name: str) -> Path:
     return shard_dir / f".{name}.{os.getpid()}.tmp"
 
 
-def remove_temporaries(shard_dir: Path, names: list[str]) -> None:
+def remove_shard_temporaries(shard_dir: Path, names: list[str]) -> None:
     """Half-written shards of killed runs (`.<name>.<pid>.tmp`). Only for shards this run owns, under its lock:
     the jobs of other `--part` runs may be being written right now."""
     for name in names:
@@ -237,7 +237,7 @@ def write_all(jobs: list[ShardJob], shard_dir: Path, source_cls: type, options: 
     """Write every job not already complete; `progress(n_records)` is called as shards finish. `stamp`: the run's
     arguments (JSON): recorded in each shard, and a finished shard of other arguments is refused."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(shard_dir, [job.name for job in jobs])
+    remove_shard_temporaries(shard_dir, [job.name for job in jobs])
     results: dict[str, ShardResult] = {}
     todo = []
     for job in jobs:
@@ -268,6 +268,6 @@ def write_all(jobs: list[ShardJob], shard_dir: Path, source_cls: type, options: 
                 raise
     except BaseException:
         # the pool is shut down: no worker writes any more, and one that died mid-shard left its temporary file
-        remove_temporaries(shard_dir, list(by_name))
+        remove_shard_temporaries(shard_dir, list(by_name))
         raise
     return results
