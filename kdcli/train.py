@@ -29,6 +29,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_weights
+from kdcli.predict.contract import preprocessing_record
 from kdcli.shards.reader import ShardStore
 
 
@@ -332,6 +333,7 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, par
         "config": config_to_dict(cfg),
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -438,7 +440,7 @@ def _teach(cfg: TrainConfig, notes: list[str], log: Callable[[str], None]) -> Fi
     model = build_student(cfg, store, cfg.modality, log=log)
     train_set, dev_set, labels = _views(cfg, store, "none", None, ("labels",) if multilabel else ())
     meta = _meta(cfg, store, model, "teacher", params, None)
-    validate = _validator(cfg, store, dev_set)
+    validate = _validator(cfg, store, dev_set)  # refuses an unusable dev split before anything is written
     return fit(method_cls(params, model), train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                train_labels=labels)
 
@@ -515,10 +517,10 @@ def _distill(cfg: TrainConfig, notes: list[str], log: Callable[[str], None]) -> 
     if cfg.cache_teacher:
         train_set = _with_teacher_cache(cfg, store, train_set, {"teacher": teacher}, teacher_info, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
+    validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too; before anything is written
     from kdcli.engine.distributed import env_rank
 
     say = log if env_rank() == 0 else (lambda message: None)  # under torchrun rank 0 speaks for all
-    validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too
     validate = method.make_validator(dev_set, store.meta.classes, cfg.engine, say) or validate
     result = fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                  train_labels=labels)

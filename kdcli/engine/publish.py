@@ -75,8 +75,13 @@ def staged_result(out: Path, resume: bool, writer: bool = True) -> Iterator[Path
         yield staged
     except BaseException as exc:
         discard(staged)
-        named = dict(zip(result_files(staged), result_files(out), strict=True)).get(getattr(exc, "path", None))
-        if isinstance(exc, DiskFull) and named is not None:  # the file the user asked for, not its staged name
-            raise DiskFull(named, exc.hint) from None
+        if isinstance(exc, KdcliError):  # its line names the files the user asked for, not their staged names
+            names = dict(zip(result_files(staged), result_files(out), strict=True))
+            if isinstance(exc, DiskFull) and exc.path in names:
+                raise DiskFull(names[exc.path], exc.hint) from None
+            text = str(exc)
+            for staged_file, final in names.items():
+                text = text.replace(str(staged_file), str(final))
+            exc.args = (text,)
         raise
     publish(staged, out)

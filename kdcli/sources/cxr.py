@@ -41,7 +41,6 @@ the record to the worker processes, so `load` never re-reads the gaze CSVs, noth
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import struct
@@ -57,6 +56,8 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.sources.base import Record, Sample, Scan, Source
 from kdcli.sources.imaging import resize_square
+from kdcli.sources.quality import warn
+from kdcli.sources.text import decoding, open_text, read_text
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -86,12 +87,12 @@ class CxrRecord(Record):
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", newline="") if path.name.endswith(".gz") else open(path, newline="")
+    return open_text(path)
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) for every non-empty row, header included."""
-    with _open_text(path) as handle:
+    with _open_text(path) as handle, decoding(path):
         reader = csv.reader(handle)
         for row in reader:
             if any(cell.strip() for cell in row):
@@ -99,7 +100,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def _csv_dicts(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    with _open_text(path) as handle:
+    with _open_text(path) as handle, decoding(path):
         reader = csv.DictReader(handle)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -211,6 +212,16 @@ def read_xray(path: str | Path) -> np.ndarray:
     return image
 
 
+def stored_xray(image: np.ndarray, size: int) -> np.ndarray:
+    """A decoded grey X-ray (H, W) as stored: zero-padded to square, resized, (size, size, 1)."""
+    return resize_square(image[:, :, None], size)
+
+
+def preprocess_xray(path: str | Path, size: int) -> np.ndarray:
+    """One raw X-ray file (PNG, JPEG or DICOM) as `prepare` stores it; `kdcli predict` calls this too."""
+    return stored_xray(read_xray(path), size)
+
+
 # ---------------------------------------------------------------- heatmaps and masks (original-image geometry)
 
 
@@ -285,6 +296,44 @@ def box_mask(boxes: list[list[float]], height: int, width: int, size: int) -> np
     return mask[:, :, None]
 
 
+def _repeated(seen: dict[str, tuple[int, Any]], key: str, line: int, content: Any, path: Path, what: str) -> bool:
+    """True for a second row of `key` with the same content (a data warning; the row is dropped); a second row
+    that says something else is an error (which one is right cannot be guessed)."""
+    if key not in seen:
+        seen[key] = (line, content)
+        return False
+    first_line, first = seen[key]
+    if first != content:
+        raise KdcliError(f"line {line}: {key} is listed again (first on line {first_line}) with other labels, "
+                         "patient or split", path=path, hint="delete the wrong row")
+    warn(f"duplicate_{what}", f"{path.name} {what}s repeated with the same content, kept once",
+         f"{key} (line {line})")
+    return True
+
+
+def _check_boxes(image: str, targets: dict) -> None:
+    """Boxes (x, y, w, h, original pixels) must lie on the image: an empty box or one entirely off the image is
+    dropped (it would otherwise become a made-up 1-pixel mask), one partly off it is clipped; both counted."""
+    if "boxes" not in targets:
+        return
+    height, width = targets["dims"]
+    kept = []
+    for x, y, w, h in targets["boxes"]:
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+        if w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
+            warn("box_off_image", "boxes empty or entirely outside their image, dropped",
+                 f"{image} [{x:g}, {y:g}, {w:g}, {h:g}] on {width}x{height}")
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            warn("box_clipped", "boxes partly outside their image, clipped to it",
+                 f"{image} [{x:g}, {y:g}, {w:g}, {h:g}] on {width}x{height}")
+        kept.append([x0, y0, x1 - x0, y1 - y0])
+    if kept:
+        targets["boxes"] = kept
+    else:
+        del targets["boxes"]  # not annotated with boxes after all
+
+
 # ---------------------------------------------------------------- the source
 
 
@@ -351,6 +400,7 @@ class CxrSource(Source):
             if "gaze" in targets or "boxes" in targets:
                 targets["dims"] = list(image_dims(entry.path))
                 self._drop_outside(entry, targets, notes)
+                _check_boxes(entry.id, targets)
             if entry.split == "train":
                 train += 1
                 annotated_train += bool("gaze" in targets or "boxes" in targets)
@@ -424,6 +474,7 @@ class CxrSource(Source):
                              hint=f"expected ChestX-ray14's `{','.join(NIH_HEADER)},Patient Age,Patient Gender,...`")
         wanted = set(classes)
         entries, unlisted, aliased = [], 0, 0
+        seen: dict[str, tuple[int, Any]] = {}
         for line, row in rows:
             if len(row) < 4:
                 self._bad(f"line {line}: {len(row)} fields, expected at least 4", table, notes)
@@ -452,6 +503,8 @@ class CxrSource(Source):
             split = split_of.get(name)
             if split is None:
                 unlisted += 1
+                continue
+            if _repeated(seen, name, line, (labels, patient), table, "row"):
                 continue
             entries.append(_Entry(name, Path(name).stem, patient.lstrip("0") or "0", split, path, labels))
         if aliased:
@@ -482,9 +535,16 @@ class CxrSource(Source):
                 raise KdcliError(f"missing {list_name}", path=raw,
                                  hint="ChestX-ray14's official split lists train_val_list.txt and test_list.txt "
                                       "must sit next to Data_Entry_2017.csv")
-            for line in path.read_text(errors="replace").splitlines():
-                if line.strip():
-                    split_of[line.strip()] = split
+            for number, line in enumerate(read_text(path).splitlines(), start=1):
+                name = line.strip()
+                if name and split_of.get(name, split) != split:
+                    raise KdcliError(f"line {number}: image {name} is also in train_val_list.txt", path=path,
+                                     hint="an image belongs to one split: delete it from one of the two lists")
+                if name in split_of:
+                    warn("duplicate_list_line", "images listed twice in one split list, kept once",
+                         f"{name} ({list_name} line {number})")
+                elif name:
+                    split_of[name] = split
         return split_of
 
     def _carve_dev(self, entries: list[_Entry], notes: list[str]) -> None:
@@ -492,9 +552,7 @@ class CxrSource(Source):
         by_split = defaultdict(set)
         for e in entries:
             by_split[e.split].add(e.group)
-        both = by_split["train"] & by_split["test"]
-        if both:
-            notes.append(f"{len(both)} patient(s) in both train_val_list and test_list (e.g. {min(both)})")
+        both = by_split["train"] & by_split["test"]  # patient leakage: prepare refuses it (or --allow-leakage)
         patients = sorted(by_split["train"] - both, key=lambda p: (len(p), p))
         count = round(self.dev_fraction * len(patients))
         chosen = np.random.default_rng(self.seed).permutation(len(patients))[:count]
@@ -517,16 +575,20 @@ class CxrSource(Source):
                 except ValueError:
                     raise KdcliError(f"line {line}: {name} is {value!r}, expected 1, 0, -1 or blank",
                                      path=chexpert_path, hint="use the original CheXpert label file") from None
+                if number not in (1.0, 0.0, -1.0):
+                    raise KdcliError(f"line {line}: {name} is {value!r}, expected 1, 0, -1 or blank",
+                                     path=chexpert_path, hint="use the original CheXpert label file")
                 if number == -1:
                     labels.append({"ones": 1, "zeros": 0, "ignore": IGNORE}[self.uncertain])
                 else:
                     labels.append(int(number == 1))
             labels_of[(row["subject_id"].strip(), row["study_id"].strip())] = labels
-        with _open_text(metadata_path) as handle:
+        with _open_text(metadata_path) as handle, decoding(metadata_path):
             header = next(csv.reader(handle), [])
         if "dicom_id" not in header:
             raise KdcliError("missing column dicom_id", path=metadata_path, hint="use the original metadata file")
         entries, unlabelled = [], 0
+        seen: dict[str, tuple[int, Any]] = {}
         splits = {"train": "train", "validate": "dev", "valid": "dev", "val": "dev", "test": "test"}
         for line, row in _csv_dicts(split_path, ("dicom_id", "study_id", "subject_id", "split")):
             dicom_id, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
@@ -540,6 +602,8 @@ class CxrSource(Source):
             if path is None:
                 self._bad(f"line {line}: image {folder.relative_to(raw)}/{dicom_id}.jpg (or .dcm) not found",
                           split_path, notes, hint="restore the image, or pass skip_bad to leave such rows out")
+                continue
+            if _repeated(seen, dicom_id, line, (study, subject, split), split_path, "row"):
                 continue
             labels = labels_of.get((subject, study))
             if labels is None:
@@ -693,7 +757,7 @@ class CxrSource(Source):
             heat = to_stored_heatmap(reflacx_heatmap(readings, height, width, size), size)
         boxes = targets.get("boxes") or []
         return {
-            "xray": resize_square(image[:, :, None], size),
+            "xray": stored_xray(image, size),
             "labels": np.asarray(targets.get("labels", []), np.uint8),
             "gaze": heat,
             "boxes": box_mask(boxes, height, width, size) if boxes else np.zeros((size, size, 1), np.uint8),
@@ -701,5 +765,6 @@ class CxrSource(Source):
         }
 
 
-__all__ = ["CxrRecord", "CxrSource", "read_xray", "image_dims", "egd_heatmap", "reflacx_heatmap", "box_mask",
+__all__ = ["CxrRecord", "CxrSource", "read_xray", "preprocess_xray", "stored_xray", "image_dims",
+           "egd_heatmap", "reflacx_heatmap", "box_mask",
            "NIH_LABELS", "CHEXPERT_LABELS"]
