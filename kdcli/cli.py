@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, is_disk_full
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Distil a multi-modal teacher into a single-modality student, from raw data to "
@@ -30,6 +30,16 @@ def err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def system_error_line(exc: BaseException) -> str:
+    """One line for an OS-level failure the library layers did not name already: the file when known, a full
+    disk said as such, never a multi-line library message."""
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    if is_disk_full(exc):
+        return f"{where}no space left on device — free some space, then rerun"
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return where + text.splitlines()[0]
+
+
 def friendly_errors(function):
     """KdcliError and OS errors become one `error:` line and a non-zero exit, never a traceback."""
 
@@ -41,8 +51,12 @@ def friendly_errors(function):
             err(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except (OSError, MemoryError) as exc:
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            err(f"error: {where}{exc.strerror or exc}")
+            err(f"error: {system_error_line(exc)}")
+            raise typer.Exit(1) from None
+        except Exception as exc:  # a library's own error type around a full disk (polars, torch, h5py)
+            if not is_disk_full(exc):
+                raise
+            err(f"error: {system_error_line(exc)}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err("interrupted; finished outputs are intact (rerun with --resume where offered)")
@@ -802,12 +816,15 @@ def explain(
     count: Annotated[int, typer.Option("--count", "-n", help="Images to explain.")] = 12,
     top_concepts: Annotated[int, typer.Option(help="Concepts listed per image (concept models).")] = 5,
     device: Device = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier explain folder at --out (as a whole, once "
+                                                 "the new one is done).")] = False,
 ) -> None:
     """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html."""
     from kdcli.explain.run import ExplainOptions
     from kdcli.explain.run import explain as run_explain
 
-    index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto"))
+    index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto",
+                                       overwrite=overwrite))
     err(f"wrote {index}")
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import polars as pl
 
 from kdcli import __version__
-from kdcli.errors import KdcliError, UsageError
+from kdcli.errors import DiskFull, KdcliError, UsageError
+from kdcli.locks import output_lock
 from kdcli.shards.format import (
     DATASET_JSON,
     MANIFEST,
@@ -33,10 +34,11 @@ from kdcli.shards.format import (
     shard_name,
 )
 from kdcli.shards.integrity import write_fingerprints
-from kdcli.shards.writer import ShardJob, write_all
+from kdcli.shards.writer import ShardJob, check_folder_arguments, write_all
 from kdcli.sources import SOURCES
 from kdcli.sources.base import Record
 from kdcli.sources.quality import add, collect, warn
+from kdcli.storage import atomic_write, remove_leftovers, replace_folder
 
 
 @dataclass
@@ -110,6 +112,8 @@ def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
     out, staging = options.out, Path(str(options.out) + ".partial")
     if options.resume and options.overwrite:
         raise KdcliError("--resume and --overwrite exclude each other", hint="pick one")
+    if out.exists() and not out.is_dir():
+        raise KdcliError("is a file, not a folder", path=out, hint="choose another --out")
     if out.exists() and not (options.overwrite or options.resume or appending):
         raise KdcliError("output directory exists", path=out,
                          hint="pass --overwrite to replace it or --resume to finish it")
@@ -121,13 +125,51 @@ def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
         if not 1 <= index <= count:
             raise KdcliError(f"--part {index}/{count}: I must be between 1 and N")
         return staging  # other parts may be writing into the same staging folder right now
+    # the lock is ours and no part is live: whatever killed runs left (their staging folder, half-written files)
+    # belongs to no one
     if staging.exists() and not options.resume:
         shutil.rmtree(staging)
+    for folder in (staging, out if appending else None):
+        if folder is not None:
+            remove_temporaries(folder)
     return staging
 
 
+DISK_FULL_HINT = "free some space, then rerun with --resume (finished shards are kept)"
+
+
+def output_lock_for(options: PrepareOptions):
+    """The lock of --out: a plain run excludes every other run and the `--part` runs writing its staging
+    folder; a part excludes the same part elsewhere and a plain run (or merge)."""
+    command = f"kdcli prepare {options.source} --out {options.out} --size {options.size}"
+    if options.part:
+        index, count = options.part
+        return output_lock(options.out, f"{command} --part {index}/{count}", tag=f"part-{index}-of-{count}",
+                           exclusive_of=("",))
+    return output_lock(options.out, command, exclusive_of=("part-*",))
+
+
+def remove_temporaries(folder: Path) -> None:
+    """`.*.tmp` files killed runs left in a dataset or staging folder (manifest, JSON, shards, parts)."""
+    for sub in (folder, folder / SHARD_DIR, folder / PARTS):
+        if sub.is_dir():
+            for tmp in sub.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
+    """Hold --out's lock for the whole run: two runs into one --out would mix their shards."""
+    with output_lock_for(options):
+        try:
+            return _prepare(options, progress_factory)
+        except DiskFull as exc:
+            raise DiskFull(exc.path, DISK_FULL_HINT) from None
+
+
+def _prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     started = time.perf_counter()
+    if not options.part:  # a dataset replaced by a killed run: deleted, or put back if the run died mid-swap
+        remove_leftovers(options.out, ("old",))
     appending = options.append and (options.out / DATASET_JSON).is_file()
     if options.part and appending:
         raise KdcliError("--part cannot add to an existing dataset", path=options.out,
@@ -155,9 +197,12 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     kept = _existing_rows(options, scan) if appending else []
     staging.mkdir(parents=True, exist_ok=True)
     plan_path = staging / PLAN_JSON
+    stamp = json.dumps(arguments, sort_keys=True)  # recorded in every shard too, for a folder that lost its plan
     if plan_path.is_file() and json.loads(plan_path.read_text()) != arguments:
         raise KdcliError("other arguments than the run that started this folder", path=plan_path,
                          hint="rerun with the same arguments, or drop --resume to start over")
+    if not plan_path.is_file():
+        check_folder_arguments(staging / SHARD_DIR, stamp)
     atomic_write_json(plan_path, arguments)
 
     jobs = plan_jobs(scan.records, options.shard_size, scan.modalities)
@@ -168,7 +213,7 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     before = {p.name for p in shard_dir.glob("*.h5")} if shard_dir.is_dir() else set()
     progress = progress_factory(len(scan.records)) if progress_factory else (lambda n: None)
     results = write_all(jobs, shard_dir, source_cls, options.source_options, options.size,
-                        options.workers, options.compression, progress)
+                        options.workers, options.compression, progress, stamp)
     reused = sum(1 for job in jobs if job.name in before)
     by_id = {r.id: r for r in scan.records}
     rows = [
@@ -262,9 +307,19 @@ def _write_part(staging: Path, part: tuple[int, int], scan, rows: list[tuple], d
 
 
 def merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
-    """Join the parts written by `prepare ... --part I/N` into one dataset with one manifest and hash."""
+    """Join the parts written by `prepare ... --part I/N` into one dataset with one manifest and hash (under
+    --out's lock, refused while a part still runs)."""
+    with output_lock(out, f"kdcli prepare merge {out}", exclusive_of=("part-*",)):
+        try:
+            return _merge_parts(out, overwrite)
+        except DiskFull as exc:
+            raise DiskFull(exc.path, "free some space, then rerun the merge (the parts are kept)") from None
+
+
+def _merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
     from kdcli.sources.base import Scan
 
+    remove_leftovers(out, ("old",))
     staging = Path(str(out) + ".partial")
     found = sorted((staging / PARTS).glob("part-*-of-*.json")) if (staging / PARTS).is_dir() else []
     if not found:
@@ -285,6 +340,7 @@ def merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
     scan.warnings = record_warnings(scan.warnings, infos)
     meta = _finish(staging, scan, rows, digests, arguments, parts[0]["scan"]["tasks"], records=infos)
     shutil.rmtree(staging / PARTS)
+    remove_temporaries(staging)
     _swap_in(staging, out)
     return meta
 
@@ -354,9 +410,7 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
                                           ("index", pl.Int64), ("task", pl.Utf8), ("record", pl.Utf8),
                                           ("position", pl.Int64)], orient="row")
     manifest = manifest.with_columns((pl.col("label") >= 0).alias("labelled"))  # derived: not hashed
-    tmp = folder / f".{MANIFEST}.tmp"
-    manifest.write_parquet(tmp)
-    tmp.replace(folder / MANIFEST)
+    atomic_write(folder / MANIFEST, manifest.write_parquet)
     if records:
         atomic_write_json(folder / RECORDS_JSON, records)
     counts: dict[str, Counter] = {}
@@ -396,10 +450,4 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
 
 def _swap_in(staging: Path, out: Path) -> None:
     """Replace `out` by the finished staging folder; the old dataset goes only after the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out)

@@ -28,7 +28,7 @@ from kdcli.methods.base import parse_params
 from kdcli.models.unet import UNet
 from kdcli.predict.contract import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, _write_config, config_to_dict, load_weights
+from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, config_to_dict, load_weights
 
 PLAIN = re.compile(r"^plain(?:-(\d+))?(?:-(\d+))?$")  # plain[-BASE[-DEPTH]]: ProtoKD's 16 filters, 4 levels
 
@@ -135,7 +135,6 @@ def teach_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str],
     model = build_unet(cfg, store, modalities)
     train, dev = _views(cfg, store, modalities, None)
     meta = _meta(cfg, store, model, "teacher", params, None)
-    _write_config(out, meta)
     validate = segmentation_validator(dev, regions(store), cfg.engine)
     return fit(method_cls(params, model), train, validate, cfg.engine, out, meta, resume=cfg.resume, log=log)
 
@@ -171,7 +170,6 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
                     "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
                     "data_hash": checkpoint.meta["data"]["content_hash"]}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
-    _write_config(out, meta)
     validate = segmentation_validator(dev, regions(store), cfg.engine)
     return fit(method_cls(params, student, teacher), train, validate, cfg.engine, out, meta, resume=cfg.resume,
                log=log, train_labels=train_labels)

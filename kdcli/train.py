@@ -4,7 +4,6 @@ then hand them to the one engine. Everything the CLI does, tests can do by calli
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import tomllib
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from kdcli import __version__
-from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint, sibling
+from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from kdcli.engine.device import seed_everything
 from kdcli.engine.loop import (
     EngineConfig,
@@ -401,6 +400,19 @@ def _distill_defaults(cfg: TrainConfig) -> list[str]:
 
 def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     notes = _teach_defaults(cfg)
+    with _out_lock(cfg, "teach"):
+        return _teach(cfg, notes, log)
+
+
+def _out_lock(cfg: TrainConfig, command: str):
+    """--out's lock, from the check of --out to the publication of the result (rank 0 speaks for all)."""
+    from kdcli.engine.distributed import env_rank
+    from kdcli.locks import output_lock
+
+    return output_lock(Path(cfg.out), f"kdcli {command} --out {cfg.out}", enabled=bool(cfg.out) and env_rank() == 0)
+
+
+def _teach(cfg: TrainConfig, notes: list[str], log: Callable[[str], None]) -> FitResult:
     out = _check_out(cfg)
     for note in notes:
         log(note)
@@ -431,13 +443,17 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     train_set, dev_set, labels = _views(cfg, store, "none", None, ("labels",) if multilabel else ())
     meta = _meta(cfg, store, model, "teacher", params, None)
     validate = _validator(cfg, store, dev_set)  # refuses an unusable dev split before anything is written
-    _write_config(out, meta)
     return fit(method_cls(params, model), train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                train_labels=labels)
 
 
 def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     notes = _distill_defaults(cfg)
+    with _out_lock(cfg, "distill"):
+        return _distill(cfg, notes, log)
+
+
+def _distill(cfg: TrainConfig, notes: list[str], log: Callable[[str], None]) -> FitResult:
     out = _check_out(cfg)
     for note in notes:
         log(note)
@@ -504,7 +520,6 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
         train_set = _with_teacher_cache(cfg, store, train_set, {"teacher": teacher}, teacher_info, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
     validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too; before anything is written
-    _write_config(out, meta)
     from kdcli.engine.distributed import env_rank
 
     say = log if env_rank() == 0 else (lambda message: None)  # under torchrun rank 0 speaks for all
@@ -573,7 +588,6 @@ def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, tea
                                         cfg.modality, tasks)
     dev_sets = {task: ModalityView(store, "dev", cfg.modality, tasks=[task]) for task in tasks}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
-    _write_config(out, meta)
     validate = multitask_validator(dev_sets, {t: store.meta.tasks[t] for t in tasks}, cfg.engine)
     plain = train_set.base if cfg.cache_teacher else train_set
     balance_key = plain.tasks * 1000 + plain.labels  # balance grades within each task's set
@@ -600,15 +614,3 @@ def _with_teacher_cache(cfg: TrainConfig, store: ShardStore, train_set, teachers
             model.to(device)
         teacher_cache.build(teachers, inputs, path, store.meta.content_hash, device, cfg.engine.batch_size)
     return teacher_cache.CachedTeacherView(train_set, teacher_cache.load(path, store.meta.content_hash, len(inputs)))
-
-
-def _write_config(out: Path, meta: dict) -> None:
-    from kdcli.engine.distributed import env_rank
-    from kdcli.engine.resume import check_resume
-    from kdcli.shards.format import atomic_write_bytes
-
-    if meta["config"].get("resume"):  # before config.json is replaced: a resume of another run is refused
-        check_resume(out, meta)
-    if env_rank() != 0:  # under torchrun only rank 0 writes
-        return
-    atomic_write_bytes(sibling(out, ".config.json"), (json.dumps(meta["config"], indent=2) + "\n").encode())

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import torch
 
 from kdcli.errors import KdcliError
+from kdcli.storage import atomic_write
 
 FORMAT = "kdcli-checkpoint"
 VERSION = 1
@@ -36,13 +35,37 @@ def save_checkpoint(path: Path, meta: dict[str, Any], model_state: dict[str, tor
     payload = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta),
                "model": {k: v.detach().cpu() for k, v in model_state.items()}, "state": state or {}}
     payload["digest"] = payload_digest(payload)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
+
+
+class _WriteErrors:
+    """A file torch.save writes through that keeps the OSError of a failed write: torch's serializer turns it
+    into a RuntimeError without errno ("unexpected pos ..."), so a full disk would not be recognised."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(payload: dict[str, Any], tmp: Path) -> None:
+    with open(tmp, "wb") as handle:
+        target = _WriteErrors(handle)
+        try:
+            torch.save(payload, target)
+            handle.flush()
+        except RuntimeError:
+            if target.error is not None:
+                raise target.error from None
+            raise
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

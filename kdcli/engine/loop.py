@@ -25,7 +25,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint, sibling
 from kdcli.engine.device import amp_dtype, deterministic_mode, seed_everything, select_device
 from kdcli.engine.distributed import Ranks, RankShard, mean_across_ranks, setup, teardown
-from kdcli.errors import KdcliError, UsageError
+from kdcli.engine.publish import staged_result, write_config
+from kdcli.engine.resume import check_resume
+from kdcli.errors import KdcliError, UsageError, write_failure
+from kdcli.storage import atomic_write
 
 
 @dataclass
@@ -214,16 +217,25 @@ class MetricsLog:
                 path.unlink(missing_ok=True)
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.jsonl, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        size = self.jsonl.stat().st_size if self.jsonl.exists() else 0
+        try:
+            with open(self.jsonl, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except BaseException as exc:  # no half line for a later --resume to choke on
+            if self.jsonl.exists():
+                with open(self.jsonl, "r+b") as handle:
+                    handle.truncate(size)
+            raise write_failure(exc, self.jsonl) or exc from None
         rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.csv.with_name(self.csv.name + ".tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.csv)
+
+        def write_csv(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.csv, write_csv)
 
 
 Validate = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict]
@@ -323,10 +335,16 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
     started = time.perf_counter()
     device = select_device(cfg.device)
     seed_everything(cfg.seed, deterministic_mode(device, cfg.deterministic))
+    if resume:  # before anything is written: a --resume of another run is refused
+        check_resume(out, meta)
     ranks = setup(device)
     try:
-        return _fit(method, train_set, validate, cfg, out, meta, resume, log if ranks.is_main else _silent,
-                    train_labels, device, ranks, started)
+        # the result (checkpoint, config, metrics, last state) is published as a whole, or not at all
+        with staged_result(out, resume, writer=ranks.is_main) as work:
+            if ranks.is_main and "config" in meta:
+                write_config(work, meta["config"])
+            return _fit(method, train_set, validate, cfg, work, meta, resume, log if ranks.is_main else _silent,
+                        train_labels, device, ranks, started)
     finally:
         teardown(ranks)
 

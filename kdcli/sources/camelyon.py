@@ -66,8 +66,10 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
+from kdcli.sources.imaging import quiet_opencv
 from kdcli.sources.splits import parse_ratios, stable_seed
 
+quiet_opencv()  # BCNB's JPEGs are read with cv2.imread: one kdcli line per broken file, no OpenCV warning
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes
 
 OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs")

@@ -13,6 +13,15 @@ from kdcli.sources.quality import warn
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
 
+def quiet_opencv() -> None:
+    """OpenCV prints `[ WARN ]` lines of its own for a truncated or broken image before returning None; kdcli
+    says what is wrong in one line naming the file, so only OpenCV's errors are left to print."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+quiet_opencv()  # every source decoding images imports this module (set per process; forked workers inherit it)
+
+
 def read_image(path: str | Path, channels: int) -> np.ndarray:
     """Decode any bit depth to uint8 with `channels` channels (HxWxC). Names the file when it fails."""
     raw = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
