@@ -24,7 +24,7 @@ from kdcli.locks import output_lock
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.mil import MILClassifier, mil_spec
-from kdcli.predict.contract import preprocessing_record
+from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
 from kdcli.train import TrainConfig, _check_out, config_to_dict, load_model
 

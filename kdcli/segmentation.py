@@ -26,7 +26,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.unet import UNet
-from kdcli.predict.contract import preprocessing_record
+from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
 from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, config_to_dict, load_weights
 

@@ -29,7 +29,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_weights
-from kdcli.predict.contract import preprocessing_record
+from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
 
 
