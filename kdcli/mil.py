@@ -178,6 +178,7 @@ def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate
             metrics["auc_both"] = sum(values) / len(values) if values else None
         return metrics
 
+    validate.samples = len(dev_view)  # slides, for the start-up line
     return validate
 
 
