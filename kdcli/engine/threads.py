@@ -139,7 +139,7 @@ def choose_threads(requested: int = 0, workers: int = 0, environ: Mapping[str, s
         # The affinity set's load only means something when affinity is what limits us; under a cgroup quota
         # on a larger host, other tenants' load on the host's CPUs is not ours to share.
         busy = busy_elsewhere(cpu_set) if count == len(cpu_set) else 0.0
-    threads = max(1, count - workers - round(busy))
+    threads = max(1, count - workers - math.floor(busy + 0.5))  # half a CPU busy counts as one
     return ThreadChoice(threads, "auto", count, workers, busy)
 
 
