@@ -272,3 +272,22 @@ def test_a_training_run_says_what_it_does_and_leaves_curves_and_provenance(multi
         assert record["command"] == "kdcli teach --config run.yaml"
         assert {"kdcli", "python", "torch", "timm", "cuda", "git", "platform"} <= set(record)
     assert saved["threads"] == 1 and saved["data"] == str(multieye_shards)
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_every_epoch(multieye_shards, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "oct.pt"
+    result = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "oct", "--out", str(out),
+                                      "--epochs", "2", "--log", "tensorboard", *TINY])
+    assert result.exit_code == 0, result.output
+    assert f"tracking: tensorboard {tmp_path / 'oct.tensorboard'}" in result.stderr
+    events = EventAccumulator(str(tmp_path / "oct.tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "oct.metrics.jsonl").read_text().splitlines()]
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == [row["epoch"] for row in logged]
+    assert [e.value for e in scalars] == pytest.approx([row["train_loss"] for row in logged])  # stored as float32
+    assert "dev/macro_f1" in events.Tags()["scalars"]

@@ -91,7 +91,14 @@ class Trackers:
     """Every tracker asked for, driven as one; none at all is the common case and costs nothing."""
 
     def __init__(self, text: str, out: Path, config: dict[str, Any]):
-        self.items = [TRACKERS[kind](where, out, config) for kind, where in parse_log(text)]
+        self.items = []
+        for kind, where in parse_log(text):
+            try:
+                self.items.append(TRACKERS[kind](where, out, config))
+            except ImportError as exc:  # installed, but broken or missing a dependency of its own
+                self.close()
+                raise UsageError(f"--log {kind}: {KINDS[kind]} is installed but does not import ({exc}); "
+                                 f"reinstall it: pip install --force-reinstall 'kdcli[{kind}]'") from None
 
     def log(self, row: dict[str, Any], epoch: int) -> None:
         for tracker in self.items:
