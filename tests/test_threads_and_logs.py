@@ -74,6 +74,52 @@ def test_busy_cpus_are_counted_on_the_allowed_cpus_only():
     assert thread_choice._cpu_jiffies(stat, {0, 1}) == (110, 200)
 
 
+def test_an_automatic_count_follows_the_load_between_epochs(monkeypatch, tmp_path):
+    """2 CPUs, nothing else running at the start: 2 threads. An epoch later a neighbour has kept one CPU busy
+    (both CPUs busy, this process used one): 1 thread. Once it has gone: 2 again. An explicit count stays."""
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(thread_choice, "allowed_cpus", lambda: {0, 1})
+    monkeypatch.setattr(thread_choice.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(thread_choice.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(thread_choice, "children_cpu_seconds", lambda: 0.0)
+    stat = tmp_path / "stat"
+    jiffies = {"busy": [0, 0], "idle": [0, 0]}
+
+    def epoch(seconds: float, mine: float, busy: tuple[int, int]) -> None:
+        clock["wall"] += seconds
+        clock["cpu"] += mine
+        for cpu in (0, 1):
+            jiffies["busy"][cpu] += busy[cpu]
+            jiffies["idle"][cpu] += int(100 * seconds) - busy[cpu]
+        stat.write_text("cpu  0 0 0 0 0 0 0 0\n" + "".join(
+            f"cpu{c} {jiffies['busy'][c]} 0 0 {jiffies['idle'][c]} 0 0 0 0\n" for c in (0, 1)))
+
+    epoch(0, 0, (0, 0))
+    start = thread_choice.choose_threads(0, 0, environ={}, cpus={0, 1}, limit=None, busy=0.0)
+    watch = thread_choice.LoadWatch(start, stat)
+    epoch(10, 20, (1000, 1000))  # both CPUs busy for 10 s, all of it this process's 2 threads
+    assert watch.update() is None
+    epoch(10, 10, (1000, 1000))  # both busy, this process only 10 CPU-seconds: a neighbour held one CPU
+    assert watch.update() == thread_choice.ThreadChoice(1, "auto", 2, 0, 1.0)
+    epoch(10, 10, (1000, 0))  # the neighbour has gone
+    assert watch.update().threads == 2
+    fixed = thread_choice.LoadWatch(thread_choice.choose_threads(2, 0), stat)
+    epoch(10, 10, (1000, 1000))
+    assert fixed.update() is None
+
+
+def test_live_children_cpu_time_is_read_from_proc(tmp_path):
+    import os
+
+    task = tmp_path / "self" / "task" / "41"
+    task.mkdir(parents=True)
+    (task / "children").write_text("42 43\n")
+    tick = os.sysconf("SC_CLK_TCK")
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "stat").write_text("42 (pt_data_worker) S 41 " + "0 " * 9 + f"{3 * tick} {tick} 0 0\n")
+    assert thread_choice.children_cpu_seconds(tmp_path) == pytest.approx(4.0)  # 43 exited: skipped
+
+
 # ------------------------------------------------------------------------------------------ first contact
 def test_version_prints_kdcli_torch_and_timm_without_importing_them():
     from test_cli_basics import _probe

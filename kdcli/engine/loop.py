@@ -24,7 +24,7 @@ from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint, sibling
 from kdcli.engine.device import amp_dtype, deterministic_mode, seed_everything, select_device
 from kdcli.engine.distributed import Ranks, RankShard, mean_across_ranks, setup, teardown
 from kdcli.engine.progress import batch_progress
-from kdcli.engine.threads import ThreadChoice
+from kdcli.engine.threads import LoadWatch, ThreadChoice
 from kdcli.engine.trackers import Trackers, parse_log
 from kdcli.errors import KdcliError, UsageError
 
@@ -391,6 +391,7 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
             student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
     log(startup_line(method, meta, cfg, device, dtype, threads, train_set, validate, train_loader, out))
+    load_watch = LoadWatch(threads) if ranks.world == 1 else None
     metrics_log = MetricsLog(out, resume) if ranks.is_main else None
     if trackers.items:
         log(f"tracking: {trackers.describe()}")
@@ -500,6 +501,10 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
                             eval_model.state_dict(), state)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {value:.4f}"
             f"{'  *' if improved else ''}  ({seen / max(train_seconds, 1e-9):.0f} img/s)")
+        changed = load_watch.update() if load_watch is not None else None
+        if changed is not None:
+            torch.set_num_threads(changed.threads)
+            log(f"{changed.describe()} from epoch {epoch + 2}: the load on this machine changed")
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: no {cfg.metric} gain for {cfg.patience} epochs")
             break

@@ -143,6 +143,63 @@ def choose_threads(requested: int = 0, workers: int = 0, environ: Mapping[str, s
     return ThreadChoice(threads, "auto", count, workers, busy)
 
 
+def children_cpu_seconds(proc: Path = Path("/proc")) -> float:
+    """CPU seconds used so far by this process's live children (DataLoader workers), which the process's own
+    clock does not count until they exit; 0 where /proc cannot tell."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        pids = {pid for task in (proc / "self" / "task").iterdir()
+                for pid in (task / "children").read_text().split()}
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            fields = (proc / pid / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue  # a worker that just exited
+    return total
+
+
+class LoadWatch:
+    """Re-chooses an automatic thread count between epochs, from the load other processes put on this process's
+    CPUs meanwhile (its own threads and DataLoader workers taken out): a neighbour that starts after training did
+    costs this run threads at the next epoch, not the rest of the run. Explicit counts are never changed."""
+
+    def __init__(self, choice: ThreadChoice, stat: Path = Path("/proc/stat")):
+        self.choice, self.stat = choice, stat
+        self.active = choice.source == "auto" and choice.cpus == len(allowed_cpus()) and stat.is_file()
+        self.cpus = allowed_cpus()
+        self._mark()
+
+    def _mark(self) -> None:
+        self.started = time.perf_counter()
+        self.mine = time.process_time() + children_cpu_seconds()
+        try:
+            self.jiffies = _cpu_jiffies(self.stat.read_text(), self.cpus)
+        except OSError:
+            self.active = False
+
+    def update(self) -> ThreadChoice | None:
+        """The new choice when it differs from the current one (apply it with torch.set_num_threads)."""
+        if not self.active:
+            return None
+        before, started, mine = self.jiffies, self.started, self.mine
+        self._mark()
+        elapsed = self.started - started
+        busy, total = self.jiffies[0] - before[0], self.jiffies[1] - before[1]
+        if elapsed <= 0 or total <= 0:
+            return None
+        busy_cpus = busy / total * len(self.cpus)
+        others = max(0.0, busy_cpus - (self.mine - mine) / elapsed)
+        threads = max(1, self.choice.cpus - self.choice.workers - math.floor(others + 0.5))
+        if threads == self.choice.threads:
+            return None
+        self.choice = ThreadChoice(threads, "auto", self.choice.cpus, self.choice.workers, others)
+        return self.choice
+
+
 @contextlib.contextmanager
 def torch_threads(choice: ThreadChoice) -> Iterator[ThreadChoice]:
     """torch.set_num_threads(choice) for the block, the previous count restored after it (library callers
