@@ -390,16 +390,16 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
         ema = torch.optim.swa_utils.AveragedModel(
             student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
+    last_path = sibling(out, ".last.pt")
+    if resume and not last_path.is_file():  # before the start-up line: a refusal stays one line
+        raise KdcliError("nothing to resume", path=last_path, hint="drop --resume to start a new run")
     log(startup_line(method, meta, cfg, device, dtype, threads, train_set, validate, train_loader, out))
     load_watch = LoadWatch(threads) if ranks.world == 1 else None
     metrics_log = MetricsLog(out, resume) if ranks.is_main else None
     if trackers.items:
         log(f"tracking: {trackers.describe()}")
     start_epoch, best_epoch, best_value, history, stale = 0, -1, -math.inf, [], 0
-    last_path = sibling(out, ".last.pt")
     if resume:
-        if not last_path.is_file():
-            raise KdcliError("nothing to resume", path=last_path, hint="drop --resume to start a new run")
         last = load_checkpoint(last_path)
         method.load_state_dict(last.state["method"])
         optimizer.load_state_dict(last.state["optimizer"])
