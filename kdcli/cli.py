@@ -612,9 +612,9 @@ def teach(
 ) -> None:
     """Train a model on one modality (the teacher, or a baseline).
 
-    A first run on a CPU, in a minute or two: kdcli synth multieye raw && kdcli prepare multieye raw --size 64 &&
-    kdcli teach --modality oct --model test_resnet --epochs 10. The defaults (resnet50, 30 epochs at 224 px)
-    are sized for a GPU."""
+    A first run on a CPU, in about a minute: kdcli synth multieye raw && kdcli prepare multieye raw --size 64 &&
+    kdcli teach --modality oct --model test_resnet --lr 3e-3 (the demo's recipe). The defaults (resnet50 at the
+    224 px prepare stores) are sized for a GPU."""
     flags = {k: v for k, v in locals().items() if k != "config"}
     from kdcli.train import resolve_config
     from kdcli.train import teach as run_teach
