@@ -108,6 +108,8 @@ def test_compare_table_is_evaluates_numbers_with_paired_differences(multieye_sha
                 ours_only += right and not ref_right
                 theirs_only += ref_right and not right
     assert (per_sample["right_only_model"], per_sample["right_only_reference"]) == (ours_only, theirs_only)
+    assert len(per_sample["mcnemar_p_per_seed_pair"]) == 2
+    assert per_sample["mcnemar_p"] == max(per_sample["mcnemar_p_per_seed_pair"])  # each seed pair must show it
     interval = per_sample["accuracy"]
     assert interval["low"] <= np.mean(expected) + 1e-9 and np.mean(expected) - 1e-9 <= interval["high"]
     for key, path in paths.items():  # a warning for exactly the runs evaluate's numbers put at chance
