@@ -252,6 +252,18 @@ def test_the_curve_png_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.curves.png", "m.metrics.jsonl"]  # no half file
 
 
+def test_a_figure_that_cannot_be_drawn_is_a_note_not_a_failed_run(monkeypatch, tmp_path):
+    from kdcli.engine import curves, loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(curves, "write_curves", broken)
+    lines: list[str] = []
+    loop._draw_curves(tmp_path / "m.pt", loop.EngineConfig(), types.SimpleNamespace(terms=()), lines.append, "m")
+    assert lines == ["note: training curves not drawn (RuntimeError: no fonts)"]
+
+
 def test_provenance_names_the_command_versions_and_commit():
     from kdcli import __version__
     from kdcli.provenance import command_line, git_commit, provenance

@@ -89,8 +89,9 @@ def write_curves(out: Path, metric: str, title: str = "", diagnostics: tuple[str
             axis.axvline(best_epoch, color="grey", linestyle="--", linewidth=1)
     if best_epoch > 0 and best_epoch in epochs:
         best = values[epochs.index(best_epoch)]
+        late = best_epoch > (epochs[0] + epochs[-1]) / 2  # label on the side with room, inside the axes
         scores.annotate(f"selected: epoch {best_epoch}\n{metric} {best:.3f}", (best_epoch, best), fontsize=7,
-                        xytext=(6, -24), textcoords="offset points")
+                        xytext=(-6 if late else 6, -24), textcoords="offset points", ha="right" if late else "left")
     fig.suptitle(title or Path(out).name, fontsize=9)
     fig.tight_layout()
     path = curves_path(out)

@@ -312,7 +312,7 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
     finally:
         trackers.close()
         if ranks.is_main:  # after a failed or interrupted run too: its epochs so far
-            _draw_curves(out, cfg, method, log)
+            _draw_curves(out, cfg, method, log, f"{Path(out).name}: {meta.get('method')} on {meta.get('modality')}")
         teardown(ranks)
 
 
@@ -343,13 +343,14 @@ def startup_line(method: torch.nn.Module, meta: dict[str, Any], cfg: EngineConfi
             f"{cfg.epochs} epochs")
 
 
-def _draw_curves(out: Path, cfg: EngineConfig, method: torch.nn.Module, log: Callable[[str], None]) -> None:
+def _draw_curves(out: Path, cfg: EngineConfig, method: torch.nn.Module, log: Callable[[str], None],
+                 title: str) -> None:
     """<out>.curves.png; a figure that cannot be drawn is said in one line, never the run's failure."""
     from kdcli.engine.curves import write_curves
 
     diagnostics = tuple(term for term in getattr(method, "terms", ()) if term.startswith("_"))
     try:
-        write_curves(out, cfg.metric, diagnostics=diagnostics)
+        write_curves(out, cfg.metric, title, diagnostics)
     except Exception as exc:  # matplotlib's own errors, a full disk: the checkpoint is what matters
         log(f"note: training curves not drawn ({type(exc).__name__}: {exc})")
 
