@@ -573,7 +573,8 @@ ConceptEmb = Annotated[str | None, typer.Option(help="Concept embeddings (K, D) 
 ConceptScale = Annotated[float | None, typer.Option(help="Fixed factor on the concept cosines before the concept "
                                                          "classifier (1 as the official code).", show_default="1.0")]
 Extra = Annotated[list[str] | None, typer.Option("--set", help="Any other engine option KEY=VALUE, e.g. "
-                                                    "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05.")]
+                                                    "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05, "
+                                                    "log_every=50 (batches between progress lines in a log file).")]
 
 
 def _train_flags(**flags: Any) -> dict[str, Any]:
@@ -673,12 +674,14 @@ def embed(
     pretrained: Pretrained = None,
     batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 256,
     device: Device = None,
+    threads: Threads = None,
 ) -> None:
     """Slides: encode every patch once with a frozen encoder and store the features beside the shards
     (`<data>/embeddings/NAME.h5`); `teach --embeddings NAME` then trains MIL without re-running the encoder."""
     from kdcli.mil import embed_patches
 
-    result = embed_patches(data, model, pretrained, batch_size, device or "auto")
+    with chosen_threads(threads):
+        result = embed_patches(data, model, pretrained, batch_size, device or "auto")
     verb = "reused" if result["reused"] else f"wrote {result['patches']} x {result['dim']} features to"
     err(f"{verb} {result['path']}")
     typer.echo(result["name"])
