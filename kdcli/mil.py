@@ -61,12 +61,13 @@ def embed_patches(data: Path, model_name: str, pretrained: str | None = None, ba
     from kdcli.engine.checkpoint import file_sha256
     from kdcli.engine.device import select_device
     from kdcli.models.classifier import default_normalisation
-    from kdcli.models.pretrained import load_into
+    from kdcli.models.pretrained import load_into, resolve_weights
     from kdcli.shards.format import atomic_write_bytes
 
     store = ShardStore(data)
     store.require_modality("wsi")
-    weights = file_sha256(Path(pretrained)) if pretrained else "random-init-seed0"
+    # a timm name resolves to its cached file first: the features are named by the weights' bytes
+    weights = file_sha256(resolve_weights(pretrained)[0]) if pretrained else "random-init-seed0"
     key = hashlib.sha256(f"{model_name}|{weights}|{store.meta.content_hash}".encode()).hexdigest()[:10]
     name = f"{model_name}-{key}"
     path = store.root / EMBEDDINGS / f"{name}.h5"
