@@ -215,12 +215,30 @@ def synth_cxr(
     dicom_fraction: Annotated[float, typer.Option(help="Fraction written as DICOM (half MONOCHROME1).")] = 0.0,
     seed: SynthSeed = 0,
     workers: SynthWorkers = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING images whose finding labels a rater flips, "
+        "borderline lesions most often; dev/test stay clean; flips listed in label_noise.csv.",
+    )] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: gaze and boxes drawn from a latent of their "
+                                                   "own with the same labels; they carry nothing beyond them.")]
+    = False,
+    test_per_class: Annotated[int, typer.Option(help="Test images per finding (plus 7x as many normal) from a case "
+                                                     "pool of their own, the same whatever --per-class is (0: 20% "
+                                                     "of the patients).")] = 0,
+    unlabeled: Annotated[int, typer.Option(help="Unlabeled training images (patients of their own): NIH rows with "
+                                                "blank Finding Labels; MIMIC studies without a CheXpert label.")]
+    = 0,
 ) -> None:
-    """Chest X-ray phantoms with subtle findings; gaze fixations and boxes gather on them."""
+    """Chest X-ray phantoms: one latent per image (lesion severities and places) rendered faintly in the X-ray and
+    strongly in the gaze and boxes, plus look-alike distractors that the gaze avoids."""
     summary = run_synth("cxr", out, per_class=per_class, size=size, layout=layout, gaze=gaze,
                         annotated_fraction=annotated_fraction, dicom_fraction=dicom_fraction, seed=seed,
-                        workers=workers)
-    err(f"wrote {len(summary['images'])} images ({layout} layout, gaze {gaze}) to {out}")
+                        workers=workers, label_noise=label_noise, independent=independent,
+                        test_per_class=test_per_class, unlabeled=unlabeled)
+    err(f"wrote {summary['n_images']} labelled images ({layout} layout, gaze {gaze}, {summary['design']} design) "
+        f"to {out}" + (f", {summary['n_unlabeled']} unlabeled" if unlabeled else "")
+        + (f" (labels of {summary['flipped']} training images flipped, see {out / 'label_noise.csv'})"
+           if label_noise else ""))
 
 
 @command(synth_app, "camelyon")
@@ -232,10 +250,30 @@ def synth_camelyon(
     size: Annotated[int, typer.Option(help="Level-0 width in pixels (20x, 0.5 um/px).")] = 4096,
     seed: SynthSeed = 0,
     workers: SynthWorkers = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING ALN statuses flipped across N0 / N+, borderline "
+        "patients most often; dev/test stay clean; flips listed in label_noise.csv.")] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: slide and clinical record render latents "
+                                                   "of their own; they share only the ALN status.")] = False,
+    test_slides: Annotated[int, typer.Option(help="Extra test slides, identical whatever --slides is (a fixed "
+                                                  "test set across training sizes).")] = 0,
+    unlabeled: Annotated[int, typer.Option(help="Extra slides whose sheet row has no ALN status (unlabeled "
+                                                "training slides for prepare).")] = 0,
 ) -> None:
-    """Core-needle biopsy slide phantoms and a BCNB clinical sheet; both carry part of the ALN signal."""
-    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers)
-    err(f"wrote {len(summary['slides'])} slides ({format}) and {summary['clinical']} to {out}")
+    """Core-needle biopsy slide phantoms and a BCNB clinical sheet: one tumour-biology latent per patient, shown
+    strongly in the record and faintly in the slide."""
+    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers,
+                        label_noise=label_noise, independent=independent, test_slides=test_slides,
+                        unlabeled=unlabeled)
+    counts = {split: len(ids) for split, ids in summary["splits"].items()}
+    err(f"wrote {len(summary['slides'])} slides ({format}, {summary['design']} design; {counts['train']}/"
+        f"{counts['dev']}/{counts['test']} train/dev/test" + (f", {unlabeled} unlabeled" if unlabeled else "")
+        + f") and {summary['clinical']} to {out}")
+    if label_noise:
+        err(f"labels of {summary['flipped']} training slides flipped, see {out / 'label_noise.csv'}")
+    if summary["splits_file"]:
+        err(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test slides "
+            "depend on this split)")
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -267,23 +305,27 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+PrepAllowLeakage = Annotated[bool, typer.Option(help="Keep patients whose records sit in several splits "
+                                                   "(refused otherwise); counted in dataset.json.")]
 PrepPart = Annotated[str | None, typer.Option(help="I/N: write only the I-th of N disjoint shares (cluster array "
                                                      "jobs); then `kdcli prepare merge OUT`.")]
 
 
 def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: int, resume: bool, overwrite: bool,
                 shard_size: int, compression: Compression, source_options: dict[str, Any],
-                append: bool = False, part: str | None = None) -> None:
+                append: bool = False, part: str | None = None, allow_leakage: bool = False) -> None:
     from tqdm import tqdm
 
     from kdcli.defaults import default_prepare_out
     from kdcli.prepare import PrepareOptions, prepare
+    from kdcli.sources.quality import lines as quality_lines
 
     out = out or default_prepare_out(source)
     options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
                              overwrite=overwrite, shard_size=shard_size,
                              compression=None if compression is Compression.none else compression.value,
-                             source_options=source_options, append=append, part=parse_part(part))
+                             source_options=source_options, append=append, part=parse_part(part),
+                             allow_leakage=allow_leakage)
     bars: list = []
 
     def progress_factory(total: int):
@@ -299,6 +341,8 @@ def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: in
             bar.close()
     for note in result.notes:
         err(f"note: {note}")
+    for line in quality_lines(result.warnings):
+        err(f"warning: {line}")
     if options.part:
         err(f"part {options.part[0]}/{options.part[1]} done ({result.written} shards written, {result.reused} "
             f"reused); when every part is done: kdcli prepare merge {out}")
@@ -322,11 +366,13 @@ def prepare_multieye(
     clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
     median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
     list_name: Annotated[str | None, typer.Option(help="List file name in each split folder.")] = None,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
     run_prepare("multieye", raw, out, size, workers, resume, overwrite, shard_size, compression,
-                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part)
+                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part,
+                allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "merge")
@@ -359,6 +405,7 @@ def prepare_fundus_grading(
     label_column: Annotated[str | None, typer.Option(help="CSV column with grades.")] = None,
     grades: Annotated[int | None, typer.Option(help="Number of grades (default 5 for dr, 4 for amd).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the patient-level 60/20/20 split.")] = 0,
+    allow_leakage: PrepAllowLeakage = False,
 ) -> None:
     """A graded fundus set for one task; a second call with another --task adds to the same --out."""
     options = {"labels": str(labels), "task": task, "split_seed": split_seed,
@@ -366,7 +413,7 @@ def prepare_fundus_grading(
                   (("image_dir", image_dir), ("image_column", image_column), ("label_column", label_column),
                    ("grades", grades)) if v is not None}}
     run_prepare("fundus-grading", raw, out, size, workers, resume, overwrite, shard_size, compression, options,
-                append=True)
+                append=True, allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "brats")
@@ -391,12 +438,14 @@ def prepare_brats(
                                                         "(BraTS validation data as shipped): unlabeled training "
                                                         "cases, every brain slice kept, for distillation only.")]
     = None,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
     options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
                **({"splits": str(splits)} if splits else {}), **({"unlabeled": str(unlabeled)} if unlabeled else {})}
-    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 class Uncertain(StrEnum):
@@ -427,13 +476,17 @@ def prepare_cxr(
     split_seed: Annotated[int, typer.Option(help="Seed of the dev split.")] = 0,
     labels: Annotated[str | None, typer.Option(help="Comma list restricting the label set.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad rows/images with a report instead of stopping.")] = False,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
-    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits."""
+    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits.
+    Images without labels (NIH: blank Finding Labels; MIMIC: study without a CheXpert row, or every finding blank)
+    become unlabeled training samples (label -1) for distillation."""
     options = {"uncertain": uncertain.value, "egd_sigma": egd_sigma, "dev_fraction": dev_fraction,
                "seed": split_seed, "skip_bad": skip_bad,
                **{k: str(v) for k, v in (("gaze", gaze), ("boxes", boxes), ("labels", labels)) if v is not None}}
-    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "camelyon")
@@ -461,21 +514,28 @@ def prepare_camelyon(
     annotated_only: Annotated[bool, typer.Option(help="Only patches inside the tumour outlines.")] = False,
     ratios: Annotated[str, typer.Option(help="train,dev,test fractions (stratified by label).")] = "0.6,0.2,0.2",
     split_seed: Annotated[int, typer.Option(help="Seed of the split and the patch choice.")] = 0,
+    splits: Annotated[Path | None, typer.Option(help="Splits file: JSON {train: [ids], dev: [...], test: [...]} "
+                                                     "or CSV slide,split (e.g. synth camelyon's splits.json).")]
+    = None,
     thumbnails: Annotated[bool, typer.Option(help="A tissue-mask/patch thumbnail PNG per slide in "
                                                   "<out>/thumbnails/.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad slides/rows with a report instead of stopping.")] = False,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
-    clinical record per slide (missing values kept as missing)."""
+    clinical record per slide (missing values kept as missing); rows without an ALN status are unlabeled
+    training slides (for distillation terms)."""
     options = {"mag": mag, "patch_size": patch_size, "max_patches": max_patches, "id_column": id_column,
                "label_column": label_column, "binary": binary, "tissue_threshold": tissue_threshold,
                "min_tissue": min_tissue, "annotated_only": annotated_only, "ratios": ratios, "seed": split_seed,
                "skip_bad": skip_bad,
                **({"clinical": str(clinical)} if clinical else {}),
+               **({"splits": str(splits)} if splits else {}),
                **({"native_mag": native_mag} if native_mag else {}),
                **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
-    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 # --------------------------------------------------------------------------------------------- inspect
@@ -512,6 +572,10 @@ def inspect(
     out = console(stderr=False)
     out.print(table)
     out.print(f"hash {report['content_hash']}" + ("  (verified)" if verify else ""))
+    from kdcli.sources.quality import lines as quality_lines
+
+    for line in quality_lines(report["data_warnings"]):
+        typer.echo(f"data warning: {line}")  # unwrapped: one line per kind, as prepare printed it
 
 
 # ------------------------------------------------------------------------------------- teach / distill
@@ -857,6 +921,73 @@ def compare(
         typer.echo(json.dumps(result, indent=2))
 
 
+# ------------------------------------------------------------------------------------- predict/export
+@command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
+    inputs: Annotated[list[str], typer.Argument(help="Raw files, folders or glob patterns: fundus/OCT images, "
+                                                     "X-rays (PNG/JPEG/DICOM), BraTS case folders or NIfTI "
+                                                     "sequences, slides (OpenSlide formats, BCNB jpg).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Table of predictions: .csv, .parquet or .json. NIfTI "
+                                                          "volumes, heat maps and overlays go to the folder named "
+                                                          "after it (preds.csv -> preds/).")],
+    explain: Annotated[bool, typer.Option(help="Also a Grad-CAM overlay PNG per image (segmentation: the labels "
+                                               "on the slice with most tumour).")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first input that cannot be read; write nothing.")]
+    = False,
+    batch_size: Annotated[int, typer.Option(help="Images (slices) per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="Processes decoding images (0: this one).")] = 0,
+    threshold: Annotated[float, typer.Option(help="Multi-label: findings listed at or above this probability.")]
+    = 0.5,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Only for checkpoints older than the "
+                                              "preprocessing record: the shards they were trained on.")] = None,
+    device: Device = None,
+    threads: Threads = None,
+) -> None:
+    """Run a checkpoint on raw files, preprocessed exactly as `prepare` did for its data (size, CLAHE/median,
+    DICOM windowing, brain z-score and crop, patches at the magnification).
+
+    An unreadable input is one `failed` line and the rest go on; the exit status is then 1 (the table holds
+    the others). --strict stops at the first one with nothing written."""
+    from kdcli.predict.run import PredictOptions
+    from kdcli.predict.run import predict as run_predict
+
+    with chosen_threads(threads, workers):
+        result = run_predict(PredictOptions(checkpoint, list(inputs), out, device or "auto", batch_size, workers,
+                                            explain, strict, data, threshold), log=err)
+    where = f" (files in {result.files})" if result.files else ""
+    err(f"wrote {result.rows} prediction(s) to {result.out}{where}")
+    if result.failures:
+        err(f"error: {len(result.failures)} input(s) failed; see the lines above")
+        raise typer.Exit(1)
+
+
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (needs the onnx package: the "
+                                                                          "`export` extra) or torchscript.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file (.onnx; .pt or .ts for TorchScript); the "
+                                                          "contract goes beside it as <file>.json.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Only for checkpoints older than the "
+                                              "preprocessing record: the shards they were trained on.")] = None,
+) -> None:
+    """Export a model for other runtimes, with its preprocessing contract (input size, dtype, channels, mean/std,
+    the preprocessing steps, modality, classes) as JSON beside it."""
+    from kdcli.export import ExportOptions, contract_path
+    from kdcli.export import export as run_export
+
+    contract = run_export(ExportOptions(checkpoint, format.value, out, overwrite, data))
+    inputs = ", ".join(f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]" for i in contract["inputs"])
+    err(f"wrote {out} ({inputs} -> {', '.join(contract['outputs'])}) and {contract_path(out)}")
+
+
 # ------------------------------------------------------------------------------------------- helpers
 @command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False) -> None:
@@ -977,6 +1108,10 @@ def bench_distill(
                                                         "control).")] = 0.1,
     label_noise: Annotated[float | None, typer.Option(help="Share of training labels the generator flips (when it "
                                                            "has the option).")] = None,
+    unlabeled: Annotated[str | None, typer.Option(help="Unlabeled-pool sizes, comma-separated (e.g. 0,200): the "
+                                                       "methods that learn from unlabeled samples train again with "
+                                                       "each pool, beside a self-training control (the baseline as "
+                                                       "teacher); teachers and baselines never see it.")] = None,
     data_seed: Annotated[int, typer.Option(help="Seed of the phantoms.")] = 0,
     resample: Annotated[bool, typer.Option(help="Draw a new phantom per seed (the interval then covers data "
                                                 "draws too).")] = False,
@@ -988,7 +1123,8 @@ def bench_distill(
 ) -> None:
     """Distillation vs the same student without a teacher: paired differences over seeds and training sizes.
 
-    Per (variant, size, seed): teacher, baseline, label-smoothing baseline and each method, on phantoms.
+    Per (variant, size, seed): teacher, baseline, label-smoothing baseline and each method, on phantoms;
+    with --unlabeled, each method that learns from unlabeled samples again per pool, and self-training.
 
     Writes results.csv, results.json and gain.png under --out; rerun to resume.
 
@@ -1000,13 +1136,13 @@ def bench_distill(
 
     options = DistillBenchOptions(
         dataset, out or Path("kdcli-bench") / dataset, quick, parse_list(sizes, "--sizes", int), seeds, epochs,
-        model, image_size, parse_list(methods, "--methods"), independent, label_smoothing, label_noise, data_seed,
-        resample, device, workers, jobs)
+        model, image_size, parse_list(methods, "--methods"), independent, label_smoothing, label_noise,
+        parse_list(unlabeled, "--unlabeled", int), data_seed, resample, device, workers, jobs)
     results = run_bench(options, log=err)
     from rich.console import Console
 
-    # wide enough for the table's ten columns in a log file (rich assumes 80 when stderr is not a terminal)
-    Console(stderr=True, width=None if sys.stderr.isatty() else 132).print(render_table(results))
+    # wide enough for the table's columns in a log file (rich assumes 80 when stderr is not a terminal)
+    Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(render_table(results))
     if as_json:
         typer.echo(json.dumps(results, indent=2))
 

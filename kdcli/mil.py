@@ -23,6 +23,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.mil import MILClassifier, mil_spec
+from kdcli.predict.contract import preprocessing_record
 from kdcli.shards.reader import ShardStore
 from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict, load_model
 
@@ -192,18 +193,19 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: MILClassifier, kind: str, 
         "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg), "bag_size": BAG_SIZE,
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _views(cfg: TrainConfig, store: ShardStore, spec: dict):
+def _views(cfg: TrainConfig, store: ShardStore, spec: dict, unlabeled: bool = False):
     from kdcli.data.bags import BagView
 
     if cfg.engine.metric == "macro_f1":  # the classification default; slide-level papers report AUC
         cfg.engine.metric = "auc"
     embeddings = embeddings_path(store, spec)
     train = BagView(store, "train", BAG_SIZE, augment=cfg.augment != "none", seed=cfg.engine.seed,
-                    embeddings=embeddings)
+                    embeddings=embeddings, unlabeled=unlabeled)
     return train, BagView(store, "dev", embeddings=embeddings)
 
 
@@ -241,6 +243,24 @@ def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -
                out, meta, resume=cfg.resume, log=log, train_labels=train.labels)
 
 
+def _unlabeled_slides(cfg: TrainConfig, store: ShardStore, method_cls, log: Callable[[str], None]) -> bool:
+    """Whether the distillation terms see the training split's unlabeled slides; says why when they do not.
+    (dataset.json counts patches; this counts slides.)"""
+    import polars as pl
+
+    count = store.rows("train", "wsi").filter(~pl.col("labelled"))["record"].n_unique()
+    if not count:
+        return False
+    if not cfg.unlabeled:
+        log(f"--no-unlabeled: {count} unlabeled slides left out")
+        return False
+    if not method_cls.unlabeled:
+        log(f"note: --method {cfg.method} does not learn from unlabeled slides; {count} left out")
+        return False
+    log(f"{count} unlabeled slides: distillation terms only, {cfg.engine.unlabeled_ratio:g} per labelled slide")
+    return True
+
+
 def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
     out = _check_out(cfg)
     method_cls = METHODS.get(cfg.method)
@@ -261,7 +281,7 @@ def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None])
     seed_everything(cfg.engine.seed)
     student = method_cls.make_student(params, teacher)
     cfg.modality = "wsi"  # the student answers from the slide alone when the record is missing
-    train, dev = _views(cfg, store, student.spec)
+    train, dev = _views(cfg, store, student.spec, _unlabeled_slides(cfg, store, method_cls, log))
     teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
                     "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
                     "data_hash": checkpoint.meta["data"]["content_hash"]}

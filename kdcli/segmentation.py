@@ -26,6 +26,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.unet import UNet
+from kdcli.predict.contract import preprocessing_record
 from kdcli.shards.reader import ShardStore
 from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, _write_config, config_to_dict, load_weights
 
@@ -98,6 +99,7 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: UNet, kind: str, params: A
         "method": cfg.method, "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg),
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

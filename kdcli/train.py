@@ -30,6 +30,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_weights
+from kdcli.predict.contract import preprocessing_record
 from kdcli.shards.reader import ShardStore
 
 
@@ -295,7 +296,9 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
 
     seed = cfg.engine.seed
     tasks = [cfg.task] if cfg.task else None
-    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets)
+    # unlabeled rows join a plain view only for a method that reads them (pairing "none": CVI's KL)
+    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets,
+                                 unlabeled=unlabeled and pairing == "none")
     if dev_targets is None:  # the labels only: dev items without maps are read and collated in whole batches
         dev_targets = ("labels",) if "labels" in targets else ()
     dev = ModalityView(store, "dev", cfg.modality, tasks=tasks, targets=dev_targets)
@@ -337,6 +340,7 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, par
         "config": config_to_dict(cfg),
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -430,8 +434,8 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     model = build_student(cfg, store, cfg.modality, log=log)
     train_set, dev_set, labels = _views(cfg, store, "none", None, ("labels",) if multilabel else ())
     meta = _meta(cfg, store, model, "teacher", params, None)
+    validate = _validator(cfg, store, dev_set)  # refuses an unusable dev split before anything is written
     _write_config(out, meta)
-    validate = _validator(cfg, store, dev_set)
     return fit(method_cls(params, model), train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                train_labels=labels)
 
@@ -503,11 +507,11 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     if cfg.cache_teacher:
         train_set = _with_teacher_cache(cfg, store, train_set, {"teacher": teacher}, teacher_info, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
+    validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too; before anything is written
     _write_config(out, meta)
     from kdcli.engine.distributed import env_rank
 
     say = log if env_rank() == 0 else (lambda message: None)  # under torchrun rank 0 speaks for all
-    validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too
     validate = method.make_validator(dev_set, store.meta.classes, cfg.engine, say) or validate
     result = fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                  train_labels=labels)
@@ -604,10 +608,13 @@ def _with_teacher_cache(cfg: TrainConfig, store: ShardStore, train_set, teachers
 
 def _write_config(out: Path, meta: dict) -> None:
     from kdcli.engine.distributed import env_rank
+    from kdcli.engine.resume import check_resume
     from kdcli.provenance import provenance
     from kdcli.shards.format import atomic_write_bytes
 
     meta.setdefault("provenance", provenance())  # the checkpoints' meta carries it too
+    if meta["config"].get("resume"):  # before config.json is replaced: a resume of another run is refused
+        check_resume(out, meta)
     if env_rank() != 0:  # under torchrun only rank 0 writes
         return
     values = {**meta["config"], "provenance": meta["provenance"]}

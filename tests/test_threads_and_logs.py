@@ -349,3 +349,14 @@ def test_tensorboard_gets_every_epoch(multieye_shards, tmp_path):
     assert [e.step for e in scalars] == [row["epoch"] for row in logged]
     assert [e.value for e in scalars] == pytest.approx([row["train_loss"] for row in logged])  # stored as float32
     assert "dev/macro_f1" in events.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_a_resume_may_change_how_it_runs_threads_and_logs(multieye_shards, tmp_path):
+    out = ["--data", str(multieye_shards), "--modality", "oct", "--out", str(tmp_path / "oct.pt"), *TINY]
+    first = CliRunner().invoke(app, ["teach", *out, "--epochs", "1", "--threads", "2"])
+    assert first.exit_code == 0, first.output
+    resumed = CliRunner().invoke(app, ["teach", *out, "--epochs", "2", "--resume", "--threads", "1", "--set",
+                                       "log_every=3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "threads 1 (--threads)" in resumed.stderr and "resuming at epoch 2/2" in resumed.stderr

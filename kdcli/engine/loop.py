@@ -265,12 +265,33 @@ def multilabel_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig
     """Dev-split per-label AUROC; `mean_auroc` selects the best epoch."""
     from kdcli.evaluate.metrics import multilabel_metrics
 
+    check_dev_labels(dev_set, classes)
+
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         probs, targets = predict_sharded(model, dev_set, cfg, device, dtype, multilabel=True)
         return multilabel_metrics(targets, probs, classes)
 
     validate.samples = len(dev_set)
     return validate
+
+
+def check_dev_labels(dev_set: Dataset, classes: list[str]) -> None:
+    """Before any training: a dev split where no label has both outcomes leaves every selection metric (mean
+    AUROC, AP, F1) undefined, so no epoch could ever be chosen as the best."""
+    from kdcli.evaluate.metrics import IGNORE
+
+    store = getattr(dev_set, "store", None)
+    if store is None or "labels" not in getattr(dev_set, "targets", ()):
+        return
+    targets = np.stack([store.read(shard, int(index), "labels")
+                        for shard, index in zip(dev_set.shards, dev_set.indices, strict=True)]) \
+        if len(dev_set) else np.zeros((0, len(classes)), np.uint8)
+    known = targets != IGNORE
+    positives, negatives = ((targets == 1) & known).any(axis=0), ((targets == 0) & known).any(axis=0)
+    if not (positives & negatives).any():
+        raise KdcliError(f"the dev split ({len(dev_set)} images) has no label with both positive and negative "
+                         "images, so dev AUROC/AP/F1 are undefined and no epoch could be selected", path=store.root,
+                         hint="prepare more images, or give dev a larger share (cxr: --dev-fraction)")
 
 
 def multitask_validator(dev_sets: dict[str, Dataset], tasks: dict[str, dict], cfg: EngineConfig) -> Validate:
@@ -402,11 +423,16 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
     start_epoch, best_epoch, best_value, history, stale = 0, -1, -math.inf, [], 0
     if resume:
         last = load_checkpoint(last_path)
-        method.load_state_dict(last.state["method"])
-        optimizer.load_state_dict(last.state["optimizer"])
-        scheduler.load_state_dict(last.state["scheduler"])
-        if ema is not None and "ema" in last.state:
-            ema.load_state_dict(last.state["ema"])
+        try:
+            method.load_state_dict(last.state["method"])
+            optimizer.load_state_dict(last.state["optimizer"])
+            scheduler.load_state_dict(last.state["scheduler"])
+            if ema is not None and "ema" in last.state:
+                ema.load_state_dict(last.state["ema"])
+        except (KeyError, RuntimeError, ValueError) as exc:  # a state of another architecture or optimizer
+            raise KdcliError(f"its training state does not fit this run ({str(exc).splitlines()[0][:160]})",
+                             path=last_path, hint="resume with the options it was started with, or pass "
+                                                  "--overwrite instead of --resume to start a new run") from None
         start_epoch = int(last.state["epoch"]) + 1
         best_epoch, best_value = int(last.state["best_epoch"]), float(last.state["best_value"])
         stale = int(last.state.get("stale", 0))
@@ -500,7 +526,8 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
                      **({"ema": ema.state_dict()} if ema is not None else {})}
             save_checkpoint(last_path, {**meta, "last_epoch": epoch + 1, "world_size": ranks.world},
                             eval_model.state_dict(), state)
-        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {value:.4f}"
+        shown = "undefined" if value is None else f"{value:.4f}"  # e.g. AUC on a dev split of one class
+        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {shown}"
             f"{'  *' if improved else ''}  ({seen / max(train_seconds, 1e-9):.0f} img/s)")
         changed = load_watch.update() if load_watch is not None else None
         if changed is not None:
@@ -509,6 +536,9 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: no {cfg.metric} gain for {cfg.patience} epochs")
             break
+    if best_epoch < 0:
+        raise KdcliError(f"dev {cfg.metric} was undefined at every epoch, so no best checkpoint was written",
+                         path=out, hint="prepare a larger dev split, or select by another metric (--set metric=)")
     return FitResult(best_epoch, best_value, len(history), history, time.perf_counter() - started)
 
 

@@ -145,6 +145,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         raise UsageError("--missing applies to segmentation checkpoints (sequence subsets)")
     check_predictions_path(options.predictions)
     checkpoint, store, model, device = load_for_inference(options.checkpoint, options.data, options.device)
+    store.verify(options.split)  # the shards scored are re-hashed: the hash compared below is of these bytes
     meta = checkpoint.meta
     tasks = label_tasks(meta)
     report = {

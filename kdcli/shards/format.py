@@ -83,6 +83,8 @@ class DatasetMeta:
     unlabeled: dict[str, dict[str, int]] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # bad data kept, repaired (duplicate rows, NaN voxels, leakage allowed...): kind -> {message, count, examples}
+    data_warnings: dict[str, dict[str, Any]] = field(default_factory=dict)
     content_hash: str = ""
     kdcli_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -110,6 +112,7 @@ class DatasetMeta:
             "unlabeled": self.unlabeled,
             "prepare": self.prepare,
             "extra": self.extra,
+            "data_warnings": self.data_warnings,
             "content_hash": self.content_hash,
         }
 

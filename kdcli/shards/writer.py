@@ -26,6 +26,7 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SCHEMA_VERSION
 from kdcli.sources.base import Record
+from kdcli.sources.quality import collect
 
 ShardRow = tuple[str, str, int, int, int]  # sample id, record id, label, index in shard, position
 
@@ -111,14 +112,15 @@ def write_shard(job: ShardJob, shard_dir: Path, source: Any, size: int, compress
         with h5py.File(tmp, "w") as handle:
             appender = _Appender(handle, compression)
             for record in job.records:
-                info, samples = source.read(record, size)
-                notes[record.id] = info
-                for sample in samples:
-                    appender.add(sample.arrays, hasher)
-                    ids.append(sample.id)
-                    record_ids.append(record.id)
-                    labels.append(sample.label)
-                    positions.append(sample.position)
+                with collect() as warnings:  # data warnings met reading this record travel in its notes
+                    info, samples = source.read(record, size)
+                    for sample in samples:
+                        appender.add(sample.arrays, hasher)
+                        ids.append(sample.id)
+                        record_ids.append(record.id)
+                        labels.append(sample.label)
+                        positions.append(sample.position)
+                notes[record.id] = {**info, "warnings": warnings} if warnings else info
             label_array = np.array(labels, dtype=np.int64)
             handle.create_dataset("id", data=ids, dtype=h5py.string_dtype())
             handle.create_dataset("record", data=record_ids, dtype=h5py.string_dtype())

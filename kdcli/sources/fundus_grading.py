@@ -88,6 +88,11 @@ def split_groups(groups: dict[str, int], ratios: tuple[float, float, float], see
     return assignment
 
 
+def preprocess_image(path: str | Path, size: int) -> np.ndarray:
+    """One raw photo as `prepare` stores it (`kdcli predict` calls this too): RGB, zero-padded to square, resized."""
+    return resize_square(read_image(path, 3), size)
+
+
 class FundusGradingSource(Source):
     """Options: labels (CSV, required), task (required), image_dir, image_column, label_column,
     grades (number of grades; default 5 for dr, 4 for amd), split_seed, ratios."""
@@ -121,7 +126,7 @@ class FundusGradingSource(Source):
                                   "ordinal": True}})
 
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
-        return {"fundus": resize_square(read_image(record.files["fundus"], 3), size)}
+        return {"fundus": preprocess_image(record.files["fundus"], size)}
 
     def _read(self, path: Path, folder: Path, grades: int) -> list[tuple[str, int, Path]]:
         with open(path, newline="", encoding="utf-8-sig") as handle:
