@@ -40,6 +40,36 @@ def system_error_line(exc: BaseException) -> str:
     return where + text.splitlines()[0]
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from kdcli.provenance import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=show_version,
+                                               help="Print kdcli's version (and torch's, timm's) and exit.")]
+         = False) -> None:
+    """Distil a multi-modal teacher into a single-modality student, from raw data to evaluated, explained
+    models."""
+
+
+def chosen_threads(threads: int | None, workers: int = 0) -> Any:
+    """A block run with --threads (or OMP_NUM_THREADS, or the free CPUs) torch threads."""
+    from kdcli.engine.threads import choose_threads, torch_threads
+
+    return torch_threads(choose_threads(threads or 0, workers))
+
+
+def rank_zero_log() -> Any:
+    """`err` on rank 0, silence on the others: under torchrun one line per run, not one per process."""
+    import os
+
+    return err if int(os.environ.get("RANK", "0")) == 0 else (lambda message: None)
+
+
 def friendly_errors(function):
     """KdcliError and OS errors become one `error:` line and a non-zero exit, never a traceback."""
 
@@ -88,7 +118,8 @@ def console(stderr: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------- synth
-SynthSize = Annotated[int, typer.Option(help="Image side in pixels.")]
+SynthSize = Annotated[int, typer.Option(help="Image side in pixels (`prepare` stores 224 px unless given --size: "
+                                             "pass it this size, or smaller).")]
 SynthSeed = Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")]
 SynthWorkers = Annotated[int, typer.Option(help="Processes.")]
 
@@ -268,7 +299,9 @@ class Compression(StrEnum):
 
 PrepOut = Annotated[Path | None, typer.Option("--out", "-o", help="Shard directory to create (default: "
                                                  "shards/SOURCE, or $KDCLI_SHARDS/SOURCE).")]
-PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to square, then resize).")]
+PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to square, then resize; smaller images "
+                                            "are upsampled: `kdcli synth` draws 128 px phantoms, so give them "
+                                            "--size 128, or 64 for a quick CPU run).")]
 PrepWorkers = Annotated[int, typer.Option(help="Parallel processes.")]
 PrepResume = Annotated[bool, typer.Option(help="Finish an interrupted prepare; finished shards are kept.")]
 PrepOverwrite = Annotated[bool, typer.Option(help="Replace an existing --out (only once the new one is done).")]
@@ -568,33 +601,58 @@ Task = Annotated[str | None, typer.Option(help="Label space to train on, for dat
                                                 "(fundus-grading: dr or amd).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write (best); siblings: "
                                              ".last.pt, .metrics.csv/.jsonl, .config.json.")]
-Model = Annotated[str | None, typer.Option(help="timm model name (default resnet50; distill: the teacher's).")]
+Model = Annotated[str | None, typer.Option(help="timm model name (distill: the teacher's). On a CPU start small: "
+                                                "--model test_resnet with data prepared at --size 64.",
+                                           show_default="resnet50; segmentation: the plain U-Net; distill: the "
+                                                        "teacher's")]
 Head = Annotated[str | None, typer.Option(help="auto | linear | concept (auto: concept when the data has "
-                                                  "a concept bank).")]
+                                                  "a concept bank).", show_default="auto")]
 OutputStride = Annotated[int | None, typer.Option(help="Backbone output stride, 8 or 16: dilated last stages keep "
                                                        "finer feature maps (CAMs, gaze); default the model's.")]
-Epochs = Annotated[int | None, typer.Option(help="Epochs (default 100, MultiEYE's).")]
-BatchSize = Annotated[int | None, typer.Option(help="Batch size (default 32).")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.")]
-Seed = Annotated[int | None, typer.Option(help="Seed (sampling, init, augmentation).")]
-Device = Annotated[str | None, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps.")]
-Config = Annotated[Path | None, typer.Option(help="YAML/TOML file of options; flags override it.")]
-Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
+# None = "not given" (a --config file or --set may set them), so typer cannot show the default itself: each
+# show_default is the value the engine uses (kdcli.engine.loop.EngineConfig; tests/test_threads_and_logs.py
+# checks they agree).
+Epochs = Annotated[int | None, typer.Option(help="Epochs.", show_default="30")]
+BatchSize = Annotated[int | None, typer.Option(help="Batch size (per process under torchrun).", show_default="32")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.", show_default="0.001")]
+Seed = Annotated[int | None, typer.Option(help="Seed (sampling, init, augmentation).", show_default="0")]
+Device = Annotated[str | None, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps.",
+                                            show_default="auto")]
+Config = Annotated[Path | None, typer.Option(help="YAML/TOML file of options (any of these, by their names with _ "
+                                                 "for -, and engine keys such as ema; a run's .config.json works "
+                                                 "too); flags override it.")]
+Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.", show_default="2")]
+Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (0: the CPUs this process may use, less "
+                                                  "--workers and CPUs busy elsewhere; OMP_NUM_THREADS is obeyed).",
+                                             show_default="0")]
+TrackLog = Annotated[list[str] | None, typer.Option("--log", metavar="KIND", help="Also send the per-epoch metrics to "
+                                                    "tensorboard or mlflow: KIND, or KIND=DIR (tensorboard) / "
+                                                    "KIND=URI (mlflow); each needs kdcli's extra of that name. "
+                                                    "CSV/JSONL are always written.")]
 Resume = Annotated[bool, typer.Option(help="Continue from <out>.last.pt.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out checkpoint.")]
-Pretrained = Annotated[str | None, typer.Option(help="Local backbone weights (.pth/.safetensors).")]
+Pretrained = Annotated[str | None, typer.Option(help="Backbone weights: a local .pth/.safetensors, or a timm name "
+                                                    "(resnet18.a1_in1k) found in the local timm/Hugging Face cache; "
+                                                    "nothing is downloaded.")]
+AllowPartial = Annotated[bool, typer.Option(help="Let --pretrained leave backbone tensors the file lacks as "
+                                                 "initialised (else a partial load is an error).")]
 Param = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter KEY=VALUE "
                                                     "(repeatable); `kdcli methods` lists them.")]
-Patience = Annotated[int | None, typer.Option(help="Early stop after N epochs without dev gain (0=off).")]
-Balanced = Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.")]
-Amp = Annotated[str | None, typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
-Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student.")]
+Patience = Annotated[int | None, typer.Option(help="Early stop after N epochs without dev gain (0=off).",
+                                              show_default="0")]
+Balanced = Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.",
+                                               show_default="balanced")]
+Amp = Annotated[str | None, typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.",
+                                         show_default="auto")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student.",
+                                              show_default="no-compile")]
 Concepts = Annotated[str | None, typer.Option(help="Concept bank (.npy like concepts_raw.npy, or text).")]
 ConceptEmb = Annotated[str | None, typer.Option(help="Concept embeddings (K, D) .npy, e.g. FLAIR's text tower's.")]
 ConceptScale = Annotated[float | None, typer.Option(help="Fixed factor on the concept cosines before the concept "
-                                                         "classifier (default 1, as the official code).")]
+                                                         "classifier (1 as the official code).", show_default="1.0")]
 Extra = Annotated[list[str] | None, typer.Option("--set", help="Any other engine option KEY=VALUE, e.g. "
-                                                    "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05.")]
+                                                    "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05, "
+                                                    "log_every=50 (batches between progress lines in a log file).")]
 
 
 def _train_flags(**flags: Any) -> dict[str, Any]:
@@ -605,12 +663,14 @@ def _train_flags(**flags: Any) -> dict[str, Any]:
             flags[key] = str(flags[key])
     flags["resume"] = flags["resume"] or None
     flags["overwrite"] = flags["overwrite"] or None
+    flags["allow_partial"] = flags.pop("allow_partial") or None
+    flags["log"] = ",".join(flags.pop("track")) if flags.get("track") else flags.pop("track", None)
     # a flag left unset must not erase the same key given with --set (`--set amp=bf16` was silently dropped)
     return {**extra, **{key: value for key, value in flags.items() if value is not None}}
 
 
-def _report_fit(result, out: Path) -> None:
-    err(f"best dev score {result.best_value:.4f} at epoch {result.best_epoch}; wrote {out} "
+def _report_fit(result, out: Path, log=err) -> None:
+    log(f"best dev score {result.best_value:.4f} at epoch {result.best_epoch}; wrote {out} "
         f"({result.seconds:.0f}s)")
 
 
@@ -620,7 +680,8 @@ def teach(
     task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
-    pretrained: Pretrained = None,
+    pretrained: Pretrained = None, allow_partial: AllowPartial = False, threads: Threads = None,
+    track: TrackLog = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, concept_scale: ConceptScale = None,
     param: Param = None, extra: Extra = None,
@@ -628,14 +689,19 @@ def teach(
     embeddings: Annotated[str | None, typer.Option(help="Slides: train on patch embeddings cached by `kdcli "
                                                         "embed` (the name it printed) instead of pixels.")] = None,
 ) -> None:
-    """Train a model on one modality (the teacher, or a baseline)."""
+    """Train a model on one modality (the teacher, or a baseline).
+
+    A first run on a CPU, in about a minute: kdcli synth multieye raw && kdcli prepare multieye raw --size 64 &&
+    kdcli teach --modality oct --model test_resnet --lr 3e-3 (the demo's recipe). The defaults (resnet50 at the
+    224 px prepare stores) are sized for a GPU."""
     flags = {k: v for k, v in locals().items() if k != "config"}
     from kdcli.train import resolve_config
     from kdcli.train import teach as run_teach
 
     cfg = resolve_config(_train_flags(**flags), config)
-    result = run_teach(cfg, log=err)
-    _report_fit(result, Path(cfg.out))
+    log = rank_zero_log()
+    result = run_teach(cfg, log=log)
+    _report_fit(result, Path(cfg.out), log)
 
 
 @command()
@@ -648,7 +714,8 @@ def distill(
     task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
-    pretrained: Pretrained = None,
+    pretrained: Pretrained = None, allow_partial: AllowPartial = False, threads: Threads = None,
+    track: TrackLog = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, concept_scale: ConceptScale = None,
     param: Param = None, extra: Extra = None,
@@ -673,8 +740,9 @@ def distill(
         if method is not None:
             raise typer.BadParameter("choose a distillation method, e.g. --method coda", param_hint="--method")
         cfg.method = "auto"  # the one the data call for (kdcli.defaults.default_method)
-    result = run_distill(cfg, log=err)
-    _report_fit(result, Path(cfg.out))
+    log = rank_zero_log()
+    result = run_distill(cfg, log=log)
+    _report_fit(result, Path(cfg.out), log)
 
 
 @command()
@@ -684,12 +752,14 @@ def embed(
     pretrained: Pretrained = None,
     batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 256,
     device: Device = None,
+    threads: Threads = None,
 ) -> None:
     """Slides: encode every patch once with a frozen encoder and store the features beside the shards
     (`<data>/embeddings/NAME.h5`); `teach --embeddings NAME` then trains MIL without re-running the encoder."""
     from kdcli.mil import embed_patches
 
-    result = embed_patches(data, model, pretrained, batch_size, device or "auto")
+    with chosen_threads(threads):
+        result = embed_patches(data, model, pretrained, batch_size, device or "auto")
     verb = "reused" if result["reused"] else f"wrote {result['patches']} x {result['dim']} features to"
     err(f"{verb} {result['path']}")
     typer.echo(result["name"])
@@ -715,14 +785,16 @@ def evaluate(
                                                       "mean over its bags (default: the training bag size; 0: "
                                                       "every patch in one bag).")] = None,
     device: Device = None,
+    threads: Threads = None,
 ) -> None:
     """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1; for segmentation
     Dice and HD95 of each tumour region per case (--predictions DIR writes NIfTI label volumes)."""
     from kdcli.evaluate.run import EvaluateOptions
     from kdcli.evaluate.run import evaluate as run_evaluate
 
-    report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
-                                          missing=missing, missing_rate=missing_rate, bag_size=bag_size))
+    with chosen_threads(threads):
+        report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
+                                              missing=missing, missing_rate=missing_rate, bag_size=bag_size))
     _print_metrics(report, to_stderr=as_json)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -816,16 +888,54 @@ def explain(
     count: Annotated[int, typer.Option("--count", "-n", help="Images to explain.")] = 12,
     top_concepts: Annotated[int, typer.Option(help="Concepts listed per image (concept models).")] = 5,
     device: Device = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier explain folder at --out (as a whole, once "
-                                                 "the new one is done).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier explain report at --out (its page, JSON and "
+                                                 "images; your other files there stay).")] = False,
+    threads: Threads = None,
 ) -> None:
     """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html."""
     from kdcli.explain.run import ExplainOptions
     from kdcli.explain.run import explain as run_explain
 
-    index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto",
-                                       overwrite=overwrite))
+    with chosen_threads(threads):
+        index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto",
+                                           overwrite=overwrite))
     err(f"wrote {index}")
+
+
+@command()
+def compare(
+    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoints, folders of runs, or glob patterns (quoted): "
+                                                          "runs differing only in the seed are one model.")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Shard directory to evaluate every checkpoint on "
+                                                                   "(default: each one's own dataset).")] = None,
+    split: Annotated[str, typer.Option(help="train, dev or test.")] = "test",
+    reference: Annotated[str | None, typer.Option(help="The model the others are compared with: its label or one "
+                                                       "of its checkpoints (default: the first given).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Paired-bootstrap resamples of the test samples (0: none).")] = 2000,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Write the table's numbers as CSV (long format).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write the table as an HTML page.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the whole report as JSON.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout; the table goes to stderr.")] = False,
+    device: Device = None,
+    threads: Threads = None,
+) -> None:
+    """One table of metrics across models and seeds: mean ± sd per model, seed-paired differences from the
+    reference, per-sample paired intervals where both answered the same test set, and warnings where a number
+    means nothing (a model at chance, a one-seed difference)."""
+    from kdcli.compare import CompareOptions, check_outputs, render_table, write_outputs
+    from kdcli.compare import compare as run_compare
+
+    check_outputs(csv, html, report)
+    with chosen_threads(threads):
+        result = run_compare(CompareOptions(checkpoints, data, split, device or "auto", reference, bootstrap), log=err)
+    write_outputs(result, csv, html, report)
+    from rich.console import Console
+
+    # wide enough for the labels in a log file (rich assumes 80 columns when the stream is not a terminal)
+    stream = sys.stderr if as_json else sys.stdout
+    Console(stderr=as_json, width=None if stream.isatty() else 160).print(render_table(result))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
 
 
 # ------------------------------------------------------------------------------------- predict/export
@@ -849,6 +959,7 @@ def predict(
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Only for checkpoints older than the "
                                               "preprocessing record: the shards they were trained on.")] = None,
     device: Device = None,
+    threads: Threads = None,
 ) -> None:
     """Run a checkpoint on raw files, preprocessed exactly as `prepare` did for its data (size, CLAHE/median,
     DICOM windowing, brain z-score and crop, patches at the magnification).
@@ -858,8 +969,9 @@ def predict(
     from kdcli.predict.run import PredictOptions
     from kdcli.predict.run import predict as run_predict
 
-    result = run_predict(PredictOptions(checkpoint, list(inputs), out, device or "auto", batch_size, workers,
-                                        explain, strict, data, threshold), log=err)
+    with chosen_threads(threads, workers):
+        result = run_predict(PredictOptions(checkpoint, list(inputs), out, device or "auto", batch_size, workers,
+                                            explain, strict, data, threshold), log=err)
     where = f" (files in {result.files})" if result.files else ""
     err(f"wrote {result.rows} prediction(s) to {result.out}{where}")
     if result.failures:
@@ -964,15 +1076,20 @@ def bench_engine(
     epochs: Annotated[int, typer.Option(help="Epochs per measurement (the first is warm-up).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     rounds: Annotated[int, typer.Option(help="Alternating engine/bare-loop rounds; medians are compared.")] = 3,
+    threads: Threads = None,
+    contention: Annotated[bool, typer.Option(help="Also time teach idle and with one busy process competing: "
+                                                  "kdcli's threads vs torch's default.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
-    """Training samples/s: kdcli's engine vs a bare PyTorch loop; distillation vs student-only training."""
+    """Training samples/s: kdcli's engine vs a bare PyTorch loop; distillation vs student-only training; the
+    slowdown under a competing CPU load with kdcli's thread choice and with torch's default."""
     from kdcli.bench import EngineBenchOptions
     from kdcli.bench import bench_engine as run_bench
 
     if epochs < 2:
         raise typer.BadParameter("at least 2 (the first is warm-up)", param_hint="--epochs")
-    results = run_bench(EngineBenchOptions(data, teacher, student, model, epochs, batch_size, rounds), log=err)
+    results = run_bench(EngineBenchOptions(data, teacher, student, model, epochs, batch_size, rounds, threads or 0,
+                                           contention), log=err)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
 
@@ -1087,6 +1204,7 @@ def demo(
                                             "plain-8 U-Net).")] = "",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter KEY=VALUE for the "
                                                     "distillation method (coda or sall).")] = None,
+    threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON results on stdout.")] = False,
 ) -> None:
     """synth -> prepare -> teach -> distill -> evaluate on small phantoms, ending with a comparison table.
@@ -1094,10 +1212,10 @@ def demo(
     multieye: OCT teacher, fundus baseline, CoDA fundus student. sall: single-task DR and AMD graders vs SALL."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases,
-                                   annotated=annotated,
-                                   method_params=parse_params(param)),
-                       log=err)
+    with chosen_threads(threads):  # evaluation's; each training chooses its own unless --threads is given
+        results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases,
+                                       annotated=annotated, method_params=parse_params(param), threads=threads or 0),
+                           log=err)
     console(stderr=as_json).print(render_table(results))
     if as_json:
         typer.echo(json.dumps(results, indent=2))

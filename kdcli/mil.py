@@ -57,9 +57,12 @@ def embed_patches(data: Path, model_name: str, pretrained: str | None = None, ba
     reads F numbers per patch instead of decoding and encoding pixels every epoch (`teach --embeddings NAME`)."""
     import hashlib
 
+    from kdcli.models.pretrained import resolve_weights
+
     store = ShardStore(data)
     store.require_modality("wsi")
-    weights = file_sha256(Path(pretrained)) if pretrained else "random-init-seed0"
+    # a timm name resolves to its cached file first: the features are named by the weights' bytes
+    weights = file_sha256(resolve_weights(pretrained)[0]) if pretrained else "random-init-seed0"
     key = hashlib.sha256(f"{model_name}|{weights}|{store.meta.content_hash}".encode()).hexdigest()[:10]
     name = f"{model_name}-{key}"
     path = store.root / EMBEDDINGS / f"{name}.h5"
@@ -189,6 +192,7 @@ def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate
             metrics["auc_both"] = sum(values) / len(values) if values else None
         return metrics
 
+    validate.samples = len(dev_view)  # slides, for the start-up line
     return validate
 
 

@@ -50,7 +50,8 @@ def regions(store: ShardStore) -> dict[str, list[int]]:
     return store.meta.extra.get("regions") or DEFAULT_REGIONS
 
 
-def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], template: dict | None = None) -> UNet:
+def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], template: dict | None = None,
+               log: Callable[[str], None] | None = None) -> UNet:
     name = cfg.model or (template or {}).get("name") or "plain"
     spec: dict[str, Any] = {"arch": "unet", "name": name, "in_chans": len(modalities), "modalities": modalities,
                             "num_classes": len(store.meta.classes)}
@@ -66,7 +67,7 @@ def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], templ
     if cfg.pretrained:  # classification weights of the same timm network fill the encoder
         from kdcli.models.pretrained import load_into
 
-        load_into(model.encoder.body, cfg.pretrained, name)
+        load_into(model.encoder.body, cfg.pretrained, name, cfg.allow_partial, log)
     return model
 
 
@@ -132,7 +133,7 @@ def teach_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str],
     method_cls = METHODS.get("segmentation")
     params = parse_params(method_cls.Params, cfg.params, "segmentation")
     seed_everything(cfg.engine.seed)
-    model = build_unet(cfg, store, modalities)
+    model = build_unet(cfg, store, modalities, log=log)
     train, dev = _views(cfg, store, modalities, None)
     meta = _meta(cfg, store, model, "teacher", params, None)
     validate = segmentation_validator(dev, regions(store), cfg.engine)
@@ -158,7 +159,7 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
     modalities = parse_modalities(cfg.modality, store)
     cfg.modality = ",".join(modalities)
     seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
-    student = build_unet(cfg, store, modalities, template=teacher.spec)
+    student = build_unet(cfg, store, modalities, template=teacher.spec, log=log)
     # the counts are per sequence, every one alike (a slice carries all four): the student's first tells
     unlabeled = _unlabeled_choice(cfg, store, method_cls, log, modality=modalities[0], what="slices")
     train, dev = _views(cfg, store, modalities, teacher_modalities, unlabeled)

@@ -51,6 +51,7 @@ class TrainConfig:
     concept_dim: int = 512
     concept_scale: float = 1.0  # fixed factor on the cosines before the concept classifier; 1 = the official
     pretrained: str = ""
+    allow_partial: bool = False  # --pretrained may leave backbone tensors as initialised (else an error)
     augment: str = "light"
     resume: bool = False
     overwrite: bool = False
@@ -89,6 +90,9 @@ def resolve_config(flags: dict[str, Any], config_file: Path | None = None) -> Tr
     if config_file:
         file_values = read_config_file(config_file)
         file_values.update(file_values.pop("engine", {}) or {})
+        file_values.pop("provenance", None)  # a run's <out>.config.json, reused as --config, records where it ran
+        if "student" in file_values:  # distill's --student, as the file names it
+            file_values.setdefault("modality", file_values.pop("student"))
         merged.update(file_values)
         from_file = set(file_values)
     for key, value in flags.items():
@@ -216,7 +220,7 @@ def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: 
         spec["concept_scale"] = float(cfg.concept_scale)
     model = Classifier(spec, concepts)
     if cfg.pretrained:
-        report, projection_loaded = load_pretrained_weights(model, cfg.pretrained)
+        report, projection_loaded = load_pretrained_weights(model, cfg.pretrained, cfg.allow_partial)
         if projection_loaded and not cfg.concept_embeddings and not template:
             report += ("; concept embeddings: fixed random vectors, not in the projection's space "
                        "(give the text tower's with --concept-embeddings)")

@@ -17,7 +17,8 @@ from kdcli.engine.checkpoint import load_checkpoint, sibling
 from kdcli.errors import KdcliError
 
 # epochs may change too: the loop and the schedule read it afresh, so a resumed run can be extended (or cut short)
-FREE_OPTIONS = frozenset({"resume", "overwrite", "data", "out", "workers", "device", "compile", "teacher", "epochs"})
+FREE_OPTIONS = frozenset({"resume", "overwrite", "data", "out", "workers", "device", "compile", "teacher", "epochs",
+                          "threads", "log", "log_every", "allow_partial"})  # the last: how it runs, is logged
 SHOWN = 3  # differences named in the one error line; the rest are counted
 
 
