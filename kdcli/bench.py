@@ -138,6 +138,8 @@ class EngineBenchOptions:
     epochs: int = 3
     batch_size: int = 32
     rounds: int = 1  # engine and bare loop measured alternately this many times; medians reported
+    threads: int = 0  # the engine's threads (0: kdcli's choice; the contention measurement compares it too)
+    contention: bool = True  # also time teach with one busy process competing, kdcli's threads vs torch's default
 
 
 def _bare_loop(view, model_spec: dict, epochs: int, batch_size: int, seed: int) -> float:
@@ -173,12 +175,16 @@ def bench_engine(options: EngineBenchOptions, log=print) -> dict[str, Any]:
     from kdcli.data.transforms import train_augmentation
     from kdcli.data.views import ModalityView
     from kdcli.engine.checkpoint import load_checkpoint
+    from kdcli.engine.threads import choose_threads, torch_threads
     from kdcli.shards.reader import ShardStore
     from kdcli.train import distill, resolve_config, teach
 
     store = ShardStore(options.data)
+    # one thread count for the engine and the bare loop alike: the overhead compares loops, not thread choices
+    threads = choose_threads(options.threads, 0)
     common = {"data": str(options.data), "modality": options.student, "model": options.model, "workers": 0,
-              "epochs": options.epochs, "batch_size": options.batch_size, "overwrite": True, "seed": 0}
+              "epochs": options.epochs, "batch_size": options.batch_size, "overwrite": True, "seed": 0,
+              "threads": threads.threads}
     with tempfile.TemporaryDirectory(prefix="kdcli-bench-") as folder:
         # Skip epoch 1 (allocator and cache warm-up) in every measurement.
         rate = lambda result: statistics.fmean(r["train_samples_per_s"] for r in result.history[1:])  # noqa: E731
@@ -191,13 +197,15 @@ def bench_engine(options: EngineBenchOptions, log=print) -> dict[str, Any]:
             taught = teach(resolve_config({**common, "out": f"{folder}/s.pt"}), log=lambda m: None)
             engine_rates.append(rate(taught))
             spec = load_checkpoint(Path(f"{folder}/s.pt")).meta["model"]
-            _bare_loop(view, spec, 1, options.batch_size, 0)  # warm-up, as the engine's first epoch
-            bare_rates.append(_bare_loop(view, spec, options.epochs - 1, options.batch_size, 0))
+            with torch_threads(threads):
+                _bare_loop(view, spec, 1, options.batch_size, 0)  # warm-up, as the engine's first epoch
+                bare_rates.append(_bare_loop(view, spec, options.epochs - 1, options.batch_size, 0))
         engine_rate, bare_rate = statistics.median(engine_rates), statistics.median(bare_rates)
         # The overhead is taken within each round (the two ways ran back to back, under the same drift), then
         # the median over rounds; the ratio of the two medians is reported beside it.
         overheads = [1 - e / b for e, b in zip(engine_rates, bare_rates, strict=True)]
-        results = {"engine": engine_rate, "bare_loop": bare_rate, "engine_overhead": statistics.median(overheads),
+        results = {"threads": threads.threads, "engine": engine_rate, "bare_loop": bare_rate,
+                   "engine_overhead": statistics.median(overheads),
                    "overhead_of_medians": 1 - engine_rate / bare_rate,
                    "rounds": {"engine": engine_rates, "bare_loop": bare_rates, "overhead": overheads}}
         per_round = ", ".join(f"{100 * o:.0f}%" for o in overheads)
@@ -217,7 +225,61 @@ def bench_engine(options: EngineBenchOptions, log=print) -> dict[str, Any]:
                 f"({results['distill_vs_student_only']:.2f}x the time of student-only training), "
                 f"{results['distill_cached']:,.0f}/s with --cache-teacher "
                 f"({results['distill_cached_vs_student_only']:.2f}x)")
+        if options.contention:
+            results["contention"] = bench_contention({**common, "threads": 0}, folder, options.threads, log)
     return results
+
+
+def busy_process():
+    """One competing CPU-bound process (a pure-Python spin, as another user's job would be)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def bench_contention(common: dict[str, Any], folder: str, threads: int = 0, log=print) -> dict[str, Any]:
+    """Wall time of the same teach idle and with one busy process competing, with kdcli's threads (chosen
+    afresh each time, as every training run does; --threads fixes them) and with torch's default (one per CPU
+    it may use: the naive way). The slowdowns are loaded / idle time of each."""
+    from kdcli.engine.threads import allowed_cpus, choose_threads
+    from kdcli.train import resolve_config, teach
+
+    default = len(allowed_cpus())  # what torch starts with when OMP_NUM_THREADS is not set
+
+    def timed(count: int) -> float:
+        result = teach(resolve_config({**common, "threads": count, "out": f"{folder}/t.pt"}), log=lambda m: None)
+        return result.seconds
+
+    def measure(phase: str) -> dict[str, Any]:
+        # kdcli's own choice, ignoring an OMP_NUM_THREADS set for the shell (the point is to measure the choice)
+        choice = choose_threads(threads, 0, environ={})
+        row = {"kdcli_threads": choice.threads, "kdcli_seconds": timed(choice.threads), "busy_elsewhere": choice.busy,
+               "default_threads": default, "default_seconds": timed(default)}
+        log(f"{phase}: kdcli {row['kdcli_seconds']:.1f}s with {choice.describe()}; torch's default "
+            f"{row['default_seconds']:.1f}s with {default} threads")
+        return row
+
+    idle = measure("idle")
+    spinner = busy_process()
+    try:
+        time.sleep(0.5)  # let the scheduler see it
+        loaded = measure("one busy process")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    result = {"idle": idle, "loaded": loaded, "cpus": default,
+              "kdcli_slowdown": loaded["kdcli_seconds"] / idle["kdcli_seconds"],
+              "default_slowdown": loaded["default_seconds"] / idle["default_seconds"],
+              "kdcli_loaded_vs_best_idle": loaded["kdcli_seconds"] / min(idle["kdcli_seconds"],
+                                                                          idle["default_seconds"])}
+    log(f"under one competing busy process on {default} CPUs: kdcli's threads {result['kdcli_slowdown']:.2f}x its "
+        f"idle time ({result['kdcli_loaded_vs_best_idle']:.2f}x the best idle), torch's default "
+        f"{result['default_slowdown']:.2f}x"
+        + (f" (the 'idle' runs already shared the CPUs: {idle['busy_elsewhere']:.1f} busy elsewhere)"
+           if idle["busy_elsewhere"] >= 0.5 else ""))
+    return result
 
 
 @dataclass

@@ -33,9 +33,30 @@ Design decisions:
   teachers is not retrained, an interrupted one resumes from its last epoch, so rerunning the command after an
   interruption (or with more seeds or sizes) only trains what is missing.
 
+Unlabeled pool (`--unlabeled N[,M...]`, issue 15): for each N > 0 the cell's phantom is drawn again with the
+generator's `unlabeled=N` (an option found by its signature, like `independent`; refused where the generator
+lacks it). The generators draw the pool from a stream of its own, so the labelled cases, their splits and pixels
+are the same at every N: checked on every run (a hash of the labelled manifest rows and their shards' digests),
+a difference stops the benchmark. In each cell, N = 0 trains as above; for each N > 0 every method that learns
+from unlabeled samples (`unlabeled = True` in its class; the others' row at N = 0 stands for every N, said in
+the notes) trains once more on the N-pool phantom (`<method>+u<N>`), with the cell's teachers and initial
+weights, and a same-pool self-training control (`self-train+u<N>`: the recipe's `self_train` method with the
+BASELINE checkpoint as its teacher, the student's own modality labelling the pool). Teachers, baseline and the
+label-smoothing control train once, on the N = 0 phantom (teach never sees unlabeled samples), and every run is
+evaluated on that phantom's test split: a row at N > 0 is paired with the same baseline, seeds and test set as
+the row at N = 0. Rows carry `unlabeled` (N) and, for a method at N > 0, `pool_delta_mean` / `pool_ci_low` /
+`pool_ci_high`: the paired difference with vs without the pool (method at N - method at 0). Budget: a run with
+the pool draws the cell's labelled budget per epoch (its min_samples, else the labelled training set's size) PLUS
+as many unlabeled samples (`distill --unlabeled-ratio` 1, the engine's default: half of each batch), so it sees
+its labelled samples as often as the baseline does and the pool in addition; the self-training control has the
+very same budget, so the gain of the pool over self-training is not one of steps. (Measured first with the
+pool INSIDE the labelled budget, half of each batch unlabeled and no extra steps: at 16 eyes per class KD + 600
+unlabeled eyes gained nothing, -1.3 points; the labelled half-exposure cost what the pool gave.)
+0 is always on the axis (the comparison without the pool).
+
 Outputs under --out: runs/ (phantom shards, checkpoints, per-run results), results.csv, results.json (rows +
 metadata: metric, command line, grid, notes, kdcli version, seconds), gain.png (one panel per method and
-metric: difference vs training size with 95% intervals, shared vs independent).
+metric: difference vs training size with 95% intervals, shared vs independent, one line per pool size).
 
 Grids: the default grid is 4 log-spaced sizes x 5 seeds x both variants, test_resnet (brats: a plain-8 U-Net) at
 32 px (cxr 64), 12-15 epochs of at least 256 samples. Measured CPU time of one seed of the shared variant, x 10
@@ -43,7 +64,9 @@ for the whole grid: multieye 150 s (-> 25 CPU-minutes), brats 172 s at 15 epochs
 cxr ~100 s (-> 18), camelyon ~130 s with its phantoms (-> 24 with the fixed test slides), fundus-grading 94 s
 (-> 16): under 30 minutes on 2 cores, about half that with `--jobs 2` (OMP_NUM_THREADS=1); half of each while
 the generators have no independent control. `--quick` (2 sizes x 2 seeds, 5 epochs of at least 256 samples)
-takes one to two minutes.
+takes one to two minutes. `--unlabeled` adds per pool size two runs per paired multieye or brats cell (the method
+and self-training): `bench distill multieye --quick --unlabeled 0,200` trained 72 runs (24 with the pool) in 191
+CPU-seconds.
 The full grid on a GPU (5 sizes, 10 seeds, larger images and models), e.g.:
     kdcli bench distill multieye --sizes 8,16,32,64,128 --seeds 10 --epochs 40 --image-size 128 \\
         --model resnet18 --device cuda --workers 4 --jobs 4 --out bench-multieye
@@ -70,10 +93,11 @@ from typing import Any
 
 import numpy as np
 
-from kdcli.errors import UsageError
+from kdcli.errors import KdcliError, UsageError
 
 VARIANTS = ("shared", "independent")
 LABEL_SMOOTHING = "label-smoothing"  # the row name of the label-smoothing control
+SELF_TRAIN = "self-train"  # the row name of the same-pool self-training control
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -127,6 +151,13 @@ class Recipe:
     phantoms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
     evaluate: dict[str, Any] = field(default_factory=dict)  # EvaluateOptions fields
     notes: tuple[str, ...] = ()
+    # the method whose run, with the baseline as its teacher, is the same-pool self-training control ("": none)
+    self_train: str = ""
+
+
+# bumped when a recipe's prepare writes other shards from the same phantom (brats 2: with the generator's split,
+# so that its extra test cases are the test split, and its unlabeled cases; camelyon 2: with the generator's split)
+PREPARE_REVISIONS = {"brats": 2, "camelyon": 2}
 
 
 def _plain_prepare(source: str, **source_options: Any):
@@ -151,6 +182,20 @@ def _prepare_fundus_grading(raw: Path, shards: Path, summary: dict, grid: Grid, 
     return []
 
 
+def _prepare_brats(raw: Path, shards: Path, summary: dict, grid: Grid, workers: int) -> list[str]:
+    from kdcli.prepare import PrepareOptions, prepare
+    from kdcli.synth.brats import UNLABELED_DIR
+
+    options: dict[str, Any] = {}
+    if summary.get("splits_file"):  # the extra test cases (and noisy train labels) are fixed by this split
+        options["splits"] = str(raw / summary["splits_file"])
+    if (raw / UNLABELED_DIR).is_dir():  # the pool: cases without label files, as validation data ship
+        options["unlabeled"] = str(raw / UNLABELED_DIR)
+    done = prepare(PrepareOptions(source="brats", raw=raw, out=shards, size=grid.image_size, overwrite=True,
+                                  workers=max(1, workers), source_options=options))
+    return list(done.notes)
+
+
 def _prepare_cxr(raw: Path, shards: Path, summary: dict, grid: Grid, workers: int) -> list[str]:
     from kdcli.prepare import PrepareOptions, prepare
 
@@ -167,9 +212,11 @@ def _prepare_camelyon(raw: Path, shards: Path, summary: dict, grid: Grid, worker
 
     # as `kdcli demo wsi`: up to 32 tissue patches per slide at 10x, 128 px, stored at the grid's image size; a
     # core too thin for one patch is skipped and reported
+    options: dict[str, Any] = {"patch_size": 128, "max_patches": 32, "mag": 10, "skip_bad": True}
+    if summary.get("splits_file"):  # the fixed test slides (and noisy train labels) are fixed by this split
+        options["splits"] = str(raw / summary["splits_file"])
     done = prepare(PrepareOptions(source="camelyon", raw=raw, out=shards, size=grid.image_size, overwrite=True,
-                                  workers=max(1, workers), source_options={"patch_size": 128, "max_patches": 32,
-                                                                           "mag": 10, "skip_bad": True}))
+                                  workers=max(1, workers), source_options=options))
     return list(done.notes)
 
 
@@ -196,17 +243,19 @@ RECIPES: dict[str, Recipe] = {
         quick=Grid((8, 16), 2, 5, 32, "test_resnet", min_samples=256, test_size=10),
         notes=("multieye: CoDA on the unpaired phantom (its design: class-matched OCT partners), Hinton KD on a "
                "--paired one (it needs the same eye in both modalities); each phantom has its own teacher and "
-               "baseline; the label-smoothing control runs on the unpaired one",)),
+               "baseline; the label-smoothing control runs on the unpaired one",),
+        self_train="kd"),
     "brats": Recipe(
         synth="brats", size_option="cases", test_option="test_cases",
         synth_options=lambda grid: {"size": grid.image_size},
-        prepare=_plain_prepare("brats"),
+        prepare=_prepare_brats,
         runs={"teacher": Run("teach", {"modality": "t1,t1ce,t2,flair"}),
               "baseline": Run("teach", {"modality": "t1ce"})},
         methods={"protokd": Run("distill", {"modality": "t1ce", "method": "protokd"}, ("teacher",))},
         metrics=(Metric("dice_mean", ("dice_mean",), "baseline", "teacher"),),
         default=Grid((8, 16, 32, 64), 5, 12, 32, "plain-8", min_samples=256, test_size=24),
-        quick=Grid((6, 12), 2, 5, 32, "plain-8-2", min_samples=256, test_size=6)),
+        quick=Grid((6, 12), 2, 5, 32, "plain-8-2", min_samples=256, test_size=6),
+        self_train="protokd"),
     "cxr": Recipe(
         synth="cxr", size_option="per_class", test_option="test_per_class",
         synth_options=lambda grid: {"size": max(64, 2 * grid.image_size), "annotated_fraction": 0.2},
@@ -290,6 +339,7 @@ class DistillBenchOptions:
     independent: bool = True  # also run the independent-modalities control
     label_smoothing: float = 0.1  # 0: no label-smoothing control
     label_noise: float | None = None  # passed to the generator (training labels flipped)
+    unlabeled: tuple[int, ...] = ()  # unlabeled-pool sizes (the generator's `unlabeled`); 0 is always on the axis
     data_seed: int = 0
     resample: bool = False  # new data per seed
     device: str = "auto"
@@ -318,6 +368,14 @@ def resolve_grid(recipe: Recipe, options: DistillBenchOptions) -> Grid:
     return dataclasses.replace(grid, sizes=tuple(sorted(grid.sizes)))
 
 
+def pool_sizes(options: DistillBenchOptions) -> list[int]:
+    """The unlabeled-pool axis: 0 (no pool: the comparison every pool is read against), then the sizes asked for."""
+    asked = tuple(options.unlabeled)
+    if any(n < 0 for n in asked) or len(set(asked)) != len(asked):
+        raise UsageError(f"--unlabeled {','.join(map(str, asked))}: give distinct pool sizes >= 0 (0: no pool)")
+    return sorted({0, *asked})
+
+
 def command_line(options: DistillBenchOptions, grid: Grid, methods: list[str]) -> str:
     """The command that reruns this benchmark with every grid value spelled out."""
     parts = ["kdcli", "bench", "distill", options.dataset, "--sizes", ",".join(map(str, grid.sizes)), "--seeds",
@@ -327,6 +385,7 @@ def command_line(options: DistillBenchOptions, grid: Grid, methods: list[str]) -
     parts += [] if options.independent else ["--no-independent"]
     parts += ["--resample"] if options.resample else []
     parts += [] if options.label_noise is None else ["--label-noise", f"{options.label_noise:g}"]
+    parts += ["--unlabeled", ",".join(map(str, pools))] if len(pools := pool_sizes(options)) > 1 else []
     parts += [] if options.device == "auto" else ["--device", options.device]
     parts += [] if not options.quick else ["--quick"]
     return shlex.join(parts)
@@ -349,6 +408,8 @@ class RunJob:
     kind: str
     flags: dict[str, Any]  # resolve_config flags, without data, out, teacher and seed
     teachers: list[str]
+    data: str = ""  # shards it trains on when not the cell's (a phantom with an unlabeled pool); tested on the cell's
+    unlabeled: int = 0  # the pool size of that phantom
 
 
 @dataclass
@@ -379,9 +440,13 @@ def build_data(job: DataJob, log: Callable[[str], None] = print) -> dict[str, An
 
     folder = Path(job.folder)
     key = {"dataset": job.dataset, "synth": job.synth_kwargs, "image_size": job.grid.image_size}
+    if job.dataset in PREPARE_REVISIONS:  # phantoms prepared by an earlier recipe are rebuilt, not reused
+        key["prepare_revision"] = PREPARE_REVISIONS[job.dataset]
     done = _read_json(folder / "data.json")
     if done and done.get("key") == key and (folder / "shards" / "dataset.json").is_file():
         log(f"{job.label} data: done earlier")
+        if "labelled_hash" not in done:  # written before the unlabeled axis
+            done["labelled_hash"] = labelled_hash(folder / "shards")
         return done
     for stale in (folder / "raw", folder / "shards"):  # a different or half-written phantom: start clean
         shutil.rmtree(stale, ignore_errors=True)
@@ -394,11 +459,34 @@ def build_data(job: DataJob, log: Callable[[str], None] = print) -> dict[str, An
     notes = recipe.prepare(folder / "raw", folder / "shards", summary, job.grid, job.workers)
     shutil.rmtree(folder / "raw", ignore_errors=True)  # the shards are what the runs read; phantoms can be large
     meta = ShardStore(folder / "shards").meta
-    result = {"key": key, "content_hash": meta.content_hash, "task": meta.task, "counts": meta.counts, "notes": notes,
+    result = {"key": key, "content_hash": meta.content_hash, "task": meta.task, "counts": meta.counts,
+              "unlabeled": meta.unlabeled, "labelled_hash": labelled_hash(folder / "shards"), "notes": notes,
               "seconds": round(time.perf_counter() - started, 1)}
     atomic_write_json(folder / "data.json", result)
     log(f"{job.label} data: synth {recipe.synth} {json.dumps(job.synth_kwargs)}, prepare ({result['seconds']:.0f}s)")
     return result
+
+
+def labelled_hash(shards: Path) -> str:
+    """A hash of the labelled samples alone: their manifest rows and the pixel digests of the shards that hold
+    them (unlabeled samples live in shards of their own), so phantoms that differ only in their unlabeled pool
+    hash alike, and any change to a labelled sample, its label or its split shows."""
+    import hashlib
+
+    import h5py
+    import polars as pl
+
+    from kdcli.shards.format import SHARD_DIR
+    from kdcli.shards.reader import ShardStore
+
+    rows = ShardStore(shards).manifest.filter(pl.col("labelled")).sort(["shard", "index"])
+    hasher = hashlib.sha256()
+    for shard in sorted(set(rows["shard"].to_list())):
+        with h5py.File(Path(shards) / SHARD_DIR / shard, "r") as handle:
+            hasher.update(f"{shard}={handle.attrs.get('digest', '')}\n".encode())
+    for row in rows.iter_rows():
+        hasher.update(("\t".join(map(str, row)) + "\n").encode())
+    return "sha256:" + hasher.hexdigest()
 
 
 def _metric_values(report: dict[str, Any], paths: dict[str, list[str]]) -> dict[str, float]:
@@ -423,35 +511,41 @@ def train_cell(job: CellJob, log: Callable[[str], None] = print) -> dict[str, di
 
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    content_hash = ShardStore(job.data).meta.content_hash
+    hashes = {job.data: ShardStore(job.data).meta.content_hash}  # shards -> content hash
     results: dict[str, dict[str, Any]] = {}
     quiet = lambda message: None  # noqa: E731 - per-epoch lines would drown the benchmark's progress
     for run in job.runs:
         out = folder / f"{run.name}.pt"
+        data = run.data or job.data
+        if data not in hashes:
+            hashes[data] = ShardStore(data).meta.content_hash
         teachers = [str(folder / f"{name}.pt") for name in run.teachers]
-        key = {"kind": run.kind, "flags": run.flags, "seed": job.seed, "data": content_hash,
+        key = {"kind": run.kind, "flags": run.flags, "seed": job.seed, "data": hashes[data],
                "teachers": [file_sha256(Path(path)) for path in teachers], "evaluate": job.evaluate}
+        if run.data:  # trained on a pool's phantom, tested on the cell's
+            key["test_data"] = hashes[job.data]
         result_path, key_path = sibling(out, ".bench.json"), sibling(out, ".bench-key.json")
         previous = _read_json(result_path)
         if previous and previous.get("key") == key and out.is_file():
-            results[run.name] = {**previous, "cached": True}
+            results[run.name] = {**previous, "cached": True, "unlabeled": run.unlabeled}
             log(f"{job.label} {run.name}: done earlier")
             continue
         resume = sibling(out, ".last.pt").is_file() and _read_json(key_path) == key
         if not resume:  # a .last.pt of another configuration must not be resumed if this run is interrupted early
             sibling(out, ".last.pt").unlink(missing_ok=True)
         atomic_write_json(key_path, key)  # what the .last.pt belongs to, so an interrupted run resumes
-        flags = {**run.flags, "data": job.data, "out": str(out), "seed": job.seed, "device": job.device,
+        flags = {**run.flags, "data": data, "out": str(out), "seed": job.seed, "device": job.device,
                  "workers": job.workers, "resume": resume, "overwrite": not resume,
                  **({"teacher": teachers} if teachers else {})}
         started = time.perf_counter()
         (teach if run.kind == "teach" else distill)(resolve_config(flags), log=quiet)
+        # every run on the cell's test split: a run with a pool meets the very test set of its baseline
         report = evaluate(EvaluateOptions(out, Path(job.data), "test", device=job.device, **job.evaluate))
         values = _metric_values(report, job.metrics)
         result = {"key": key, "metrics": values, "seconds": round(time.perf_counter() - started, 2),
-                  "content_hash": content_hash}
+                  "content_hash": hashes[data]}
         atomic_write_json(result_path, result)
-        results[run.name] = {**result, "cached": False}
+        results[run.name] = {**result, "cached": False, "unlabeled": run.unlabeled}
         shown = "  ".join(f"{k} {v:.3f}" for k, v in values.items())
         log(f"{job.label} {run.name}: {shown} ({result['seconds']:.1f}s{', resumed' if resume else ''})")
     return results
@@ -514,6 +608,19 @@ class Plan:
     used_phantoms: list[str]  # those the chosen methods need
     data_jobs: dict[tuple, DataJob]  # (variant, phantom, size, data seed or None) -> phantom to write
     notes: list[str]
+    pools: list[int] = field(default_factory=lambda: [0])  # the unlabeled-pool axis, 0 first
+    pooled: list[str] = field(default_factory=list)  # methods that train again with each pool > 0
+    self_train: bool = False  # whether the same-pool self-training control runs
+    pool_jobs: dict[tuple, DataJob] = field(default_factory=dict)  # (variant, phantom, size, data seed, N) -> phantom
+
+    def phantom_of(self, method: str) -> str:
+        return self.recipe.methods[method].phantom or self.phantoms[0]
+
+
+def _learns_from_unlabeled(run: Run, name: str) -> bool:
+    from kdcli.methods import METHODS
+
+    return bool(METHODS.get(run.flags.get("method", name)).unlabeled)
 
 
 def plan_benchmark(options: DistillBenchOptions) -> Plan:
@@ -530,13 +637,18 @@ def plan_benchmark(options: DistillBenchOptions) -> Plan:
         raise UsageError(f"--methods {','.join(unknown)}: {options.dataset} has {', '.join(recipe.methods)}")
     if not 0 <= options.label_smoothing < 1:
         raise UsageError(f"--label-smoothing {options.label_smoothing}: use 0 (off) or a value in (0, 1)")
+    pools = pool_sizes(options)
     notes = list(recipe.notes)
     wanted = {"independent": True, recipe.test_option: grid.test_size}
     if options.label_noise is not None:
         wanted["label_noise"] = options.label_noise
+    if len(pools) > 1:
+        wanted["unlabeled"] = pools[-1]
     taken, missing = generator_options(SYNTHS.get(recipe.synth), wanted)
     if "label_noise" in missing:
         raise UsageError(f"--label-noise: the {recipe.synth} generator has no label_noise option yet")
+    if "unlabeled" in missing:  # rows "with the pool" trained without one would mislead
+        raise UsageError(f"--unlabeled: the {recipe.synth} generator has no unlabeled option yet")
     variants = ["shared"] + (["independent"] if options.independent else [])
     if "independent" in missing and "independent" in variants:
         variants.remove("independent")
@@ -551,7 +663,10 @@ def plan_benchmark(options: DistillBenchOptions) -> Plan:
         notes.append("--resample: each seed draws its own phantom (synth seed = data seed + seed)")
     phantoms = list(recipe.phantoms)
     used = [p for p in phantoms if any((recipe.methods[m].phantom or phantoms[0]) == p for m in methods)]
-    data_jobs: dict[tuple, DataJob] = {}
+    plan = Plan(recipe, grid, methods, variants, phantoms, used, {}, notes, pools)
+    if len(pools) > 1:
+        _plan_pools(plan)
+    pool_phantoms = {plan.phantom_of(m) for m in plan.pooled}
     for variant in variants:
         for phantom in used:
             for size in grid.sizes:
@@ -564,19 +679,48 @@ def plan_benchmark(options: DistillBenchOptions) -> Plan:
                     label = (f"{variant}{'/' + phantom if len(phantoms) > 1 else ''} {recipe.size_option}={size}"
                              + ("" if seed is None else f" seed {seed}"))
                     folder = _cell_folder(Path(options.out), variant, phantom, size, seed, len(phantoms)) / "data"
-                    data_jobs[(variant, phantom, size, seed)] = DataJob(label, options.dataset, str(folder),
-                                                                        synth_kwargs, grid, options.workers)
-    return Plan(recipe, grid, methods, variants, phantoms, used, data_jobs, notes)
+                    plan.data_jobs[(variant, phantom, size, seed)] = DataJob(label, options.dataset, str(folder),
+                                                                             synth_kwargs, grid, options.workers)
+                    for pool in pools[1:] if phantom in pool_phantoms else []:
+                        plan.pool_jobs[(variant, phantom, size, seed, pool)] = DataJob(
+                            f"{label} unlabeled={pool}", options.dataset, str(folder.with_name(f"data-u{pool}")),
+                            {**synth_kwargs, "unlabeled": pool}, grid, options.workers)
+    return plan
+
+
+def _plan_pools(plan: Plan) -> None:
+    """Which methods train again with each pool, whether the self-training control runs, and notes on the rest."""
+    recipe = plan.recipe
+    plan.pooled = [m for m in plan.methods if _learns_from_unlabeled(recipe.methods[m], m)]
+    for method in plan.methods:
+        if method not in plan.pooled:
+            plan.notes.append(f"{method} learns nothing from unlabeled samples (kdcli methods): no runs with a "
+                              "pool; its unlabeled=0 row stands for every pool size")
+    plan.self_train = recipe.self_train in plan.pooled
+    if not plan.self_train:
+        plan.notes.append(f"no same-pool self-training control: {recipe.self_train} is not among the methods run"
+                          if recipe.self_train else
+                          f"no same-pool self-training control for {recipe.synth}: no method of its recipe labels "
+                          "the pool with the baseline")
+    if plan.pooled:
+        plan.notes.append(f"unlabeled pools {','.join(map(str, plan.pools[1:]))}: {', '.join(plan.pooled)}"
+                          f"{' and ' + SELF_TRAIN if plan.self_train else ''} train again on each pool's phantom "
+                          "(same labelled data, teachers, baseline, test set and labelled samples per epoch, plus "
+                          "as many unlabeled ones: half of each batch)")
 
 
 def plan_cells(plan: Plan, options: DistillBenchOptions, data: dict[tuple, dict]) -> dict[tuple, CellJob]:
-    """(variant, phantom, size, seed) -> the runs of that cell, in training order."""
+    """(variant, phantom, size, seed) -> the runs of that cell, in training order: those on the phantom without
+    a pool, then for each pool the methods that learn from it and the self-training control."""
     recipe, grid = plan.recipe, plan.grid
     cells: dict[tuple, CellJob] = {}
     skipped: set[str] = set()
     for (variant, phantom, size, data_seed), info in data.items():
         shards = Path(plan.data_jobs[(variant, phantom, size, data_seed)].folder) / "shards"
         samples = _samples_per_epoch(info["counts"], grid.min_samples)
+        # a run with a pool draws what the others draw (min_samples, or one pass over the labelled training set)
+        # plus as many unlabeled samples: the engine's ratio 1, half of each batch
+        budget = 2 * (samples or max((c.get("train", 0) for c in info["counts"].values()), default=0))
         for seed in (range(grid.seeds) if data_seed is None else [data_seed]):
             runs = [_run_job(name, run, grid, samples) for name, run in recipe.runs.items()]
             if options.label_smoothing and phantom == plan.used_phantoms[0]:
@@ -591,7 +735,19 @@ def plan_cells(plan: Plan, options: DistillBenchOptions, data: dict[tuple, dict]
                         **base.flags.get("params", {}), "label_smoothing": options.label_smoothing}})
                     runs.append(_run_job(f"{name}+ls", smoothed, grid, samples))
             runs += [_run_job(name, recipe.methods[name], grid, samples) for name in plan.methods
-                     if (recipe.methods[name].phantom or plan.phantoms[0]) == phantom]
+                     if plan.phantom_of(name) == phantom]
+            for pool in plan.pools[1:]:
+                pool_job = plan.pool_jobs.get((variant, phantom, size, data_seed, pool))
+                if pool_job is None:  # no method on this phantom learns from a pool
+                    continue
+                pooled = str(Path(pool_job.folder) / "shards")
+                runs += [_run_job(pooled_run(name, pool), recipe.methods[name], grid, budget, pooled, pool)
+                         for name in plan.pooled if plan.phantom_of(name) == phantom]
+                if plan.self_train and plan.phantom_of(recipe.self_train) == phantom:
+                    # the baseline labels the pool through the student's own modality: no teacher's modality
+                    control = dataclasses.replace(recipe.methods[recipe.self_train],
+                                                  teachers=(recipe.metrics[0].baseline,))
+                    runs.append(_run_job(pooled_run(SELF_TRAIN, pool), control, grid, budget, pooled, pool))
             folder = _cell_folder(Path(options.out), variant, phantom, size, None, len(plan.phantoms)) / f"seed{seed}"
             where = f"{variant}/{phantom}" if len(plan.phantoms) > 1 else variant
             label = f"{where} {recipe.size_option}={size} seed {seed}"
@@ -602,21 +758,60 @@ def plan_cells(plan: Plan, options: DistillBenchOptions, data: dict[tuple, dict]
     return cells
 
 
+def pooled_run(name: str, pool: int) -> str:
+    """The cell's name of a run with an unlabeled pool of `pool` samples (its checkpoint: <name>+u<pool>.pt)."""
+    return f"{name}+u{pool}"
+
+
+def compared_rows(plan: Plan, options: DistillBenchOptions) -> list[Comparison]:
+    """What the rows compare with the baseline, in table order: each method without, then with each pool; the
+    self-training control per pool; the label-smoothing control."""
+    compared = []
+    for method in plan.methods:
+        phantom = plan.phantom_of(method)
+        compared.append(Comparison(method, phantom, method))
+        if method in plan.pooled:
+            compared += [Comparison(method, phantom, pooled_run(method, pool), pool, no_pool=method)
+                         for pool in plan.pools[1:]]
+    if plan.self_train:
+        compared += [Comparison(SELF_TRAIN, plan.phantom_of(plan.recipe.self_train), pooled_run(SELF_TRAIN, pool),
+                                pool, teacher_is_baseline=True) for pool in plan.pools[1:]]
+    if options.label_smoothing:
+        compared.append(Comparison(LABEL_SMOOTHING, plan.used_phantoms[0]))
+    return compared
+
+
+def check_labelled_alike(plan: Plan, data: dict[tuple, dict], pool_data: dict[tuple, dict]) -> None:
+    """Every pool's phantom must hold the very labelled samples of the phantom without one; else a row "with
+    the pool" would also differ in its labelled data and the pairing with the baseline would be broken."""
+    for key, info in pool_data.items():
+        if info["labelled_hash"] != data[key[:4]]["labelled_hash"]:
+            job = plan.pool_jobs[key]
+            raise KdcliError(f"the {plan.recipe.synth} generator's labelled samples change with unlabeled={key[4]} "
+                             f"({job.label}): the pool would not be the only difference",
+                             path=Path(job.folder) / "shards",
+                             hint="a generator must draw its unlabeled pool from random streams of its own")
+
+
 def bench_distill(options: DistillBenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     from kdcli import __version__
 
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     plan = plan_benchmark(options)
     recipe, grid, out = plan.recipe, plan.grid, Path(options.out)
+    pools = f", unlabeled pools {','.join(map(str, plan.pools))}" if len(plan.pools) > 1 else ""
     log(f"bench distill {options.dataset}: {len(plan.variants)} variant(s) x {len(grid.sizes)} sizes x "
-        f"{grid.seeds} seeds, methods {', '.join(plan.methods)}; {grid.model}, {grid.image_size} px, "
+        f"{grid.seeds} seeds{pools}, methods {', '.join(plan.methods)}; {grid.model}, {grid.image_size} px, "
         f"{grid.epochs} epochs")
     for note in plan.notes:
         log(f"note: {note}")
-    data = dict(zip(plan.data_jobs, _map(build_data, _child_data, list(plan.data_jobs.values()), options.jobs, log),
-                    strict=True))
-    for job, info in zip(plan.data_jobs.values(), data.values(), strict=True):
+    data_jobs = [*plan.data_jobs.values(), *plan.pool_jobs.values()]
+    built = _map(build_data, _child_data, data_jobs, options.jobs, log)
+    data = dict(zip(plan.data_jobs, built[:len(plan.data_jobs)], strict=True))
+    pool_data = dict(zip(plan.pool_jobs, built[len(plan.data_jobs):], strict=True))
+    for job, info in zip(data_jobs, built, strict=True):
         plan.notes += [f"{job.label}: {note}" for note in info.get("notes") or []]
+    check_labelled_alike(plan, data, pool_data)
     known = len(plan.notes)
     cells = plan_cells(plan, options, data)
     for note in plan.notes[known:]:
@@ -624,11 +819,8 @@ def bench_distill(options: DistillBenchOptions, log: Callable[[str], None] = pri
     cell_results = dict(zip(cells, _map(train_cell, _child_cell, list(cells.values()), options.jobs, log),
                             strict=True))
 
-    compared = [(m, recipe.methods[m].phantom or plan.phantoms[0]) for m in plan.methods]
-    if options.label_smoothing:
-        compared.append((LABEL_SMOOTHING, plan.used_phantoms[0]))
     known = len(plan.notes)
-    rows = summarise_rows(recipe, compared, cell_results, plan.variants, grid, plan.notes)
+    rows = summarise_rows(recipe, compared_rows(plan, options), cell_results, plan.variants, grid, plan.notes)
     for note in plan.notes[known:]:
         log(f"note: {note}")
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
@@ -636,14 +828,16 @@ def bench_distill(options: DistillBenchOptions, log: Callable[[str], None] = pri
         "dataset": options.dataset, "metric": recipe.metrics[0].name, "metrics": [m.name for m in recipe.metrics],
         "size_option": recipe.size_option, "rows": rows, "notes": plan.notes,
         "command": command_line(options, grid, plan.methods), "grid": dataclasses.asdict(grid),
-        "variants": plan.variants, "kdcli_version": __version__, "seconds": round(seconds, 1),
-        "cpu_seconds": round(cpu, 1),
-        "runs": [{"variant": v, "phantom": p, "train_size": n, "seed": s, "run": name, "metrics": r["metrics"],
-                  "seconds": r["seconds"], "cached": r["cached"]}
+        "variants": plan.variants, "unlabeled": plan.pools, "kdcli_version": __version__,
+        "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+        "runs": [{"variant": v, "phantom": p, "train_size": n, "seed": s, "run": name,
+                  "unlabeled": r.get("unlabeled", 0), "metrics": r["metrics"], "seconds": r["seconds"],
+                  "cached": r["cached"]}
                  for (v, p, n, s), cell in cell_results.items() for name, r in cell.items()],
-        "data": {job.label: {"content_hash": info["content_hash"], "counts": info["counts"],
+        "data": {job.label: {"content_hash": info["content_hash"], "labelled_hash": info["labelled_hash"],
+                             "counts": info["counts"], "unlabeled": info.get("unlabeled") or {},
                              "synth": job.synth_kwargs}
-                 for job, info in zip(plan.data_jobs.values(), data.values(), strict=True)},
+                 for job, info in zip(data_jobs, built, strict=True)},
     }
     out.mkdir(parents=True, exist_ok=True)
     results["files"] = write_outputs(results, out)
@@ -670,28 +864,45 @@ def _samples_per_epoch(counts: dict[str, dict[str, int]], minimum: int) -> int:
     return minimum if minimum and train < minimum else 0
 
 
-def _run_job(name: str, run: Run, grid: Grid, samples_per_epoch: int) -> RunJob:
+def _run_job(name: str, run: Run, grid: Grid, samples_per_epoch: int, data: str = "", unlabeled: int = 0) -> RunJob:
     flags = {"model": grid.model, "batch_size": grid.batch_size, "epochs": max(1, round(grid.epochs * run.epochs)),
              "lr": grid.lr * run.lr, "samples_per_epoch": samples_per_epoch, **run.flags}
-    return RunJob(name, run.kind, flags, list(run.teachers))
+    return RunJob(name, run.kind, flags, list(run.teachers), data, unlabeled)
 
 
 # ------------------------------------------------------------------------------------------------ results
 ROW_FIELDS = ("method", "variant", "train_size", "seeds", "baseline_mean", "student_mean", "delta_mean", "ci_low",
-              "ci_high", "seeds_up", "seeds_down", "metric", "phantom", "teacher_mean", "deltas")
+              "ci_high", "seeds_up", "seeds_down", "metric", "phantom", "teacher_mean", "deltas", "unlabeled",
+              "pool_delta_mean", "pool_ci_low", "pool_ci_high")
 
 
-def summarise_rows(recipe: Recipe, compared: list[tuple[str, str]], cells: dict[tuple, dict[str, dict]],
-                   variants: list[str], grid: Grid, notes: list[str]) -> list[dict[str, Any]]:
-    """One row per (metric, method, variant, size): the paired differences over the seeds where both the method
-    and its baseline have the metric (an AUC is undefined on a one-class test split)."""
+@dataclass(frozen=True)
+class Comparison:
+    """One family of rows: run `run` of each cell against the metric's baseline."""
+
+    method: str  # the row's name
+    phantom: str
+    run: str = ""  # the cell's run ("": the method's own; the label-smoothing control: the baseline's +ls run)
+    unlabeled: int = 0  # the pool it trained with
+    no_pool: str = ""  # the same method's run without the pool: the rows also carry run - no_pool
+    teacher_is_baseline: bool = False  # the self-training control: its teacher is the baseline
+
+
+def summarise_rows(recipe: Recipe, compared: Sequence[Comparison | tuple[str, str]],
+                   cells: dict[tuple, dict[str, dict]], variants: list[str], grid: Grid,
+                   notes: list[str]) -> list[dict[str, Any]]:
+    """One row per (metric, comparison, variant, size): the paired differences over the seeds where both the
+    run and its baseline have the metric (an AUC is undefined on a one-class test split); rows of a run with a
+    pool also carry the paired difference with the same method without it."""
     def value(cell: dict[str, dict], run: str, metric: str) -> float | None:
         return (cell.get(run) or {}).get("metrics", {}).get(metric)
 
     rows = []
     for metric in recipe.metrics:
-        for method, phantom in compared:
-            run = f"{metric.baseline}+ls" if method == LABEL_SMOOTHING else method
+        for comparison in (c if isinstance(c, Comparison) else Comparison(*c) for c in compared):
+            method, phantom = comparison.method, comparison.phantom
+            run = (f"{metric.baseline}+ls" if method == LABEL_SMOOTHING else comparison.run or method)
+            teacher_run = metric.baseline if comparison.teacher_is_baseline else metric.teacher
             for variant in variants:
                 for size in grid.sizes:
                     seeds = [cells[key] for key in sorted(k for k in cells if k[:3] == (variant, phantom, size))]
@@ -699,11 +910,12 @@ def summarise_rows(recipe: Recipe, compared: list[tuple[str, str]], cells: dict[
                         continue  # a control not run for this baseline (its method has no label smoothing)
                     pairs = [(value(c, metric.baseline, metric.name), value(c, run, metric.name)) for c in seeds]
                     pairs = [(b, s) for b, s in pairs if b is not None and s is not None]
+                    where = f"{method}{f' unlabeled={comparison.unlabeled}' if comparison.unlabeled else ''}"
                     if not pairs:
-                        notes.append(f"{method} {variant} {recipe.size_option}={size}: {metric.name} undefined on "
+                        notes.append(f"{where} {variant} {recipe.size_option}={size}: {metric.name} undefined on "
                                      "every seed's test split")
                         continue
-                    teacher = [t for c in seeds if (t := value(c, metric.teacher, metric.name)) is not None]
+                    teacher = [t for c in seeds if (t := value(c, teacher_run, metric.name)) is not None]
                     deltas = [s - b for b, s in pairs]
                     stats = paired_interval(deltas)
                     row = {"method": method, "variant": variant, "train_size": size, "seeds": stats["seeds"],
@@ -711,10 +923,20 @@ def summarise_rows(recipe: Recipe, compared: list[tuple[str, str]], cells: dict[
                            "student_mean": float(np.mean([s for _, s in pairs])),
                            **{k: stats[k] for k in ("delta_mean", "ci_low", "ci_high", "seeds_up", "seeds_down")},
                            "metric": metric.name, "phantom": phantom,
-                           "teacher_mean": float(np.mean(teacher)) if teacher else None, "deltas": deltas}
+                           "teacher_mean": float(np.mean(teacher)) if teacher else None, "deltas": deltas,
+                           "unlabeled": comparison.unlabeled, "pool_delta_mean": None, "pool_ci_low": None,
+                           "pool_ci_high": None}
+                    gains = [w - wo for c in seeds if (w := value(c, run, metric.name)) is not None
+                             and (wo := value(c, comparison.no_pool, metric.name)) is not None] \
+                        if comparison.no_pool else []
+                    if gains:
+                        pool = paired_interval(gains)
+                        row |= {"pool_delta_mean": pool["delta_mean"], "pool_ci_low": pool["ci_low"],
+                                "pool_ci_high": pool["ci_high"]}
                     rows.append(row)
-                    if (metric.teacher_should_beat and teacher
-                            and method != LABEL_SMOOTHING and row["teacher_mean"] <= row["baseline_mean"]):
+                    if (metric.teacher_should_beat and teacher and method != LABEL_SMOOTHING
+                            and not comparison.teacher_is_baseline and not comparison.unlabeled
+                            and row["teacher_mean"] <= row["baseline_mean"]):
                         notes.append(f"weak teacher: {variant} {recipe.size_option}={size}: the teacher's "
                                      f"{metric.name} {row['teacher_mean']:.3f} is not above the baseline's "
                                      f"{row['baseline_mean']:.3f}; it has little to transfer")
@@ -738,8 +960,8 @@ def write_outputs(results: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def plot_gain(results: dict[str, Any], path: Path) -> None:
-    """One panel per (method, metric): mean difference vs training size (log axis), 95% t interval bars, shared
-    and independent side by side."""
+    """One panel per (method, metric): mean difference vs training size (log axis), 95% t interval bars, one line
+    per (variant, unlabeled pool): shared solid, independent dashed, a colour per pool size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -751,18 +973,24 @@ def plot_gain(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(math.ceil(len(panels) / columns), columns, figsize=(4.2 * columns,
                              3.3 * math.ceil(len(panels) / columns)), squeeze=False)
     sizes = sorted({r["train_size"] for r in rows})
+    pools = sorted({r.get("unlabeled", 0) for r in rows})
+    lines = [(variant, pool) for variant in VARIANTS for pool in pools]
     for ax, (method, metric) in zip(axes.flat, panels, strict=False):
-        for offset, variant in enumerate(VARIANTS):
-            chosen = sorted((r for r in rows if (r["method"], r["metric"], r["variant"]) == (method, metric, variant)),
-                            key=lambda r: r["train_size"])
+        for offset, (variant, pool) in enumerate(lines):
+            chosen = sorted((r for r in rows if (r["method"], r["metric"], r["variant"], r.get("unlabeled", 0))
+                             == (method, metric, variant, pool)), key=lambda r: r["train_size"])
             if not chosen:
                 continue
-            x = np.array([r["train_size"] for r in chosen], dtype=float) * (1 + 0.05 * (offset - 0.5))
+            x = np.array([r["train_size"] for r in chosen], dtype=float) * (1 + 0.05 * (offset - (len(lines) - 1) / 2))
             y = np.array([r["delta_mean"] for r in chosen])
             below = [0.0 if r["ci_low"] is None else r["delta_mean"] - r["ci_low"] for r in chosen]
             above = [0.0 if r["ci_high"] is None else r["ci_high"] - r["delta_mean"] for r in chosen]
-            ax.errorbar(x, y, yerr=[below, above], marker="o", capsize=3, label=variant,
-                        color="C0" if variant == "shared" else "C1")
+            if len(pools) > 1:  # one colour per pool size, the variant by the line style
+                style = {"label": f"{variant}, {pool} unlabeled", "color": f"C{pools.index(pool)}",
+                         "ls": "-" if variant == "shared" else "--"}
+            else:
+                style = {"label": variant, "color": "C0" if variant == "shared" else "C1"}
+            ax.errorbar(x, y, yerr=[below, above], marker="o", capsize=3, **style)
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         if sizes:
             ax.set_xscale("log")
@@ -785,17 +1013,27 @@ def render_table(results: dict[str, Any]):
     from rich.table import Table
 
     several = len(results["metrics"]) > 1
+    pooled = any(r.get("unlabeled") for r in results["rows"])
     table = Table(title=f"bench distill {results['dataset']}: method - baseline, test {results['metric']}"
                         f"{' and others' if several else ''}, {results['seconds']:.0f}s", title_justify="left")
-    for name in ("method", "variant", results["size_option"], "teacher", "baseline", "student", "delta", "95% CI",
-                 "seeds +/-"):
+    columns = ["method", "variant", results["size_option"], *(["unlabeled"] if pooled else []), "teacher",
+               "baseline", "student", "delta", "95% CI", "seeds +/-", *(["pool gain (95% CI)"] if pooled else [])]
+    for name in columns:
         table.add_column(name, justify="left" if name in ("method", "variant") else "right", no_wrap=True)
     number = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in results["rows"]:
         interval = "-" if r["ci_low"] is None else f"{r['ci_low']:+.3f} {r['ci_high']:+.3f}"
-        table.add_row(r["method"] + (f" {r['metric']}" if several else ""), r["variant"], str(r["train_size"]),
-                      number(r["teacher_mean"]), number(r["baseline_mean"]), number(r["student_mean"]),
-                      f"{r['delta_mean']:+.3f}", interval, f"{r['seeds_up']}/{r['seeds_down']} of {r['seeds']}")
+        cells = [r["method"] + (f" {r['metric']}" if several else ""), r["variant"], str(r["train_size"])]
+        cells += [str(r.get("unlabeled", 0))] if pooled else []
+        cells += [number(r["teacher_mean"]), number(r["baseline_mean"]), number(r["student_mean"]),
+                  f"{r['delta_mean']:+.3f}", interval, f"{r['seeds_up']}/{r['seeds_down']} of {r['seeds']}"]
+        if pooled:
+            gain = r.get("pool_delta_mean")
+            cells.append("-" if gain is None else f"{gain:+.3f}" if r["pool_ci_low"] is None
+                         else f"{gain:+.3f} ({r['pool_ci_low']:+.3f} {r['pool_ci_high']:+.3f})")
+        table.add_row(*cells)
     table.caption = ("delta: mean per-seed difference method - baseline (same data, seed and initial weights); "
-                     "CI: mean ± t(0.975, n-1)·sd/√n")
+                     "CI: mean ± t(0.975, n-1)·sd/√n"
+                     + ("; unlabeled: the pool the run distilled on (self-train: the baseline is its teacher); "
+                        "pool gain: the same method with the pool - without it, per seed" if pooled else ""))
     return table

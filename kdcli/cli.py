@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kdcli.errors import KdcliError
+from kdcli.errors import KdcliError, is_disk_full
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Distil a multi-modal teacher into a single-modality student, from raw data to "
@@ -30,6 +30,46 @@ def err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def system_error_line(exc: BaseException) -> str:
+    """One line for an OS-level failure the library layers did not name already: the file when known, a full
+    disk said as such, never a multi-line library message."""
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    if is_disk_full(exc):
+        return f"{where}no space left on device — free some space, then rerun"
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return where + text.splitlines()[0]
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from kdcli.provenance import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=show_version,
+                                               help="Print kdcli's version (and torch's, timm's) and exit.")]
+         = False) -> None:
+    """Distil a multi-modal teacher into a single-modality student, from raw data to evaluated, explained
+    models."""
+
+
+def chosen_threads(threads: int | None, workers: int = 0) -> Any:
+    """A block run with --threads (or OMP_NUM_THREADS, or the free CPUs) torch threads."""
+    from kdcli.engine.threads import choose_threads, torch_threads
+
+    return torch_threads(choose_threads(threads or 0, workers))
+
+
+def rank_zero_log() -> Any:
+    """`err` on rank 0, silence on the others: under torchrun one line per run, not one per process."""
+    import os
+
+    return err if int(os.environ.get("RANK", "0")) == 0 else (lambda message: None)
+
+
 def friendly_errors(function):
     """KdcliError and OS errors become one `error:` line and a non-zero exit, never a traceback."""
 
@@ -41,8 +81,12 @@ def friendly_errors(function):
             err(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except (OSError, MemoryError) as exc:
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            err(f"error: {where}{exc.strerror or exc}")
+            err(f"error: {system_error_line(exc)}")
+            raise typer.Exit(1) from None
+        except Exception as exc:  # a library's own error type around a full disk (polars, torch, h5py)
+            if not is_disk_full(exc):
+                raise
+            err(f"error: {system_error_line(exc)}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err("interrupted; finished outputs are intact (rerun with --resume where offered)")
@@ -74,7 +118,8 @@ def console(stderr: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------- synth
-SynthSize = Annotated[int, typer.Option(help="Image side in pixels.")]
+SynthSize = Annotated[int, typer.Option(help="Image side in pixels (`prepare` stores 224 px unless given --size: "
+                                             "pass it this size, or smaller).")]
 SynthSeed = Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")]
 SynthWorkers = Annotated[int, typer.Option(help="Processes.")]
 
@@ -201,12 +246,30 @@ def synth_cxr(
     dicom_fraction: Annotated[float, typer.Option(help="Fraction written as DICOM (half MONOCHROME1).")] = 0.0,
     seed: SynthSeed = 0,
     workers: SynthWorkers = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING images whose finding labels a rater flips, "
+        "borderline lesions most often; dev/test stay clean; flips listed in label_noise.csv.",
+    )] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: gaze and boxes drawn from a latent of their "
+                                                   "own with the same labels; they carry nothing beyond them.")]
+    = False,
+    test_per_class: Annotated[int, typer.Option(help="Test images per finding (plus 7x as many normal) from a case "
+                                                     "pool of their own, the same whatever --per-class is (0: 20% "
+                                                     "of the patients).")] = 0,
+    unlabeled: Annotated[int, typer.Option(help="Unlabeled training images (patients of their own): NIH rows with "
+                                                "blank Finding Labels; MIMIC studies without a CheXpert label.")]
+    = 0,
 ) -> None:
-    """Chest X-ray phantoms with subtle findings; gaze fixations and boxes gather on them."""
+    """Chest X-ray phantoms: one latent per image (lesion severities and places) rendered faintly in the X-ray and
+    strongly in the gaze and boxes, plus look-alike distractors that the gaze avoids."""
     summary = run_synth("cxr", out, per_class=per_class, size=size, layout=layout, gaze=gaze,
                         annotated_fraction=annotated_fraction, dicom_fraction=dicom_fraction, seed=seed,
-                        workers=workers)
-    err(f"wrote {len(summary['images'])} images ({layout} layout, gaze {gaze}) to {out}")
+                        workers=workers, label_noise=label_noise, independent=independent,
+                        test_per_class=test_per_class, unlabeled=unlabeled)
+    err(f"wrote {summary['n_images']} labelled images ({layout} layout, gaze {gaze}, {summary['design']} design) "
+        f"to {out}" + (f", {summary['n_unlabeled']} unlabeled" if unlabeled else "")
+        + (f" (labels of {summary['flipped']} training images flipped, see {out / 'label_noise.csv'})"
+           if label_noise else ""))
 
 
 @command(synth_app, "camelyon")
@@ -218,10 +281,30 @@ def synth_camelyon(
     size: Annotated[int, typer.Option(help="Level-0 width in pixels (20x, 0.5 um/px).")] = 4096,
     seed: SynthSeed = 0,
     workers: SynthWorkers = 1,
+    label_noise: Annotated[float, typer.Option(
+        "--label-noise", metavar="RHO", help="Share of TRAINING ALN statuses flipped across N0 / N+, borderline "
+        "patients most often; dev/test stay clean; flips listed in label_noise.csv.")] = 0.0,
+    independent: Annotated[bool, typer.Option(help="Negative control: slide and clinical record render latents "
+                                                   "of their own; they share only the ALN status.")] = False,
+    test_slides: Annotated[int, typer.Option(help="Extra test slides, identical whatever --slides is (a fixed "
+                                                  "test set across training sizes).")] = 0,
+    unlabeled: Annotated[int, typer.Option(help="Extra slides whose sheet row has no ALN status (unlabeled "
+                                                "training slides for prepare).")] = 0,
 ) -> None:
-    """Core-needle biopsy slide phantoms and a BCNB clinical sheet; both carry part of the ALN signal."""
-    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers)
-    err(f"wrote {len(summary['slides'])} slides ({format}) and {summary['clinical']} to {out}")
+    """Core-needle biopsy slide phantoms and a BCNB clinical sheet: one tumour-biology latent per patient, shown
+    strongly in the record and faintly in the slide."""
+    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers,
+                        label_noise=label_noise, independent=independent, test_slides=test_slides,
+                        unlabeled=unlabeled)
+    counts = {split: len(ids) for split, ids in summary["splits"].items()}
+    err(f"wrote {len(summary['slides'])} slides ({format}, {summary['design']} design; {counts['train']}/"
+        f"{counts['dev']}/{counts['test']} train/dev/test" + (f", {unlabeled} unlabeled" if unlabeled else "")
+        + f") and {summary['clinical']} to {out}")
+    if label_noise:
+        err(f"labels of {summary['flipped']} training slides flipped, see {out / 'label_noise.csv'}")
+    if summary["splits_file"]:
+        err(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test slides "
+            "depend on this split)")
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -233,7 +316,9 @@ class Compression(StrEnum):
 
 PrepOut = Annotated[Path | None, typer.Option("--out", "-o", help="Shard directory to create (default: "
                                                  "shards/SOURCE, or $KDCLI_SHARDS/SOURCE).")]
-PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to square, then resize).")]
+PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to square, then resize; smaller images "
+                                            "are upsampled: `kdcli synth` draws 128 px phantoms, so give them "
+                                            "--size 128, or 64 for a quick CPU run).")]
 PrepWorkers = Annotated[int, typer.Option(help="Parallel processes.")]
 PrepResume = Annotated[bool, typer.Option(help="Finish an interrupted prepare; finished shards are kept.")]
 PrepOverwrite = Annotated[bool, typer.Option(help="Replace an existing --out (only once the new one is done).")]
@@ -251,23 +336,27 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+PrepAllowLeakage = Annotated[bool, typer.Option(help="Keep patients whose records sit in several splits "
+                                                   "(refused otherwise); counted in dataset.json.")]
 PrepPart = Annotated[str | None, typer.Option(help="I/N: write only the I-th of N disjoint shares (cluster array "
                                                      "jobs); then `kdcli prepare merge OUT`.")]
 
 
 def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: int, resume: bool, overwrite: bool,
                 shard_size: int, compression: Compression, source_options: dict[str, Any],
-                append: bool = False, part: str | None = None) -> None:
+                append: bool = False, part: str | None = None, allow_leakage: bool = False) -> None:
     from tqdm import tqdm
 
     from kdcli.defaults import default_prepare_out
     from kdcli.prepare import PrepareOptions, prepare
+    from kdcli.sources.quality import lines as quality_lines
 
     out = out or default_prepare_out(source)
     options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
                              overwrite=overwrite, shard_size=shard_size,
                              compression=None if compression is Compression.none else compression.value,
-                             source_options=source_options, append=append, part=parse_part(part))
+                             source_options=source_options, append=append, part=parse_part(part),
+                             allow_leakage=allow_leakage)
     bars: list = []
 
     def progress_factory(total: int):
@@ -283,6 +372,8 @@ def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: in
             bar.close()
     for note in result.notes:
         err(f"note: {note}")
+    for line in quality_lines(result.warnings):
+        err(f"warning: {line}")
     if options.part:
         err(f"part {options.part[0]}/{options.part[1]} done ({result.written} shards written, {result.reused} "
             f"reused); when every part is done: kdcli prepare merge {out}")
@@ -306,11 +397,13 @@ def prepare_multieye(
     clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
     median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
     list_name: Annotated[str | None, typer.Option(help="List file name in each split folder.")] = None,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
     run_prepare("multieye", raw, out, size, workers, resume, overwrite, shard_size, compression,
-                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part)
+                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part,
+                allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "merge")
@@ -346,6 +439,7 @@ def prepare_fundus_grading(
     splits: Annotated[Path | None, typer.Option(help="Each image's split: CSV image,split or JSON {train: [...], "
                                                      "dev: [...], test: [...]} (default: the seeded split).")]
     = None,
+    allow_leakage: PrepAllowLeakage = False,
 ) -> None:
     """A graded fundus set for one task; a second call with another --task adds to the same --out."""
     options = {"labels": str(labels), "task": task, "split_seed": split_seed,
@@ -353,7 +447,7 @@ def prepare_fundus_grading(
                   (("image_dir", image_dir), ("image_column", image_column), ("label_column", label_column),
                    ("grades", grades), ("splits", splits)) if v is not None}}
     run_prepare("fundus-grading", raw, out, size, workers, resume, overwrite, shard_size, compression, options,
-                append=True)
+                append=True, allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "brats")
@@ -378,12 +472,14 @@ def prepare_brats(
                                                         "(BraTS validation data as shipped): unlabeled training "
                                                         "cases, every brain slice kept, for distillation only.")]
     = None,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
     options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
                **({"splits": str(splits)} if splits else {}), **({"unlabeled": str(unlabeled)} if unlabeled else {})}
-    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 class Uncertain(StrEnum):
@@ -414,13 +510,17 @@ def prepare_cxr(
     split_seed: Annotated[int, typer.Option(help="Seed of the dev split.")] = 0,
     labels: Annotated[str | None, typer.Option(help="Comma list restricting the label set.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad rows/images with a report instead of stopping.")] = False,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
-    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits."""
+    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits.
+    Images without labels (NIH: blank Finding Labels; MIMIC: study without a CheXpert row, or every finding blank)
+    become unlabeled training samples (label -1) for distillation."""
     options = {"uncertain": uncertain.value, "egd_sigma": egd_sigma, "dev_fraction": dev_fraction,
                "seed": split_seed, "skip_bad": skip_bad,
                **{k: str(v) for k, v in (("gaze", gaze), ("boxes", boxes), ("labels", labels)) if v is not None}}
-    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 @command(prepare_app, "camelyon")
@@ -448,21 +548,28 @@ def prepare_camelyon(
     annotated_only: Annotated[bool, typer.Option(help="Only patches inside the tumour outlines.")] = False,
     ratios: Annotated[str, typer.Option(help="train,dev,test fractions (stratified by label).")] = "0.6,0.2,0.2",
     split_seed: Annotated[int, typer.Option(help="Seed of the split and the patch choice.")] = 0,
+    splits: Annotated[Path | None, typer.Option(help="Splits file: JSON {train: [ids], dev: [...], test: [...]} "
+                                                     "or CSV slide,split (e.g. synth camelyon's splits.json).")]
+    = None,
     thumbnails: Annotated[bool, typer.Option(help="A tissue-mask/patch thumbnail PNG per slide in "
                                                   "<out>/thumbnails/.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad slides/rows with a report instead of stopping.")] = False,
+    allow_leakage: PrepAllowLeakage = False,
     part: PrepPart = None,
 ) -> None:
     """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
-    clinical record per slide (missing values kept as missing)."""
+    clinical record per slide (missing values kept as missing); rows without an ALN status are unlabeled
+    training slides (for distillation terms)."""
     options = {"mag": mag, "patch_size": patch_size, "max_patches": max_patches, "id_column": id_column,
                "label_column": label_column, "binary": binary, "tissue_threshold": tissue_threshold,
                "min_tissue": min_tissue, "annotated_only": annotated_only, "ratios": ratios, "seed": split_seed,
                "skip_bad": skip_bad,
                **({"clinical": str(clinical)} if clinical else {}),
+               **({"splits": str(splits)} if splits else {}),
                **({"native_mag": native_mag} if native_mag else {}),
                **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
-    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part)
+    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
 
 
 # --------------------------------------------------------------------------------------------- inspect
@@ -499,6 +606,10 @@ def inspect(
     out = console(stderr=False)
     out.print(table)
     out.print(f"hash {report['content_hash']}" + ("  (verified)" if verify else ""))
+    from kdcli.sources.quality import lines as quality_lines
+
+    for line in quality_lines(report["data_warnings"]):
+        typer.echo(f"data warning: {line}")  # unwrapped: one line per kind, as prepare printed it
 
 
 # ------------------------------------------------------------------------------------- teach / distill
@@ -510,33 +621,58 @@ Task = Annotated[str | None, typer.Option(help="Label space to train on, for dat
                                                 "(fundus-grading: dr or amd).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write (best); siblings: "
                                              ".last.pt, .metrics.csv/.jsonl, .config.json.")]
-Model = Annotated[str | None, typer.Option(help="timm model name (default resnet50; distill: the teacher's).")]
+Model = Annotated[str | None, typer.Option(help="timm model name (distill: the teacher's). On a CPU start small: "
+                                                "--model test_resnet with data prepared at --size 64.",
+                                           show_default="resnet50; segmentation: the plain U-Net; distill: the "
+                                                        "teacher's")]
 Head = Annotated[str | None, typer.Option(help="auto | linear | concept (auto: concept when the data has "
-                                                  "a concept bank).")]
+                                                  "a concept bank).", show_default="auto")]
 OutputStride = Annotated[int | None, typer.Option(help="Backbone output stride, 8 or 16: dilated last stages keep "
                                                        "finer feature maps (CAMs, gaze); default the model's.")]
-Epochs = Annotated[int | None, typer.Option(help="Epochs (default 100, MultiEYE's).")]
-BatchSize = Annotated[int | None, typer.Option(help="Batch size (default 32).")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.")]
-Seed = Annotated[int | None, typer.Option(help="Seed (sampling, init, augmentation).")]
-Device = Annotated[str | None, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps.")]
-Config = Annotated[Path | None, typer.Option(help="YAML/TOML file of options; flags override it.")]
-Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.")]
+# None = "not given" (a --config file or --set may set them), so typer cannot show the default itself: each
+# show_default is the value the engine uses (kdcli.engine.loop.EngineConfig; tests/test_threads_and_logs.py
+# checks they agree).
+Epochs = Annotated[int | None, typer.Option(help="Epochs.", show_default="30")]
+BatchSize = Annotated[int | None, typer.Option(help="Batch size (per process under torchrun).", show_default="32")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate, AdamW + warm-up + cosine.", show_default="0.001")]
+Seed = Annotated[int | None, typer.Option(help="Seed (sampling, init, augmentation).", show_default="0")]
+Device = Annotated[str | None, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps.",
+                                            show_default="auto")]
+Config = Annotated[Path | None, typer.Option(help="YAML/TOML file of options (any of these, by their names with _ "
+                                                 "for -, and engine keys such as ema; a run's .config.json works "
+                                                 "too); flags override it.")]
+Workers = Annotated[int | None, typer.Option(help="DataLoader worker processes.", show_default="2")]
+Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (0: the CPUs this process may use, less "
+                                                  "--workers and CPUs busy elsewhere; OMP_NUM_THREADS is obeyed).",
+                                             show_default="0")]
+TrackLog = Annotated[list[str] | None, typer.Option("--log", metavar="KIND", help="Also send the per-epoch metrics to "
+                                                    "tensorboard or mlflow: KIND, or KIND=DIR (tensorboard) / "
+                                                    "KIND=URI (mlflow); each needs kdcli's extra of that name. "
+                                                    "CSV/JSONL are always written.")]
 Resume = Annotated[bool, typer.Option(help="Continue from <out>.last.pt.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out checkpoint.")]
-Pretrained = Annotated[str | None, typer.Option(help="Local backbone weights (.pth/.safetensors).")]
+Pretrained = Annotated[str | None, typer.Option(help="Backbone weights: a local .pth/.safetensors, or a timm name "
+                                                    "(resnet18.a1_in1k) found in the local timm/Hugging Face cache; "
+                                                    "nothing is downloaded.")]
+AllowPartial = Annotated[bool, typer.Option(help="Let --pretrained leave backbone tensors the file lacks as "
+                                                 "initialised (else a partial load is an error).")]
 Param = Annotated[list[str] | None, typer.Option("--param", "-p", help="Method parameter KEY=VALUE "
                                                     "(repeatable); `kdcli methods` lists them.")]
-Patience = Annotated[int | None, typer.Option(help="Early stop after N epochs without dev gain (0=off).")]
-Balanced = Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.")]
-Amp = Annotated[str | None, typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.")]
-Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student.")]
+Patience = Annotated[int | None, typer.Option(help="Early stop after N epochs without dev gain (0=off).",
+                                              show_default="0")]
+Balanced = Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.",
+                                               show_default="balanced")]
+Amp = Annotated[str | None, typer.Option(help="auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16.",
+                                         show_default="auto")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the student.",
+                                              show_default="no-compile")]
 Concepts = Annotated[str | None, typer.Option(help="Concept bank (.npy like concepts_raw.npy, or text).")]
 ConceptEmb = Annotated[str | None, typer.Option(help="Concept embeddings (K, D) .npy, e.g. FLAIR's text tower's.")]
 ConceptScale = Annotated[float | None, typer.Option(help="Fixed factor on the concept cosines before the concept "
-                                                         "classifier (default 1, as the official code).")]
+                                                         "classifier (1 as the official code).", show_default="1.0")]
 Extra = Annotated[list[str] | None, typer.Option("--set", help="Any other engine option KEY=VALUE, e.g. "
-                                                    "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05.")]
+                                                    "ema=0.999, grad_clip=1, accumulate=2, weight_decay=0.05, "
+                                                    "log_every=50 (batches between progress lines in a log file).")]
 
 
 def _train_flags(**flags: Any) -> dict[str, Any]:
@@ -547,12 +683,14 @@ def _train_flags(**flags: Any) -> dict[str, Any]:
             flags[key] = str(flags[key])
     flags["resume"] = flags["resume"] or None
     flags["overwrite"] = flags["overwrite"] or None
+    flags["allow_partial"] = flags.pop("allow_partial") or None
+    flags["log"] = ",".join(flags.pop("track")) if flags.get("track") else flags.pop("track", None)
     # a flag left unset must not erase the same key given with --set (`--set amp=bf16` was silently dropped)
     return {**extra, **{key: value for key, value in flags.items() if value is not None}}
 
 
-def _report_fit(result, out: Path) -> None:
-    err(f"best dev score {result.best_value:.4f} at epoch {result.best_epoch}; wrote {out} "
+def _report_fit(result, out: Path, log=err) -> None:
+    log(f"best dev score {result.best_value:.4f} at epoch {result.best_epoch}; wrote {out} "
         f"({result.seconds:.0f}s)")
 
 
@@ -562,7 +700,8 @@ def teach(
     task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
-    pretrained: Pretrained = None,
+    pretrained: Pretrained = None, allow_partial: AllowPartial = False, threads: Threads = None,
+    track: TrackLog = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, concept_scale: ConceptScale = None,
     param: Param = None, extra: Extra = None,
@@ -570,14 +709,19 @@ def teach(
     embeddings: Annotated[str | None, typer.Option(help="Slides: train on patch embeddings cached by `kdcli "
                                                         "embed` (the name it printed) instead of pixels.")] = None,
 ) -> None:
-    """Train a model on one modality (the teacher, or a baseline)."""
+    """Train a model on one modality (the teacher, or a baseline).
+
+    A first run on a CPU, in about a minute: kdcli synth multieye raw && kdcli prepare multieye raw --size 64 &&
+    kdcli teach --modality oct --model test_resnet --lr 3e-3 (the demo's recipe). The defaults (resnet50 at the
+    224 px prepare stores) are sized for a GPU."""
     flags = {k: v for k, v in locals().items() if k != "config"}
     from kdcli.train import resolve_config
     from kdcli.train import teach as run_teach
 
     cfg = resolve_config(_train_flags(**flags), config)
-    result = run_teach(cfg, log=err)
-    _report_fit(result, Path(cfg.out))
+    log = rank_zero_log()
+    result = run_teach(cfg, log=log)
+    _report_fit(result, Path(cfg.out), log)
 
 
 @command()
@@ -590,7 +734,8 @@ def distill(
     task: Task = None, out: Out = None, model: Model = None, head: Head = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     config: Config = None, workers: Workers = None, resume: Resume = False, overwrite: Overwrite = False,
-    pretrained: Pretrained = None,
+    pretrained: Pretrained = None, allow_partial: AllowPartial = False, threads: Threads = None,
+    track: TrackLog = None,
     patience: Patience = None, balanced: Balanced = None, amp: Amp = None, compile: Compile = None,
     concepts: Concepts = None, concept_embeddings: ConceptEmb = None, concept_scale: ConceptScale = None,
     param: Param = None, extra: Extra = None,
@@ -615,8 +760,9 @@ def distill(
         if method is not None:
             raise typer.BadParameter("choose a distillation method, e.g. --method coda", param_hint="--method")
         cfg.method = "auto"  # the one the data call for (kdcli.defaults.default_method)
-    result = run_distill(cfg, log=err)
-    _report_fit(result, Path(cfg.out))
+    log = rank_zero_log()
+    result = run_distill(cfg, log=log)
+    _report_fit(result, Path(cfg.out), log)
 
 
 @command()
@@ -626,12 +772,14 @@ def embed(
     pretrained: Pretrained = None,
     batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 256,
     device: Device = None,
+    threads: Threads = None,
 ) -> None:
     """Slides: encode every patch once with a frozen encoder and store the features beside the shards
     (`<data>/embeddings/NAME.h5`); `teach --embeddings NAME` then trains MIL without re-running the encoder."""
     from kdcli.mil import embed_patches
 
-    result = embed_patches(data, model, pretrained, batch_size, device or "auto")
+    with chosen_threads(threads):
+        result = embed_patches(data, model, pretrained, batch_size, device or "auto")
     verb = "reused" if result["reused"] else f"wrote {result['patches']} x {result['dim']} features to"
     err(f"{verb} {result['path']}")
     typer.echo(result["name"])
@@ -657,14 +805,16 @@ def evaluate(
                                                       "mean over its bags (default: the training bag size; 0: "
                                                       "every patch in one bag).")] = None,
     device: Device = None,
+    threads: Threads = None,
 ) -> None:
     """Metrics of a checkpoint on a split: accuracy, macro-F1, kappa, AUC, AP, per-class F1; for segmentation
     Dice and HD95 of each tumour region per case (--predictions DIR writes NIfTI label volumes)."""
     from kdcli.evaluate.run import EvaluateOptions
     from kdcli.evaluate.run import evaluate as run_evaluate
 
-    report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
-                                          missing=missing, missing_rate=missing_rate, bag_size=bag_size))
+    with chosen_threads(threads):
+        report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
+                                              missing=missing, missing_rate=missing_rate, bag_size=bag_size))
     _print_metrics(report, to_stderr=as_json)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -758,13 +908,121 @@ def explain(
     count: Annotated[int, typer.Option("--count", "-n", help="Images to explain.")] = 12,
     top_concepts: Annotated[int, typer.Option(help="Concepts listed per image (concept models).")] = 5,
     device: Device = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier explain report at --out (its page, JSON and "
+                                                 "images; your other files there stay).")] = False,
+    threads: Threads = None,
 ) -> None:
     """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html."""
     from kdcli.explain.run import ExplainOptions
     from kdcli.explain.run import explain as run_explain
 
-    index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto"))
+    with chosen_threads(threads):
+        index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto",
+                                           overwrite=overwrite))
     err(f"wrote {index}")
+
+
+@command()
+def compare(
+    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoints, folders of runs, or glob patterns (quoted): "
+                                                          "runs differing only in the seed are one model.")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Shard directory to evaluate every checkpoint on "
+                                                                   "(default: each one's own dataset).")] = None,
+    split: Annotated[str, typer.Option(help="train, dev or test.")] = "test",
+    reference: Annotated[str | None, typer.Option(help="The model the others are compared with: its label or one "
+                                                       "of its checkpoints (default: the first given).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Paired-bootstrap resamples of the test samples (0: none).")] = 2000,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Write the table's numbers as CSV (long format).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write the table as an HTML page.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the whole report as JSON.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout; the table goes to stderr.")] = False,
+    device: Device = None,
+    threads: Threads = None,
+) -> None:
+    """One table of metrics across models and seeds: mean ± sd per model, seed-paired differences from the
+    reference, per-sample paired intervals where both answered the same test set, and warnings where a number
+    means nothing (a model at chance, a one-seed difference)."""
+    from kdcli.compare import CompareOptions, check_outputs, render_table, write_outputs
+    from kdcli.compare import compare as run_compare
+
+    check_outputs(csv, html, report)
+    with chosen_threads(threads):
+        result = run_compare(CompareOptions(checkpoints, data, split, device or "auto", reference, bootstrap), log=err)
+    write_outputs(result, csv, html, report)
+    from rich.console import Console
+
+    # wide enough for the labels in a log file (rich assumes 80 columns when the stream is not a terminal)
+    stream = sys.stderr if as_json else sys.stdout
+    Console(stderr=as_json, width=None if stream.isatty() else 160).print(render_table(result))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+
+
+# ------------------------------------------------------------------------------------- predict/export
+@command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
+    inputs: Annotated[list[str], typer.Argument(help="Raw files, folders or glob patterns: fundus/OCT images, "
+                                                     "X-rays (PNG/JPEG/DICOM), BraTS case folders or NIfTI "
+                                                     "sequences, slides (OpenSlide formats, BCNB jpg).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Table of predictions: .csv, .parquet or .json. NIfTI "
+                                                          "volumes, heat maps and overlays go to the folder named "
+                                                          "after it (preds.csv -> preds/).")],
+    explain: Annotated[bool, typer.Option(help="Also a Grad-CAM overlay PNG per image (segmentation: the labels "
+                                               "on the slice with most tumour).")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first input that cannot be read; write nothing.")]
+    = False,
+    batch_size: Annotated[int, typer.Option(help="Images (slices) per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="Processes decoding images (0: this one).")] = 0,
+    threshold: Annotated[float, typer.Option(help="Multi-label: findings listed at or above this probability.")]
+    = 0.5,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Only for checkpoints older than the "
+                                              "preprocessing record: the shards they were trained on.")] = None,
+    device: Device = None,
+    threads: Threads = None,
+) -> None:
+    """Run a checkpoint on raw files, preprocessed exactly as `prepare` did for its data (size, CLAHE/median,
+    DICOM windowing, brain z-score and crop, patches at the magnification).
+
+    An unreadable input is one `failed` line and the rest go on; the exit status is then 1 (the table holds
+    the others). --strict stops at the first one with nothing written."""
+    from kdcli.predict.run import PredictOptions
+    from kdcli.predict.run import predict as run_predict
+
+    with chosen_threads(threads, workers):
+        result = run_predict(PredictOptions(checkpoint, list(inputs), out, device or "auto", batch_size, workers,
+                                            explain, strict, data, threshold), log=err)
+    where = f" (files in {result.files})" if result.files else ""
+    err(f"wrote {result.rows} prediction(s) to {result.out}{where}")
+    if result.failures:
+        err(f"error: {len(result.failures)} input(s) failed; see the lines above")
+        raise typer.Exit(1)
+
+
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from teach/distill.")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (needs the onnx package: the "
+                                                                          "`export` extra) or torchscript.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file (.onnx; .pt or .ts for TorchScript); the "
+                                                          "contract goes beside it as <file>.json.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Only for checkpoints older than the "
+                                              "preprocessing record: the shards they were trained on.")] = None,
+) -> None:
+    """Export a model for other runtimes, with its preprocessing contract (input size, dtype, channels, mean/std,
+    the preprocessing steps, modality, classes) as JSON beside it."""
+    from kdcli.export import ExportOptions, contract_path
+    from kdcli.export import export as run_export
+
+    contract = run_export(ExportOptions(checkpoint, format.value, out, overwrite, data))
+    inputs = ", ".join(f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]" for i in contract["inputs"])
+    err(f"wrote {out} ({inputs} -> {', '.join(contract['outputs'])}) and {contract_path(out)}")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -838,15 +1096,20 @@ def bench_engine(
     epochs: Annotated[int, typer.Option(help="Epochs per measurement (the first is warm-up).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     rounds: Annotated[int, typer.Option(help="Alternating engine/bare-loop rounds; medians are compared.")] = 3,
+    threads: Threads = None,
+    contention: Annotated[bool, typer.Option(help="Also time teach idle and with one busy process competing: "
+                                                  "kdcli's threads vs torch's default.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
-    """Training samples/s: kdcli's engine vs a bare PyTorch loop; distillation vs student-only training."""
+    """Training samples/s: kdcli's engine vs a bare PyTorch loop; distillation vs student-only training; the
+    slowdown under a competing CPU load with kdcli's thread choice and with torch's default."""
     from kdcli.bench import EngineBenchOptions
     from kdcli.bench import bench_engine as run_bench
 
     if epochs < 2:
         raise typer.BadParameter("at least 2 (the first is warm-up)", param_hint="--epochs")
-    results = run_bench(EngineBenchOptions(data, teacher, student, model, epochs, batch_size, rounds), log=err)
+    results = run_bench(EngineBenchOptions(data, teacher, student, model, epochs, batch_size, rounds, threads or 0,
+                                           contention), log=err)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
 
@@ -882,6 +1145,10 @@ def bench_distill(
                                                         "control).")] = 0.1,
     label_noise: Annotated[float | None, typer.Option(help="Share of training labels the generator flips (when it "
                                                            "has the option).")] = None,
+    unlabeled: Annotated[str | None, typer.Option(help="Unlabeled-pool sizes, comma-separated (e.g. 0,200): the "
+                                                       "methods that learn from unlabeled samples train again with "
+                                                       "each pool, beside a self-training control (the baseline as "
+                                                       "teacher); teachers and baselines never see it.")] = None,
     data_seed: Annotated[int, typer.Option(help="Seed of the phantoms.")] = 0,
     resample: Annotated[bool, typer.Option(help="Draw a new phantom per seed (the interval then covers data "
                                                 "draws too).")] = False,
@@ -893,7 +1160,8 @@ def bench_distill(
 ) -> None:
     """Distillation vs the same student without a teacher: paired differences over seeds and training sizes.
 
-    Per (variant, size, seed): teacher, baseline, label-smoothing baseline and each method, on phantoms.
+    Per (variant, size, seed): teacher, baseline, label-smoothing baseline and each method, on phantoms;
+    with --unlabeled, each method that learns from unlabeled samples again per pool, and self-training.
 
     Writes results.csv, results.json and gain.png under --out; rerun to resume.
 
@@ -905,13 +1173,13 @@ def bench_distill(
 
     options = DistillBenchOptions(
         dataset, out or Path("kdcli-bench") / dataset, quick, parse_list(sizes, "--sizes", int), seeds, epochs,
-        model, image_size, parse_list(methods, "--methods"), independent, label_smoothing, label_noise, data_seed,
-        resample, device, workers, jobs)
+        model, image_size, parse_list(methods, "--methods"), independent, label_smoothing, label_noise,
+        parse_list(unlabeled, "--unlabeled", int), data_seed, resample, device, workers, jobs)
     results = run_bench(options, log=err)
     from rich.console import Console
 
-    # wide enough for the table's ten columns in a log file (rich assumes 80 when stderr is not a terminal)
-    Console(stderr=True, width=None if sys.stderr.isatty() else 132).print(render_table(results))
+    # wide enough for the table's columns in a log file (rich assumes 80 when stderr is not a terminal)
+    Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(render_table(results))
     if as_json:
         typer.echo(json.dumps(results, indent=2))
 
@@ -956,6 +1224,7 @@ def demo(
                                             "plain-8 U-Net).")] = "",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter KEY=VALUE for the "
                                                     "distillation method (coda or sall).")] = None,
+    threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON results on stdout.")] = False,
 ) -> None:
     """synth -> prepare -> teach -> distill -> evaluate on small phantoms, ending with a comparison table.
@@ -963,10 +1232,10 @@ def demo(
     multieye: OCT teacher, fundus baseline, CoDA fundus student. sall: single-task DR and AMD graders vs SALL."""
     from kdcli.demo import DemoOptions, render_table, run_demo
 
-    results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases,
-                                   annotated=annotated,
-                                   method_params=parse_params(param)),
-                       log=err)
+    with chosen_threads(threads):  # evaluation's; each training chooses its own unless --threads is given
+        results = run_demo(DemoOptions(out, seeds, epochs, per_class, size, pipeline.value, model, cases=cases,
+                                       annotated=annotated, method_params=parse_params(param), threads=threads or 0),
+                           log=err)
     console(stderr=as_json).print(render_table(results))
     if as_json:
         typer.echo(json.dumps(results, indent=2))

@@ -62,6 +62,7 @@ class DemoOptions:
     lr: float = 3e-3
     workers: int = 0
     method_params: dict[str, str] | None = None  # -p overrides for the distillation method
+    threads: int = 0  # torch threads of every model trained (0: each run chooses, kdcli.engine.threads)
 
 
 def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[s
     common = {"data": str(shards), "model": options.model, "epochs": options.epochs,
               "batch_size": options.batch_size, "lr": options.lr, "workers": options.workers,
               "head": "concept", "concept_scale": 10.0, "overwrite": True}
+    common["threads"] = options.threads
     runs: dict[str, list[dict]] = {role: [] for role in ROLES}
     quiet = lambda message: None  # noqa: E731 - per-epoch lines would drown the demo's own progress
     for seed in range(options.seeds):
@@ -134,6 +136,7 @@ def run_sall_demo(options: DemoOptions, log: Callable[[str], None] = print) -> d
                                source_options={"labels": info["labels"], "task": task}))
     common = {"data": str(shards), "model": options.model, "epochs": options.epochs, "batch_size": options.batch_size,
               "lr": options.lr, "workers": options.workers, "overwrite": True}
+    common["threads"] = options.threads
     runs: dict[str, list[dict]] = {role: [] for role in SALL_ROLES}
     quiet = lambda message: None  # noqa: E731
     for seed in range(options.seeds):
@@ -170,6 +173,7 @@ def run_brats_demo(options: DemoOptions, log: Callable[[str], None] = print) -> 
     prepare(PrepareOptions(source="brats", raw=raw, out=shards, size=options.size, overwrite=True))
     common = {"data": str(shards), "model": options.model or "plain-8", "epochs": options.epochs,
               "batch_size": options.batch_size, "lr": options.lr, "workers": options.workers, "overwrite": True}
+    common["threads"] = options.threads
     runs: dict[str, list[dict]] = {role: [] for role in BRATS_ROLES}
     quiet = lambda message: None  # noqa: E731
     for seed in range(options.seeds):
@@ -212,6 +216,7 @@ def run_wsi_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
         log(f"      note: {note}")
     common = {"data": str(shards), "model": options.model or "test_resnet", "epochs": options.epochs,
               "batch_size": 8, "lr": options.lr, "workers": options.workers, "overwrite": True}
+    common["threads"] = options.threads
     runs: dict[str, list[dict]] = {role: [] for role in WSI_ROLES}
     quiet = lambda message: None  # noqa: E731
     rates = ",".join(f"{r:g}" for r in WSI_RATES)
@@ -257,6 +262,7 @@ def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
                                            "egd_sigma": 0.06 * 2 * options.size}))
     common = {"data": str(shards), "model": options.model or "test_resnet", "batch_size": options.batch_size,
               "workers": options.workers, "overwrite": True, "modality": "xray", "head": "linear"}
+    common["threads"] = options.threads
     # stride 8: an 8x8 feature map at 64 px, so gaze maps and CAMs have positions to agree on (stride 32: 2x2)
     runs: dict[str, list[dict]] = {role: [] for role in CXR_ROLES}
     quiet = lambda message: None  # noqa: E731
@@ -288,11 +294,22 @@ def run_cxr_demo(options: DemoOptions, log: Callable[[str], None] = print) -> di
 
 def _results(options: DemoOptions, runs: dict[str, list[dict]], metrics: tuple[str, ...], title: str,
              started: float, pipeline: str) -> dict[str, Any]:
-    return {"options": {k: str(v) for k, v in vars(options).items()}, "title": title, "metrics": list(metrics),
+    return {"options": json_safe(vars(options)), "title": title, "metrics": list(metrics),
             "runs": runs, "summary": {role: summarise(values, metrics) for role, values in runs.items()},
             "paired": {f"{model} - {reference}": paired_differences(runs[model], runs[reference], metrics)
                        for model, reference in COMPARISONS[pipeline]},
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def json_safe(value: Any) -> Any:
+    """Options as JSON keeps their types (numbers stay numbers, None null); only paths become text."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def paired_differences(model: list[dict], reference: list[dict], metrics: tuple[str, ...]) -> dict[str, dict]:

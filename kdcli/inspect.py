@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-import h5py
 import polars as pl
 
-from kdcli.errors import KdcliError
-from kdcli.shards.format import MANIFEST_COLUMNS, SHARD_DIR, content_hash
+from kdcli.shards.integrity import record_fingerprints
 from kdcli.shards.reader import ShardStore
 
 
 def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
-    store = ShardStore(root)
+    store = ShardStore(root, check=not verify)  # verify re-hashes everything below anyway
     meta = store.meta
     manifest = store.manifest.with_columns(pl.col("modality").str.split("+").alias("modalities"))
     per_class: dict[str, dict[str, dict[str, int]]] = {}
@@ -37,35 +34,17 @@ def inspect_dataset(root: Path, verify: bool = False) -> dict[str, Any]:
         "per_class": per_class, "samples": manifest.height,
         "shards": manifest["shard"].n_unique(), "content_hash": meta.content_hash,
         "kdcli_version": meta.kdcli_version, "prepare": meta.prepare,
+        "data_warnings": meta.data_warnings,  # bad data prepare kept (repaired), counted per kind
     }
     if verify:
-        report["verified"] = verify_hash(store)
+        report["verified"] = True  # or verify_hash raised, naming what differs
+        report["fingerprints_recorded"] = verify_hash(store)
     return report
 
 
 def verify_hash(store: ShardStore) -> bool:
-    """Recompute every shard's digest from its pixels; raise naming the first shard that differs."""
-    digests = {}
-    rows = store.manifest.select(MANIFEST_COLUMNS).rows()  # the hashed columns (not derived ones: labelled)
-    for shard in sorted(store.manifest["shard"].unique().to_list()):
-        path = store.root / SHARD_DIR / shard
-        with h5py.File(path, "r") as handle:
-            ids = [i.decode() if isinstance(i, bytes) else i for i in handle["id"][:]]
-            head = "\n".join(ids).encode() + handle["label"][:].tobytes()
-            current, older = hashlib.sha256(), hashlib.sha256(head)  # pixels then ids; kdcli <= 0.1: ids first
-            arrays = sorted(k for k in handle if k not in ("id", "label", "record", "position"))
-            for index in range(len(ids)):
-                for name in arrays:
-                    pixels = handle[name][index].tobytes()
-                    current.update(pixels)
-                    older.update(pixels)
-            current.update(head)
-            digest = next((h.hexdigest() for h in (current, older) if h.hexdigest() == handle.attrs["digest"]), None)
-            if digest is None:
-                raise KdcliError("shard content differs from its recorded digest", path=path,
-                                 hint="the file was modified or damaged; re-run `kdcli prepare`")
-            digests[shard] = digest
-    if content_hash(digests, rows) != store.meta.content_hash:
-        raise KdcliError("manifest or shards differ from dataset.json's content_hash", path=store.root,
-                         hint="re-run `kdcli prepare`")
-    return True
+    """Re-hash every shard from its bytes and check the manifest against dataset.json's content_hash (raises
+    naming the first shard that differs); then record fresh fingerprints, so that later opens of a copied
+    dataset need only a stat per shard. Returns whether they could be recorded (False: a read-only folder)."""
+    digests = store.verify()
+    return record_fingerprints(store.root, digests, store.meta.content_hash)

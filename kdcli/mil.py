@@ -20,11 +20,13 @@ from kdcli.engine.checkpoint import file_sha256, load_checkpoint
 from kdcli.engine.device import seed_everything
 from kdcli.engine.loop import EngineConfig, FitResult, Validate, fit, to_device
 from kdcli.errors import KdcliError, UsageError
+from kdcli.locks import output_lock
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.mil import MILClassifier, mil_spec
+from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train import TrainConfig, _check_out, _write_config, config_to_dict, load_model
+from kdcli.train import TrainConfig, _check_out, config_to_dict, load_model
 
 BAG_SIZE = 16  # patches drawn per slide and epoch in training; evaluation scores bags of the same size
 EMBEDDINGS = "embeddings"  # folder inside the shard directory
@@ -55,23 +57,35 @@ def embed_patches(data: Path, model_name: str, pretrained: str | None = None, ba
     reads F numbers per patch instead of decoding and encoding pixels every epoch (`teach --embeddings NAME`)."""
     import hashlib
 
-    import h5py
-    import timm
-
-    from kdcli.engine.checkpoint import file_sha256
-    from kdcli.engine.device import select_device
-    from kdcli.models.classifier import default_normalisation
-    from kdcli.models.pretrained import load_into
-    from kdcli.shards.format import atomic_write_bytes
+    from kdcli.models.pretrained import resolve_weights
 
     store = ShardStore(data)
     store.require_modality("wsi")
-    weights = file_sha256(Path(pretrained)) if pretrained else "random-init-seed0"
+    # a timm name resolves to its cached file first: the features are named by the weights' bytes
+    weights = file_sha256(resolve_weights(pretrained)[0]) if pretrained else "random-init-seed0"
     key = hashlib.sha256(f"{model_name}|{weights}|{store.meta.content_hash}".encode()).hexdigest()[:10]
     name = f"{model_name}-{key}"
     path = store.root / EMBEDDINGS / f"{name}.h5"
     if path.is_file():
         return {"name": name, "path": str(path), "reused": True}
+    with output_lock(path, f"kdcli embed --data {data} --model {model_name}"):
+        if path.is_file():  # a run that held the lock finished it between our check and our lock
+            return {"name": name, "path": str(path), "reused": True}
+        return _embed(store, path, name, model_name, pretrained, weights, batch_size, device_name)
+
+
+@torch.no_grad()
+def _embed(store: ShardStore, path: Path, name: str, model_name: str, pretrained: str | None, weights: str,
+           batch_size: int, device_name: str) -> dict[str, Any]:
+    import h5py
+    import timm
+
+    from kdcli.engine.device import select_device
+    from kdcli.models.classifier import default_normalisation
+    from kdcli.models.pretrained import load_into
+    from kdcli.shards.format import atomic_write_bytes
+    from kdcli.storage import new_h5
+
     seed_everything(0)  # random-init encoders are reproducible, and named by that
     encoder = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=3)
     if pretrained:
@@ -91,7 +105,7 @@ def embed_patches(data: Path, model_name: str, pretrained: str | None = None, ba
     features = np.concatenate(chunks)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as handle:
+    with new_h5(tmp, path) as handle:
         handle.create_dataset("features", data=features, chunks=(min(256, len(features)), features.shape[1]))
         handle.create_dataset("id", data=ids, dtype=h5py.string_dtype())
         handle.attrs.update({"model": model_name, "pretrained": weights, "data_hash": store.meta.content_hash,
@@ -178,6 +192,7 @@ def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate
             metrics["auc_both"] = sum(values) / len(values) if values else None
         return metrics
 
+    validate.samples = len(dev_view)  # slides, for the start-up line
     return validate
 
 
@@ -190,18 +205,19 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: MILClassifier, kind: str, 
         "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg), "bag_size": BAG_SIZE,
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _views(cfg: TrainConfig, store: ShardStore, spec: dict):
+def _views(cfg: TrainConfig, store: ShardStore, spec: dict, unlabeled: bool = False):
     from kdcli.data.bags import BagView
 
     if cfg.engine.metric == "macro_f1":  # the classification default; slide-level papers report AUC
         cfg.engine.metric = "auc"
     embeddings = embeddings_path(store, spec)
     train = BagView(store, "train", BAG_SIZE, augment=cfg.augment != "none", seed=cfg.engine.seed,
-                    embeddings=embeddings)
+                    embeddings=embeddings, unlabeled=unlabeled)
     return train, BagView(store, "dev", embeddings=embeddings)
 
 
@@ -234,9 +250,26 @@ def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -
     model = MILClassifier(spec)
     train, dev = _views(cfg, store, spec)
     meta = _meta(cfg, store, model, "teacher", params, None)
-    _write_config(out, meta)
     return fit(method_cls(params, model), train, slide_validator(dev, store.meta.classes, cfg.engine), cfg.engine,
                out, meta, resume=cfg.resume, log=log, train_labels=train.labels)
+
+
+def _unlabeled_slides(cfg: TrainConfig, store: ShardStore, method_cls, log: Callable[[str], None]) -> bool:
+    """Whether the distillation terms see the training split's unlabeled slides; says why when they do not.
+    (dataset.json counts patches; this counts slides.)"""
+    import polars as pl
+
+    count = store.rows("train", "wsi").filter(~pl.col("labelled"))["record"].n_unique()
+    if not count:
+        return False
+    if not cfg.unlabeled:
+        log(f"--no-unlabeled: {count} unlabeled slides left out")
+        return False
+    if not method_cls.unlabeled:
+        log(f"note: --method {cfg.method} does not learn from unlabeled slides; {count} left out")
+        return False
+    log(f"{count} unlabeled slides: distillation terms only, {cfg.engine.unlabeled_ratio:g} per labelled slide")
+    return True
 
 
 def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
@@ -259,12 +292,11 @@ def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None])
     seed_everything(cfg.engine.seed)
     student = method_cls.make_student(params, teacher)
     cfg.modality = "wsi"  # the student answers from the slide alone when the record is missing
-    train, dev = _views(cfg, store, student.spec)
+    train, dev = _views(cfg, store, student.spec, _unlabeled_slides(cfg, store, method_cls, log))
     teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
                     "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
                     "data_hash": checkpoint.meta["data"]["content_hash"]}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
-    _write_config(out, meta)
     if cfg.engine.metric == "auc":  # set by _views: a model for missing records is selected on both routes
         cfg.engine.metric = "auc_both"
     return fit(method_cls(params, student, None), train, slide_validator(dev, store.meta.classes, cfg.engine),

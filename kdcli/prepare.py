@@ -17,7 +17,8 @@ from typing import Any
 import polars as pl
 
 from kdcli import __version__
-from kdcli.errors import KdcliError, UsageError
+from kdcli.errors import DiskFull, KdcliError, UsageError
+from kdcli.locks import output_lock
 from kdcli.shards.format import (
     DATASET_JSON,
     MANIFEST,
@@ -32,9 +33,12 @@ from kdcli.shards.format import (
     modality_key,
     shard_name,
 )
-from kdcli.shards.writer import ShardJob, write_all
+from kdcli.shards.integrity import write_fingerprints
+from kdcli.shards.writer import ShardJob, check_folder_arguments, write_all
 from kdcli.sources import SOURCES
 from kdcli.sources.base import Record
+from kdcli.sources.quality import add, collect, warn
+from kdcli.storage import atomic_write, remove_leftovers, replace_folder
 
 
 @dataclass
@@ -50,6 +54,7 @@ class PrepareOptions:
     overwrite: bool = False
     append: bool = False  # add to an existing dataset of the same source (a new task's set)
     part: tuple[int, int] | None = None  # (I, N): write only the I-th of N disjoint shares, for array jobs
+    allow_leakage: bool = False  # keep patients with records in several splits (a data warning), not refuse
     source_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # before the raw folder is read or anything is written
@@ -69,6 +74,7 @@ class PrepareResult:
     reused: int
     notes: list[str]
     seconds: float
+    warnings: dict[str, dict[str, Any]] = field(default_factory=dict)  # data warnings, as dataset.json holds them
 
 
 def record_key(record: Record, modalities: dict | None = None) -> str:
@@ -106,6 +112,8 @@ def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
     out, staging = options.out, Path(str(options.out) + ".partial")
     if options.resume and options.overwrite:
         raise KdcliError("--resume and --overwrite exclude each other", hint="pick one")
+    if out.exists() and not out.is_dir():
+        raise KdcliError("is a file, not a folder", path=out, hint="choose another --out")
     if out.exists() and not (options.overwrite or options.resume or appending):
         raise KdcliError("output directory exists", path=out,
                          hint="pass --overwrite to replace it or --resume to finish it")
@@ -117,13 +125,51 @@ def _check_out(options: PrepareOptions, appending: bool = False) -> Path:
         if not 1 <= index <= count:
             raise KdcliError(f"--part {index}/{count}: I must be between 1 and N")
         return staging  # other parts may be writing into the same staging folder right now
+    # the lock is ours and no part is live: whatever killed runs left (their staging folder, half-written files)
+    # belongs to no one
     if staging.exists() and not options.resume:
         shutil.rmtree(staging)
+    for folder in (staging, out if appending else None):
+        if folder is not None:
+            remove_temporaries(folder)
     return staging
 
 
+DISK_FULL_HINT = "free some space, then rerun with --resume (finished shards are kept)"
+
+
+def output_lock_for(options: PrepareOptions):
+    """The lock of --out: a plain run excludes every other run and the `--part` runs writing its staging
+    folder; a part excludes the same part elsewhere and a plain run (or merge)."""
+    command = f"kdcli prepare {options.source} --out {options.out} --size {options.size}"
+    if options.part:
+        index, count = options.part
+        return output_lock(options.out, f"{command} --part {index}/{count}", tag=f"part-{index}-of-{count}",
+                           exclusive_of=("",))
+    return output_lock(options.out, command, exclusive_of=("part-*",))
+
+
+def remove_temporaries(folder: Path) -> None:
+    """`.*.tmp` files killed runs left in a dataset or staging folder (manifest, JSON, shards, parts)."""
+    for sub in (folder, folder / SHARD_DIR, folder / PARTS):
+        if sub.is_dir():
+            for tmp in sub.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
+    """Hold --out's lock for the whole run: two runs into one --out would mix their shards."""
+    with output_lock_for(options):
+        try:
+            return _prepare(options, progress_factory)
+        except DiskFull as exc:
+            raise DiskFull(exc.path, DISK_FULL_HINT) from None
+
+
+def _prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     started = time.perf_counter()
+    if not options.part:  # a dataset replaced by a killed run: deleted, or put back if the run died mid-swap
+        remove_leftovers(options.out, ("old",))
     appending = options.append and (options.out / DATASET_JSON).is_file()
     if options.part and appending:
         raise KdcliError("--part cannot add to an existing dataset", path=options.out,
@@ -134,22 +180,29 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
         return PrepareResult(options.out, meta, 0, 0, ["already complete; nothing to do"], 0.0)
     source_cls = SOURCES.get(options.source)
     options.shard_size = options.shard_size or source_cls.records_per_shard
-    scan = source_cls(**options.source_options).scan(Path(options.raw))
-    if not scan.records:
-        raise KdcliError("no records found", path=options.raw)
-    check_unlabeled(scan.records, options.raw)
+    with collect() as scan_warnings:
+        scan = source_cls(**options.source_options).scan(Path(options.raw))
+        if not scan.records:
+            raise KdcliError("no records found", path=options.raw)
+        check_unlabeled(scan.records, options.raw)
+        check_leakage(scan.records, options.raw, options.allow_leakage)
+    add(scan.warnings, scan_warnings)
     arguments = {
         "source": options.source, "raw": str(Path(options.raw).resolve()), "size": options.size,
         "shard_size": options.shard_size, "compression": options.compression,
         "source_options": {k: _final_path(v, staging, options.out) for k, v in options.source_options.items()
                            if k != "grades"},
+        **({"allow_leakage": True} if options.allow_leakage else {}),
     }
     kept = _existing_rows(options, scan) if appending else []
     staging.mkdir(parents=True, exist_ok=True)
     plan_path = staging / PLAN_JSON
+    stamp = json.dumps(arguments, sort_keys=True)  # recorded in every shard too, for a folder that lost its plan
     if plan_path.is_file() and json.loads(plan_path.read_text()) != arguments:
         raise KdcliError("other arguments than the run that started this folder", path=plan_path,
                          hint="rerun with the same arguments, or drop --resume to start over")
+    if not plan_path.is_file():
+        check_folder_arguments(staging / SHARD_DIR, stamp)
     atomic_write_json(plan_path, arguments)
 
     jobs = plan_jobs(scan.records, options.shard_size, scan.modalities)
@@ -160,7 +213,7 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     before = {p.name for p in shard_dir.glob("*.h5")} if shard_dir.is_dir() else set()
     progress = progress_factory(len(scan.records)) if progress_factory else (lambda n: None)
     results = write_all(jobs, shard_dir, source_cls, options.source_options, options.size,
-                        options.workers, options.compression, progress)
+                        options.workers, options.compression, progress, stamp)
     reused = sum(1 for job in jobs if job.name in before)
     by_id = {r.id: r for r in scan.records}
     rows = [
@@ -173,22 +226,55 @@ def prepare(options: PrepareOptions, progress_factory=None) -> PrepareResult:
     infos = {record: info for result in results.values() for record, info in result.records.items() if info}
     skipped = {record: info["skipped"] for record, info in infos.items() if "skipped" in info}
     scan.notes.extend(f"skipped {record}: {reason}" for record, reason in sorted(skipped.items()))
+    scan_only = json.loads(json.dumps(scan.warnings))  # a part records these apart from its records' own
+    scan.warnings = record_warnings(scan.warnings, infos)
     if not rows:
         raise KdcliError("every record was skipped; nothing to write", path=options.raw)
     if options.part:
-        _write_part(staging, options.part, scan, rows, digests, infos)
+        _write_part(staging, options.part, scan, rows, digests, infos, scan_only)
         return PrepareResult(options.out, None, len(jobs) - reused, reused, scan.notes,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, scan.warnings)
     if appending:
         meta = _append(staging, options.out, scan, rows, kept, digests, arguments)
     else:
         meta = _finish(staging, scan, rows, digests, arguments, scan.tasks, records=infos)
         _swap_in(staging, options.out)
     return PrepareResult(options.out, meta, len(jobs) - reused, reused, scan.notes,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, scan.warnings)
 
 
 PARTS = "parts"
+
+
+def record_warnings(scan_warnings: dict, infos: dict[str, dict]) -> dict:
+    """The scan's data warnings plus those met reading each record (kept in its notes), in record order."""
+    found = json.loads(json.dumps(scan_warnings))
+    for record in sorted(infos):
+        add(found, infos[record].get("warnings"))
+    return found
+
+
+def check_leakage(records: list, raw: Path, allow: bool) -> None:
+    """A patient (a record's group) with labelled records in two splits leaks what the model is judged on into
+    what it learns from: refused, unless --allow-leakage keeps it as a counted data warning."""
+    from kdcli.sources.base import UNLABELED
+
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        if record.label != UNLABELED:  # unlabeled records have their own rule (check_unlabeled)
+            splits_of[record.group].add(record.split)
+    leaked = sorted(group for group, splits in splits_of.items() if len(splits) > 1)
+    if not leaked:
+        return
+    first = f"patient {leaked[0]!r} has records in {' and '.join(s for s in SPLITS if s in splits_of[leaked[0]])}"
+    if not allow:
+        more = f" (and {len(leaked) - 1} more patient(s))" if len(leaked) > 1 else ""
+        raise KdcliError(f"patient leakage across splits: {first}{more}", path=raw,
+                         hint="fix the split lists so each patient sits in one split, or pass --allow-leakage to "
+                              "keep them (recorded in dataset.json)")
+    for group in leaked:
+        warn("patient_leakage", "patients with records in several splits, kept (--allow-leakage)",
+             f"{group} ({'+'.join(s for s in SPLITS if s in splits_of[group])})")
 
 
 def check_unlabeled(records: list, raw: Path) -> None:
@@ -210,20 +296,30 @@ def check_unlabeled(records: list, raw: Path) -> None:
 
 
 def _write_part(staging: Path, part: tuple[int, int], scan, rows: list[tuple], digests: dict[str, str],
-                infos: dict[str, dict]) -> None:
+                infos: dict[str, dict], scan_warnings: dict) -> None:
     """A finished part leaves its manifest rows, digests and the scan's metadata for `prepare merge`."""
     index, count = part
     atomic_write_json(staging / PARTS / f"part-{index}-of-{count}.json", {
         "part": index, "of": count, "rows": rows, "digests": digests, "records": infos,
         "scan": {"task": scan.task, "classes": scan.classes, "modalities": scan.modalities, "pairing": scan.pairing,
-                 "tasks": scan.tasks, "extra": scan.extra, "arrays": scan.arrays},
+                 "tasks": scan.tasks, "extra": scan.extra, "arrays": scan.arrays, "warnings": scan_warnings},
     })
 
 
 def merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
-    """Join the parts written by `prepare ... --part I/N` into one dataset with one manifest and hash."""
+    """Join the parts written by `prepare ... --part I/N` into one dataset with one manifest and hash (under
+    --out's lock, refused while a part still runs)."""
+    with output_lock(out, f"kdcli prepare merge {out}", exclusive_of=("part-*",)):
+        try:
+            return _merge_parts(out, overwrite)
+        except DiskFull as exc:
+            raise DiskFull(exc.path, "free some space, then rerun the merge (the parts are kept)") from None
+
+
+def _merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
     from kdcli.sources.base import Scan
 
+    remove_leftovers(out, ("old",))
     staging = Path(str(out) + ".partial")
     found = sorted((staging / PARTS).glob("part-*-of-*.json")) if (staging / PARTS).is_dir() else []
     if not found:
@@ -240,9 +336,11 @@ def merge_parts(out: Path, overwrite: bool = False) -> DatasetMeta:
     digests = {name: digest for part in parts for name, digest in part["digests"].items()}
     arguments = json.loads((staging / PLAN_JSON).read_text())
     infos = {record: info for part in parts for record, info in part.get("records", {}).items()}
-    meta = _finish(staging, Scan(records=[], **parts[0]["scan"]), rows, digests, arguments, parts[0]["scan"]["tasks"],
-                   records=infos)
+    scan = Scan(records=[], **parts[0]["scan"])
+    scan.warnings = record_warnings(scan.warnings, infos)
+    meta = _finish(staging, scan, rows, digests, arguments, parts[0]["scan"]["tasks"], records=infos)
     shutil.rmtree(staging / PARTS)
+    remove_temporaries(staging)
     _swap_in(staging, out)
     return meta
 
@@ -295,6 +393,7 @@ def _append(staging: Path, out: Path, scan, rows: list[tuple], kept: list[tuple]
     for shard in sorted((staging / SHARD_DIR).glob("*.h5")):
         shard.replace(out / SHARD_DIR / shard.name)
     extra = {**existing.extra, "prepare_runs": [*existing.extra.get("prepare_runs", [existing.prepare]), arguments]}
+    scan.warnings = add(json.loads(json.dumps(existing.data_warnings)), scan.warnings)  # the earlier sets' too
     meta = _finish(out, scan, kept + rows, digests, existing.prepare, tasks, extra)
     referenced = {row[5] for row in kept + rows}
     for shard in (out / SHARD_DIR).glob("*.h5"):
@@ -311,9 +410,7 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
                                           ("index", pl.Int64), ("task", pl.Utf8), ("record", pl.Utf8),
                                           ("position", pl.Int64)], orient="row")
     manifest = manifest.with_columns((pl.col("label") >= 0).alias("labelled"))  # derived: not hashed
-    tmp = folder / f".{MANIFEST}.tmp"
-    manifest.write_parquet(tmp)
-    tmp.replace(folder / MANIFEST)
+    atomic_write(folder / MANIFEST, manifest.write_parquet)
     if records:
         atomic_write_json(folder / RECORDS_JSON, records)
     counts: dict[str, Counter] = {}
@@ -324,6 +421,7 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
             if label < 0:
                 unlabeled.setdefault(name, Counter())[split] += 1
     size = arguments["size"]
+    shard_digests = {r[5]: digests[r[5]] for r in rows}
     meta = DatasetMeta(
         source=arguments["source"],
         task=scan.task,
@@ -340,9 +438,11 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
         unlabeled={m: {s: int(c.get(s, 0)) for s in SPLITS} for m, c in unlabeled.items()},
         prepare=arguments,
         extra=extra if extra is not None else scan.extra,
-        content_hash=content_hash({r[5]: digests[r[5]] for r in rows}, rows),
+        data_warnings=scan.warnings,
+        content_hash=content_hash(shard_digests, rows),
         kdcli_version=__version__,
     )
+    write_fingerprints(folder, shard_digests, meta.content_hash)  # before dataset.json, which publishes the set
     atomic_write_json(folder / DATASET_JSON, meta.to_json())
     (folder / PLAN_JSON).unlink(missing_ok=True)
     return meta
@@ -350,10 +450,4 @@ def _finish(folder: Path, scan, rows: list[tuple], digests: dict[str, str], argu
 
 def _swap_in(staging: Path, out: Path) -> None:
     """Replace `out` by the finished staging folder; the old dataset goes only after the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out)

@@ -26,8 +26,9 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.unet import UNet
+from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, _write_config, config_to_dict, load_weights
+from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, config_to_dict, load_weights
 
 PLAIN = re.compile(r"^plain(?:-(\d+))?(?:-(\d+))?$")  # plain[-BASE[-DEPTH]]: ProtoKD's 16 filters, 4 levels
 
@@ -49,7 +50,8 @@ def regions(store: ShardStore) -> dict[str, list[int]]:
     return store.meta.extra.get("regions") or DEFAULT_REGIONS
 
 
-def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], template: dict | None = None) -> UNet:
+def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], template: dict | None = None,
+               log: Callable[[str], None] | None = None) -> UNet:
     name = cfg.model or (template or {}).get("name") or "plain"
     spec: dict[str, Any] = {"arch": "unet", "name": name, "in_chans": len(modalities), "modalities": modalities,
                             "num_classes": len(store.meta.classes)}
@@ -65,7 +67,7 @@ def build_unet(cfg: TrainConfig, store: ShardStore, modalities: list[str], templ
     if cfg.pretrained:  # classification weights of the same timm network fill the encoder
         from kdcli.models.pretrained import load_into
 
-        load_into(model.encoder.body, cfg.pretrained, name)
+        load_into(model.encoder.body, cfg.pretrained, name, cfg.allow_partial, log)
     return model
 
 
@@ -97,6 +99,7 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: UNet, kind: str, params: A
         "method": cfg.method, "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg),
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -130,10 +133,9 @@ def teach_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str],
     method_cls = METHODS.get("segmentation")
     params = parse_params(method_cls.Params, cfg.params, "segmentation")
     seed_everything(cfg.engine.seed)
-    model = build_unet(cfg, store, modalities)
+    model = build_unet(cfg, store, modalities, log=log)
     train, dev = _views(cfg, store, modalities, None)
     meta = _meta(cfg, store, model, "teacher", params, None)
-    _write_config(out, meta)
     validate = segmentation_validator(dev, regions(store), cfg.engine)
     return fit(method_cls(params, model), train, validate, cfg.engine, out, meta, resume=cfg.resume, log=log)
 
@@ -157,7 +159,7 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
     modalities = parse_modalities(cfg.modality, store)
     cfg.modality = ",".join(modalities)
     seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
-    student = build_unet(cfg, store, modalities, template=teacher.spec)
+    student = build_unet(cfg, store, modalities, template=teacher.spec, log=log)
     # the counts are per sequence, every one alike (a slice carries all four): the student's first tells
     unlabeled = _unlabeled_choice(cfg, store, method_cls, log, modality=modalities[0], what="slices")
     train, dev = _views(cfg, store, modalities, teacher_modalities, unlabeled)
@@ -169,7 +171,6 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
                     "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
                     "data_hash": checkpoint.meta["data"]["content_hash"]}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
-    _write_config(out, meta)
     validate = segmentation_validator(dev, regions(store), cfg.engine)
     return fit(method_cls(params, student, teacher), train, validate, cfg.engine, out, meta, resume=cfg.resume,
                log=log, train_labels=train_labels)

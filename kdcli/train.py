@@ -4,7 +4,6 @@ then hand them to the one engine. Everything the CLI does, tests can do by calli
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import tomllib
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from kdcli import __version__
-from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint, sibling
+from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from kdcli.engine.device import seed_everything
 from kdcli.engine.loop import (
     EngineConfig,
@@ -30,6 +29,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.classifier import Classifier, default_normalisation, load_pretrained_weights
+from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     concept_dim: int = 512
     concept_scale: float = 1.0  # fixed factor on the cosines before the concept classifier; 1 = the official
     pretrained: str = ""
+    allow_partial: bool = False  # --pretrained may leave backbone tensors as initialised (else an error)
     augment: str = "light"
     resume: bool = False
     overwrite: bool = False
@@ -89,6 +90,9 @@ def resolve_config(flags: dict[str, Any], config_file: Path | None = None) -> Tr
     if config_file:
         file_values = read_config_file(config_file)
         file_values.update(file_values.pop("engine", {}) or {})
+        file_values.pop("provenance", None)  # a run's <out>.config.json, reused as --config, records where it ran
+        if "student" in file_values:  # distill's --student, as the file names it
+            file_values.setdefault("modality", file_values.pop("student"))
         merged.update(file_values)
         from_file = set(file_values)
     for key, value in flags.items():
@@ -216,7 +220,7 @@ def build_student(cfg: TrainConfig, store: ShardStore, modality: str, template: 
         spec["concept_scale"] = float(cfg.concept_scale)
     model = Classifier(spec, concepts)
     if cfg.pretrained:
-        report, projection_loaded = load_pretrained_weights(model, cfg.pretrained)
+        report, projection_loaded = load_pretrained_weights(model, cfg.pretrained, cfg.allow_partial)
         if projection_loaded and not cfg.concept_embeddings and not template:
             report += ("; concept embeddings: fixed random vectors, not in the projection's space "
                        "(give the text tower's with --concept-embeddings)")
@@ -291,7 +295,9 @@ def _views(cfg: TrainConfig, store: ShardStore, pairing: str, teacher_modality: 
 
     seed = cfg.engine.seed
     tasks = [cfg.task] if cfg.task else None
-    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets)
+    # unlabeled rows join a plain view only for a method that reads them (pairing "none": CVI's KL)
+    student_train = ModalityView(store, "train", cfg.modality, augment(cfg.modality), seed, tasks, targets,
+                                 unlabeled=unlabeled and pairing == "none")
     if dev_targets is None:  # the labels only: dev items without maps are read and collated in whole batches
         dev_targets = ("labels",) if "labels" in targets else ()
     dev = ModalityView(store, "dev", cfg.modality, tasks=tasks, targets=dev_targets)
@@ -333,6 +339,7 @@ def _meta(cfg: TrainConfig, store: ShardStore, model: Classifier, kind: str, par
         "config": config_to_dict(cfg),
         "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
                  "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
         "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -397,6 +404,19 @@ def _distill_defaults(cfg: TrainConfig) -> list[str]:
 
 def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     notes = _teach_defaults(cfg)
+    with _out_lock(cfg, "teach"):
+        return _teach(cfg, notes, log)
+
+
+def _out_lock(cfg: TrainConfig, command: str):
+    """--out's lock, from the check of --out to the publication of the result (rank 0 speaks for all)."""
+    from kdcli.engine.distributed import env_rank
+    from kdcli.locks import output_lock
+
+    return output_lock(Path(cfg.out), f"kdcli {command} --out {cfg.out}", enabled=bool(cfg.out) and env_rank() == 0)
+
+
+def _teach(cfg: TrainConfig, notes: list[str], log: Callable[[str], None]) -> FitResult:
     out = _check_out(cfg)
     for note in notes:
         log(note)
@@ -426,14 +446,18 @@ def teach(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     model = build_student(cfg, store, cfg.modality, log=log)
     train_set, dev_set, labels = _views(cfg, store, "none", None, ("labels",) if multilabel else ())
     meta = _meta(cfg, store, model, "teacher", params, None)
-    _write_config(out, meta)
-    validate = _validator(cfg, store, dev_set)
+    validate = _validator(cfg, store, dev_set)  # refuses an unusable dev split before anything is written
     return fit(method_cls(params, model), train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                train_labels=labels)
 
 
 def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     notes = _distill_defaults(cfg)
+    with _out_lock(cfg, "distill"):
+        return _distill(cfg, notes, log)
+
+
+def _distill(cfg: TrainConfig, notes: list[str], log: Callable[[str], None]) -> FitResult:
     out = _check_out(cfg)
     for note in notes:
         log(note)
@@ -499,11 +523,10 @@ def distill(cfg: TrainConfig, log: Callable[[str], None] = print) -> FitResult:
     if cfg.cache_teacher:
         train_set = _with_teacher_cache(cfg, store, train_set, {"teacher": teacher}, teacher_info, teacher_modality)
     meta = _meta(cfg, store, student, "student", params, teacher_info[0])
-    _write_config(out, meta)
+    validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too; before anything is written
     from kdcli.engine.distributed import env_rank
 
     say = log if env_rank() == 0 else (lambda message: None)  # under torchrun rank 0 speaks for all
-    validate = _validator(cfg, store, dev_set)  # sets the task's selection metric too
     validate = method.make_validator(dev_set, store.meta.classes, cfg.engine, say) or validate
     result = fit(method, train_set, validate, cfg.engine, out, meta, resume=cfg.resume, log=log,
                  train_labels=labels)
@@ -569,7 +592,6 @@ def _distill_per_task(cfg, store, method_cls, params, checkpoints, teachers, tea
                                         cfg.modality, tasks)
     dev_sets = {task: ModalityView(store, "dev", cfg.modality, tasks=[task]) for task in tasks}
     meta = _meta(cfg, store, student, "student", params, teacher_info)
-    _write_config(out, meta)
     validate = multitask_validator(dev_sets, {t: store.meta.tasks[t] for t in tasks}, cfg.engine)
     plain = train_set.base if cfg.cache_teacher else train_set
     balance_key = plain.tasks * 1000 + plain.labels  # balance grades within each task's set
@@ -596,12 +618,3 @@ def _with_teacher_cache(cfg: TrainConfig, store: ShardStore, train_set, teachers
             model.to(device)
         teacher_cache.build(teachers, inputs, path, store.meta.content_hash, device, cfg.engine.batch_size)
     return teacher_cache.CachedTeacherView(train_set, teacher_cache.load(path, store.meta.content_hash, len(inputs)))
-
-
-def _write_config(out: Path, meta: dict) -> None:
-    from kdcli.engine.distributed import env_rank
-    from kdcli.shards.format import atomic_write_bytes
-
-    if env_rank() != 0:  # under torchrun only rank 0 writes
-        return
-    atomic_write_bytes(sibling(out, ".config.json"), (json.dumps(meta["config"], indent=2) + "\n").encode())

@@ -54,3 +54,26 @@ def fundus_student(multieye_shards, oct_teacher, tmp_path_factory) -> Path:
     _train(["distill", "--data", str(multieye_shards), "--teacher", str(oct_teacher), "--student", "fundus",
             "--method", "coda", "--out", str(out), *FAST])
     return out
+
+
+def reseal_dataset(root: Path) -> None:
+    """After a test edits a dataset's manifest on purpose (to build an odd but consistent dataset): make
+    dataset.json's content hash and fingerprints.json describe the edited dataset, as prepare would have, so the
+    integrity check on open (kdcli/shards/integrity.py) accepts it."""
+    import json
+
+    import h5py
+    import polars as pl
+
+    from kdcli.shards.format import content_hash
+    from kdcli.shards.integrity import hashed_rows, write_fingerprints
+
+    manifest = pl.read_parquet(root / "manifest.parquet")
+    digests = {}
+    for name in sorted(set(manifest["shard"].to_list())):
+        with h5py.File(root / "shards" / name, "r") as handle:
+            digests[name] = str(handle.attrs["digest"])
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["content_hash"] = content_hash(digests, hashed_rows(manifest))
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_fingerprints(root, digests, meta["content_hash"])

@@ -28,7 +28,8 @@ def test_bench_engine_times_the_engine_the_bare_loop_and_distillation(multieye_s
     data = tmp_path / "shards"  # the cached run writes into the shard directory: keep the shared one pristine
     shutil.copytree(multieye_shards, data)
     result = CliRunner().invoke(app, ["bench", "engine", str(data), "--teacher", str(oct_teacher),
-                                      "--epochs", "2", "--batch-size", "8", "--rounds", "2", "--json"])
+                                      "--epochs", "2", "--batch-size", "8", "--rounds", "2", "--no-contention",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["engine"] > 0 and report["bare_loop"] > 0 and report["distill"] > 0
@@ -50,3 +51,23 @@ def test_bench_prepare_reports_rates_efficiency_and_peak_memory(multieye_raw):
     assert report["parallel_efficiency"] == report["prepare_2_workers"] / (2 * report["prepare_1_workers"])
     assert report["peak_mib_1_workers"] > 0 and report["peak_ratio"] == report["peak_mib_scaled"] / report[
         "peak_mib_1_workers"]
+
+
+@pytest.mark.slow
+def test_bench_engine_times_a_competing_load_with_both_thread_choices(multieye_shards, monkeypatch):
+    from kdcli import bench
+
+    spinners = []
+    monkeypatch.setattr(bench, "busy_process", lambda real=bench.busy_process: spinners.append(real()) or spinners[-1])
+    result = CliRunner().invoke(app, ["bench", "engine", str(multieye_shards), "--student", "oct", "--epochs", "2",
+                                      "--batch-size", "8", "--rounds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    contention = json.loads(result.stdout)["contention"]
+    idle, loaded = contention["idle"], contention["loaded"]
+    assert contention["default_slowdown"] == loaded["default_seconds"] / idle["default_seconds"]
+    assert contention["kdcli_slowdown"] == loaded["kdcli_seconds"] / idle["kdcli_seconds"]
+    assert idle["default_threads"] == loaded["default_threads"] == contention["cpus"] >= 1
+    assert loaded["busy_elsewhere"] >= 0.5  # the spinner was seen while kdcli chose its threads
+    assert loaded["kdcli_threads"] <= max(1, contention["cpus"] - 1)
+    assert "under one competing busy process" in result.stderr
+    assert len(spinners) == 1 and spinners[0].poll() is not None  # the busy process is gone

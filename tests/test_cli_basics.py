@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPLETIONS = ROOT / "completions"
 HEAVY = {"torch", "timm", "h5py", "polars", "cv2", "numpy", "sklearn", "albumentations", "matplotlib",
          "pytorch_grad_cam", "pandas", "pyarrow", "torchvision"}
-SUBCOMMANDS = {"synth", "prepare", "inspect", "teach", "distill", "evaluate", "explain", "methods",
+SUBCOMMANDS = {"synth", "prepare", "inspect", "teach", "distill", "evaluate", "explain", "predict", "export", "methods",
                "completions", "demo"}
 NO_PROTOCOL = ("kdcli answered no completion request: with add_completion=False Typer never registers its "
                "shells, so kdcli.cli.main() must call kdcli.completion.enable_shell_completion() first")
@@ -102,7 +102,7 @@ def test_zsh_script_starts_with_compdef_and_defines_the_autoload_name() -> None:
 # --------------------------------------------------------------------------------- real shells, real TAB
 def test_env_var_protocol_answers(kdcli_on_path: dict[str, str]) -> None:
     proc = subprocess.run(["kdcli"], capture_output=True, text=True, timeout=60,
-                          env={**kdcli_on_path, "_KDCLI_COMPLETE": "complete_bash", "COMP_WORDS": "kdcli pre",
+                          env={**kdcli_on_path, "_KDCLI_COMPLETE": "complete_bash", "COMP_WORDS": "kdcli prep",
                                "COMP_CWORD": "1"})
     assert proc.returncode == 0 and proc.stdout.split() == ["prepare"], f"{NO_PROTOCOL}\n{proc.stderr}"
 
@@ -116,7 +116,7 @@ def test_installed_console_script_answers() -> None:
     if installed is None:
         pytest.skip("no kdcli console script on PATH (run `pip install -e .`)")
     proc = subprocess.run([installed], capture_output=True, text=True, timeout=60,
-                          env=_env(_KDCLI_COMPLETE="complete_bash", COMP_WORDS="kdcli pre", COMP_CWORD="1"))
+                          env=_env(_KDCLI_COMPLETE="complete_bash", COMP_WORDS="kdcli prep", COMP_CWORD="1"))
     assert proc.returncode == 0 and proc.stdout.split() == ["prepare"], f"{NO_PROTOCOL}\n{proc.stderr}"
 
 
@@ -151,12 +151,12 @@ def test_bash_completes_subcommands(kdcli_on_path: dict[str, str]) -> None:
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash is not installed")
-    lines = ["kdcli pre", "kdcli ", "kdcli prepare mul", "kdcli distill --meth"]
+    lines = ["kdcli prep", "kdcli ", "kdcli prepare mul", "kdcli distill --meth"]
     proc = subprocess.run([bash, "--norc", "--noprofile", "-c", BASH_DRIVER, "bash", *lines], cwd=ROOT,
                           capture_output=True, text=True, env=kdcli_on_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     got = _sections(proc.stdout)
-    assert got["kdcli pre"] == {"prepare"}, NO_PROTOCOL
+    assert got["kdcli prep"] == {"prepare"}, NO_PROTOCOL
     assert got["kdcli "] >= SUBCOMMANDS
     assert got["kdcli prepare mul"] == {"multieye"}
     assert got["kdcli distill --meth"] == {"--method"}
@@ -166,7 +166,7 @@ ZSH_DRIVER = r"""
 # Stand-ins for the completion system, so this runs without a terminal: _arguments prints what it got.
 _arguments() { print -r -- "$@" }
 compdef() { print -r -- "compdef $*" }
-words=(kdcli pre); CURRENT=2
+words=(kdcli prep); CURRENT=2
 if [[ $1 == autoload ]]; then
   fpath=($PWD/completions $fpath)
   autoload -Uz _kdcli
@@ -196,11 +196,11 @@ def test_fish_completes_subcommands(kdcli_on_path: dict[str, str]) -> None:
     if fish is None:
         pytest.skip("fish is not installed")
     script = 'source completions/kdcli.fish; for l in $argv; echo "== $l"; complete -C "$l"; end'
-    proc = subprocess.run([fish, "--no-config", "-c", script, "kdcli pre", "kdcli prepare mul"], cwd=ROOT,
+    proc = subprocess.run([fish, "--no-config", "-c", script, "kdcli prep", "kdcli prepare mul"], cwd=ROOT,
                           capture_output=True, text=True, env=kdcli_on_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     got = _sections(proc.stdout)
-    assert got["kdcli pre"] == {"prepare"}, NO_PROTOCOL
+    assert got["kdcli prep"] == {"prepare"}, NO_PROTOCOL
     assert got["kdcli prepare mul"] == {"multieye"}
 
 

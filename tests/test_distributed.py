@@ -57,3 +57,6 @@ def test_two_gloo_processes_match_one_process(multieye_shards, tmp_path):
     rows = (tmp_path / "two.metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # rank 0 alone wrote the log
     assert ddp.stderr.count("epoch   1/2") == 1  # and alone printed progress
+    assert ddp.stderr.count("teach fundus -> ") == 1  # one start-up line per run, not per rank
+    assert ddp.stderr.count("best dev score") == 1
+    assert "threads 1 (OMP_NUM_THREADS)" in ddp.stderr

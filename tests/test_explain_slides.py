@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import reseal_dataset
 from torch import nn
 from typer.testing import CliRunner
 
@@ -167,6 +168,7 @@ def test_empty_split_is_one_line_error(checkpoints, shards, tmp_path) -> None:
     shutil.copytree(shards, bare)
     manifest = pl.read_parquet(bare / "manifest.parquet")
     manifest.filter(pl.col("split") != "test").write_parquet(bare / "manifest.parquet")
+    reseal_dataset(bare)  # a consistent dataset without test slides (an edited manifest alone is refused)
     result = invoke("explain", checkpoints["wsi"], "--data", bare, "--out", tmp_path / "out")
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -235,13 +235,18 @@ def test_splits_file_gives_each_image_its_split_and_bad_ones_are_refused(grading
     assert_one_line_error(prepare_amd(tmp_path / "none.csv", tmp_path / "x"), "splits file not found")
 
 
-def test_splits_file_may_not_cut_a_patient(grading_raw, tmp_path):
+def test_a_splits_file_that_cuts_a_patient_is_leakage(grading_raw, tmp_path):
     rows = (grading_raw / "dr" / "trainLabels.csv").read_text().splitlines()[1:]
     names = [row.split(",")[0] for row in rows]
     pairs = sorted(n for n in names if n.endswith("_left") and n.replace("_left", "_right") in names)
     splits = tmp_path / "splits.csv"
     cut = pairs[0].replace("_left", "_right")
     splits.write_text("image,split\n" + "".join(f"{n},{'test' if n == cut else 'train'}\n" for n in names))
-    result = run("prepare", "fundus-grading", grading_raw / "dr", "--labels", grading_raw / "dr" / "trainLabels.csv",
-                 "--task", "dr", "--out", tmp_path / "s", "--size", "32", "--splits", splits)
-    assert_one_line_error(result, f"patient {pairs[0].split('_')[0]}", "several splits", "both eyes")
+    command = ("prepare", "fundus-grading", grading_raw / "dr", "--labels", grading_raw / "dr" / "trainLabels.csv",
+               "--task", "dr", "--out", tmp_path / "s", "--size", "32", "--splits", splits)
+    assert_one_line_error(run(*command), "patient leakage", f"patient '{pairs[0].split('_')[0]}'", "train and test",
+                          "--allow-leakage")
+    assert not (tmp_path / "s").exists()
+    assert run(*command, "--allow-leakage").exit_code == 0  # kept on purpose, recorded as a data warning
+    meta = json.loads((tmp_path / "s" / "dataset.json").read_text())
+    assert "patient_leakage" in json.dumps(meta)

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import reseal_dataset
 
 from kdcli.data.views import ModalityView
 from kdcli.prepare import PrepareOptions, prepare
@@ -141,6 +142,7 @@ def test_paired_view_matches_records_by_id_not_row(multieye_shards, tmp_path):
         pl.Series("id", ["extra-oct-only", *reversed(fundus_rows["id"].to_list())]))
     oct_rows = oct_rows.with_columns(pl.col("id").alias("record"))
     pl.concat([oct_rows, fundus_rows]).write_parquet(root / "manifest.parquet")
+    reseal_dataset(root)
     store = ShardStore(root)
     view = PairedView(store, "train", "fundus", "oct")
     for i in range(len(view)):
@@ -151,6 +153,7 @@ def test_paired_view_matches_records_by_id_not_row(multieye_shards, tmp_path):
     assert [view.teacher.ids[j] for j in batch["teacher_index"].tolist()] == view.student.ids
 
     pl.concat([fundus_rows, oct_rows.head(count)]).write_parquet(root / "manifest.parquet")  # one OCT image lost
+    reseal_dataset(root)
     with pytest.raises(KdcliError, match="have no oct image"):
         PairedView(ShardStore(root), "train", "fundus", "oct")
 

@@ -33,7 +33,7 @@ def test_teach_writes_checkpoint_logs_and_config(oct_teacher, multieye_shards):
     assert meta["data"]["content_hash"] == data_hash
     assert meta["config"]["epochs"] == 2 and meta["best"]["metric"] == "macro_f1"
     raw = torch.load(oct_teacher, weights_only=True)  # loads without unpickling code
-    assert set(raw) == {"format", "version", "meta", "model", "state"}
+    assert set(raw) == {"format", "version", "meta", "model", "state", "digest"}  # digest: checked on load
     rows = [json.loads(line) for line in oct_teacher.with_name("oct.metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all("dev_macro_f1" in r for r in rows)
     assert pl.read_csv(oct_teacher.with_name("oct.metrics.csv")).height == 2

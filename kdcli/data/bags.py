@@ -13,6 +13,8 @@ every model and run; a slide of at most bag_size patches is then one bag, the ve
 Until issue 13 training drew with replacement (16 draws from a 6-patch slide: random duplicates, each doubling a
 patch's attention weight, a reweighting evaluation never made) and evaluation pooled every patch at once.
 `collate_bags` pads bags to the batch's largest.
+Unlabeled slides (label -1: `prepare camelyon` rows without an ALN status, train split only) are left out unless
+`unlabeled=True` (distill with a method that reads them, e.g. bidirectional's distillation terms).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -37,13 +40,15 @@ class BagView(SharedEpoch, Dataset):
 
     def __init__(self, store: ShardStore, split: str, bag_size: int | None = None, augment: bool = False,
                  seed: int = 0, hide_clinical: set[str] | None = None, embeddings: str | Path | None = None,
-                 with_patches: bool = False):
+                 with_patches: bool = False, unlabeled: bool = False):
         store.require_modality("wsi")
         self.store, self.split, self.bag_size, self.augment = store, split, bag_size, augment
         self.seed, self.epoch = seed, 0
         self.has_clinical = "clinical" in store.meta.targets
         self.hide_clinical = hide_clinical or set()  # slides whose clinical record is withheld (missing-rate sweep)
         rows = store.rows(split, "wsi").sort(["record", "position"])
+        if not unlabeled:  # teach, dev, test and evaluate: labelled slides only
+            rows = rows.filter(pl.col("labelled"))
         if rows.height == 0:
             raise KdcliError(f"no slides in split {split!r}", path=store.root)
         self.embeddings = Path(embeddings) if embeddings else None

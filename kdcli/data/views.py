@@ -107,7 +107,7 @@ class ModalityView(SharedEpoch, Dataset):
     def with_targets(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The (augmented) image and its target arrays, spatial ones transformed with it."""
         shard, index = self.shards[i], int(self.indices[i])
-        arrays = {name: self.store.read(shard, index, name) for name in self.targets}
+        arrays = {name: self._target(i, name) for name in self.targets}
         if self.augment is None:
             return self.store.read(shard, index, self.modality), arrays
         image = self.store.read(shard, index, self.modality)
@@ -117,6 +117,14 @@ class ModalityView(SharedEpoch, Dataset):
             arrays[name] = mask if mask.ndim == 3 else mask[:, :, None]
         image = result["image"]
         return (image if image.ndim == 3 else image[:, :, None]), arrays
+
+    def _target(self, i: int, name: str) -> np.ndarray:
+        """A target array of row i. An unlabeled sample's shard holds no label vector (prepare cxr): it reads as
+        the dataset's ignore value (masked losses leave it out), so that a batch mixing both still collates."""
+        if self.labels[i] < 0 and name == "labels" and self.store.meta.task == "multilabel":
+            spec = self.store.meta.targets[name]
+            return np.full(spec["shape"], self.store.meta.extra.get("ignore_value", 255), spec.get("dtype", "uint8"))
+        return self.store.read(self.shards[i], int(self.indices[i]), name)
 
     def __getitem__(self, i: int) -> dict:
         if self.targets:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from kdcli.errors import KdcliError
+from kdcli.storage import atomic_write
 
 FORMAT = "kdcli-checkpoint"
 VERSION = 1
@@ -34,13 +34,38 @@ def save_checkpoint(path: Path, meta: dict[str, Any], model_state: dict[str, tor
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta),
                "model": {k: v.detach().cpu() for k, v in model_state.items()}, "state": state or {}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    payload["digest"] = payload_digest(payload)
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
+
+
+class _WriteErrors:
+    """A file torch.save writes through that keeps the OSError of a failed write: torch's serializer turns it
+    into a RuntimeError without errno ("unexpected pos ..."), so a full disk would not be recognised."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(payload: dict[str, Any], tmp: Path) -> None:
+    with open(tmp, "wb") as handle:
+        target = _WriteErrors(handle)
+        try:
+            torch.save(payload, target)
+            handle.flush()
+        except RuntimeError:
+            if target.error is not None:
+                raise target.error from None
+            raise
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -66,7 +91,52 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if missing or not isinstance(payload.get("model"), dict):
         raise KdcliError(f"checkpoint lacks {', '.join(missing) or 'weights'}", path=path,
                          hint="the file is damaged or was written by hand; retrain or restore it")
+    check_digest(path, payload)
     return Checkpoint(path, meta, payload["model"], payload.get("state") or {})
+
+
+_digest_checked: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) whose tensors matched, this process
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    """sha256 of the meta string and every tensor (name, dtype, shape, bytes) and plain value of the weights and
+    the training state, in a fixed order: what a flipped byte anywhere in the data would change."""
+    hasher = hashlib.sha256(payload["meta"].encode())
+    for section in ("model", "state"):
+        _digest_value(hasher, section, payload.get(section) or {})
+    return "sha256:" + hasher.hexdigest()
+
+
+def _digest_value(hasher, name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        hasher.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            _digest_value(hasher, f"{name}.{key}", value[key])
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _digest_value(hasher, f"{name}[{index}]", item)
+    else:
+        hasher.update(f"{name}={type(value).__name__}:{value!r}\n".encode())
+
+
+def check_digest(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors no longer give the digest stored at save time (once per process and
+    file version). Checkpoints from before digests existed load, with a note that they cannot be checked."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _digest_checked:
+        return
+    recorded = payload.get("digest")
+    if recorded is None:
+        print(f"note: {path} predates checkpoint digests, so damage to its weights cannot be detected; "
+              "retraining writes one with a digest", file=sys.stderr)
+    elif payload_digest(payload) != recorded:
+        raise KdcliError("checkpoint weights differ from the digest stored when it was saved (the file was "
+                         "damaged or edited)", path=path, hint="restore it from a copy, or retrain it")
+    _digest_checked.add(key)
 
 
 def file_sha256(path: Path) -> str:

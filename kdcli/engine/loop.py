@@ -6,11 +6,9 @@ CSV), keep `last` (with optimizer state, for --resume) and `best` (by `metric`),
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,7 +23,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint, sibling
 from kdcli.engine.device import amp_dtype, deterministic_mode, seed_everything, select_device
 from kdcli.engine.distributed import Ranks, RankShard, mean_across_ranks, setup, teardown
-from kdcli.errors import KdcliError, UsageError
+from kdcli.engine.progress import batch_progress
+from kdcli.engine.publish import staged_result, write_config
+from kdcli.engine.resume import check_resume
+from kdcli.engine.threads import LoadWatch, ThreadChoice
+from kdcli.engine.trackers import Trackers, parse_log
+from kdcli.errors import KdcliError, UsageError, write_failure
+from kdcli.storage import atomic_write
 
 
 @dataclass
@@ -40,6 +44,7 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 2
+    threads: int = 0  # torch intra-op threads; 0: chosen from the CPUs left free (kdcli.engine.threads)
     amp: str = "auto"
     channels_last: str = "auto"
     deterministic: str = "auto"  # on | off | auto (on for CPU, off on CUDA: cudnn autotuning)
@@ -52,6 +57,8 @@ class EngineConfig:
     balanced: bool = True
     samples_per_epoch: int = 0  # 0 = the training set's size (labelled samples x (1 + unlabeled_ratio))
     unlabeled_ratio: float = 1.0  # unlabeled samples drawn per labelled one, when the training set has any
+    log_every: int = 0  # batches between progress lines when stderr is not a terminal; 0: about 10 per epoch
+    log: str = ""  # trackers besides the CSV/JSONL logs, comma-separated KIND[=DIR/URI]: tensorboard, mlflow
 
     def __post_init__(self) -> None:  # refused before anything is written, not at the first epoch
         for name, allowed in CHOICES.items():
@@ -63,6 +70,7 @@ class EngineConfig:
                 raise UsageError(f"{name}={value!r}: {rule}")
             if value < low or (high is not None and (value > high if closed else value >= high)):
                 raise UsageError(f"{name}={value!r}: {rule}")
+        parse_log(self.log)  # an unknown tracker or a missing package: one line before anything is written
 
 
 CHOICES = {"amp": ("auto", "off", "bf16", "fp16"), "channels_last": ("auto", "on", "off"),
@@ -77,6 +85,8 @@ RANGES = {
     "warmup_epochs": (0, None, True, "0 or more"),
     "min_lr": (0, None, True, "0 or more"),
     "workers": (0, None, True, "0 or more worker processes"),
+    "threads": (0, None, True, "0 (chosen from the free CPUs) or a number of threads"),
+    "log_every": (0, None, True, "0 (about 10 lines per epoch) or a number of batches"),
     "grad_clip": (0, None, True, "0 (off) or a norm above 0"),
     "accumulate": (1, None, True, "at least 1 step"),
     "ema": (0, 1, False, "a decay in [0, 1): 0 is off, 0.999 typical"),
@@ -191,21 +201,6 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     return np.concatenate(probs), np.concatenate(labels), {k: np.concatenate(v) for k, v in extras.items()}
 
 
-@contextlib.contextmanager
-def batch_progress(total: int, description: str):
-    """A rich progress bar on an interactive terminal; nothing in logs and pipelines."""
-    if not sys.stderr.isatty():
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
-
-
 class MetricsLog:
     def __init__(self, out: Path, resume: bool):
         self.jsonl, self.csv = sibling(out, ".metrics.jsonl"), sibling(out, ".metrics.csv")
@@ -214,16 +209,25 @@ class MetricsLog:
                 path.unlink(missing_ok=True)
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.jsonl, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        size = self.jsonl.stat().st_size if self.jsonl.exists() else 0
+        try:
+            with open(self.jsonl, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except BaseException as exc:  # no half line for a later --resume to choke on
+            if self.jsonl.exists():
+                with open(self.jsonl, "r+b") as handle:
+                    handle.truncate(size)
+            raise write_failure(exc, self.jsonl) or exc from None
         rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.csv.with_name(self.csv.name + ".tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.csv)
+
+        def write_csv(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.csv, write_csv)
 
 
 Validate = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict]
@@ -265,6 +269,7 @@ def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineCo
         probs, labels = predict_sharded(model, dev_set, cfg, device, dtype)
         return classification_metrics(labels, probs, classes, ordinal=ordinal)
 
+    validate.samples = len(dev_set)  # for the start-up line
     return validate
 
 
@@ -272,11 +277,33 @@ def multilabel_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig
     """Dev-split per-label AUROC; `mean_auroc` selects the best epoch."""
     from kdcli.evaluate.metrics import multilabel_metrics
 
+    check_dev_labels(dev_set, classes)
+
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         probs, targets = predict_sharded(model, dev_set, cfg, device, dtype, multilabel=True)
         return multilabel_metrics(targets, probs, classes)
 
+    validate.samples = len(dev_set)
     return validate
+
+
+def check_dev_labels(dev_set: Dataset, classes: list[str]) -> None:
+    """Before any training: a dev split where no label has both outcomes leaves every selection metric (mean
+    AUROC, AP, F1) undefined, so no epoch could ever be chosen as the best."""
+    from kdcli.evaluate.metrics import IGNORE
+
+    store = getattr(dev_set, "store", None)
+    if store is None or "labels" not in getattr(dev_set, "targets", ()):
+        return
+    targets = np.stack([store.read(shard, int(index), "labels")
+                        for shard, index in zip(dev_set.shards, dev_set.indices, strict=True)]) \
+        if len(dev_set) else np.zeros((0, len(classes)), np.uint8)
+    known = targets != IGNORE
+    positives, negatives = ((targets == 1) & known).any(axis=0), ((targets == 0) & known).any(axis=0)
+    if not (positives & negatives).any():
+        raise KdcliError(f"the dev split ({len(dev_set)} images) has no label with both positive and negative "
+                         "images, so dev AUROC/AP/F1 are undefined and no epoch could be selected", path=store.root,
+                         hint="prepare more images, or give dev a larger share (cxr: --dev-fraction)")
 
 
 def multitask_validator(dev_sets: dict[str, Dataset], tasks: dict[str, dict], cfg: EngineConfig) -> Validate:
@@ -293,20 +320,37 @@ def multitask_validator(dev_sets: dict[str, Dataset], tasks: dict[str, dict], cf
         flat = {f"{task}_{k}": m[k] for task, m in per_task.items() for k in ("accuracy", "macro_f1", "kappa")}
         return {**means, **flat, "tasks": per_task}
 
+    validate.samples = sum(len(dataset) for dataset in dev_sets.values())
     return validate
 
 
 def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: EngineConfig, out: Path,
         meta: dict[str, Any], resume: bool = False,
         log: Callable[[str], None] = print, train_labels: np.ndarray | None = None) -> FitResult:
+    from kdcli.engine.distributed import local_world_size
+    from kdcli.engine.threads import choose_threads, torch_threads
+    from kdcli.provenance import provenance
+
     started = time.perf_counter()
     device = select_device(cfg.device)
     seed_everything(cfg.seed, deterministic_mode(device, cfg.deterministic))
+    if resume:  # before anything is written: a --resume of another run is refused
+        check_resume(out, meta)
+    meta.setdefault("provenance", provenance())
+    threads = choose_threads(cfg.threads, cfg.workers, processes=local_world_size())
     ranks = setup(device)
+    trackers = Trackers(cfg.log if ranks.is_main else "", out, meta.get("config") or {})
     try:
-        return _fit(method, train_set, validate, cfg, out, meta, resume, log if ranks.is_main else _silent,
-                    train_labels, device, ranks, started)
+        # the result (checkpoint, config, metrics, last state) is published as a whole, or not at all
+        with torch_threads(threads), staged_result(out, resume, writer=ranks.is_main) as work:
+            if ranks.is_main and "config" in meta:
+                write_config(work, {**meta["config"], "provenance": meta["provenance"]})
+            return _fit(method, train_set, validate, cfg, work, meta, resume, log if ranks.is_main else _silent,
+                        train_labels, device, ranks, started, threads, trackers)
     finally:
+        trackers.close()
+        if ranks.is_main:  # after a failed or interrupted run too: its epochs so far
+            _draw_curves(out, cfg, method, log, f"{Path(out).name}: {meta.get('method')} on {meta.get('modality')}")
         teardown(ranks)
 
 
@@ -314,7 +358,43 @@ def _silent(message: str) -> None:
     pass
 
 
-def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels, device, ranks, started) -> FitResult:
+def millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 10_000 else str(count)
+
+
+def startup_line(method: torch.nn.Module, meta: dict[str, Any], cfg: EngineConfig, device: torch.device,
+                 dtype: torch.dtype | None, threads: ThreadChoice, train_set: Dataset, validate: Validate,
+                 train_loader: DataLoader, out: Path) -> str:
+    """One line saying what is about to train, on what, with which settings: the first thing a log shows."""
+    student = sum(p.numel() for p in method.student.parameters())
+    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    teacher = sum(p.numel() for model in method.teachers() for p in model.parameters())
+    summed = [term for term in getattr(method, "terms", ()) if not term.startswith("_")]
+    dev = getattr(validate, "samples", None)
+    verb = "distill" if meta.get("kind") == "student" else "teach"
+    return (f"{verb} {meta.get('modality')} -> {out}: method {meta.get('method')} "
+            f"(loss {' + '.join(summed) or 'of the method'}); {device}, AMP "
+            f"{ {None: 'off', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]}, {threads.describe()}; "
+            f"{millions(student)} parameters ({millions(trainable)} trainable"
+            f"{f', teacher {millions(teacher)} frozen' if teacher else ''}); train {len(train_set)} / dev "
+            f"{dev if dev is not None else '?'} samples; {len(train_loader)} batches of {cfg.batch_size} per epoch, "
+            f"{cfg.epochs} epochs")
+
+
+def _draw_curves(out: Path, cfg: EngineConfig, method: torch.nn.Module, log: Callable[[str], None],
+                 title: str) -> None:
+    """<out>.curves.png; a figure that cannot be drawn is said in one line, never the run's failure."""
+    from kdcli.engine.curves import write_curves
+
+    diagnostics = tuple(term for term in getattr(method, "terms", ()) if term.startswith("_"))
+    try:
+        write_curves(out, cfg.metric, title, diagnostics)
+    except Exception as exc:  # matplotlib's own errors, a full disk: the checkpoint is what matters
+        log(f"note: training curves not drawn ({type(exc).__name__}: {exc})")
+
+
+def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels, device, ranks, started,
+         threads, trackers) -> FitResult:
     dtype = amp_dtype(device, cfg.amp)
     # channels_last: tensor cores on CUDA, oneDNN's preferred layout on CPU (teach ran 1.2x faster, U-Nets ~2x);
     # the loaders already hand batches over in that memory order
@@ -349,18 +429,27 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
         ema = torch.optim.swa_utils.AveragedModel(
             student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
-    metrics_log = MetricsLog(out, resume) if ranks.is_main else None
-    start_epoch, best_epoch, best_value, history, stale = 0, -1, -math.inf, [], 0
     last_path = sibling(out, ".last.pt")
+    if resume and not last_path.is_file():  # before the start-up line: a refusal stays one line
+        raise KdcliError("nothing to resume", path=last_path, hint="drop --resume to start a new run")
+    log(startup_line(method, meta, cfg, device, dtype, threads, train_set, validate, train_loader, out))
+    load_watch = LoadWatch(threads) if ranks.world == 1 else None
+    metrics_log = MetricsLog(out, resume) if ranks.is_main else None
+    if trackers.items:
+        log(f"tracking: {trackers.describe()}")
+    start_epoch, best_epoch, best_value, history, stale = 0, -1, -math.inf, [], 0
     if resume:
-        if not last_path.is_file():
-            raise KdcliError("nothing to resume", path=last_path, hint="drop --resume to start a new run")
         last = load_checkpoint(last_path)
-        method.load_state_dict(last.state["method"])
-        optimizer.load_state_dict(last.state["optimizer"])
-        scheduler.load_state_dict(last.state["scheduler"])
-        if ema is not None and "ema" in last.state:
-            ema.load_state_dict(last.state["ema"])
+        try:
+            method.load_state_dict(last.state["method"])
+            optimizer.load_state_dict(last.state["optimizer"])
+            scheduler.load_state_dict(last.state["scheduler"])
+            if ema is not None and "ema" in last.state:
+                ema.load_state_dict(last.state["ema"])
+        except (KeyError, RuntimeError, ValueError) as exc:  # a state of another architecture or optimizer
+            raise KdcliError(f"its training state does not fit this run ({str(exc).splitlines()[0][:160]})",
+                             path=last_path, hint="resume with the options it was started with, or pass "
+                                                  "--overwrite instead of --resume to start a new run") from None
         start_epoch = int(last.state["epoch"]) + 1
         best_epoch, best_value = int(last.state["best_epoch"]), float(last.state["best_value"])
         stale = int(last.state.get("stale", 0))
@@ -380,7 +469,9 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
         sums: dict[str, float] = defaultdict(float)
         batches, seen, epoch_start = 0, 0, time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with batch_progress(len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}") as advance:
+        later = (cfg.epochs - epoch - 1) * len(train_loader)
+        with batch_progress(len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", log, cfg.log_every,
+                            later) as advance:
             for step, batch in enumerate(train_loader):
                 batch = to_device(batch, device, channels_last)
                 # how far training is, for methods with schedules of their own (CVI's KL annealing)
@@ -412,7 +503,7 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
                 sums["loss"] += loss.detach().float()
                 batches += 1
                 seen += len(batch["label"])
-                advance()
+                advance(len(batch["label"]))
         train_seconds = time.perf_counter() - epoch_start
         sums = {key: float(value) for key, value in sums.items()}
         if not math.isfinite(sums.get("loss", 0.0)):
@@ -434,6 +525,7 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
         history.append(row)
         if metrics_log is not None:
             metrics_log.write(row)
+        trackers.log(row, epoch + 1)
         improved = value is not None and value > best_value
         if improved:
             best_epoch, best_value, stale = epoch + 1, value, 0
@@ -451,11 +543,19 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
                      **({"ema": ema.state_dict()} if ema is not None else {})}
             save_checkpoint(last_path, {**meta, "last_epoch": epoch + 1, "world_size": ranks.world},
                             eval_model.state_dict(), state)
-        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {value:.4f}"
+        shown = "undefined" if value is None else f"{value:.4f}"  # e.g. AUC on a dev split of one class
+        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  dev {cfg.metric} {shown}"
             f"{'  *' if improved else ''}  ({seen / max(train_seconds, 1e-9):.0f} img/s)")
+        changed = load_watch.update() if load_watch is not None else None
+        if changed is not None:
+            torch.set_num_threads(changed.threads)
+            log(f"{changed.describe()} from epoch {epoch + 2}: the load on this machine changed")
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: no {cfg.metric} gain for {cfg.patience} epochs")
             break
+    if best_epoch < 0:
+        raise KdcliError(f"dev {cfg.metric} was undefined at every epoch, so no best checkpoint was written",
+                         path=out, hint="prepare a larger dev split, or select by another metric (--set metric=)")
     return FitResult(best_epoch, best_value, len(history), history, time.perf_counter() - started)
 
 

@@ -52,4 +52,5 @@ def segmentation_validator(dev_set, regions: dict[str, list[int]], cfg: EngineCo
         per_case = [region_metrics(preds[case], truths[case], regions, with_hd95=False) for case in preds]
         return aggregate(per_case, regions)
 
+    validate.samples = len(dev_set)  # slices, for the start-up line
     return validate

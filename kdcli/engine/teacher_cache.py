@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdcli.errors import KdcliError
+from kdcli.storage import new_h5
 
 OUTPUTS = ("logits", "sims")
 
@@ -43,7 +44,7 @@ def build(teachers: dict[str, torch.nn.Module], view: Dataset, path: Path, data_
                 if key in out:
                     outputs[name].setdefault(key, []).append(out[key].float().cpu().numpy())
     try:
-        with h5py.File(tmp, "w") as handle:
+        with new_h5(tmp, path) as handle:
             for name, arrays in outputs.items():
                 for key, parts in arrays.items():
                     handle.create_dataset(f"{name}/{key}", data=np.concatenate(parts))

@@ -16,6 +16,7 @@ from kdcli.engine.checkpoint import Checkpoint, load_checkpoint, sibling
 from kdcli.errors import KdcliError, UsageError
 from kdcli.evaluate.metrics import classification_metrics
 from kdcli.shards.reader import ShardStore
+from kdcli.storage import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -145,6 +146,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         raise UsageError("--missing applies to segmentation checkpoints (sequence subsets)")
     check_predictions_path(options.predictions)
     checkpoint, store, model, device = load_for_inference(options.checkpoint, options.data, options.device)
+    store.verify(options.split)  # the shards scored are re-hashed: the hash compared below is of these bytes
     meta = checkpoint.meta
     tasks = label_tasks(meta)
     report = {
@@ -161,7 +163,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     metrics = classification_metrics(labels, probs, store.classes)
     figure = options.figure or sibling(Path(options.checkpoint), f".{options.split}.confusion.png")
     plot_confusion(np.array(metrics["confusion_matrix"]), store.classes, figure,
-                   f"{Path(options.checkpoint).name} on {options.split}")
+                   f"{Path(options.checkpoint).name} on {options.split}", figure_hint(options))
     if options.predictions:
         write_predictions(options.predictions, view.ids, labels, probs, store.classes)
     return {**report, "metrics": metrics, "figure": str(figure),
@@ -190,11 +192,7 @@ def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Clas
         frame = pl.DataFrame({"id": view.ids, **{f"label_{c}": targets[:, i].astype(int)
                                                  for i, c in enumerate(store.classes)},
                               **{f"prob_{c}": probs[:, i] for i, c in enumerate(store.classes)}})
-        path = Path(options.predictions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        frame.write_parquet(tmp) if path.suffix == ".parquet" else frame.write_csv(tmp)
-        tmp.replace(path)
+        write_frame(Path(options.predictions), frame)
     return {"metrics": metrics, "predictions": str(options.predictions) if options.predictions else None}
 
 
@@ -212,7 +210,7 @@ def evaluate_tasks(options: EvaluateOptions, meta: dict[str, Any], store: ShardS
         figure = (sibling(Path(options.figure), f".{task}.png") if options.figure
                   else sibling(Path(options.checkpoint), f".{options.split}.{task}.confusion.png"))
         plot_confusion(np.array(metrics[task]["confusion_matrix"]), classes, figure,
-                       f"{Path(options.checkpoint).name} on {options.split}, {task}")
+                       f"{Path(options.checkpoint).name} on {options.split}, {task}", figure_hint(options))
         figures[task] = str(figure)
         frames.append(prediction_frame(view.ids, labels, probs, classes, [f"prob_{i}" for i in range(len(classes))])
                       .with_columns(pl.lit(task).alias("task")))
@@ -242,16 +240,17 @@ def write_predictions(path: Path, ids: list[str], labels: np.ndarray, probs: np.
 def write_frame(path: Path, frame: pl.DataFrame) -> None:
     path = Path(path)
     check_predictions_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".parquet":
-        frame.write_parquet(tmp)
-    else:
-        frame.write_csv(tmp)
-    tmp.replace(path)
+    atomic_write(path, frame.write_parquet if path.suffix == ".parquet" else frame.write_csv)
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+def figure_hint(options: EvaluateOptions) -> str | None:
+    """What to do when the figure cannot be written: beside a checkpoint in a read-only folder, write it elsewhere."""
+    if options.figure is None:
+        return "the figure goes beside the checkpoint by default; pass --figure PATH to write it elsewhere"
+    return None
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str, hint: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,15 +268,14 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
         ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
                 color="white" if count > matrix.max() / 2 else "black")
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, hint)
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, hint: str | None = None) -> None:
     """Write a matplotlib figure as PNG under a temporary name, then rename: never half a file at `path`."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"), hint)
+    finally:
+        plt.close(fig)

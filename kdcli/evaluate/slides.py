@@ -46,6 +46,7 @@ def evaluate_slides(checkpoint_path: Path, data: Path, split: str = "test", rate
 
     checkpoint = load_checkpoint(Path(checkpoint_path))
     store = ShardStore(data)
+    store.verify(split)  # the split scored is re-hashed from its bytes
     if checkpoint.meta["classes"] != store.meta.classes:
         raise UsageError(f"checkpoint classes {checkpoint.meta['classes']} differ from the dataset's "
                          f"{store.meta.classes}")

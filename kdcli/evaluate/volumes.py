@@ -57,6 +57,7 @@ def evaluate_segmentation(checkpoint_path: Path, data: Path, split: str = "test"
 
     checkpoint = load_checkpoint(Path(checkpoint_path))
     store = ShardStore(data)
+    store.verify(split)  # the split scored is re-hashed from its bytes
     modalities = check_segmentation_checkpoint(checkpoint, store)
     model = load_unet(checkpoint)
     device = select_device(device_name)

@@ -6,10 +6,13 @@ gets one overlay per head on the same image, side by side, each for that head's 
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,13 @@ from torch import nn
 
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.engine.device import select_device
-from kdcli.errors import KdcliError, UsageError
+from kdcli.errors import DiskFull, KdcliError, UsageError
 from kdcli.evaluate.run import head_for, label_tasks, split_view
+from kdcli.locks import output_lock
 from kdcli.models.classifier import Classifier
 from kdcli.shards.format import atomic_write_bytes
 from kdcli.shards.reader import ShardStore
+from kdcli.storage import remove_leftovers
 from kdcli.train import check_compatible, load_model
 
 SPLITS = ("train", "dev", "test")
@@ -43,6 +48,7 @@ class ExplainOptions:
     top_concepts: int = 5
     device: str = "auto"
     batch_size: int = 32
+    overwrite: bool = False  # replace an earlier explain folder at `out` (as a whole, once the new one is done)
 
 
 def head_logits(out: dict[str, Any], head: str | None) -> torch.Tensor:
@@ -181,7 +187,71 @@ def check_options(options: ExplainOptions) -> Path:
     return out
 
 
+REPORT_PAGE, REPORT_JSON = "index.html", "explain.json"
+PANEL_NAME = re.compile(r"^\d+_.+\.png$")  # every explain variant names its images NN_<sample>.png
+
+
+def report_files(folder: Path) -> list[Path]:
+    """The files of an explain report in `folder`: its page, its JSON and its panels (the NN_*.png names, and any
+    file its explain.json lists); other files in the folder are not the report's and are left alone."""
+    if not folder.is_dir():
+        return []
+    listed: set[str] = set()
+    try:
+        listed = {str(r["file"]) for r in json.loads((folder / REPORT_JSON).read_text()).get("images", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return sorted(path for path in folder.iterdir() if path.is_file() and (
+        path.name in (REPORT_PAGE, REPORT_JSON) or PANEL_NAME.match(path.name) or path.name in listed))
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """--out is new, or holds no report, or holds one that --overwrite replaces."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if report_files(out) and not overwrite:
+        raise KdcliError("holds an earlier explain report", path=out,
+                         hint="pass --overwrite to replace it, or choose another --out")
+
+
+def publish_report(staging: Path, out: Path) -> None:
+    """Put the finished report in `staging` at `out`: a new folder is renamed into place whole; into an existing
+    one, the earlier report's page goes first (no page ever shows old and new panels mixed), then its other
+    files, then the new panels and JSON, the new page last. The folder's other files stay."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    (out / REPORT_PAGE).unlink(missing_ok=True)
+    for old in report_files(out):
+        old.unlink(missing_ok=True)
+    for new in sorted(staging.iterdir()):
+        if new.name != REPORT_PAGE:
+            os.replace(new, out / new.name)
+    os.replace(staging / REPORT_PAGE, out / REPORT_PAGE)
+    staging.rmdir()
+
+
 def explain(options: ExplainOptions) -> Path:
+    """Explain into a folder built beside --out and published when done, under --out's lock: a failure leaves
+    the earlier report as it was, and a replaced report never keeps panels of the old one."""
+    out = Path(options.out)
+    check_out_folder(out, options.overwrite)
+    with output_lock(out, f"kdcli explain {options.checkpoint} --out {out}"):
+        check_out_folder(out, options.overwrite)  # again under the lock: another run may have just finished
+        remove_leftovers(out, ("staging",))
+        staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+        try:
+            index = _explain(dataclasses.replace(options, out=staging))
+            publish_report(staging, out)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, DiskFull) and exc.path.is_relative_to(staging):  # name the file asked for
+                raise DiskFull(out / exc.path.relative_to(staging), exc.hint) from None
+            raise
+    return out / index.name
+
+
+def _explain(options: ExplainOptions) -> Path:
     meta = load_checkpoint(Path(options.checkpoint)).meta
     if options.data is None:  # the dataset it was trained on, if still there unchanged
         from kdcli.defaults import recorded_dataset

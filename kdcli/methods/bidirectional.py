@@ -13,6 +13,13 @@ No code was released; these are the losses we chose, each weight a parameter:
     pairs and meets missing records only at test).
 At test each slide goes to z_mm when its clinical record is present and to z_sm when it is not.
 
+Unlabeled slides (label -1: `prepare camelyon` rows without an ALN status; drawn `distill --unlabeled-ratio`
+per labelled slide, left out with `--no-unlabeled`): both CE terms leave them out; the distillation terms read
+them, as they need no label: the multi-modal branch (the fusion teacher's weights, its clinical record present)
+labels them for the WSI-only branch through kd, and the alignment pulls its WSI features toward the WSI-only
+ones. The record is what the unlabeled slides keep, so the teacher labels them through the modality the student
+lacks. Logged, not summed: `_unlabeled`, the share of the batch's slides that are unlabeled.
+
 The student starts from the multi-modal teacher (`--teacher mm.pt`); the teacher itself is not used afterwards.
     shared patch encoder, clinical MLP, the multi-modal WSI pooling and the fusion head: copied, so the
         multi-modal branch starts as the teacher (its logits are the teacher's)
@@ -43,7 +50,7 @@ import torch.nn.functional as F
 
 from kdcli.errors import UsageError
 from kdcli.methods.base import Method
-from kdcli.methods.losses import kd_loss
+from kdcli.methods.losses import kd_loss, labelled_cross_entropy
 from kdcli.methods.mil import drop_clinical
 
 
@@ -59,10 +66,11 @@ class BidirectionalParams:
 class Bidirectional(Method):
     name = "bidirectional"
     tasks = ("mil",)
-    terms = ("ce_mm", "ce_sm", "kd", "align")
+    terms = ("ce_mm", "ce_sm", "kd", "align", "_unlabeled")
     Params = BidirectionalParams
     needs_teacher = True
     uses_teacher_outputs = False
+    unlabeled = True  # kd and align on every slide, labelled or not; the CE terms on the labelled ones
 
     @classmethod
     def make_student(cls, params: BidirectionalParams, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -82,9 +90,10 @@ class Bidirectional(Method):
         out = self.run_student(drop_clinical(batch, p.clinical_dropout, self.training))
         labels = batch["label"]
         return {
-            "ce_mm": F.cross_entropy(out["logits_mm"].float(), labels),
-            "ce_sm": p.sm_weight * F.cross_entropy(out["logits_sm"].float(), labels),
+            "ce_mm": labelled_cross_entropy(out["logits_mm"].float(), labels),
+            "ce_sm": p.sm_weight * labelled_cross_entropy(out["logits_sm"].float(), labels),
             "kd": p.kd_weight * kd_loss(out["logits_sm"], out["logits_mm"], p.temperature, dim=-1),
             "align": p.align_weight * (1 - F.cosine_similarity(out["h_mm"].float(), out["h_sm"].detach().float(),
                                                                dim=-1)).mean(),
+            "_unlabeled": (labels < 0).float().mean(),
         }

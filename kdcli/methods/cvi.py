@@ -25,6 +25,16 @@ No official code exists; the losses follow the group's VKD code (IPMI 2021) with
     the student starts as the stage-1 model (`--teacher stage1.pt`), all but its last `train_last` backbone
       blocks frozen; at test time the prior path alone gives the logits.
 
+Unlabeled images (label -1: `prepare cxr` reads them from the metadata without labels, e.g. MIMIC images outside
+the CheXpert-labelled studies; drawn `--unlabeled-ratio` per labelled image, left out with `--no-unlabeled`):
+    an unlabeled image WITH the chosen annotation trains KL(q(z|x,a) || p(z|x)) (and the attention term when on):
+      the posterior, which reads the gaze, is CVI's teacher, and what it encodes needs no label; the two BCEs
+      (the supervised terms) leave it out
+    one WITHOUT the annotation trains nothing and is left out of the training view: the only teacher CVI could
+      use there is stage 1, an image-only model of the student's own modality (self-training, which the
+      theory note shows gains nothing), and CVI keeps no stage-1 outputs to distil (`uses_teacher_outputs`)
+Logged, not summed: `_unlabeled`, the share of the batch's images that are unlabeled.
+
 Each epoch the dev report adds the prior's and the posterior's mean AUROC on the dev images with the chosen
 annotation (`dev_prior_auroc_annotated`, `dev_posterior_auroc_annotated` in metrics.jsonl; the epoch is still
 selected by the prior's `mean_auroc` on all dev images). The posterior sees the annotation: if it never beats
@@ -161,13 +171,14 @@ def annotation_verdict(history: list[dict[str, Any]]) -> list[str]:
 class CVI(Method):
     name = "cvi"
     tasks = ("multilabel",)
-    terms = ("bce_prior", "bce_posterior", "kl", "_kl_raw", "attention")
+    terms = ("bce_prior", "bce_posterior", "kl", "_kl_raw", "attention", "_unlabeled")
     Params = CVIParams
     needs_teacher = True
     pairing = "none"
     targets = ("labels", "gaze", "boxes", "annotated")
     dev_targets = targets  # the validator scores the posterior on the annotated dev images
     uses_teacher_outputs = False
+    unlabeled = True  # the KL (and attention) term on unlabeled images with the annotation; BCEs on labelled ones
 
     @classmethod
     def check_data(cls, meta) -> None:
@@ -207,7 +218,13 @@ class CVI(Method):
 
     def train_rows(self, train_set: Any) -> np.ndarray | None:
         if not self.params.annotated_only:
-            return None
+            unlabeled = np.asarray(getattr(train_set, "labels", [])) < 0
+            if not unlabeled.any():
+                return None
+            # labelled images all train the prior's BCE; an unlabeled one only helps through its annotation
+            carrying = np.zeros(len(unlabeled), bool)
+            carrying[annotated_rows(train_set, self.params.annotation)] = True
+            return np.flatnonzero(~unlabeled | carrying)
         rows = annotated_rows(train_set, self.params.annotation)
         if not len(rows):
             from kdcli.errors import KdcliError
@@ -232,13 +249,19 @@ class CVI(Method):
         annotation, annotated = self.annotation_map(batch)
         out = self.run_student(batch["image"], annotation)
         p, labels = self.params, batch["labels"]
+        # unlabeled images (label -1) never reach a BCE: their label vector is all "unknown" anyway, but the
+        # supervised terms are cut to the labelled rows explicitly
+        labelled = batch["label"] >= 0 if "label" in batch else torch.ones_like(annotated)
         # annotated_only: the view holds annotated images only; the mask still guards a view that does not
-        keep = annotated if p.annotated_only else torch.ones_like(annotated)
+        keep = (annotated if p.annotated_only else torch.ones_like(annotated)) & labelled
         terms = {"bce_prior": masked_bce(out["logits"][keep], labels[keep]) if keep.any()
-                 else out["logits"].sum() * 0.0}
+                 else out["logits"].sum() * 0.0,
+                 "_unlabeled": (~labelled).float().mean()}
+        supervised = annotated & labelled
         if annotated.any():
-            terms["bce_posterior"] = p.posterior_weight * masked_bce(out["posterior_logits"][annotated],
-                                                                     labels[annotated])
+            terms["bce_posterior"] = (p.posterior_weight * masked_bce(out["posterior_logits"][supervised],
+                                                                      labels[supervised]) if supervised.any()
+                                      else out["posterior_logits"].sum() * 0.0)
             mu_q, logvar_q = out["mu_q"][annotated], out["logvar_q"][annotated]
             if p.detach_posterior:
                 mu_q, logvar_q = mu_q.detach(), logvar_q.detach()

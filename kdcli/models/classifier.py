@@ -91,18 +91,28 @@ class Classifier(nn.Module):
         return {"features": features, "logits": self.head(features)}
 
 
-def load_pretrained_weights(model: Classifier, path: str) -> tuple[str, bool]:
-    """--pretrained: the backbone's weights from a local file and, from a FLAIR checkpoint, the vision
-    projection into a concept head's W_v (see kdcli.models.pretrained). Returns one line for the log (what
-    loaded, what was left as initialised, what in the file went unused) and whether the projection loaded."""
-    from kdcli.models.pretrained import listed, load_state, read_weights
+def load_pretrained_weights(model: Classifier, spec: str, allow_partial: bool = False) -> tuple[str, bool]:
+    """--pretrained: the backbone's weights from a local file (or a timm name found in the local caches) and,
+    from a FLAIR checkpoint, the vision projection into a concept head's W_v (see kdcli.models.pretrained).
+    A partial load is refused unless `allow_partial`. Returns one line for the log (what loaded, what was left
+    as initialised, what in the file went unused) and whether the projection loaded."""
+    from kdcli.models.pretrained import (
+        check_architecture,
+        check_complete,
+        listed,
+        load_report,
+        load_state,
+        read_weights,
+        resolve_weights,
+    )
 
+    path, named_architecture = resolve_weights(spec)
+    check_architecture(spec, named_architecture, model.spec["backbone"])
     weights = read_weights(path)
     left, unused = load_state(model.backbone, weights, path, model.spec["backbone"])
+    check_complete(left, unused, path, model.spec["backbone"], allow_partial)
     projection_loaded = False
-    parts = [f"--pretrained {path}: {'FLAIR checkpoint, ' if weights.flair else ''}backbone "
-             f"{len(model.backbone.state_dict()) - len(left)} tensors loaded, left as initialised: {listed(left)}, "
-             f"unused from the file: {listed(unused)}"]
+    parts = [load_report(spec, path, len(model.backbone.state_dict()) - len(left), left, unused, weights.flair)]
     if weights.projection:
         if isinstance(model.head, ConceptHead):
             _load_projection(model.head, weights.projection, path)

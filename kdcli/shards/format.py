@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdcli.errors import KdcliError
+from kdcli.storage import atomic_write, write_bytes_synced
 
 SCHEMA_VERSION = 1
 DATASET_JSON = "dataset.json"
@@ -34,18 +33,9 @@ def shard_name(split: str, modalities: list[str] | tuple[str, ...], number: int,
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write to a temporary name in the same folder, then rename: readers never see half a file (and a full
+    disk is one line naming `path`; see kdcli.storage)."""
+    atomic_write(Path(path), lambda tmp: write_bytes_synced(tmp, data))
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -83,6 +73,8 @@ class DatasetMeta:
     unlabeled: dict[str, dict[str, int]] = field(default_factory=dict)
     prepare: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # bad data kept, repaired (duplicate rows, NaN voxels, leakage allowed...): kind -> {message, count, examples}
+    data_warnings: dict[str, dict[str, Any]] = field(default_factory=dict)
     content_hash: str = ""
     kdcli_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -110,6 +102,7 @@ class DatasetMeta:
             "unlabeled": self.unlabeled,
             "prepare": self.prepare,
             "extra": self.extra,
+            "data_warnings": self.data_warnings,
             "content_hash": self.content_hash,
         }
 

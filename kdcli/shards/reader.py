@@ -12,12 +12,15 @@ import polars as pl
 
 from kdcli.errors import KdcliError
 from kdcli.shards.format import MANIFEST, SHARD_DIR, DatasetMeta
+from kdcli.shards.integrity import check_dataset
 
 SLICE_BYTES = 2 * 1024 * 1024  # contiguous runs up to this size are read as one h5py slice (measured faster)
 
 
 class ShardStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, check: bool = True):
+        """`check`: refuse shards or a manifest that are not what dataset.json describes (integrity.py); off only
+        for `inspect`, which reports instead."""
         self.root = Path(root)
         self.meta = DatasetMeta.load(self.root)
         manifest_path = self.root / MANIFEST
@@ -31,6 +34,8 @@ class ShardStore:
                                                        pl.lit(-1, pl.Int64).alias("position"))
         if "labelled" not in self.manifest.columns:  # written before unlabeled samples existed
             self.manifest = self.manifest.with_columns((pl.col("label") >= 0).alias("labelled"))
+        if check:
+            check_dataset(self.root, self.manifest, self.meta.content_hash)
         self._handles: dict[str, h5py.File] = {}
         self._arrays: dict[tuple[str, str], h5py.Dataset] = {}
         self._raw: dict[tuple[str, str], tuple] = {}  # (raw chunks?, sample shape, dtype, offsets, bytes)
@@ -51,6 +56,12 @@ class ShardStore:
         if task:
             frame = frame.filter(pl.col("task") == task)
         return frame
+
+    def verify(self, split: str | None = None) -> dict[str, str]:
+        """Re-hash the shards of `split` (all when None) from their bytes, once per process; raises naming a shard
+        that differs. Returns shard -> digest of every shard."""
+        shards = set(self.rows(split)["shard"].to_list())
+        return check_dataset(self.root, self.manifest, self.meta.content_hash, rehash=shards, full=split is None)
 
     def require_modality(self, modality: str) -> None:
         if modality not in self.meta.modalities:

@@ -44,6 +44,8 @@ class Scan:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"classes": [...], "ordinal": bool}
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # quirks met while scanning, shown to the user
+    # bad data kept (see sources/quality.py): filled by prepare from the scan's and the records' `warn` calls
+    warnings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # array name -> {"channels": C, "dtype": "uint8"|"float16", "role": "input"|"target", optional "shape" for
     # arrays that are not (size, size, C) images, e.g. a label vector [14]}; names not listed here
     # are uint8 inputs with the channels given in `modalities`. Targets (masks, heatmaps) are stored like

@@ -45,7 +45,9 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
+from kdcli.sources.quality import warn
 from kdcli.sources.splits import parse_ratios, stable_seed
+from kdcli.sources.text import decoding
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -291,7 +293,7 @@ def read_splits(path: Path) -> dict[str, str]:
             for case in cases:
                 add(str(case), str(split), f"{split!r} list")
     else:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle, decoding(path):
             reader = csv.reader(handle)
             header = [h.strip().lower() for h in next(reader, [])]
             if "case" not in header or "split" not in header:
@@ -322,6 +324,17 @@ def _voxels(case: str, path: str, dtype: type) -> np.ndarray:
                           hint="re-download or re-extract the case, or pass --skip-bad") from None
 
 
+def _zero_nonfinite(case: str, name: str, path: str, volume: np.ndarray) -> None:
+    """NaN or infinite voxels (a skull-stripping tool's background, a failed conversion) become 0, i.e. outside
+    the brain, in place, and are counted as a data warning instead of reaching the shards as NaN."""
+    bad = ~np.isfinite(volume)
+    count = int(bad.sum())
+    if count:
+        volume[bad] = 0.0
+        warn("nonfinite_voxels", "sequences with NaN or infinite voxels, set to 0 (outside the brain)",
+             f"case {case} {name}: {count} voxel(s) in {Path(path).name}")
+
+
 def _bounds(mask: np.ndarray) -> tuple[int, int]:
     where = np.flatnonzero(mask)
     return int(where[0]), int(where[-1]) + 1
@@ -337,6 +350,40 @@ def _to_square(plane: np.ndarray, crop: list[int], pad: list[int], side: int) ->
 def _resize(square: np.ndarray, size: int, interpolation: int) -> np.ndarray:
     # cv2 takes (width, height); both are `size`, so the array axes keep their meaning.
     return square if square.shape[0] == size else cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+def brain_mask(volumes: dict[str, np.ndarray]) -> np.ndarray:
+    """The brain: voxels non-zero in any of the (skull-stripped) sequences."""
+    brain = np.zeros(next(iter(volumes.values())).shape, dtype=bool)
+    for volume in volumes.values():
+        brain |= volume != 0
+    return brain
+
+
+def zscore_in_brain(volumes: dict[str, np.ndarray], brain: np.ndarray) -> None:
+    """Each sequence z-scored over the brain, zero outside; in place: a 240x240x155 case is ~36 MB per float32
+    copy. `prepare` and `kdcli predict` both call this."""
+    for volume in volumes.values():
+        inside = volume[brain]
+        mean = float(inside.mean(dtype=np.float64)) if inside.size else 0.0
+        std = float(inside.std(dtype=np.float64)) if inside.size else 0.0
+        volume[brain] = (inside - mean) / (std if std > 1e-8 else 1.0)  # a flat sequence becomes 0s, not NaN
+        volume[~brain] = 0.0
+
+
+def crop_square(region: np.ndarray) -> tuple[list[int], list[int], int]:
+    """The in-plane crop (x0, x1, y0, y1) of `region`'s bounding box over all slices, the centring pad and the
+    square's side: what `stored_slice` applies and `label_volume` undoes."""
+    x0, x1 = _bounds(region.any(axis=(1, 2)))
+    y0, y1 = _bounds(region.any(axis=(0, 2)))
+    side = max(x1 - x0, y1 - y0)
+    return [x0, x1, y0, y1], [(side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2], side
+
+
+def stored_slice(volume: np.ndarray, z: int, crop: list[int], pad: list[int], side: int, size: int) -> np.ndarray:
+    """Axial slice z of a z-scored sequence as stored: cropped, padded to the square, resized; float16
+    (size, size, 1)."""
+    return _resize(_to_square(volume[:, :, z], crop, pad, side), size, cv2.INTER_LINEAR).astype(np.float16)[:, :, None]
 
 
 def label_volume(info: dict[str, Any], slices: dict[int, np.ndarray]) -> np.ndarray:
@@ -402,6 +449,7 @@ class BratsSource(Source):
             raise KdcliError(f"--empty-slices {self.empty_slices}: expected a fraction between 0 and 1")
         self.seed = int(options.get("seed") or 0)
         self.skip_bad = bool(options.get("skip_bad", False))
+        self.ratios = parse_ratios(options.get("ratios") or "0.7,0.1,0.2")  # refused before any case is read
 
     def scan(self, raw: Path) -> Scan:
         raw = Path(raw)
@@ -476,8 +524,7 @@ class BratsSource(Source):
         unlabeled = unlabeled or {}
         groups = {case: patient_of(case) for case in cases}
         if not self.options.get("splits"):
-            by_group = split_groups(list(groups.values()), parse_ratios(self.options.get("ratios") or "0.7,0.1,0.2"),
-                                    self.seed)
+            by_group = split_groups(list(groups.values()), self.ratios, self.seed)
             return {case: by_group[group] for case, group in groups.items()}
         path = Path(self.options["splits"])
         listed = read_splits(path)
@@ -538,29 +585,20 @@ class BratsSource(Source):
         naming = naming_of(record.files)
         et_value = ET_VALUE[naming]
         volumes = {name: _voxels(case, record.files[name], np.float32) for name in SEQUENCES}
+        for name, volume in volumes.items():
+            _zero_nonfinite(case, name, record.files[name], volume)
         labelled = record.label != UNLABELED
         # an unlabeled case's grid comes from its T1 header (the sequences share it: checked by the scan)
         mapped, grid_image = self._mapped_label(record, naming) if labelled else (None, nib.load(record.files["t1"]))
         shape = volumes["t1"].shape
 
-        brain = np.zeros(shape, dtype=bool)
-        for volume in volumes.values():
-            brain |= volume != 0
+        brain = brain_mask(volumes)
         # Tumour voxels count as brain for the crop and the kept slices, so no labelled voxel is ever cropped away.
         region = brain | (mapped > 0) if labelled else brain
         if not region.any():
             raise _case_error(case, "every sequence is zero everywhere (no brain)")
-        for volume in volumes.values():  # in place: a 240x240x155 case is ~36 MB per float32 copy
-            inside = volume[brain]
-            mean = float(inside.mean(dtype=np.float64)) if inside.size else 0.0
-            std = float(inside.std(dtype=np.float64)) if inside.size else 0.0
-            volume[brain] = (inside - mean) / (std if std > 1e-8 else 1.0)  # a flat sequence becomes 0s, not NaN
-            volume[~brain] = 0.0
-
-        x0, x1 = _bounds(region.any(axis=(1, 2)))
-        y0, y1 = _bounds(region.any(axis=(0, 2)))
-        side = max(x1 - x0, y1 - y0)
-        crop, pad = [x0, x1, y0, y1], [(side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2]
+        zscore_in_brain(volumes, brain)
+        crop, pad, side = crop_square(region)
         slices = self._kept_slices(record, region, mapped)
         tumour = mapped.any(axis=(0, 1)) if labelled else None
         info = {
@@ -576,8 +614,7 @@ class BratsSource(Source):
 
         def samples() -> Iterator[Sample]:
             for z in slices:
-                arrays = {name: _resize(_to_square(volumes[name][:, :, z], crop, pad, side), size,
-                                        cv2.INTER_LINEAR).astype(np.float16)[:, :, None] for name in SEQUENCES}
+                arrays = {name: stored_slice(volumes[name], z, crop, pad, side, size) for name in SEQUENCES}
                 if not labelled:  # no label map: the slice's shard holds the sequences alone
                     yield Sample(f"{case}:{z:03d}", UNLABELED, arrays, position=z)
                     continue

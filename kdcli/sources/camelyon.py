@@ -11,7 +11,16 @@ Layouts (found at any depth under RAW, hidden files and `__MACOSX` skipped; the 
 Outlines are ASAP-style JSON in level-0 pixels: {"positive": [{"vertices": [[x, y], ...]}, ...]}.
 
 Labels: `label_column` (ALN status) N0 / N+(1-2) / N+(>2); binary (default) folds N+(1-2) and N+(>2) into N+.
-Splits: seeded, stratified by label, at patient level (BCNB has one slide per patient, so a slide is a group).
+Unlabeled slides (kdcli's extension for distillation on slides nobody staged): a row whose label cell is empty
+makes its slide an unlabeled training slide (records of label -1, split train, patches in shards of their own,
+counted in dataset.json's "unlabeled"); any other value outside the vocabulary stays an error. Its clinical
+vector is encoded as every other (the train statistics come from the labelled train slides alone, so adding
+unlabeled slides changes no labelled record). Refused, in one line each: a patient with one row staged and one
+not, an unlabeled slide a splits file lists in dev or test, a row without its slide (and a slide without its row).
+Splits: seeded, stratified by label, at patient level (BCNB has one slide per patient, so a slide is a group),
+or `splits`: a JSON {"train": [ids], "dev": [...], "test": [...]} or a CSV (`slide,split`) listing every labelled
+slide (unlabeled ones may be listed, in train only). `synth camelyon` writes its split to splits.json when its
+noisy labels or extra test slides depend on it; a splits.json in RAW that was not passed is named in a note.
 
 Clinical vector (arrays "clinical" float16 [D] and "clinical_mask" uint8 [D], 1 = observed, identical for every
 patch of a slide): Age, Tumour Size and Ki67 z-scored with mean/std of the TRAIN split's observed values; Tumour
@@ -56,9 +65,11 @@ import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
-from kdcli.sources.base import Record, Sample, Scan, Source
+from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
+from kdcli.sources.imaging import quiet_opencv
 from kdcli.sources.splits import parse_ratios, stable_seed
 
+quiet_opencv()  # BCNB's JPEGs are read with cv2.imread: one kdcli line per broken file, no OpenCV warning
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes
 
 OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs")
@@ -262,8 +273,9 @@ class _Row:
 
 def _parse_row(number: int, cells: list[str | None], columns: dict[str, int], label_at: int, label_name: str,
                binary: bool, where: str) -> _Row:
+    """The row's label (UNLABELED when its label cell is empty: nobody staged that axilla) and clinical values."""
     value = cells[label_at]
-    label = _label(value, binary)
+    label = UNLABELED if _key(value) is None else _label(value, binary)
     if label is None:
         raise KdcliError(f"{where}: {label_name} {value!r} is not one of {', '.join(ALN)}", hint=SHEET_HINT)
     numeric: dict[str, float | None] = {}
@@ -287,7 +299,7 @@ def _parse_row(number: int, cells: list[str | None], columns: dict[str, int], la
     return _Row(number, label, numeric, categorical)
 
 
-def _stratified_splits(labels: dict[str, int], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
+def stratified_splits(labels: dict[str, int], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
     """Seeded patient-level split per class: largest-remainder shares; a class with 3+ patients puts at least one
     in every split with a non-zero ratio, so dev and test see every class on small sets."""
     by_label: dict[int, list[str]] = {}
@@ -317,6 +329,55 @@ def _stratified_splits(labels: dict[str, int], ratios: tuple[float, float, float
         for rank, index in enumerate(order):
             assignment[members[index]] = names[rank]
     return assignment
+
+
+SPLITS_FILE = "splits.json"  # what `synth camelyon` writes when its split shapes the files
+SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
+                 "validation": "dev", "test": "test", "testing": "test"}
+SPLIT_ID_COLUMNS = ("slide", "id", "case", "patient", "patient id")
+
+
+def read_splits(path: Path) -> dict[str, str]:
+    """Slide id (as _key compares ids) -> split, from JSON {"train": [ids], "dev": [...], "test": [...]} (val /
+    validation = dev) or a CSV with a `split` column and a slide / id / case / patient column."""
+    if not path.is_file():
+        raise KdcliError("splits file not found", path=path, hint="pass --splits with a JSON or CSV file")
+    entries: list[tuple[str, str, str]] = []  # id, split as written, where
+    if path.suffix.lower() == ".json":
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise KdcliError(f"not a valid splits JSON ({_reason(exc, path)})", path=path,
+                             hint='expected {"train": [slide ids], "dev": [...], "test": [...]}') from None
+        if not isinstance(payload, dict) or not all(isinstance(v, list) for v in payload.values()):
+            raise KdcliError('expected {"train": [slide ids], "dev": [...], "test": [...]}', path=path,
+                             hint="one list of slide ids per split")
+        entries = [(str(i), str(split), f"{split!r} list") for split, ids in payload.items() for i in ids]
+    else:
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+        header = [_fold(h) for h in (rows[0] if rows else [])]
+        id_at = next((header.index(_fold(c)) for c in SPLIT_ID_COLUMNS if _fold(c) in header), None)
+        if "split" not in header or id_at is None:
+            raise KdcliError(f"expected a header with a split column and a slide id column (found: "
+                             f"{','.join(rows[0]) if rows else 'nothing'})", path=path, hint="e.g. slide,split")
+        split_at = header.index("split")
+        entries = [(row[id_at], row[split_at], f"row {n}") for n, row in enumerate(rows[1:], start=2)
+                   if any(c.strip() for c in row)]
+    listed: dict[str, str] = {}
+    for slide, split, where in entries:
+        canonical = SPLIT_ALIASES.get(split.strip().lower())
+        if canonical is None:
+            raise KdcliError(f"{where}: unknown split {split!r}", path=path,
+                             hint="splits are train, dev (or val / validation) and test")
+        key = _key(slide) or slide
+        if listed.get(key, canonical) != canonical:
+            raise KdcliError(f"{where}: slide {slide} is listed in {listed[key]} and {canonical}", path=path,
+                             hint="a slide (patient) belongs to one split only")
+        listed[key] = canonical
+    return listed
 
 
 def _encoding(rows: dict[str, _Row], splits: dict[str, str], columns: list[str],
@@ -528,7 +589,8 @@ def spread_sample(count: int, limit: int, seed: int) -> list[int]:
 
 class CamelyonSource(Source):
     """Options: clinical (sheet path), id_column, label_column, binary, mag, native_mag, patch_size, max_patches,
-    tissue_threshold, min_tissue, annotated_only, ratios, seed, skip_bad, thumbnails (folder for check PNGs)."""
+    tissue_threshold, min_tissue, annotated_only, ratios, seed, splits (JSON or CSV file), skip_bad, thumbnails
+    (folder for check PNGs)."""
 
     name = "camelyon"
     records_per_shard = 2  # a slide is up to max_patches samples
@@ -619,11 +681,25 @@ class CamelyonSource(Source):
                                      hint="give every row its slide id, or delete the row")
                 continue
             if key in by_key:
-                raise KdcliError(f"rows {by_key[key][0]} and {number} share {self.id_column} {key}", path=sheet,
+                first, other = by_key[key]
+                staged = [_key(r[label_at]) is not None for r in (other, row)]
+                if staged[0] != staged[1]:  # the same patient staged and not: labelled and unlabeled at once
+                    at = (first, number) if staged[0] else (number, first)
+                    raise KdcliError(f"patient {key} is both labelled (row {at[0]}) and unlabeled (row {at[1]}, no "
+                                     f"{self.label_column})", path=sheet,
+                                     hint="a patient is labelled or unlabeled, not both: delete one of the rows")
+                raise KdcliError(f"rows {first} and {number} share {self.id_column} {key}", path=sheet,
                                  hint="keep one row per patient")
             by_key[key] = (number, row)
 
-        slide_keys = {(_key(s) or s): s for s in slides}
+        slide_keys: dict[str, str] = {}
+        for slide_id in slides:  # "7.jpg" and "007.jpg" are one patient: one would be dropped silently
+            key = _key(slide_id) or slide_id
+            if key in slide_keys:
+                raise KdcliError(f"slides {slides[slide_keys[key]]} and {slides[slide_id]} are one patient "
+                                 f"({self.id_column} {key})", path=raw,
+                                 hint="keep one slide per patient (BCNB has one biopsy slide each)")
+            slide_keys[key] = slide_id
         bad_keys = {(_key(s) or s) for s in bad}
         no_row = sorted(s for k, s in slide_keys.items() if k not in by_key)
         no_slide = sorted((k for k in by_key if k not in slide_keys and k not in bad_keys), key=_natural)
@@ -654,14 +730,24 @@ class CamelyonSource(Source):
             raise KdcliError("no slide is left with a usable clinical row; nothing to prepare", path=raw,
                              hint="see the notes for why")
 
-        splits = _stratified_splits({s: r.label for s, r in parsed.items()}, self.ratios, self.seed)
-        features, encoding = _encoding(parsed, splits, list(columns), notes)
+        labelled = {s: r for s, r in parsed.items() if r.label != UNLABELED}
+        unlabeled = sorted(s for s, r in parsed.items() if r.label == UNLABELED)
+        if not labelled:
+            raise KdcliError(f"no slide has a {self.label_column}: nothing to learn from", path=sheet,
+                             hint=f"fill the {self.label_column} column (rows without it are unlabeled slides)")
+        if unlabeled:
+            notes.append(f"unlabeled: {len(unlabeled)} slide(s) whose {self.label_column} is empty (train only, "
+                         "for distillation terms; first: " + ", ".join(unlabeled[:3]) + ")")
+        splits = self._splits(raw, labelled, unlabeled, set(slide_keys) | bad_keys, notes)
+        # statistics from the labelled train slides alone: adding unlabeled ones changes no labelled record
+        features, encoding = _encoding(labelled, splits, list(columns), notes)
         records = []
         for slide_id, row in sorted(parsed.items()):
             vector, mask = _encode(row, encoding)
             path = slides[slide_id]
             records.append(SlideRecord(
-                id=slide_id, group=slide_id, split=splits[slide_id], label=row.label, files={"wsi": str(path)},
+                id=slide_id, group=slide_id, split=splits.get(slide_id, "train"), label=row.label,
+                files={"wsi": str(path)},
                 clinical=vector, clinical_mask=mask, outline=_outline_for(path, jsons.get(path.stem, []))))
         dim = len(features)
         classes = list(CLASSES[self.binary])
@@ -687,6 +773,44 @@ class CamelyonSource(Source):
             },
             notes=notes,
         )
+
+    def _splits(self, raw: Path, labelled: dict[str, _Row], unlabeled: list[str], on_disk: set[str],
+                notes: list[str]) -> dict[str, str]:
+        """Slide -> split of the labelled slides (seeded and stratified, or from --splits) and of the unlabeled
+        ones (train; a splits file may list them, in train only). Unlabeled slides take no part in the seeded
+        split, so adding them changes no labelled slide's split."""
+        if not self.options.get("splits"):
+            if (raw / SPLITS_FILE).is_file():
+                notes.append(f"RAW holds {SPLITS_FILE} (a `synth camelyon` split: its noisy labels and extra test "
+                             f"slides depend on it) but --splits was not given: slides split by --ratios; pass "
+                             f"--splits {raw / SPLITS_FILE} to use it")
+            splits = stratified_splits({s: r.label for s, r in labelled.items()}, self.ratios, self.seed)
+            return {**splits, **dict.fromkeys(unlabeled, "train")}
+        path = Path(self.options["splits"])
+        listed = read_splits(path)
+        key_of = {(_key(s) or s): s for s in (*labelled, *unlabeled)}
+        absent = sorted((k for k in listed if k not in key_of and k not in on_disk), key=_natural)  # skipped: kept
+        if absent:
+            raise KdcliError(f"{len(absent)} listed slide(s) not found in RAW and the sheet: {', '.join(absent[:5])}"
+                             f"{' ...' if len(absent) > 5 else ''}", path=path,
+                             hint="fix the slide ids (file stems) or restore the slides and their rows")
+        unlisted = sorted((s for k, s in key_of.items() if s in labelled and k not in listed), key=_natural)
+        if unlisted:
+            raise KdcliError(f"{len(unlisted)} labelled slide(s) are not listed: {', '.join(unlisted[:5])}"
+                             f"{' ...' if len(unlisted) > 5 else ''}", path=path,
+                             hint="give every labelled slide a split (train, dev or test)")
+        held = sorted((s for k, s in key_of.items() if s in unlabeled and listed.get(k, "train") != "train"),
+                      key=_natural)
+        if held:
+            slide = held[0]
+            raise KdcliError(f"slide {slide} has no {self.label_column} (unlabeled) but is listed in "
+                             f"{listed[_key(slide) or slide]}" + (f", and {len(held) - 1} more" if len(held) > 1
+                                                                    else ""), path=path,
+                             hint="unlabeled slides can only train: list them under train, or not at all")
+        empty = [split for split in ("train", "dev", "test") if split not in set(listed.values())]
+        if empty:
+            notes.append(f"splits file {path.name} puts no slide in {', '.join(empty)}")
+        return {s: listed.get(k, "train") for k, s in key_of.items()}
 
     # ------------------------------------------------------------ read
 

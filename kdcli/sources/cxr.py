@@ -22,6 +22,16 @@ Stored arrays per image: xray (size, size, 1) uint8; labels (L,) uint8 0/1, 255 
 any box; annotated [has_gaze, has_boxes]. Heatmaps and box masks share the image's geometry (pad to square,
 resize), so they stay aligned with it.
 
+Unlabeled images (kdcli's extension, for distillation on images nobody graded): ChestX-ray14 rows of Data_Entry
+whose Finding Labels field is blank (Data_Entry is the metadata and the label file at once; the real release
+writes "No Finding" for normals, never a blank), MIMIC-CXR images of the split CSV whose study has no chexpert
+row or one with every finding blank. They become records of label -1 without a `labels` array (in shards of
+their own; views read their label vector as all 255), in the train split only: an unlabeled image in
+test_list.txt or in MIMIC's validate/test split, one of a patient with dev or test images, a name listed both
+labelled and unlabeled, a study with a blank and a labelled row, or a box on an unlabeled image is refused in
+one line (skip_bad leaves such images out, where that is meaningful). ChestX-ray14's dev carve keeps patients
+with unlabeled images in train. Their gaze is read as any other's; the annotated fraction counts labelled images.
+
 Gaze heatmaps follow the official recipes at the original image's resolution:
     EGD-CXR   counts at (X_ORIGINAL, Y_ORIGINAL), which are already original-image pixels (the master sheet's pads
               are screen letterboxing, not applied again), then scipy gaussian_filter(sigma=egd_sigma px).
@@ -41,7 +51,6 @@ the record to the worker processes, so `load` never re-reads the gaze CSVs, noth
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import struct
@@ -55,8 +64,10 @@ import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
-from kdcli.sources.base import Record, Sample, Scan, Source
+from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import resize_square
+from kdcli.sources.quality import warn
+from kdcli.sources.text import decoding, open_text, read_text
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -86,12 +97,12 @@ class CxrRecord(Record):
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", newline="") if path.name.endswith(".gz") else open(path, newline="")
+    return open_text(path)
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) for every non-empty row, header included."""
-    with _open_text(path) as handle:
+    with _open_text(path) as handle, decoding(path):
         reader = csv.reader(handle)
         for row in reader:
             if any(cell.strip() for cell in row):
@@ -99,7 +110,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def _csv_dicts(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    with _open_text(path) as handle:
+    with _open_text(path) as handle, decoding(path):
         reader = csv.DictReader(handle)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -211,6 +222,16 @@ def read_xray(path: str | Path) -> np.ndarray:
     return image
 
 
+def stored_xray(image: np.ndarray, size: int) -> np.ndarray:
+    """A decoded grey X-ray (H, W) as stored: zero-padded to square, resized, (size, size, 1)."""
+    return resize_square(image[:, :, None], size)
+
+
+def preprocess_xray(path: str | Path, size: int) -> np.ndarray:
+    """One raw X-ray file (PNG, JPEG or DICOM) as `prepare` stores it; `kdcli predict` calls this too."""
+    return stored_xray(read_xray(path), size)
+
+
 # ---------------------------------------------------------------- heatmaps and masks (original-image geometry)
 
 
@@ -285,7 +306,54 @@ def box_mask(boxes: list[list[float]], height: int, width: int, size: int) -> np
     return mask[:, :, None]
 
 
+def _repeated(seen: dict[str, tuple[int, Any]], key: str, line: int, content: Any, path: Path, what: str) -> bool:
+    """True for a second row of `key` with the same content (a data warning; the row is dropped); a second row
+    that says something else is an error (which one is right cannot be guessed)."""
+    if key not in seen:
+        seen[key] = (line, content)
+        return False
+    first_line, first = seen[key]
+    if first != content:
+        raise KdcliError(f"line {line}: {key} is listed again (first on line {first_line}) with other labels, "
+                         "patient or split", path=path, hint="delete the wrong row")
+    warn(f"duplicate_{what}", f"{path.name} {what}s repeated with the same content, kept once",
+         f"{key} (line {line})")
+    return True
+
+
+def _check_boxes(image: str, targets: dict) -> None:
+    """Boxes (x, y, w, h, original pixels) must lie on the image: an empty box or one entirely off the image is
+    dropped (it would otherwise become a made-up 1-pixel mask), one partly off it is clipped; both counted."""
+    if "boxes" not in targets:
+        return
+    height, width = targets["dims"]
+    kept = []
+    for x, y, w, h in targets["boxes"]:
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+        if w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
+            warn("box_off_image", "boxes empty or entirely outside their image, dropped",
+                 f"{image} [{x:g}, {y:g}, {w:g}, {h:g}] on {width}x{height}")
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            warn("box_clipped", "boxes partly outside their image, clipped to it",
+                 f"{image} [{x:g}, {y:g}, {w:g}, {h:g}] on {width}x{height}")
+        kept.append([x0, y0, x1 - x0, y1 - y0])
+    if kept:
+        targets["boxes"] = kept
+    else:
+        del targets["boxes"]  # not annotated with boxes after all
+
+
 # ---------------------------------------------------------------- the source
+
+
+def nih_dev_patients(patients: set[str], fraction: float, seed: int) -> set[str]:
+    """The train_val patients ChestX-ray14's dev split takes: each with probability `fraction`, seeded. Shared
+    with the phantom (`synth cxr`), which must know which training labels `prepare` keeps in train."""
+    ordered = sorted(patients, key=lambda p: (len(p), p))
+    count = round(fraction * len(ordered))
+    return {ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))[:count]}
+
 
 
 @dataclass
@@ -295,7 +363,8 @@ class _Entry:
     group: str
     split: str
     path: Path
-    labels: list[int]
+    labels: list[int] | None  # None: unlabeled (nobody graded it)
+    line: int = 0  # its row in the label (NIH) or split (MIMIC) file, for messages
 
 
 class CxrSource(Source):
@@ -341,9 +410,10 @@ class CxrSource(Source):
         by_key = {e.key: e for e in entries}
         gaze, gaze_source = self._gaze(by_key, notes)
         boxes = self._boxes(layout, classes, {e.id: e for e in entries}, notes)
-        records, annotated_train, train = [], 0, 0
+        records, annotated_train, train, pool, pool_gaze = [], 0, 0, 0, 0
         for entry in sorted(entries, key=lambda e: e.id):
-            targets: dict[str, Any] = {"labels": entry.labels}
+            # an unlabeled image carries no label vector at all (its shard has no "labels" array)
+            targets: dict[str, Any] = {} if entry.labels is None else {"labels": entry.labels}
             if entry.key in gaze:
                 targets["gaze"] = gaze[entry.key]
             if entry.id in boxes:
@@ -351,13 +421,22 @@ class CxrSource(Source):
             if "gaze" in targets or "boxes" in targets:
                 targets["dims"] = list(image_dims(entry.path))
                 self._drop_outside(entry, targets, notes)
-            if entry.split == "train":
-                train += 1
-                annotated_train += bool("gaze" in targets or "boxes" in targets)
-            positive = any(v == 1 for v, name in zip(entry.labels, classes, strict=True) if name != "No Finding")
-            records.append(CxrRecord(id=entry.id, group=entry.group, split=entry.split, label=int(positive),
+                _check_boxes(entry.id, targets)
+            if entry.labels is None:
+                pool += 1
+                pool_gaze += "gaze" in targets
+                label = UNLABELED
+            else:
+                if entry.split == "train":
+                    train += 1
+                    annotated_train += bool("gaze" in targets or "boxes" in targets)
+                label = int(any(v == 1 for v, name in zip(entry.labels, classes, strict=True) if name != "No Finding"))
+            records.append(CxrRecord(id=entry.id, group=entry.group, split=entry.split, label=label,
                                      files={"xray": str(entry.path)},
                                      targets=json.dumps(targets, separators=(",", ":"))))
+        if pool:
+            notes.append(f"unlabeled pool: {pool} training image(s), {pool_gaze} with gaze (label -1: distillation "
+                         "terms only)")
         dropped = sum(self._outside.values())
         if dropped:
             notes.append(f"{dropped} gaze point(s) outside their image dropped "
@@ -382,7 +461,7 @@ class CxrSource(Source):
                 "ignore_value": IGNORE,
                 "gaze_source": gaze_source,
                 "egd_sigma": self.egd_sigma if gaze_source == "egd" else None,
-                "annotated_fraction": annotated_train / train if train else 0.0,
+                "annotated_fraction": annotated_train / train if train else 0.0,  # of the labelled train images
                 "label_names": ["no finding", "finding"],  # the manifest label; the findings are in `labels`
                 "label_names_raw": list(official),
                 "annotated_names": ["gaze", "boxes"],
@@ -424,11 +503,23 @@ class CxrSource(Source):
                              hint=f"expected ChestX-ray14's `{','.join(NIH_HEADER)},Patient Age,Patient Gender,...`")
         wanted = set(classes)
         entries, unlisted, aliased = [], 0, 0
+        seen: dict[str, tuple[int, Any]] = {}
+        graded: dict[str, tuple[int, bool]] = {}  # image -> (first line, labelled)
         for line, row in rows:
             if len(row) < 4:
                 self._bad(f"line {line}: {len(row)} fields, expected at least 4", table, notes)
                 continue
             name, findings, patient = row[0].strip(), row[1].strip(), row[3].strip()
+            # Data_Entry is the metadata as well as the label file: a row whose Finding Labels field is blank
+            # (never so in the real release, where normals say "No Finding") is an image nobody graded
+            labelled = bool(findings)
+            if name in graded and graded[name][1] != labelled:
+                first, _ = graded[name]
+                self._bad(f"line {line}: image {name} is listed {'labelled' if labelled else 'unlabeled'} here and "
+                          f"{'unlabeled' if labelled else 'labelled'} at line {first}", table, notes,
+                          hint="an image is labelled or unlabeled (blank Finding Labels), not both: delete one row")
+                continue
+            graded.setdefault(name, (line, labelled))
             labels, bad = [0] * len(classes), None
             for finding in (f.strip() for f in findings.split("|")):
                 if finding in ("No Finding", ""):
@@ -453,13 +544,38 @@ class CxrSource(Source):
             if split is None:
                 unlisted += 1
                 continue
-            entries.append(_Entry(name, Path(name).stem, patient.lstrip("0") or "0", split, path, labels))
+            if not labelled and split == "test":
+                self._bad(f"line {line}: unlabeled image {name} (blank Finding Labels) is in test_list.txt",
+                          raw / "test_list.txt", notes,
+                          hint="unlabeled images can only train: move it to train_val_list.txt, or give it its "
+                               "Finding Labels; or pass skip_bad to leave such images out")
+                continue
+            if _repeated(seen, name, line, (labels if labelled else None, patient), table, "row"):
+                continue
+            entries.append(_Entry(name, Path(name).stem, patient.lstrip("0") or "0", split, path,
+                                  labels if labelled else None, line))
         if aliased:
             notes.append(f"{table.name}: 'Infiltrate' read as 'Infiltration' in {aliased} row(s)")
         if unlisted:
             notes.append(f"{unlisted} image(s) in neither train_val_list.txt nor test_list.txt left out")
+        entries = self._held_out_patients(entries, table, "patient", "images in test_list.txt", notes)
         self._carve_dev(entries, notes)
         return entries
+
+    def _held_out_patients(self, entries: list[_Entry], path: Path, who: str, where: str,
+                           notes: list[str]) -> list[_Entry]:
+        """Unlabeled images of a patient with dev or test images are refused: that patient's other images would
+        leak into what the student is judged on (prepare's check_unlabeled is the backstop for every source)."""
+        held = {e.group for e in entries if e.split != "train" and e.labels is not None}
+        kept = []
+        for e in entries:
+            if e.labels is None and e.group in held:
+                self._bad(f"line {e.line}: unlabeled image {e.id} belongs to {who} {e.group}, who has {where}", path,
+                          notes, hint="unlabeled images train only: drop it, or move that patient's labelled images "
+                                      "to training; or pass skip_bad to leave such images out")
+                continue
+            kept.append(e)
+        return kept
 
     @staticmethod
     def _nih_images(raw: Path) -> dict[str, Path]:
@@ -482,23 +598,27 @@ class CxrSource(Source):
                 raise KdcliError(f"missing {list_name}", path=raw,
                                  hint="ChestX-ray14's official split lists train_val_list.txt and test_list.txt "
                                       "must sit next to Data_Entry_2017.csv")
-            for line in path.read_text(errors="replace").splitlines():
-                if line.strip():
-                    split_of[line.strip()] = split
+            for number, line in enumerate(read_text(path).splitlines(), start=1):
+                name = line.strip()
+                if name and split_of.get(name, split) != split:
+                    raise KdcliError(f"line {number}: image {name} is also in train_val_list.txt", path=path,
+                                     hint="an image belongs to one split: delete it from one of the two lists")
+                if name in split_of:
+                    warn("duplicate_list_line", "images listed twice in one split list, kept once",
+                         f"{name} ({list_name} line {number})")
+                elif name:
+                    split_of[name] = split
         return split_of
 
     def _carve_dev(self, entries: list[_Entry], notes: list[str]) -> None:
-        """Patients of the official train_val list go to dev with probability dev_fraction (seeded)."""
+        """Patients of the official train_val list go to dev with probability dev_fraction (seeded); those with
+        unlabeled images stay in train (unlabeled images only train)."""
         by_split = defaultdict(set)
         for e in entries:
             by_split[e.split].add(e.group)
-        both = by_split["train"] & by_split["test"]
-        if both:
-            notes.append(f"{len(both)} patient(s) in both train_val_list and test_list (e.g. {min(both)})")
-        patients = sorted(by_split["train"] - both, key=lambda p: (len(p), p))
-        count = round(self.dev_fraction * len(patients))
-        chosen = np.random.default_rng(self.seed).permutation(len(patients))[:count]
-        dev = {patients[i] for i in chosen}
+        unlabeled = {e.group for e in entries if e.labels is None}
+        both = by_split["train"] & by_split["test"]  # patient leakage: prepare refuses it (or --allow-leakage)
+        dev = nih_dev_patients(by_split["train"] - both - unlabeled, self.dev_fraction, self.seed)
         for e in entries:
             if e.split == "train" and e.group in dev:
                 e.split = "dev"
@@ -507,8 +627,19 @@ class CxrSource(Source):
 
     def _scan_mimic(self, raw: Path, classes: list[str], notes: list[str]) -> list[_Entry]:
         split_path, chexpert_path, metadata_path = (_find(raw, f"mimic-cxr-2.0.0-{n}.csv") for n in MIMIC_FILES)
-        labels_of: dict[tuple[str, str], list[int]] = {}
+        labels_of: dict[tuple[str, str], list[int] | None] = {}  # None: a row with every finding blank
+        line_of: dict[tuple[str, str], int] = {}
         for line, row in _csv_dicts(chexpert_path, ("subject_id", "study_id", *classes)):
+            key = (row["subject_id"].strip(), row["study_id"].strip())
+            blank = not any((row.get(name) or "").strip() for name in CHEXPERT_LABELS)
+            if key in labels_of and (labels_of[key] is None) != blank:
+                raise KdcliError(f"line {line}: study {key[1]} has a row with every finding blank (unlabeled) and "
+                                 f"a labelled one (lines {min(line, line_of[key])} and {max(line, line_of[key])})",
+                                 path=chexpert_path, hint="a study is labelled or unlabeled, not both: delete one row")
+            line_of[key] = line
+            if blank:  # the labeler said nothing about this study: nobody graded it
+                labels_of[key] = None
+                continue
             labels = []
             for name in classes:
                 value = (row.get(name) or "").strip()
@@ -517,16 +648,20 @@ class CxrSource(Source):
                 except ValueError:
                     raise KdcliError(f"line {line}: {name} is {value!r}, expected 1, 0, -1 or blank",
                                      path=chexpert_path, hint="use the original CheXpert label file") from None
+                if number not in (1.0, 0.0, -1.0):
+                    raise KdcliError(f"line {line}: {name} is {value!r}, expected 1, 0, -1 or blank",
+                                     path=chexpert_path, hint="use the original CheXpert label file")
                 if number == -1:
                     labels.append({"ones": 1, "zeros": 0, "ignore": IGNORE}[self.uncertain])
                 else:
                     labels.append(int(number == 1))
-            labels_of[(row["subject_id"].strip(), row["study_id"].strip())] = labels
-        with _open_text(metadata_path) as handle:
+            labels_of[key] = labels
+        with _open_text(metadata_path) as handle, decoding(metadata_path):
             header = next(csv.reader(handle), [])
         if "dicom_id" not in header:
             raise KdcliError("missing column dicom_id", path=metadata_path, hint="use the original metadata file")
         entries, unlabelled = [], 0
+        seen: dict[str, tuple[int, Any]] = {}
         splits = {"train": "train", "validate": "dev", "valid": "dev", "val": "dev", "test": "test"}
         for line, row in _csv_dicts(split_path, ("dicom_id", "study_id", "subject_id", "split")):
             dicom_id, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
@@ -541,15 +676,23 @@ class CxrSource(Source):
                 self._bad(f"line {line}: image {folder.relative_to(raw)}/{dicom_id}.jpg (or .dcm) not found",
                           split_path, notes, hint="restore the image, or pass skip_bad to leave such rows out")
                 continue
+            if _repeated(seen, dicom_id, line, (study, subject, split), split_path, "row"):
+                continue
             labels = labels_of.get((subject, study))
-            if labels is None:
+            if labels is None:  # no chexpert row, or one with every finding blank: an unlabeled image
+                if split != "train":
+                    self._bad(f"line {line}: unlabeled image {dicom_id} (study {study} has no label in "
+                              f"{chexpert_path.name}) is in split {row['split'].strip()!r}", split_path, notes,
+                              hint="unlabeled images can only train: set its split to train, or label its study; "
+                                   "or pass skip_bad to leave such images out")
+                    continue
                 unlabelled += 1
-                labels = [0] * len(classes)
-            entries.append(_Entry(dicom_id, dicom_id, subject, split, path, labels))
+            entries.append(_Entry(dicom_id, dicom_id, subject, split, path, labels, line))
         if unlabelled:
-            notes.append(f"{unlabelled} image(s) whose study has no row in {chexpert_path.name}: all labels negative")
+            notes.append(f"{unlabelled} image(s) whose study has no row in {chexpert_path.name}, or one with every "
+                         "finding blank: unlabeled (train only, label -1)")
         notes.append("MIMIC: official split used (validate -> dev); dev_fraction does not apply")
-        return entries
+        return self._held_out_patients(entries, split_path, "subject", "validate or test images", notes)
 
     # ------------------------------------------------------------ gaze
 
@@ -659,6 +802,10 @@ class CxrSource(Source):
             if name not in by_id:
                 self._bad(f"line {line}: box for image {name}, which is not in the dataset", path, notes)
                 continue
+            if by_id[name].labels is None:
+                self._bad(f"line {line}: box for image {name}, which is unlabeled (a box names its finding)", path,
+                          notes, hint="give the image its Finding Labels in Data_Entry, or delete the box row")
+                continue
             if label in classes:
                 found[name].append([_float(row[i], path, line, c) for i, c in zip(range(2, 6), "xywh", strict=True)])
         if aliased:
@@ -692,14 +839,17 @@ class CxrSource(Source):
             readings = [np.asarray(r, np.float64).reshape(-1, 9) for r in gaze["readings"]]
             heat = to_stored_heatmap(reflacx_heatmap(readings, height, width, size), size)
         boxes = targets.get("boxes") or []
-        return {
-            "xray": resize_square(image[:, :, None], size),
-            "labels": np.asarray(targets.get("labels", []), np.uint8),
+        arrays = {
+            "xray": stored_xray(image, size),
             "gaze": heat,
             "boxes": box_mask(boxes, height, width, size) if boxes else np.zeros((size, size, 1), np.uint8),
             "annotated": np.array([bool(heat.any()), bool(boxes)], np.uint8),
         }
+        if "labels" in targets:  # unlabeled images have none (their records have label -1)
+            arrays["labels"] = np.asarray(targets["labels"], np.uint8)
+        return arrays
 
 
-__all__ = ["CxrRecord", "CxrSource", "read_xray", "image_dims", "egd_heatmap", "reflacx_heatmap", "box_mask",
+__all__ = ["CxrRecord", "CxrSource", "read_xray", "preprocess_xray", "stored_xray", "image_dims",
+           "egd_heatmap", "reflacx_heatmap", "box_mask",
            "NIH_LABELS", "CHEXPERT_LABELS"]

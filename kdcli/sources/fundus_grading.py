@@ -192,6 +192,11 @@ def _declared_grades(value: object) -> int | None:
     return count
 
 
+def preprocess_image(path: str | Path, size: int) -> np.ndarray:
+    """One raw photo as `prepare` stores it (`kdcli predict` calls this too): RGB, zero-padded to square, resized."""
+    return resize_square(read_image(path, 3), size)
+
+
 class FundusGradingSource(Source):
     """Options: labels (CSV, required), task (required), image_dir, image_column, label_column,
     grades (number of grades, at least 2; default 5 for dr, 4 for amd, else the largest grade + 1), splits
@@ -232,7 +237,7 @@ class FundusGradingSource(Source):
                                   "ordinal": True}})
 
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
-        return {"fundus": resize_square(read_image(record.files["fundus"], 3), size)}
+        return {"fundus": preprocess_image(record.files["fundus"], size)}
 
     @staticmethod
     def _listed_splits(path: Path, names: list[str]) -> dict[str, str]:
@@ -247,13 +252,7 @@ class FundusGradingSource(Source):
             raise KdcliError(f"{len(absent)} listed image(s) are not in the label CSV: {', '.join(absent[:5])}"
                              f"{' ...' if len(absent) > 5 else ''}", path=path,
                              hint="is this the splits file of the other set?")
-        by_group: dict[str, set[str]] = {}
-        for name in names:
-            by_group.setdefault(patient_of(name), set()).add(listed[name])
-        cut = sorted(group for group, splits in by_group.items() if len(splits) > 1)
-        if cut:
-            raise KdcliError(f"patient {cut[0]} has eyes in several splits ({', '.join(sorted(by_group[cut[0]]))})",
-                             path=path, hint="keep both eyes of a patient in one split")
+        # a patient with eyes in several splits is prepare's leakage check's (refused unless --allow-leakage)
         return {name: listed[name] for name in names}
 
     def _read(self, path: Path, folder: Path, grades: int) -> list[tuple[str, int, Path]]:

@@ -8,8 +8,18 @@ import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.sources.quality import warn
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
+
+
+def quiet_opencv() -> None:
+    """OpenCV prints `[ WARN ]` lines of its own for a truncated or broken image before returning None; kdcli
+    says what is wrong in one line naming the file, so only OpenCV's errors are left to print."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+quiet_opencv()  # every source decoding images imports this module (set per process; forked workers inherit it)
 
 
 def read_image(path: str | Path, channels: int) -> np.ndarray:
@@ -21,7 +31,7 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
     if image is None:
         raise KdcliError("image will not decode (truncated or not an image)", path=path,
                          hint="re-download it or drop it from the list file")
-    image = to_uint8(image)
+    image = to_uint8(image, path)
     if image.ndim == 2:
         image = image[:, :, None]
     if image.shape[2] == 4:
@@ -35,15 +45,27 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
     return image
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """16-bit and float images are rescaled by their type's range, not per image, so contrast is kept."""
+def to_uint8(image: np.ndarray, path: str | Path = "image") -> np.ndarray:
+    """16-bit images are rescaled by their type's range, not per image, so contrast is kept. Float images have
+    no type range: values within 0..1 are scaled by 255, values within 0..255 kept; any other range (a float32
+    TIFF of 0..1000, negative values) is scaled from the image's own min..max, with a data warning, rather than
+    clipped to white. Non-finite pixels are refused."""
     if image.dtype == np.uint8:
         return image
     if image.dtype == np.uint16:
         return (image.astype(np.float32) / 257.0).round().astype(np.uint8)
-    image = image.astype(np.float32)
-    scale = 255.0 if image.max() <= 1.0 else 1.0
-    return np.clip(image * scale, 0, 255).astype(np.uint8)
+    original, image = image.dtype, image.astype(np.float32)
+    if not np.isfinite(image).all():
+        raise KdcliError(f"{int((~np.isfinite(image)).sum())} pixel(s) are NaN or infinite", path=path,
+                         hint="re-export the image, or drop it from the list file")
+    low, high = float(image.min()), float(image.max())
+    if low >= 0.0 and high <= 1.0:
+        return (image * 255.0).astype(np.uint8)
+    if low >= 0.0 and high <= 255.0:
+        return image.astype(np.uint8)
+    warn("image_rescaled", "images without a fixed range (float or signed pixels) beyond 0..255, scaled from "
+         "their own min..max to 0..255", f"{path} ({original}, {low:g}..{high:g})")
+    return np.round((image - low) / max(high - low, 1e-12) * 255.0).astype(np.uint8)
 
 
 def pad_to_square(image: np.ndarray) -> np.ndarray:

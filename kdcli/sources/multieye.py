@@ -29,6 +29,8 @@ from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.sources.base import UNLABELED, Record, Scan, Source
 from kdcli.sources.imaging import clahe_rgb, median_filter, read_image, resize_square
+from kdcli.sources.quality import warn
+from kdcli.sources.text import read_text
 
 CLASSES = ["NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD"]
 LAYOUT = {  # modality -> (folder, image subfolder, channels)
@@ -67,7 +69,7 @@ def find_root(raw: Path) -> Path:
 def parse_list(path: Path) -> list[tuple[str, int, int]]:
     """(name, label, line number) for every non-empty line; space- or tab-separated."""
     entries = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
@@ -95,6 +97,17 @@ def resolve_image(image_dir: Path, name: str) -> Path | None:
             return candidate
     plain = image_dir / name
     return plain if plain.is_file() else None
+
+
+def preprocess_image(path: str | Path, modality: str, size: int, clahe: bool = False, median: int = 0) -> np.ndarray:
+    """One raw image as `prepare` stores it (`kdcli predict` calls this too): decoded to the modality's channels,
+    CLAHE on fundus photos / a median filter on OCT when asked, zero-padded to square and resized."""
+    image = read_image(path, LAYOUT[modality][2])
+    if modality == "fundus" and clahe:
+        image = clahe_rgb(image)
+    if modality == "oct" and median:
+        image = median_filter(image, median)
+    return resize_square(image, size)
 
 
 class MultiEyeSource(Source):
@@ -127,15 +140,9 @@ class MultiEyeSource(Source):
         )
 
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
-        arrays = {}
-        for modality, path in record.files.items():
-            image = read_image(path, LAYOUT[modality][2])
-            if modality == "fundus" and self.options.get("clahe"):
-                image = clahe_rgb(image)
-            if modality == "oct" and int(self.options.get("median", 0)):
-                image = median_filter(image, int(self.options["median"]))
-            arrays[modality] = resize_square(image, size)
-        return arrays
+        return {modality: preprocess_image(path, modality, size, bool(self.options.get("clahe")),
+                                           int(self.options.get("median", 0) or 0))
+                for modality, path in record.files.items()}
 
     def _fallback_image_dir(self, folder: Path, expected: str, notes: list[str]) -> Path:
         parent = folder / "train" / "ImageData"
@@ -154,17 +161,24 @@ class MultiEyeSource(Source):
             if not rows:
                 raise KdcliError(f"empty split {split!r}", path=list_path,
                                  hint="every split needs at least one image")
-            raw_text = list_path.read_text(errors="replace")
+            raw_text = read_text(list_path)
             if "\t" in raw_text:
                 notes.append(f"{folder.name}/{split}/{list_path.name} is tab-separated")
             for name, label, number in rows:
                 if name in seen:
-                    if seen[name] != split:
-                        raise KdcliError(f"line {number}: {name!r} is also listed in split {seen[name]!r}",
+                    first_split, first_label, first_line = seen[name]
+                    if first_split != split:
+                        raise KdcliError(f"line {number}: {name!r} is also listed in split {first_split!r}",
                                          path=list_path, hint="an image may belong to one split only")
-                    notes.append(f"{list_path}: {name!r} listed twice, kept once")
+                    if first_label != label:
+                        raise KdcliError(f"line {number}: {name!r} is listed again with label {label} "
+                                         f"({CLASSES[label]}); line {first_line} gives {first_label} "
+                                         f"({CLASSES[first_label]})", path=list_path,
+                                         hint="keep the line with the right label and delete the other")
+                    warn("duplicate_entry", "images listed twice with the same label, kept once",
+                         f"{list_path}:{number} {name}")
                     continue
-                seen[name] = split
+                seen[name] = (split, label, number)
                 image = resolve_image(image_dir, name)
                 if image is None:
                     raise KdcliError(f"line {number}: listed image {name!r} not found in {image_dir}",
@@ -190,7 +204,7 @@ class MultiEyeSource(Source):
             image_dir = entries[modality][0][3].parent
             pool: dict[str, Path] = {}
             extra_columns = False
-            for number, line in enumerate(list_path.read_text(errors="replace").splitlines(), start=1):
+            for number, line in enumerate(read_text(list_path).splitlines(), start=1):
                 parts = line.split("\t") if "\t" in line else line.split()
                 if not parts:
                     continue
@@ -203,6 +217,9 @@ class MultiEyeSource(Source):
                 if image is None:
                     raise KdcliError(f"line {number}: listed image {name!r} not found in {image_dir}",
                                      path=list_path, hint="restore the image or delete the line")
+                if name in pool:
+                    warn("duplicate_entry", "images listed twice with the same label, kept once",
+                         f"{list_path}:{number} {name}")
                 pool.setdefault(name, image)
             if extra_columns:
                 notes.append(f"{list_path}: columns after the image name ignored (unlabeled images have no label)")

@@ -1,9 +1,14 @@
-"""Chest X-ray phantom drawing for `kdcli.synth.cxr`: anatomy, findings, gaze. Pure numpy/cv2, no file I/O.
+"""Chest X-ray phantom drawing for `kdcli.synth.cxr`: anatomy, lesions, look-alike distractors, gaze. Pure
+numpy/cv2, no file I/O.
 
 Geometry lives in normalised image coordinates (x right, y down, both in [0, 1]); every shape is an analytic,
-vectorised function of (x, y), so the planner (main process) can place findings, compute their boxes and sample
+vectorised function of (x, y), so the planner (main process) can place lesions, compute their boxes and sample
 gaze inside the lungs without rendering, and the renderer (worker) evaluates the same functions at full
 resolution. Rendering works in "attenuation" units (bright = dense, as on film) and maps to [0, 1] at the end.
+
+Severity s in [0, 1] is a lesion's place on its continuum (cxr.py's case latent); a finding is labelled present
+when s > THRESHOLD. The image renders s with a weak, linear gain (`image_gain`: faint at the threshold), the gaze
+with a strong, concave one (`gaze_weight`: a radiologist dwells on a lesion whatever its grade).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import cv2
 import numpy as np
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Mass", "Nodule", "Pneumothorax")
+THRESHOLD = 0.5  # severity above which a finding is labelled present
 
-# Peak added attenuation of each finding, times U(0.75, 1.15) per finding (the lung field sits ~0.33 below the soft
-# tissue, noise std 0.015-0.025, ribs +0.04, vessels up to +0.07). Below the anatomy's contrast but well above what
-# the 128 -> 64 px reduction blurs away: see the calibration note in cxr.py.
+# Peak added attenuation of each finding at image_gain 1 (severity 0.75), times U(0.9, 1.1) per lesion (the lung
+# field sits ~0.33 below the soft tissue, noise std 0.015-0.025, ribs +0.04, vessels up to +0.07). Below the
+# anatomy's contrast but well above what the 128 -> 64 px reduction blurs away: see the calibration note in cxr.py.
 AMP = {
     "Nodule": 0.22,
     "Mass": 0.11,
@@ -24,7 +30,24 @@ AMP = {
     "Effusion": 0.24,
     "Pneumothorax": -0.055,  # darker: air without lung tissue
 }
-CARDIO_SCALE = (1.18, 1.32)  # heart width factor (height: half as much); normal hearts vary by +-5%
+CARDIO_GAIN = 0.32  # heart width factor 1 + 0.32 s (1.16 at the threshold; height: half as much); normal +-5%
+GAZE_KNEE = 0.15  # gaze_weight(s) = (1 + k) s / (s + k): s = 0.15 already draws 0.58 of a certain lesion's gaze
+ON_LESIONS = 0.7  # share of the fixations on the lesions when one is certain (gaze_weight 1)
+# Look-alike distractors, label-independent: expected number per image of each kind (Poisson)
+DISTRACTORS = ("nipple", "crossing", "overlap")
+DISTRACTOR_RATE = {"nipple": 0.45, "crossing": 0.45, "overlap": 0.3}
+AVOID = 0.03  # roaming fixations keep this far (normalised) beyond a distractor's edge
+
+
+def image_gain(severity: float) -> float:
+    """How strongly the X-ray shows a lesion: linear and weak (0.7 at the threshold, 1.3 at s = 1)."""
+    return 0.1 + 1.2 * severity
+
+
+def gaze_weight(severity: float) -> float:
+    """How strongly the radiologist's gaze is drawn to a lesion: concave, strong even for faint ones."""
+    return (1 + GAZE_KNEE) * severity / (severity + GAZE_KNEE) if severity > 0 else 0.0
+
 
 Anat = dict  # normalised anatomy parameters, plain floats (picklable)
 Finding = dict  # {"name", "cx", "cy", "box": (x0, y0, x1, y1), ... shape parameters}
@@ -120,16 +143,19 @@ def chest_box(a: Anat) -> tuple[float, float, float, float]:
 # ---------------------------------------------------------------- findings: planning
 
 
-def place_findings(rng: np.random.Generator, a: Anat, names: list[str]) -> list[Finding]:
-    """Shape parameters and a normalised box (x0, y0, x1, y1) for each finding."""
+def place_findings(rng: np.random.Generator, a: Anat, severity: dict[str, float]) -> list[Finding]:
+    """Shape parameters, severity and a normalised box (x0, y0, x1, y1) of each lesion, in FINDINGS order.
+    The severity sets how strongly the image shows it (amplitude; the heart's, the effusion's and the air rim's
+    extent); where it lies and its exact shape come from `rng`."""
     out: list[Finding] = []
     grid = (np.arange(160) + 0.5) / 160
     gx, gy = np.meshgrid(grid, grid)
-    for name in names:
+    for name in (n for n in FINDINGS if severity.get(n, 0.0) > 0):
+        s = float(severity[name])
         side = int(rng.choice([-1, 1]))
-        f: Finding = {"name": name, "side": side, "amp": 0.0}
+        f: Finding = {"name": name, "side": side, "amp": 0.0, "severity": s}
         if name == "Cardiomegaly":
-            f["scale"] = float(rng.uniform(*CARDIO_SCALE))
+            f["scale"] = 1.0 + CARDIO_GAIN * s
         elif name in ("Nodule", "Mass"):
             r = rng.uniform(0.028, 0.038) if name == "Nodule" else rng.uniform(0.05, 0.07)
             c = lung_points(rng, a, 1, side, (0.1, 0.85), margin=r)[0]
@@ -147,18 +173,20 @@ def place_findings(rng: np.random.Generator, a: Anat, names: list[str]) -> list[
             f["band"] = (float(c[0]), float(c[1]), float(rng.uniform(0.06, 0.09)), float(rng.uniform(0.009, 0.014)),
                          float(rng.uniform(-0.35, 0.35)))
         elif name == "Effusion":
-            f["height"] = float(rng.uniform(0.06, 0.1))
+            f["height"] = 0.03 + 0.07 * s * float(rng.uniform(0.9, 1.1))
         elif name == "Pneumothorax":
-            f["shrink"] = float(rng.uniform(0.8, 0.88))
+            f["shrink"] = 0.96 - 0.16 * s * float(rng.uniform(0.9, 1.1))
         else:
             raise ValueError(f"unknown finding {name!r}")
         if name in AMP:
-            f["amp"] = AMP[name] * float(rng.uniform(0.75, 1.15))
+            f["amp"] = AMP[name] * image_gain(s) * float(rng.uniform(0.9, 1.1))
         m = finding_mask(a, f, gx, gy) > 0.25
         if name == "Cardiomegaly":
             m = heart_mask(a, gx, gy, f["scale"])
         elif name == "Pneumothorax":  # the box holds the air rim and the pleural line
             m = sum(_pneumo_regions(a, f, gx, gy)) > 0.25
+        if not m.any() and name == "Pneumothorax":  # a minimal rim below the grid's resolution: its pleural line
+            m = _pneumo_regions(a, f, gx, gy)[1] > 0.05
         ys, xs = np.nonzero(m)
         if not len(xs):  # pragma: no cover - every finding covers some grid cells
             raise RuntimeError(f"{name} landed outside the lungs")
@@ -168,6 +196,71 @@ def place_findings(rng: np.random.Generator, a: Anat, names: list[str]) -> list[
         f["cx"], f["cy"] = float(gx[m].mean()), float(gy[m].mean())
         out.append(f)
     return out
+
+
+# ---------------------------------------------------------------- distractors
+
+
+def _rib_crossings(a: Anat, side: int) -> np.ndarray:
+    """Where posterior and anterior ribs of one side cross (normalised points), as drawn by `_bones`."""
+    d = np.linspace(0.08, 0.38, 301)
+    points = []
+    for i in range(9):
+        post = a["rib_y0"] + i * a["rib_dy"] - 0.08 * d + 0.75 * d**2
+        for j in range(5):
+            ant = a["rib_y0"] + 0.12 + j * 0.085 + 0.25 * (0.38 - d)
+            gap = post - ant
+            for k in np.flatnonzero(np.sign(gap[:-1]) != np.sign(gap[1:])):
+                points.append((a["cx0"] + side * d[k], float(post[k])))
+    return np.array(points).reshape(-1, 2)
+
+
+def place_distractors(rng: np.random.Generator, a: Anat, counts: dict[str, int]) -> list[dict]:
+    """Label-independent look-alikes in the lung field: nipple shadows (small flat discs low in the lung, often
+    in both), rib crossings (a nodule-like density where a posterior and an anterior rib cross) and soft-tissue
+    overlap (a broad patchy opacity low and lateral, like consolidation). Each: {"kind", "blobs" [(x, y, r)],
+    "amp"}."""
+    out: list[dict] = []
+    for kind in DISTRACTORS:
+        for _ in range(int(counts.get(kind, 0))):
+            side = int(rng.choice([-1, 1]))
+            if kind == "nipple":
+                r = float(rng.uniform(0.022, 0.03))
+                c = lung_points(rng, a, 1, side, (0.6, 0.88), margin=r)[0]
+                blobs = [(float(c[0]), float(c[1]), r)]
+                mirror = (2 * a["cx0"] - c[0], c[1] + rng.normal(0, 0.008))
+                if rng.random() < 0.6 and lung_mask(a, np.array(mirror[0]), np.array(mirror[1])):
+                    blobs.append((float(mirror[0]), float(mirror[1]), r * float(rng.uniform(0.9, 1.1))))
+                amp = AMP["Nodule"] * float(rng.uniform(0.55, 0.95))
+            elif kind == "crossing":
+                r = float(rng.uniform(0.018, 0.026))
+                cands = _rib_crossings(a, side)
+                inside = cands[lung_mask(a, cands[:, 0], cands[:, 1], side=side)] if len(cands) else cands
+                c = inside[int(rng.integers(len(inside)))] if len(inside) else lung_points(rng, a, 1, side)[0]
+                blobs = [(float(c[0]), float(c[1]), r)]
+                amp = AMP["Nodule"] * float(rng.uniform(0.5, 0.9))
+            else:  # overlap
+                c = lung_points(rng, a, 1, side, (0.6, 0.95), margin=0.03)[0]
+                pts = c + rng.normal(0, 0.03, (int(rng.integers(4, 8)), 2))
+                blobs = [(float(p[0]), float(p[1]), float(rng.uniform(0.03, 0.045))) for p in pts]
+                amp = AMP["Consolidation"] * float(rng.uniform(0.45, 0.8))
+            out.append({"kind": kind, "blobs": blobs, "amp": amp})
+    return out
+
+
+def distractor_mask(a: Anat, d: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Opacity profile in [0, 1] of one distractor."""
+    m = np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), np.float32)
+    for cx, cy, r in d["blobs"]:
+        dist = np.hypot(x - cx, y - cy) / r
+        if d["kind"] == "nipple":  # flat with a sharp margin
+            prof = np.clip((1 - dist) / 0.25, 0, 1)
+        elif d["kind"] == "crossing":  # as round as a nodule
+            prof = np.clip(1 - dist**2, 0, 1) ** 0.7
+        else:
+            prof = np.exp(-(dist**2) * 1.5)
+        m = np.maximum(m, prof)
+    return m * lung_mask(a, x, y) if d["kind"] == "overlap" else m
 
 
 def _pneumo_regions(a: Anat, f: Finding, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,8 +348,10 @@ def _bones(a: Anat, s: int) -> np.ndarray:
     return cv2.GaussianBlur(m, (0, 0), max(0.003 * s, 0.5))
 
 
-def render(a: Anat, findings: list[Finding], s: int, rng: np.random.Generator, draw: bool = True) -> np.ndarray:
-    """Float32 image in [0, 1], bright = dense. draw=False: the same chest, exposure and noise, no findings."""
+def render(a: Anat, findings: list[Finding], s: int, rng: np.random.Generator, draw: bool = True,
+           distractors: list[dict] = ()) -> np.ndarray:
+    """Float32 image in [0, 1], bright = dense. draw=False: the same chest, distractors, exposure and noise,
+    no lesions."""
     yy, xx = ((np.mgrid[:s, :s].astype(np.float32) + 0.5) / s)
     scale = next((f["scale"] for f in findings if f["name"] == "Cardiomegaly"), 1.0) if draw else 1.0
     torso = _soft((((xx - a["cx0"]) / 0.47) ** 2 + ((yy - 0.62) / 0.62) ** 2 < 1) | (np.abs(xx - a["cx0"]) < 0.09),
@@ -277,6 +372,8 @@ def render(a: Anat, findings: list[Finding], s: int, rng: np.random.Generator, d
                 att += f["amp"] * air + 0.6 * abs(f["amp"]) * _soft(line, s, 0.002)
             elif f["name"] != "Cardiomegaly":
                 att += f["amp"] * _soft(finding_mask(a, f, xx, yy), s, 0.004)
+    for d in distractors:
+        att += d["amp"] * _soft(distractor_mask(a, d, xx, yy), s, 0.004)
     att += 0.07 * vessels * lung
     # exposure: gain, offset, a gentle gradient (heel effect) and a film-like gamma
     g = rng.normal(0, 0.06, 2)
@@ -290,14 +387,23 @@ def render(a: Anat, findings: list[Finding], s: int, rng: np.random.Generator, d
 # ---------------------------------------------------------------- gaze
 
 
-def fixations(rng: np.random.Generator, a: Anat, findings: list[Finding], on_findings: float = 0.7,
-              outside: float = 0.02) -> np.ndarray:
-    """(n, 3) normalised x, y and duration (s): ~70% gather on the findings, the rest roam the lungs."""
+def fixations(rng: np.random.Generator, a: Anat, findings: list[Finding], distractors: list[dict] = (),
+              on_findings: float = ON_LESIONS, outside: float = 0.02) -> np.ndarray:
+    """(n, 3) normalised x, y and duration (s). A share on_findings x max gaze_weight of the fixations gathers on
+    the lesions (each drawn in proportion to its gaze_weight, so faint ones too); the rest roam the lungs and
+    keep clear of the distractors (the reader recognises a nipple shadow or a rib crossing and does not dwell)."""
     n = int(rng.integers(25, 55))
-    pts = lung_points(rng, a, n)
-    if findings:
-        hit = rng.random(n) < on_findings
-        which = rng.integers(0, len(findings), n)
+    pts = lung_points(rng, a, 4 * n)
+    for d in distractors:
+        for cx, cy, r in d["blobs"]:
+            pts = pts[np.hypot(pts[:, 0] - cx, pts[:, 1] - cy) > r + AVOID]
+    if len(pts) < n:  # pragma: no cover - distractors never cover most of the lungs
+        pts = np.concatenate([pts, lung_points(rng, a, n - len(pts))])
+    pts = pts[:n]
+    weights = np.array([gaze_weight(f.get("severity", 1.0)) for f in findings])
+    if findings and weights.max() > 0:
+        hit = rng.random(n) < on_findings * weights.max()
+        which = rng.choice(len(findings), n, p=weights / weights.sum())
         for i in np.flatnonzero(hit):
             f = findings[which[i]]
             x0, y0, x1, y1 = f["box"]

@@ -20,37 +20,89 @@ downsample 1, 4, 16) written by a small built-in TIFF writer: tifffile needs ima
 project does not depend on. The first ImageDescription starts `Aperio Image Library` and carries
 `|AppMag = 20|MPP = 0.5`, so OpenSlide (vendor "aperio") reports openslide.objective-power and openslide.mpp-x;
 Aperio detection goes by content, so the `.tif` extension is fine. Tumour outlines go to `annotations/<id>.json`.
-"bcnb": BCNB's own layout, `WSIs/<n>.jpg` (n = 1..N, the full level 0) with `WSIs/<n>.json` next to it.
-Outlines are ASAP-style `{"positive": [{"name": "Annotation 0", "vertices": [[x, y], ...]}, ...]}` in level-0
-(= jpg) pixels. Both write `clinical.xlsx` with BCNB's 14 columns; its `Patient ID` is the slide id.
+"bcnb": BCNB's own layout, `WSIs/<n>.jpg` (the full level 0) with `WSIs/<n>.json` next to it. Outlines are
+ASAP-style `{"positive": [{"name": "Annotation 0", "vertices": [[x, y], ...]}, ...]}` in level-0 (= jpg) pixels.
+Both write `clinical.xlsx` with BCNB's 14 columns (its `Patient ID` is the slide id) and `latents.csv`.
+Ids: tiff cnb_0001..., bcnb 1..N; extra test slides cnb_t0001... / 100001...; unlabeled ones cnb_u0001... /
+200001..., so neither depends on `slides`.
 
-Signal. The ALN label is drawn first (exactly round(0.6 N) N0, round(0.25 N) N+(1-2), the rest N+(>2)); then two
-independent latents, one per modality, are shifted by it: an image latent (mean 0 / 1.0 / 1.3 for N0 / N+(1-2) /
-N+(>2), sd 1) that sets the number and size of tumour regions and their nuclear size, darkness, density,
-pleomorphism and chromatin coarseness; and a clinical latent (mean 0 / 0.8 / 1.1, sd 1) that raises tumour size,
-Ki67, grade and the chance of ER/PR negativity and mastectomy. Given the label they are independent, so the
-clinical sheet adds information the slide cannot give, as the paper's multi-modal branch needs. Every patient,
-N0 included, has a carcinoma on the biopsy (BCNB is a cohort of breast cancers): N0 is told from N+ by the
-tumour's extent and look, not by its presence.
+Generative story (default, "shared" design; what a distillation method can and cannot exploit here)
+---------------------------------------------------------------------------------------------------
+1. Tumour biology. Every patient draws one latent first, its tumour's aggressiveness b ~ N(0, 1), from a
+   random stream keyed by the patient alone (seed, pool, case index) -- never by its label, split or modality.
+2. Label. The ALN status is a thresholded score of b: N0 if b < 0.253, N+(1-2) if b < 1.036, else N+(>2) (the
+   60 / 25 / 15 % quantiles of N(0, 1)), so patients near b = 0.253 are borderline N0 / N+. Exact class counts
+   (round(0.6 n) N0, at least one, round(0.25 n) N+(1-2), the rest N+(>2)) come from drawing patients in stream
+   order and keeping each until its class is full (quota sampling: within a class patients are i.i.d. from
+   p(b | class)); they are then listed in a seeded shuffled order.
+3. Clinical record (what the fusion teacher adds to the slide), strong gain, a small encoding: b enters four
+   columns with noise of their own (a clinical stream per patient): log tumour size 0.30 b (+ 0.25 noise),
+   Ki67 through sigmoid(-1.3 + 0.7 b + 0.8 noise), grade as thresholds of 0.7 b + 0.8 noise, ER negativity with
+   probability sigmoid(-1.7 + 0.6 b); age falls 1 year per unit of b (sd 10). PR, HER2, tumour type follow the
+   receptors and their own draws, as before; `Surgical` follows the size. No other column sees b.
+4. Slide (the WSI-only student's modality), weak but present gain: the image latent is 0.6 b + 0.8 e, where e
+   ~ N(0, 1) is how much of the tumour's biology the needle happened to catch (a sampling stream of its own),
+   mapped to the renderer's scale as 0.45 + 1.14 x that (the earlier design's mean and spread); it sets the
+   number and size of tumour regions and their nuclear size, darkness, density, pleomorphism and chromatin
+   coarseness. Stain, geometry, ducts, lymphocytes, pen and blur come from a slide stream of their own and do
+   not depend on anything above. Labels never enter the pixels or the record except through b.
+   Every patient, N0 included, has a carcinoma on the biopsy (BCNB is a cohort of breast cancers): N0 is told
+   from N+ by the tumour's extent and look, not by its presence.
+5. Label noise (`label_noise` = rho, TRAIN patients only): a training patient's listed status is flipped across
+   the N0 / N+ boundary (N0 -> N+(1-2), N+ -> N0: the nodal status a sampled axilla can get wrong) with
+   probability min(1/2, c exp(-|b - 0.253| / 0.25)), c solved on a reference sample so that rho of the training
+   labels flip in expectation: flips favour borderline patients (at rho = 0.1 about 65 % of them have
+   |b - 0.253| < 0.25). One draw per patient from a noise stream of its own. Dev and test stay clean; the
+   `Number of lymph node metastases` column follows the listed status; `label_noise.csv` lists every flipped
+   patient with both labels.
+6. Negative control (`independent=True`): the design before this one, modalities independent given the label.
+   The same patients, labels, splits and flips (decided on b), but the slide renders a latent b_s and the
+   record a latent b_c of their own, each drawn from p(b | clean status) from a stream of its own: each
+   modality alone is distributed exactly as in the shared design, and the two share only the class.
+   Why: distillation can only add what the labels lack (see the theory note): the fusion teacher's soft labels
+   help a WSI-only student when they carry, beyond the label, something the slide also renders (here b, which
+   the record shows strongly and the slide faintly), or when training labels are noisy given the slide and
+   cleaner given the record. The control removes both (b_c is noise to the slide given the label).
 
-Calibration, N0 vs N+ (AUCs; `clinical_rows` over 20,000 patients): image latent 0.78, clinical latent 0.74,
-both 0.84. A logistic regression on the sheet's observed columns (size, Ki67, grade, ER, PR, HER2, age) trained
-on 10,000 patients scores 0.69 on 10,000 others (tumour size alone 0.66, Ki67 0.62, grade 0.60); with the image
-latent added, 0.82. On 80 slides at size 1024, the summed tumour-box area gives 0.78 and a crude dark-pixel
-fraction of the tissue 0.63, so a slide model should land near 0.7-0.78: it has to cope with stain, geometry,
-pen, blur, benign ducts and lymphocyte clusters, none of which depend on the label. For scale, BCNB's authors
-report clinical-only 0.61, WSI 0.82 and WSI + clinical 0.83; the paper reports 0.861 for WSI + clinical.
+Splits. prepare splits by patient, stratified by N0 / N+ with ratios 0.6 / 0.2 / 0.2 and split seed 0, unless
+given `--splits`. The phantom records its split per slide and overall ("split", "splits"): prepare's default
+split of the main slides, or 0.75 / 0.25 / 0 train / dev when extra test slides exist. With `label_noise` > 0
+or `test_slides` > 0 the split shapes the files, so it is also written to `splits.json` ({"train": [...],
+"dev": [...], "test": [...]}, labelled slides only): pass it to `kdcli prepare camelyon --splits`.
+Extra test slides (`test_slides` = N): N more patients from a pool of their own (exact class counts as above),
+all in test, byte-identical whatever `slides` is: one fixed large test set beside training sets of any size.
+Unlabeled slides (`unlabeled` = N): N more patients from a pool of their own in the natural class mix (no quota:
+nobody staged their axilla), rendered like every slide, their sheet row complete except `ALN status` and
+`Number of lymph node metastases` (empty): what `prepare camelyon` reads as unlabeled training slides.
+Side files: `latents.csv` (every patient's b, image and clinical latent, clean and listed status, pool, split),
+`label_noise.csv` and `splits.json` when they apply. Same arguments, same bytes (the xlsx included).
+
+Calibration (N0 vs N+ AUCs; 20,000 planned patients, seed 0, the sheet's observed columns -- age, log size, Ki67,
+grade, ER, PR, HER2 -- through a logistic regression fitted on 10,000 and scored on the other 10,000): b itself
+1.0 (the label is its threshold); the image latent 0.78, as in the earlier design (the slide is as hard as it
+was); the sheet 0.92 (tumour size alone 0.87, Ki67 0.80), identical in both designs; sheet + image latent 0.93
+shared but 0.94 in the control, where the slide's evidence is independent of the record's. Within-class
+correlation of the image and clinical latents: 0.38 shared, 0.01 control. On 120 rendered slides (size 512,
+seed 1) the summed tumour-box area scores 0.80 in both designs, and its within-class correlation with the
+sheet's log tumour size is 0.21 shared, -0.04 control. A slide model sees the latent through stain, geometry,
+pen, blur, ducts and lymphocytes (the WSI-only phantom model scored ~0.71 on the earlier design's slides). For
+scale, BCNB's authors report clinical-only 0.61, WSI 0.82 and WSI + clinical 0.83, the paper 0.861 for WSI +
+clinical: the phantom's record is deliberately stronger than BCNB's (it is what the teacher adds here).
 """
 
 from __future__ import annotations
 
+import csv
+import datetime
+import io
 import json
 import math
 import os
 import struct
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -80,23 +132,38 @@ OBJECTIVE_POWER = 20
 DOWNSAMPLES = (1, 4, 16)
 TILE = 256
 MAX_SIZE = 8192  # level 0 is rendered in memory: a few float32 full-size maps
+MAX_EXTRA = 99_999  # extra test slides and unlabeled slides each: their id ranges hold this many
 JPEG_QUALITY = 90
-_IMAGE_SHIFT = {"N0": 0.0, "N+(1-2)": 1.0, "N+(>2)": 1.3}
-_CLINICAL_SHIFT = {"N0": 0.0, "N+(1-2)": 0.8, "N+(>2)": 1.1}
+LATENTS_NAME = "latents.csv"
+NOISE_NAME = "label_noise.csv"
+SPLITS_FILE = "splits.json"
+SPLIT_RATIOS = (0.6, 0.2, 0.2)  # prepare camelyon's default --ratios and split seed
+SPLIT_SEED = 0
+NPLUS_THRESHOLD = 0.2533471  # Phi^-1(0.60): b above it is node-positive
+MANY_THRESHOLD = 1.0364334  # Phi^-1(0.85): b above it has more than two positive nodes
+SLIDE_GAIN = 0.6  # the image latent is SLIDE_GAIN b + sqrt(1 - SLIDE_GAIN^2) e: faint
+_IMAGE_MEAN, _IMAGE_SD = 0.45, 1.14  # the renderer's scale: the earlier design's image latent had these
+FLIP_MARGIN = 0.25  # label flips fall off as exp(-|b - threshold| / FLIP_MARGIN)
+FLIP_CAP = 0.5  # no label is flipped more often than kept
 _HAEM = np.array([0.65, 0.70, 0.29], np.float32)  # Ruifrok/Macenko optical-density stain vectors (R, G, B)
 _EOSIN = np.array([0.22, 0.80, 0.56], np.float32)
 _INKS = {"green": np.array([1.6, 0.35, 1.0], np.float32), "blue": np.array([1.4, 0.9, 0.2], np.float32)}
+POOLS = ("main", "test", "unlabeled")
+_POOL_ID = {"main": 1, "test": 2, "unlabeled": 3}
+_ID_BASE = {"main": 0, "test": 100_000, "unlabeled": 200_000}  # bcnb's numeric ids
+_ID_TAG = {"main": "", "test": "t", "unlabeled": "u"}  # tiff's cnb_<tag><n>
+# Stream tags, the last entry of every key [seed, pool, case, tag] (never 0: numpy's SeedSequence ignores trailing
+# zeros, so [s, p, c, 0] would be [s, p, c])
+_BIOLOGY, _SAMPLING, _SLIDE, _CLINICAL, _NOISE, _FREE_SLIDE, _FREE_CLINICAL, _ORDER, _REFERENCE = range(1, 10)
 
-Job = tuple[str, str | None, str, int, int, int, str]  # image path, outline path, label, index, size, seed, format
+Job = tuple[str, str, float, tuple[int, ...], int, str]  # image path, outline path, image latent, key, size, format
 
 
 def _um(x: float) -> float:
     return x / MPP
 
 
-# ---------------------------------------------------------------- atomic writing
-
-
+# ---------------------------------------------------------------- file formats
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
@@ -209,9 +276,9 @@ def _inside(mask: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return mask[yi, xi] > 0
 
 
-def _slide(rng: np.random.Generator, label: str, w: int, h: int) -> tuple[np.ndarray, dict]:
-    """Render one H&E core-biopsy slide (RGB uint8) and its tumour outlines, pen and blur flags."""
-    s = float(np.clip(_IMAGE_SHIFT[label] + rng.normal(), -2.5, 3.5))  # the image latent
+def _slide(rng: np.random.Generator, s: float, w: int, h: int) -> tuple[np.ndarray, dict]:
+    """Render one H&E core-biopsy slide (RGB uint8) and its tumour outlines, pen and blur flags; `s` is the image
+    latent on the renderer's scale (image_latent)."""
     # ---- tissue: 1-3 elongated core strips, one per horizontal band, ragged edges, sometimes fragmented
     n_pieces = int(rng.integers(1, 4))
     band = h / n_pieces
@@ -389,75 +456,190 @@ def _slide(rng: np.random.Generator, label: str, w: int, h: int) -> tuple[np.nda
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), meta
 
 
-# ---------------------------------------------------------------- labels and clinical sheet
+# ---------------------------------------------------------------- the latent, the label and the label noise
 
 
-def aln_labels(n: int, seed: int) -> list[str]:
-    """ALN status per patient: round(0.6 n) N0 (at least one), round(0.25 n) N+(1-2), the rest N+(>2); shuffled."""
+def aln_status(biology: float) -> str:
+    """The ALN status a tumour-biology latent b implies (module docstring, step 2)."""
+    return "N0" if biology < NPLUS_THRESHOLD else "N+(1-2)" if biology < MANY_THRESHOLD else "N+(>2)"
+
+
+def class_counts(n: int) -> dict[str, int]:
+    """round(0.6 n) N0 (at least one), round(0.25 n) N+(1-2), the rest N+(>2) (at least one N+)."""
     n0 = min(n - 1, max(1, round(0.6 * n)))
     n12 = min(n - n0, round(0.25 * n))
-    labels = ["N0"] * n0 + ["N+(1-2)"] * n12 + ["N+(>2)"] * (n - n0 - n12)
-    return [labels[i] for i in np.random.default_rng([seed, 9]).permutation(n)]
+    return {"N0": n0, "N+(1-2)": n12, "N+(>2)": n - n0 - n12}
+
+
+def _rng(seed: int, pool: str, case: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _POOL_ID[pool], case, stream])
+
+
+def draw_biology(seed: int, pool: str, case: int) -> float:
+    """Patient `case` of `pool`'s tumour biology b ~ N(0, 1): its own stream, nothing else in the key."""
+    return float(_rng(seed, pool, case, _BIOLOGY).standard_normal())
+
+
+def image_latent(biology: float, sampling: float) -> float:
+    """What the slide renders (unit scale): SLIDE_GAIN b + sqrt(1 - SLIDE_GAIN^2) e."""
+    return SLIDE_GAIN * biology + math.sqrt(1 - SLIDE_GAIN**2) * sampling
+
+
+def _render_scale(latent: float) -> float:
+    return float(np.clip(_IMAGE_MEAN + _IMAGE_SD * latent, -2.5, 3.5))
+
+
+def _conditioned(seed: int, pool: str, case: int, stream: int, status: str) -> float:
+    """The negative control's latent of one modality: b drawn from a stream of its own until its status matches."""
+    rng = _rng(seed, pool, case, stream)
+    while True:
+        value = float(rng.standard_normal())
+        if aln_status(value) == status:
+            return value
+
+
+def _neighbour(status: str) -> str:
+    return "N+(1-2)" if status == "N0" else "N0"
+
+
+@lru_cache(maxsize=16)
+def _flip_scale(rho: float) -> float:
+    """c such that the expected flip rate over patients (the prior's class mix, as every split's) is rho."""
+    biology = np.random.default_rng([_REFERENCE]).standard_normal(100_000)
+    weight = np.exp(-np.abs(biology - NPLUS_THRESHOLD) / FLIP_MARGIN)
+
+    def rate(c: float) -> float:
+        return float(np.minimum(FLIP_CAP, c * weight).mean())
+
+    lo, hi = 0.0, 1.0
+    while rate(hi) < rho:
+        hi *= 2
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if rate((lo + hi) / 2) < rho else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def flip_probability(biology: float, rho: float) -> float:
+    """How likely a training patient's listed status is flipped across the N0 / N+ boundary at noise rate rho."""
+    if rho <= 0:
+        return 0.0
+    return min(FLIP_CAP, _flip_scale(rho) * math.exp(-abs(biology - NPLUS_THRESHOLD) / FLIP_MARGIN))
+
+
+# ---------------------------------------------------------------- planning: patients, ids, splits
+
+
+class Patient(NamedTuple):
+    id: str  # slide id (file stem) and sheet id
+    pool: str  # main | test | unlabeled
+    case: int  # index in the pool's patient stream
+    biology: float  # b
+    clean_label: str
+    label: str | None  # as listed in the sheet (after label noise); None: unlabeled
+    split: str
+    image_latent: float  # what the slide renders (unit scale)
+    clinical_latent: float  # what the record renders (b itself in the shared design)
+
+
+def _patient_id(pool: str, n: int, format: str) -> str:
+    return f"cnb_{_ID_TAG[pool]}{n:04d}" if format == "tiff" else str(_ID_BASE[pool] + n)
+
+
+def _fill(seed: int, pool: str, counts: dict[str, int]) -> list[tuple[int, float]]:
+    """Patients in stream order, each kept until its class is full, listed in a seeded shuffled order."""
+    kept: dict[str, list[tuple[int, float]]] = {status: [] for status in ALN_STATUS}
+    case = 0
+    while any(len(kept[s]) < counts[s] for s in ALN_STATUS):
+        biology = draw_biology(seed, pool, case)
+        rows = kept[aln_status(biology)]
+        if len(rows) < counts[aln_status(biology)]:
+            rows.append((case, biology))
+        case += 1
+    every = [row for status in ALN_STATUS for row in kept[status]]
+    order = _rng(seed, pool, 0, _ORDER).permutation(len(every))
+    return [every[i] for i in order]
+
+
+def _main_splits(ids: list[str], labels: list[str], extra_tests: int) -> list[str]:
+    """prepare camelyon's default split of the main slides (stratified N0 / N+, ratios 0.6/0.2/0.2, split seed 0),
+    or train/dev 0.75/0.25 when extra test slides exist."""
+    from kdcli.sources.camelyon import stratified_splits
+
+    ratios = (0.75, 0.25, 0.0) if extra_tests else SPLIT_RATIOS
+    binary = {i: int(label != "N0") for i, label in zip(ids, labels, strict=True)}
+    assignment = stratified_splits(binary, ratios, SPLIT_SEED)
+    return [assignment[i] for i in ids]
+
+
+def _plan(slides: int, seed: int, format: str, independent: bool, label_noise: float, test_slides: int,
+          unlabeled: int) -> list[Patient]:
+    drawn: list[tuple[str, int, float]] = [("main", case, b) for case, b in _fill(seed, "main", class_counts(slides))]
+    if test_slides:
+        drawn += [("test", case, b) for case, b in _fill(seed, "test", class_counts(test_slides))]
+    drawn += [("unlabeled", case, draw_biology(seed, "unlabeled", case)) for case in range(unlabeled)]
+    number = dict.fromkeys(POOLS, 0)
+    ids = []
+    for pool, _, _ in drawn:
+        number[pool] += 1
+        ids.append(_patient_id(pool, number[pool], format))
+    main = [k for k, (pool, _, _) in enumerate(drawn) if pool == "main"]
+    main_splits = _main_splits([ids[k] for k in main], [aln_status(drawn[k][2]) for k in main], test_slides)
+    split_of = dict(zip(main, main_splits, strict=True))
+    patients = []
+    for k, (pool, case, b) in enumerate(drawn):
+        clean = aln_status(b)
+        split = split_of.get(k, "test" if pool == "test" else "train")
+        label: str | None = None if pool == "unlabeled" else clean
+        if label is not None and split == "train" and label_noise > 0:
+            if _rng(seed, pool, case, _NOISE).random() < flip_probability(b, label_noise):
+                label = _neighbour(clean)
+        if independent:
+            slide_b = _conditioned(seed, pool, case, _FREE_SLIDE, clean)
+            clinical_b = _conditioned(seed, pool, case, _FREE_CLINICAL, clean)
+        else:
+            slide_b = clinical_b = b
+        sampling = float(_rng(seed, pool, case, _SAMPLING).standard_normal())
+        patients.append(Patient(ids[k], pool, case, b, clean, label, split, image_latent(slide_b, sampling),
+                                clinical_b))
+    return patients
+
+
+# ---------------------------------------------------------------- clinical sheet
 
 
 def _sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def clinical_rows(ids: Sequence[str | int], labels: Sequence[str], seed: int) -> list[dict]:
-    """One BCNB clinical row per patient (keys = CLINICAL_COLUMNS, None = empty cell), driven by the label through
-    a clinical latent that is independent of the slide's. Patient k's row depends only on (seed, k, label)."""
-    rows = []
-    for k, (pid, label) in enumerate(zip(ids, labels, strict=True)):
-        rng = np.random.default_rng([seed, 2, k])
-        c = _CLINICAL_SHIFT[label] + rng.normal()
-        age = int(np.clip(round(51 + 10 * rng.normal() - 1.5 * c), 24, 86))
-        size = round(float(np.clip(math.exp(math.log(2.1) + 0.25 * c + 0.3 * rng.normal()), 0.5, 10.0)), 1)
-        g = 0.55 * c + rng.normal()
-        grade = 1 if g < -0.9 else 2 if g < 0.7 else 3
-        ki67 = int(np.clip(5 * round(20 * _sig(-1.5 + 0.5 * c + 0.9 * rng.normal())), 1, 95))
-        er = rng.random() >= _sig(-1.7 + 0.55 * c)
-        pr_draw = rng.random()
-        pr = pr_draw >= 0.18 if er else pr_draw < 0.08
-        expr = ("0", "1+", "2+", "3+")[int(rng.choice(4, p=(0.3, 0.3, 0.22, 0.18)))]
-        her2 = expr == "3+" or (expr == "2+" and rng.random() < 0.3)
-        if er or pr:
-            subtype = "Luminal B" if her2 or ki67 >= 20 else "Luminal A"
-        else:
-            subtype = "HER2(+)" if her2 else "Triple negative"
-        ttype = ("Invasive ductal carcinoma", "Invasive lobular carcinoma", "Other type")[
-            int(rng.choice(3, p=(0.85, 0.06, 0.09)))
-        ]
-        surgical = (
-            "Modified radical mastectomy" if rng.random() < _sig(0.9 * (size - 2.3)) else "Breast-conserving surgery"
-        )
-        nodes = 0 if label == "N0" else int(rng.integers(1, 3)) if label == "N+(1-2)" else 2 + int(rng.geometric(0.2))
-        miss = rng.random(3)  # a few empty cells, independent of everything else, as in the real sheet
-        rows.append(
-            dict(
-                zip(
-                    CLINICAL_COLUMNS,
-                    (
-                        pid,
-                        age,
-                        size,
-                        ttype,
-                        "Positive" if er else "Negative",
-                        "Positive" if pr else "Negative",
-                        "Positive" if her2 else "Negative",
-                        None if miss[0] < 0.03 else expr,
-                        None if miss[1] < 0.08 else grade,
-                        surgical,
-                        None if miss[2] < 0.03 else ki67,
-                        subtype,
-                        nodes,
-                        label,
-                    ),
-                    strict=True,
-                )
-            )
-        )
-    return rows
+def clinical_row(patient_id: str | int, latent: float, label: str | None, rng: np.random.Generator) -> dict:
+    """One BCNB clinical row (keys = CLINICAL_COLUMNS, None = empty cell) rendering the latent `latent` (b in the
+    shared design) with the record's gains; `label` is the listed status (None: not staged, unlabeled)."""
+    c = latent
+    age = int(np.clip(round(51 + 10 * rng.normal() - 1.0 * c), 24, 86))
+    size = round(float(np.clip(math.exp(math.log(2.1) + 0.30 * c + 0.25 * rng.normal()), 0.5, 10.0)), 1)
+    g = 0.7 * c + 0.8 * rng.normal()
+    grade = 1 if g < -0.9 else 2 if g < 0.7 else 3
+    ki67 = int(np.clip(5 * round(20 * _sig(-1.3 + 0.7 * c + 0.8 * rng.normal())), 1, 95))
+    er = rng.random() >= _sig(-1.7 + 0.6 * c)
+    pr_draw = rng.random()
+    pr = pr_draw >= 0.18 if er else pr_draw < 0.08
+    expr = ("0", "1+", "2+", "3+")[int(rng.choice(4, p=(0.3, 0.3, 0.22, 0.18)))]
+    her2 = expr == "3+" or (expr == "2+" and rng.random() < 0.3)
+    if er or pr:
+        subtype = "Luminal B" if her2 or ki67 >= 20 else "Luminal A"
+    else:
+        subtype = "HER2(+)" if her2 else "Triple negative"
+    ttype = ("Invasive ductal carcinoma", "Invasive lobular carcinoma", "Other type")[
+        int(rng.choice(3, p=(0.85, 0.06, 0.09)))
+    ]
+    surgical = "Modified radical mastectomy" if rng.random() < _sig(0.9 * (size - 2.3)) else "Breast-conserving surgery"
+    node_draw = (int(rng.integers(1, 3)), 2 + int(rng.geometric(0.2)))  # drawn whatever the label: rows stay aligned
+    nodes = None if label is None else 0 if label == "N0" else node_draw[0] if label == "N+(1-2)" else node_draw[1]
+    miss = rng.random(3)  # a few empty cells, independent of everything else, as in the real sheet
+    values = (patient_id, age, size, ttype, "Positive" if er else "Negative", "Positive" if pr else "Negative",
+              "Positive" if her2 else "Negative", None if miss[0] < 0.03 else expr, None if miss[1] < 0.08 else grade,
+              surgical, None if miss[2] < 0.03 else ki67, subtype, nodes, label)
+    return dict(zip(CLINICAL_COLUMNS, values, strict=True))
 
 
 def _write_xlsx(path: Path, rows: list[dict]) -> None:
@@ -465,6 +647,7 @@ def _write_xlsx(path: Path, rows: list[dict]) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp")
     wb = xlsxwriter.Workbook(str(tmp))
+    wb.set_properties({"created": datetime.datetime(2000, 1, 1)})  # no clock in the file: same arguments, same bytes
     ws = wb.add_worksheet("Sheet1")
     ws.write_row(0, 0, CLINICAL_COLUMNS)
     for r, row in enumerate(rows, 1):
@@ -475,6 +658,14 @@ def _write_xlsx(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode())
+
+
 # ---------------------------------------------------------------- per-slide job
 
 
@@ -483,9 +674,9 @@ def _dims(size: int) -> tuple[int, int]:
 
 
 def _render(job: Job) -> dict:
-    img_path, ann_path, label, k, size, seed, fmt = job
+    img_path, ann_path, latent, key, size, fmt = job
     w, h = _dims(size)
-    rgb, meta = _slide(np.random.default_rng([seed, 1, k]), label, w, h)
+    rgb, meta = _slide(np.random.default_rng(list(key)), _render_scale(latent), w, h)
     if fmt == "tiff":
         levels = [rgb]
         for d in DOWNSAMPLES[1:]:  # each level area-reduced from the one above
@@ -497,22 +688,38 @@ def _render(job: Job) -> dict:
         {"name": f"Annotation {i}", "vertices": [[int(x), int(y)] for x, y in o]}
         for i, o in enumerate(meta["outlines"])
     ]
-    if ann_path is not None:
-        atomic_write_bytes(Path(ann_path), (json.dumps({"positive": polys}) + "\n").encode())
+    atomic_write_bytes(Path(ann_path), (json.dumps({"positive": polys}) + "\n").encode())
     boxes = [[int(o[:, 0].min()), int(o[:, 1].min()), int(o[:, 0].max()), int(o[:, 1].max())] for o in meta["outlines"]]
     return {"tumour_boxes": boxes, "pen": meta["pen"], "blur": meta["blur"]}
 
 
 def synth_camelyon(
-    out: Path, slides: int = 12, format: str = "tiff", size: int = 4096, seed: int = 0, workers: int = 1
+    out: Path,
+    slides: int = 12,
+    format: str = "tiff",
+    size: int = 4096,
+    seed: int = 0,
+    workers: int = 1,
+    *,
+    label_noise: float = 0.0,
+    independent: bool = False,
+    test_slides: int = 0,
+    unlabeled: int = 0,
 ) -> dict:
     """Write `slides` phantom breast core-biopsy WSIs and a BCNB clinical sheet under `out`.
 
     format "tiff": slides/<id>.tif (Aperio-style pyramid, OpenSlide-readable) + annotations/<id>.json;
-    format "bcnb": WSIs/<n>.jpg + WSIs/<n>.json (BCNB's layout). Both: clinical.xlsx.
-    Returns {"root", "format", "slides": [{"id", "file", "annotation", "label", "tumour_boxes" ([x0, y0, x1, y1]
-    in level-0 px), "pen", "blur"}], "clinical", "mpp", "objective_power", "level_dimensions"}; paths in
-    "slides" are relative to root. Output depends only on the arguments (not on `workers`).
+    format "bcnb": WSIs/<n>.jpg + WSIs/<n>.json (BCNB's layout). Both: clinical.xlsx and latents.csv.
+    `label_noise` (0 <= rho < 0.5): that share of TRAIN labels flipped across N0 / N+, borderline patients most
+    often (label_noise.csv; pass splits.json to prepare). `independent`: the negative control (slide and record
+    independent given the label). `test_slides`: extra test slides, the same whatever `slides` is (splits.json).
+    `unlabeled`: extra slides whose sheet row has no ALN status (unlabeled training slides for prepare).
+    Returns {"root", "format", "design", "label_noise", "slides": [{"id", "file", "annotation", "label" (listed;
+    None when unlabeled), "clean_label", "split", "pool", "biology", "image_latent", "clinical_latent",
+    "tumour_boxes" ([x0, y0, x1, y1] in level-0 px), "pen", "blur"}], "splits" ({train, dev, test: labelled
+    ids}), "splits_file" (relative path or None), "unlabeled" (ids), "flipped" (count), "clinical", "mpp",
+    "objective_power", "level_dimensions"}; paths are relative to root. Output depends only on the arguments
+    (not on `workers`). The module docstring tells the generative story.
     """
     if slides < 2:
         raise ValueError(f"slides must be >= 2 (at least one N0 and one N+), got {slides}")
@@ -524,38 +731,69 @@ def synth_camelyon(
         raise ValueError(f"seed must be >= 0, got {seed}")  # numpy SeedSequence rejects negative entropy
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    label_noise = float(label_noise)
+    if not (math.isfinite(label_noise) and 0.0 <= label_noise < FLIP_CAP):
+        raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
+    if test_slides == 1 or not 0 <= test_slides <= MAX_EXTRA:
+        raise ValueError(f"test_slides must be 0 or in [2, {MAX_EXTRA}] (one N0 and one N+ at least), got "
+                         f"{test_slides}")
+    if not 0 <= unlabeled <= MAX_EXTRA:
+        raise ValueError(f"unlabeled must be in [0, {MAX_EXTRA}], got {unlabeled}")
+    slides_max = 9999 if format == "tiff" else _ID_BASE["test"] - 1
+    if slides > slides_max:
+        raise ValueError(f"slides must be <= {slides_max} for format {format!r} (ids), got {slides}")
     out = Path(out)
-    labels = aln_labels(slides, seed)
+    patients = _plan(slides, seed, format, bool(independent), label_noise, test_slides, unlabeled)
     if format == "tiff":
-        ids = [f"cnb_{k + 1:04d}" for k in range(slides)]
-        files = [f"slides/{i}.tif" for i in ids]
-        anns = [f"annotations/{i}.json" for i in ids]
-        sheet_ids: list[str | int] = list(ids)
+        files = [f"slides/{p.id}.tif" for p in patients]
+        anns = [f"annotations/{p.id}.json" for p in patients]
     else:
-        ids = [str(k + 1) for k in range(slides)]
-        files = [f"WSIs/{i}.jpg" for i in ids]
-        anns = [f"WSIs/{i}.json" for i in ids]
-        sheet_ids = list(range(1, slides + 1))
+        files = [f"WSIs/{p.id}.jpg" for p in patients]
+        anns = [f"WSIs/{p.id}.json" for p in patients]
     for rel in {Path(f).parent for f in files + anns}:
         (out / rel).mkdir(parents=True, exist_ok=True)
     jobs: list[Job] = [
-        (str(out / f), str(out / a), lb, k, size, seed, format)
-        for k, (f, a, lb) in enumerate(zip(files, anns, labels, strict=True))
+        (str(out / f), str(out / a), p.image_latent, (seed, _POOL_ID[p.pool], p.case, _SLIDE), size, format)
+        for p, f, a in zip(patients, files, anns, strict=True)
     ]
     if workers > 1:
-        with ProcessPoolExecutor(min(workers, slides)) as pool:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
             results = list(pool.map(_render, jobs))
     else:
         results = [_render(j) for j in jobs]
-    _write_xlsx(out / "clinical.xlsx", clinical_rows(sheet_ids, labels, seed))
+    rows = [clinical_row(int(p.id) if format == "bcnb" else p.id, p.clinical_latent, p.label,
+                         _rng(seed, p.pool, p.case, _CLINICAL)) for p in patients]
+    _write_xlsx(out / "clinical.xlsx", rows)
+    _write_csv(out / LATENTS_NAME, ["id", "pool", "split", "biology", "image_latent", "clinical_latent",
+                                    "clean_label", "label"],
+               [[p.id, p.pool, p.split, f"{p.biology:.6f}", f"{p.image_latent:.6f}", f"{p.clinical_latent:.6f}",
+                 p.clean_label, p.label or ""] for p in patients])
+    flipped = [p for p in patients if p.label is not None and p.label != p.clean_label]
+    if label_noise > 0:
+        _write_csv(out / NOISE_NAME, ["id", "clean_label", "label", "biology"],
+                   [[p.id, p.clean_label, p.label, f"{p.biology:.6f}"] for p in flipped])
+    labelled = [p for p in patients if p.label is not None]
+    splits = {split: [p.id for p in labelled if p.split == split] for split in ("train", "dev", "test")}
+    splits_file = None
+    if label_noise > 0 or test_slides > 0:  # the split now shapes the files: prepare must use this one
+        splits_file = SPLITS_FILE
+        atomic_write_bytes(out / SPLITS_FILE, (json.dumps(splits, indent=1) + "\n").encode())
     w, h = _dims(size)
     return {
         "root": str(out),
         "format": format,
+        "design": "independent" if independent else "shared",
+        "label_noise": label_noise,
         "slides": [
-            {"id": i, "file": f, "annotation": a, "label": lb, **r}
-            for i, f, a, lb, r in zip(ids, files, anns, labels, results, strict=True)
+            {"id": p.id, "file": f, "annotation": a, "label": p.label, "clean_label": p.clean_label,
+             "split": p.split, "pool": p.pool, "biology": p.biology, "image_latent": p.image_latent,
+             "clinical_latent": p.clinical_latent, **r}
+            for p, f, a, r in zip(patients, files, anns, results, strict=True)
         ],
+        "splits": splits,
+        "splits_file": splits_file,
+        "unlabeled": [p.id for p in patients if p.label is None],
+        "flipped": len(flipped),
         "clinical": str(out / "clinical.xlsx"),
         "mpp": MPP,
         "objective_power": OBJECTIVE_POWER,

@@ -316,26 +316,29 @@ def test_dicom_and_monochrome1(nih: tuple[Path, dict], tmp_path: Path) -> None:
 
 
 def test_findings_are_real_but_subtle(tmp_path: Path) -> None:
-    args = (2, 96, "nih", "none", 0.0, 0.0, 3, 1)
-    info = _synth(tmp_path / "with", *args)
-    _synth(tmp_path / "without", *args, draw=False)
+    args = {"per_class": 2, "size": 96, "layout": "nih", "gaze": "none", "annotated_fraction": 0.0,
+            "dicom_fraction": 0.0, "seed": 3}
+    info = _synth(tmp_path / "with", **args)
+    _synth(tmp_path / "without", **args, draw=False)
     diffs: dict[str, list[float]] = {f: [] for f in FINDINGS}
     for v in info["images"].values():
         a, b = (_load(tmp_path / d, v["path"]) * 255 for d in ("with", "without"))
         delta = a - b
-        if not v["findings"]:
-            assert np.abs(delta).max() < 1e-6  # same chest, exposure and noise
+        if not v["lesions"]:  # pragma: no cover - every case of this phantom has a lesion, faint or not
+            assert np.abs(delta).max() < 1e-6  # same chest, distractors, exposure and noise
             continue
         inside = np.zeros(delta.shape, bool)
-        for f, (x, y, w, h) in v["boxes"].items():
+        for f, lesion in v["lesions"].items():  # every lesion, labelled or below the threshold
+            x, y, w, h = lesion["box"]
             box = delta[int(y): int(np.ceil(y + h)), int(x): int(np.ceil(x + w))]
-            diffs[f].append(box.mean())
+            if f in v["boxes"]:  # the labelled ones: visible, yet subtle
+                diffs[f].append(box.mean())
             if f != "Cardiomegaly":  # a bigger heart moves a full-contrast border: its subtlety is in the size
                 # below the ~80-95-level lung/soft-tissue step: pleural fluid comes close to soft tissue at its
-                # deepest, every other finding stays well under it
-                assert np.abs(box).max() < (80 if f == "Effusion" else 60), f
+                # deepest, every other finding stays under it even at the top of its severity (image gain 1.3)
+                assert np.abs(box).max() < (80 if f == "Effusion" else 72), f
             inside[max(0, int(y) - 3): int(np.ceil(y + h)) + 3, max(0, int(x) - 3): int(np.ceil(x + w)) + 3] = True
-        assert np.abs(delta[~inside]).mean() < 0.2  # nothing changes away from the boxes
+        assert np.abs(delta[~inside]).mean() < 0.2  # nothing changes away from the lesions
     for f, d in diffs.items():
         assert d, f
         sign = -1 if f == "Pneumothorax" else 1  # pleural air is darker; everything else is an opacity
