@@ -225,6 +225,19 @@ def test_cli_writes_the_phantom_and_prepare_splits_takes_its_split(tmp_path) -> 
         ("amd", 12), ("dr", 15)]
 
 
+def test_without_noise_or_pool_the_phantoms_split_is_prepares_default(tmp_path) -> None:
+    raw = tmp_path / "raw"
+    info = synth_fundus_grading(raw, **TINY)
+    for task, st in info["sets"].items():
+        done = CliRunner().invoke(app, ["prepare", "fundus-grading", str(raw / task), "--labels", st["labels"],
+                                        "--task", task, "--out", str(tmp_path / "s"), "--size", "32"])
+        assert done.exit_code == 0, done.output
+    manifest = pl.read_parquet(tmp_path / "s" / "manifest.parquet")
+    written = {f"{task}:{row['image']}": row["split"] for task, st in info["sets"].items()
+               for row in _csv_rows(Path(st["splits"]))}
+    assert dict(zip(manifest["id"], manifest["split"], strict=True)) == written
+
+
 # ---------------------------------------------------------------- the benchmark's recipe
 
 
