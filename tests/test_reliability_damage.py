@@ -37,7 +37,8 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-PROGRESS = ("note: ", "epoch ")  # what may precede the error: notes (a stale lock taken over), training's log
+# what may precede the error: notes (a stale lock taken over), training's start-up line and epoch lines
+PROGRESS = ("note: ", "epoch ", "teach ", "distill ")
 
 
 def error_line(output: str, *needles: str, prefix: str = "error: ") -> str:

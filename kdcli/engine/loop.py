@@ -24,7 +24,7 @@ from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint, sibling
 from kdcli.engine.device import amp_dtype, deterministic_mode, seed_everything, select_device
 from kdcli.engine.distributed import Ranks, RankShard, mean_across_ranks, setup, teardown
 from kdcli.engine.progress import batch_progress
-from kdcli.engine.publish import staged_result, write_config
+from kdcli.engine.publish import public_path, staged_result, write_config
 from kdcli.engine.resume import check_resume
 from kdcli.engine.threads import LoadWatch, ThreadChoice
 from kdcli.engine.trackers import Trackers, parse_log
@@ -345,12 +345,18 @@ def fit(method: torch.nn.Module, train_set: Dataset, validate: Validate, cfg: En
         with torch_threads(threads), staged_result(out, resume, writer=ranks.is_main) as work:
             if ranks.is_main and "config" in meta:
                 write_config(work, {**meta["config"], "provenance": meta["provenance"]})
-            return _fit(method, train_set, validate, cfg, work, meta, resume, log if ranks.is_main else _silent,
-                        train_labels, device, ranks, started, threads, trackers)
+            try:
+                return _fit(method, train_set, validate, cfg, work, meta, resume,
+                            log if ranks.is_main else _silent, train_labels, device, ranks, started, threads,
+                            trackers)
+            finally:
+                # a sidecar like the others: published with the checkpoint, or discarded with a failed
+                # --overwrite run; a failed first run keeps its curves of the epochs so far
+                if ranks.is_main:
+                    _draw_curves(work, cfg, method, log,
+                                 f"{Path(out).name}: {meta.get('method')} on {meta.get('modality')}")
     finally:
         trackers.close()
-        if ranks.is_main:  # after a failed or interrupted run too: its epochs so far
-            _draw_curves(out, cfg, method, log, f"{Path(out).name}: {meta.get('method')} on {meta.get('modality')}")
         teardown(ranks)
 
 
@@ -432,7 +438,8 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
     last_path = sibling(out, ".last.pt")
     if resume and not last_path.is_file():  # before the start-up line: a refusal stays one line
         raise KdcliError("nothing to resume", path=last_path, hint="drop --resume to start a new run")
-    log(startup_line(method, meta, cfg, device, dtype, threads, train_set, validate, train_loader, out))
+    log(startup_line(method, meta, cfg, device, dtype, threads, train_set, validate, train_loader,
+                     public_path(out)))
     load_watch = LoadWatch(threads) if ranks.world == 1 else None
     metrics_log = MetricsLog(out, resume) if ranks.is_main else None
     if trackers.items:

@@ -18,12 +18,21 @@ from kdcli.engine.checkpoint import sibling
 from kdcli.errors import DiskFull, KdcliError
 from kdcli.shards.format import atomic_write_bytes
 
-SIDECARS = (".config.json", ".metrics.jsonl", ".metrics.csv", ".last.pt")
+SIDECARS = (".config.json", ".metrics.jsonl", ".metrics.csv", ".curves.png", ".last.pt")
 
 
 def result_files(out: Path) -> list[Path]:
     """Every file of the result at `out`, the checkpoint last."""
     return [sibling(out, suffix) for suffix in SIDECARS] + [Path(out)]
+
+
+def public_path(path: Path) -> Path:
+    """The name a user asked for: .oct-staged.pt -> oct.pt; any other path as it is."""
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    if stem.startswith(".") and stem.endswith("-staged"):
+        return path.with_name(stem[1:-len("-staged")] + path.suffix)
+    return path
 
 
 def staged_path(out: Path) -> Path:
