@@ -1004,7 +1004,7 @@ def plot_gain(results: dict[str, Any], path: Path) -> None:
         ax.set_visible(False)
     fig.suptitle(f"{results['dataset']}: paired difference over seeds, 95% t interval", fontsize=10)
     fig.tight_layout()
-    from kdcli.evaluate.run import save_figure
+    from kdcli.storage import save_figure
 
     save_figure(fig, path)
 
