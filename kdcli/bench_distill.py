@@ -551,7 +551,10 @@ def train_cell(job: CellJob, log: Callable[[str], None] = print) -> dict[str, di
     return results
 
 
-def _child_init(threads: int) -> None:
+def _child_init(threads: int, parent: int) -> None:
+    from kdcli.shards.writer import die_with_parent
+
+    die_with_parent(parent)  # an interrupted benchmark's cells stop with it, not train on into its folders
     if "OMP_NUM_THREADS" not in os.environ:  # parallel cells share the cores instead of oversubscribing them
         import torch
 
@@ -582,7 +585,7 @@ def _map(function: Callable, child: Callable, jobs: list, workers: int, log: Cal
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_child_init, initargs=(threads,)) as pool:
+                             initializer=_child_init, initargs=(threads, os.getpid())) as pool:
         return list(pool.map(child, jobs))
 
 
@@ -1004,7 +1007,7 @@ def plot_gain(results: dict[str, Any], path: Path) -> None:
         ax.set_visible(False)
     fig.suptitle(f"{results['dataset']}: paired difference over seeds, 95% t interval", fontsize=10)
     fig.tight_layout()
-    from kdcli.evaluate.run import save_figure
+    from kdcli.storage import save_figure
 
     save_figure(fig, path)
 

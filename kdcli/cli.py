@@ -349,7 +349,7 @@ def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: in
 
     from kdcli.defaults import default_prepare_out
     from kdcli.prepare import PrepareOptions, prepare
-    from kdcli.sources.quality import lines as quality_lines
+    from kdcli.shards.quality import lines as quality_lines
 
     out = out or default_prepare_out(source)
     options = PrepareOptions(source=source, raw=raw, out=out, size=size, workers=workers, resume=resume,
@@ -606,7 +606,7 @@ def inspect(
     out = console(stderr=False)
     out.print(table)
     out.print(f"hash {report['content_hash']}" + ("  (verified)" if verify else ""))
-    from kdcli.sources.quality import lines as quality_lines
+    from kdcli.shards.quality import lines as quality_lines
 
     for line in quality_lines(report["data_warnings"]):
         typer.echo(f"data warning: {line}")  # unwrapped: one line per kind, as prepare printed it
@@ -913,7 +913,7 @@ def explain(
     threads: Threads = None,
 ) -> None:
     """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html."""
-    from kdcli.explain.run import ExplainOptions
+    from kdcli.explain.common import ExplainOptions
     from kdcli.explain.run import explain as run_explain
 
     with chosen_threads(threads):

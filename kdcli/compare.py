@@ -141,8 +141,8 @@ def evaluate_run(path: Path, options: CompareOptions) -> Run:
     if task in TASK_METRICS:
         run.metrics = _other_task_metrics(path, data, options, task)
         return run
-    from kdcli.evaluate.metrics import classification_metrics
     from kdcli.evaluate.run import run_model
+    from kdcli.metrics.classification import classification_metrics
 
     tasks = label_tasks(meta)
     for scope in tasks or [None]:

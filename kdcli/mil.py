@@ -23,10 +23,11 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.locks import output_lock
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
+from kdcli.models.loading import load_model
 from kdcli.models.mil import MILClassifier, mil_spec
 from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train import TrainConfig, _check_out, config_to_dict, load_model
+from kdcli.train_config import TrainConfig, check_out, config_to_dict
 
 BAG_SIZE = 16  # patches drawn per slide and epoch in training; evaluation scores bags of the same size
 EMBEDDINGS = "embeddings"  # folder inside the shard directory
@@ -174,7 +175,7 @@ def bag_item(item: dict, chosen: np.ndarray) -> dict:
 
 
 def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate:
-    from kdcli.evaluate.metrics import classification_metrics
+    from kdcli.metrics.classification import classification_metrics
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         predicted = predict_bags(model, dev_view, device, dtype, bag_size=BAG_SIZE)
@@ -236,7 +237,7 @@ def _embeddings_spec(cfg: TrainConfig, store: ShardStore) -> dict | None:
 
 
 def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
-    out = _check_out(cfg)
+    out = check_out(cfg)
     branches = branches_for(cfg.modality, store)
     cfg.modality, cfg.method = ("wsi" if branches == ["sm"] else "wsi,clinical"), "mil"
     method_cls = METHODS.get("mil")
@@ -273,7 +274,7 @@ def _unlabeled_slides(cfg: TrainConfig, store: ShardStore, method_cls, log: Call
 
 
 def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
-    out = _check_out(cfg)
+    out = check_out(cfg)
     method_cls = METHODS.get(cfg.method)
     if cfg.method != "bidirectional":
         raise UsageError(f"--method {cfg.method} does not train slide models; use --method bidirectional")

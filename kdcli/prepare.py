@@ -34,10 +34,10 @@ from kdcli.shards.format import (
     shard_name,
 )
 from kdcli.shards.integrity import write_fingerprints
+from kdcli.shards.quality import add, collect, warn
 from kdcli.shards.writer import ShardJob, check_folder_arguments, write_all
 from kdcli.sources import SOURCES
 from kdcli.sources.base import Record
-from kdcli.sources.quality import add, collect, warn
 from kdcli.storage import atomic_write, remove_leftovers, replace_folder
 
 

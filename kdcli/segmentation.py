@@ -25,10 +25,11 @@ from kdcli.engine.loop import FitResult, fit
 from kdcli.errors import KdcliError, UsageError
 from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
+from kdcli.models.loading import load_weights
 from kdcli.models.unet import UNet
 from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train import TrainConfig, _check_out, _unlabeled_choice, config_to_dict, load_weights
+from kdcli.train_config import TrainConfig, check_out, config_to_dict, unlabeled_choice
 
 PLAIN = re.compile(r"^plain(?:-(\d+))?(?:-(\d+))?$")  # plain[-BASE[-DEPTH]]: ProtoKD's 16 filters, 4 levels
 
@@ -45,7 +46,7 @@ def parse_modalities(text: str, store: ShardStore) -> list[str]:
 
 
 def regions(store: ShardStore) -> dict[str, list[int]]:
-    from kdcli.evaluate.segmentation import DEFAULT_REGIONS
+    from kdcli.metrics.segmentation import DEFAULT_REGIONS
 
     return store.meta.extra.get("regions") or DEFAULT_REGIONS
 
@@ -126,7 +127,7 @@ def _views(cfg: TrainConfig, store: ShardStore, modalities: list[str], teacher_m
 def teach_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
     from kdcli.engine.segmentation import segmentation_validator
 
-    out = _check_out(cfg)
+    out = check_out(cfg)
     modalities = parse_modalities(cfg.modality, store)
     cfg.modality, cfg.method = ",".join(modalities), "segmentation"
     _prepare_engine(cfg)
@@ -143,7 +144,7 @@ def teach_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str],
 def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
     from kdcli.engine.segmentation import segmentation_validator
 
-    out = _check_out(cfg)
+    out = check_out(cfg)
     method_cls = METHODS.get(cfg.method)
     if getattr(method_cls, "pairing", "") != "paired" or cfg.method == "kd":
         raise UsageError(f"--method {cfg.method} does not segment; on segmentation data use --method protokd")
@@ -161,7 +162,7 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
     seed_everything(cfg.engine.seed)  # the student starts from the very weights its teach-baseline starts from
     student = build_unet(cfg, store, modalities, template=teacher.spec, log=log)
     # the counts are per sequence, every one alike (a slice carries all four): the student's first tells
-    unlabeled = _unlabeled_choice(cfg, store, method_cls, log, modality=modalities[0], what="slices")
+    unlabeled = unlabeled_choice(cfg, store, method_cls, log, modality=modalities[0], what="slices")
     train, dev = _views(cfg, store, modalities, teacher_modalities, unlabeled)
     # unlabeled slices as label -1, every labelled one alike (0): the sampler draws --unlabeled-ratio of the former
     # per labelled slice and the labelled ones uniformly, balanced or not; without them, no labels, as ever (a

@@ -208,3 +208,13 @@ def remove_leftovers(out: Path, kinds: tuple[str, ...] = ("old", "staging"),
             found = found[:-1]
         for leftover in found:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def save_figure(fig, path: Path, hint: str | None = None) -> None:
+    """Write a matplotlib figure as PNG under a temporary name, then rename: never half a file at `path`."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"), hint)
+    finally:
+        plt.close(fig)

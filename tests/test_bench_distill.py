@@ -354,3 +354,17 @@ def test_bench_distill_with_an_unlabeled_pool_end_to_end(tmp_path):
     assert runs and all(r["cached"] for r in runs) and len(runs) == 10
     assert {r["run"]: r["unlabeled"] for r in runs} == {"teacher": 0, "baseline": 0, "kd": 0, "kd+u20": 20,
                                                         "self-train+u20": 20}
+
+
+def test_parallel_cells_die_with_the_benchmark():
+    """A --jobs worker whose benchmark is gone exits at once instead of training on into its folders (found when
+    an interrupted run's cells were still writing 20 minutes later)."""
+    import subprocess
+    import sys
+
+    code = "from kdcli.bench_distill import _child_init; _child_init(1, {parent}); print('alive')"
+    orphan = subprocess.run([sys.executable, "-c", code.format(parent=2**22 + 12345)], capture_output=True, text=True)
+    assert orphan.returncode == 1 and "alive" not in orphan.stdout
+    child = subprocess.run([sys.executable, "-c", code.format(parent="__import__('os').getppid()")],
+                           capture_output=True, text=True)
+    assert child.returncode == 0 and "alive" in child.stdout

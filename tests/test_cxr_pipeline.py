@@ -153,8 +153,8 @@ def test_cvi_reports_prior_and_posterior_auroc_on_annotated_dev_images(cxr):
     from kdcli.data.views import ModalityView
     from kdcli.engine.checkpoint import load_checkpoint
     from kdcli.engine.loop import EngineConfig
-    from kdcli.evaluate.metrics import multilabel_metrics
     from kdcli.methods.cvi import CVI, annotated_validator
+    from kdcli.metrics.classification import multilabel_metrics
     from kdcli.shards.reader import ShardStore
     from kdcli.train import load_model
 

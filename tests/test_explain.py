@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdcli.explain.run import ExplainOptions, explain, grad_cams, pick_indices
+from kdcli.explain.common import ExplainOptions, grad_cams, pick_indices
+from kdcli.explain.run import explain
 from kdcli.models.classifier import Classifier
 from kdcli.shards.reader import ShardStore
 from kdcli.train import load_model

@@ -17,7 +17,8 @@ from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.errors import KdcliError
 from kdcli.explain import gaze
-from kdcli.explain.run import ExplainOptions, explain
+from kdcli.explain.common import ExplainOptions
+from kdcli.explain.run import explain
 
 SIZE = 48
 FAST = ["--epochs", "2", "--workers", "0", "--batch-size", "16"]

@@ -19,7 +19,8 @@ from kdcli.data.slices import SliceView
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.errors import KdcliError
 from kdcli.explain import segmentation as seg
-from kdcli.explain.run import GAP, MIN_SIDE, ExplainOptions, explain
+from kdcli.explain.common import GAP, MIN_SIDE, ExplainOptions
+from kdcli.explain.run import explain
 from kdcli.shards.reader import ShardStore
 
 SEQUENCES = ["t1", "t1ce", "t2", "flair"]

@@ -19,7 +19,7 @@ from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.errors import UsageError
 from kdcli.evaluate.run import run_model
-from kdcli.explain.run import GAP
+from kdcli.explain.common import GAP
 from kdcli.shards.reader import ShardStore
 
 FAST = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu"]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kdcli.evaluate.segmentation import aggregate, dice, hd95, region_metrics, stack_cases
+from kdcli.metrics.segmentation import aggregate, dice, hd95, region_metrics, stack_cases
 
 
 def test_dice_counts_two_empty_masks_as_one():

@@ -2,7 +2,7 @@
 metric the best epoch is chosen by (and the other dev scores), and a line at the selected epoch.
 
 Drawn from <out>.metrics.jsonl, so a resumed run's figure shows every epoch, not only those since the resume;
-written under a temporary name and renamed (kdcli.evaluate.run.save_figure), so it is never half a file."""
+written under a temporary name and renamed (kdcli.storage.save_figure), so it is never half a file."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def write_curves(out: Path, metric: str, title: str = "", diagnostics: tuple[str
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from kdcli.evaluate.run import save_figure
+    from kdcli.storage import save_figure
 
     fig, (losses, scores) = plt.subplots(1, 2, figsize=(10, 3.6))
     terms = loss_terms(rows, diagnostics)

@@ -263,7 +263,7 @@ def predict_sharded(model: torch.nn.Module, dataset: Dataset, cfg: EngineConfig,
 def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig,
                              ordinal: bool = False) -> Validate:
     """Dev-split metrics for a single-head classifier (what every classification method is selected by)."""
-    from kdcli.evaluate.metrics import classification_metrics
+    from kdcli.metrics.classification import classification_metrics
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         probs, labels = predict_sharded(model, dev_set, cfg, device, dtype)
@@ -275,7 +275,7 @@ def classification_validator(dev_set: Dataset, classes: list[str], cfg: EngineCo
 
 def multilabel_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig) -> Validate:
     """Dev-split per-label AUROC; `mean_auroc` selects the best epoch."""
-    from kdcli.evaluate.metrics import multilabel_metrics
+    from kdcli.metrics.classification import multilabel_metrics
 
     check_dev_labels(dev_set, classes)
 
@@ -290,7 +290,7 @@ def multilabel_validator(dev_set: Dataset, classes: list[str], cfg: EngineConfig
 def check_dev_labels(dev_set: Dataset, classes: list[str]) -> None:
     """Before any training: a dev split where no label has both outcomes leaves every selection metric (mean
     AUROC, AP, F1) undefined, so no epoch could ever be chosen as the best."""
-    from kdcli.evaluate.metrics import IGNORE
+    from kdcli.metrics.classification import IGNORE
 
     store = getattr(dev_set, "store", None)
     if store is None or "labels" not in getattr(dev_set, "targets", ()):
@@ -308,7 +308,7 @@ def check_dev_labels(dev_set: Dataset, classes: list[str]) -> None:
 
 def multitask_validator(dev_sets: dict[str, Dataset], tasks: dict[str, dict], cfg: EngineConfig) -> Validate:
     """Per-task dev metrics of a multi-head model; the selection metrics are the means over tasks."""
-    from kdcli.evaluate.metrics import classification_metrics
+    from kdcli.metrics.classification import classification_metrics
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         per_task = {}

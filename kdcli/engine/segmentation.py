@@ -43,7 +43,7 @@ def predict_maps(model: torch.nn.Module, dataset: Dataset, cfg: EngineConfig, de
 def segmentation_validator(dev_set, regions: dict[str, list[int]], cfg: EngineConfig) -> Validate:
     """Per-case Dice of each region on the dev volumes (slices restacked); `dice_mean` selects the best epoch.
     HD95 is left to `kdcli evaluate`: it costs more than the epoch on small data."""
-    from kdcli.evaluate.segmentation import aggregate, region_metrics, stack_cases
+    from kdcli.metrics.segmentation import aggregate, region_metrics, stack_cases
 
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:
         maps = predict_maps(model, dev_set, cfg, device, dtype)

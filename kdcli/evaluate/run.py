@@ -14,9 +14,9 @@ import polars as pl
 
 from kdcli.engine.checkpoint import Checkpoint, load_checkpoint, sibling
 from kdcli.errors import KdcliError, UsageError
-from kdcli.evaluate.metrics import classification_metrics
+from kdcli.metrics.classification import classification_metrics
 from kdcli.shards.reader import ShardStore
-from kdcli.storage import atomic_write
+from kdcli.storage import atomic_write, save_figure
 
 if TYPE_CHECKING:
     import torch
@@ -178,7 +178,7 @@ def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Clas
     from kdcli.data.views import ModalityView, collate
     from kdcli.engine.device import amp_dtype
     from kdcli.engine.loop import predict
-    from kdcli.evaluate.metrics import multilabel_metrics
+    from kdcli.metrics.classification import multilabel_metrics
 
     view = ModalityView(store, options.split, "xray" if "xray" in store.meta.modalities else
                         next(iter(store.meta.modalities)), targets=("labels",))
@@ -269,13 +269,3 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
                 color="white" if count > matrix.max() / 2 else "black")
     fig.tight_layout()
     save_figure(fig, path, hint)
-
-
-def save_figure(fig, path: Path, hint: str | None = None) -> None:
-    """Write a matplotlib figure as PNG under a temporary name, then rename: never half a file at `path`."""
-    import matplotlib.pyplot as plt
-
-    try:
-        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"), hint)
-    finally:
-        plt.close(fig)

@@ -16,7 +16,7 @@ import numpy as np
 
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.errors import UsageError
-from kdcli.evaluate.metrics import classification_metrics
+from kdcli.metrics.classification import classification_metrics
 from kdcli.shards.reader import ShardStore
 from kdcli.sources.splits import stable_seed
 

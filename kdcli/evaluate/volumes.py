@@ -16,7 +16,7 @@ import numpy as np
 
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.errors import KdcliError, UsageError
-from kdcli.evaluate.segmentation import aggregate, region_metrics, stack_cases
+from kdcli.metrics.segmentation import aggregate, region_metrics, stack_cases
 from kdcli.shards.format import RECORDS_JSON
 from kdcli.shards.reader import ShardStore
 

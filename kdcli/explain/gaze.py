@@ -32,7 +32,7 @@ from kdcli.data.views import ModalityView
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.errors import KdcliError, UsageError
-from kdcli.explain.run import (
+from kdcli.explain.common import (
     MIN_SIDE,
     SPLITS,
     ExplainOptions,

@@ -22,9 +22,9 @@ from kdcli.data.slices import SliceView
 from kdcli.engine.checkpoint import file_sha256, load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.errors import KdcliError
-from kdcli.evaluate.segmentation import DEFAULT_REGIONS, region_metrics
-from kdcli.explain.run import GAP, MIN_SIDE, ExplainOptions, check_options, safe_name, write_png, write_report
+from kdcli.explain.common import GAP, MIN_SIDE, ExplainOptions, check_options, safe_name, write_png, write_report
 from kdcli.methods.protokd import similarity_maps
+from kdcli.metrics.segmentation import DEFAULT_REGIONS, region_metrics
 from kdcli.segmentation import check_segmentation_checkpoint, load_unet
 from kdcli.shards.reader import ShardStore
 

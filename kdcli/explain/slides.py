@@ -36,7 +36,7 @@ from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.engine.loop import to_device
 from kdcli.errors import KdcliError
-from kdcli.explain.run import (
+from kdcli.explain.common import (
     GAP,
     MIN_SIDE,
     ExplainOptions,

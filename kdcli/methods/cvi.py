@@ -123,7 +123,7 @@ def annotated_validator(dev_set: Any, classes: list[str], engine: Any, kind: str
     there is none, or no label has both outcomes among them). One pass: the prior's logits do not depend on the
     annotation. Under torchrun every rank scores the whole dev split (the same numbers on each)."""
     from kdcli.engine.loop import make_loader, to_device
-    from kdcli.evaluate.metrics import multilabel_metrics
+    from kdcli.metrics.classification import multilabel_metrics
 
     @torch.no_grad()
     def validate(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict:

@@ -8,8 +8,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from kdcli.evaluate.metrics import IGNORE
 from kdcli.methods.base import Method
+from kdcli.metrics.classification import IGNORE
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:

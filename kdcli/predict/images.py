@@ -151,7 +151,7 @@ def write_explanations(model, images: torch.Tensor, items: list[Item], outputs: 
                        rows: list[dict[str, Any]]) -> None:
     """One PNG per image: the image and a Grad-CAM overlay per head, for that head's predicted class (multi-label:
     the most probable finding), as `kdcli explain` draws them."""
-    from kdcli.explain.run import grad_cams, render_panel, safe_name, write_png
+    from kdcli.explain.common import grad_cams, render_panel, safe_name, write_png
 
     cams = [grad_cams(model, images, [int(p.argmax()) for p in probs], device, len(images), head)
             for (head, _), probs in zip(heads, outputs, strict=True)]

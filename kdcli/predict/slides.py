@@ -107,7 +107,7 @@ def write_heat_map(folder: Path, item: Item, record: dict[str, Any], patches: np
                    info: dict[str, Any], attention: np.ndarray) -> Path:
     """The slide's thumbnail with each patch coloured by its attention (JET, / the slide's largest) and the top
     patches outlined and ranked, as `kdcli explain` draws slides; the patches' mosaic if no thumbnail reads."""
-    from kdcli.explain.run import safe_name, write_png
+    from kdcli.explain.common import safe_name, write_png
     from kdcli.explain.slides import TOP_K, display_size, heat_overlay, mosaic, patch_boxes
 
     dims = (int(info["dimensions"][0]), int(info["dimensions"][1]))

@@ -90,7 +90,7 @@ def predict_case(model: torch.nn.Module, item: Item, sequences: list[str], size:
 
 def predict_volumes(checkpoint, record: dict[str, Any], inputs: list[str], device: torch.device, batch_size: int,
                     strict: bool, folder: Path, explain: bool) -> tuple[list[dict[str, Any]], list[Failure]]:
-    from kdcli.evaluate.segmentation import DEFAULT_REGIONS
+    from kdcli.metrics.segmentation import DEFAULT_REGIONS
     from kdcli.sources.brats import write_label_nifti
     from kdcli.train import load_model
 
@@ -135,7 +135,7 @@ def write_overlay(folder: Path, case: str, maps: dict[int, np.ndarray], plane_at
     as `kdcli explain` colours them (necrotic core red, oedema green, enhancing tumour yellow)."""
     import cv2
 
-    from kdcli.explain.run import GAP, MIN_SIDE, safe_name, write_png
+    from kdcli.explain.common import GAP, MIN_SIDE, safe_name, write_png
     from kdcli.explain.segmentation import grey, label_overlay
 
     z = max(maps, key=lambda k: int((maps[k] > 0).sum()))

@@ -30,8 +30,8 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SCHEMA_VERSION
-from kdcli.sources.base import Record
-from kdcli.sources.quality import collect
+from kdcli.shards.quality import collect
+from kdcli.shards.record import Record
 from kdcli.storage import new_h5
 
 ShardRow = tuple[str, str, int, int, int]  # sample id, record id, label, index in shard, position

@@ -44,8 +44,8 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
+from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
-from kdcli.sources.quality import warn
 from kdcli.sources.splits import parse_ratios, stable_seed
 from kdcli.sources.text import decoding
 

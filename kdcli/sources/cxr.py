@@ -64,9 +64,9 @@ import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import resize_square
-from kdcli.sources.quality import warn
 from kdcli.sources.text import decoding, open_text, read_text
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads

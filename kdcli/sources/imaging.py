@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
-from kdcli.sources.quality import warn
+from kdcli.shards.quality import warn
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 

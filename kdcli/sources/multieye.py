@@ -27,9 +27,9 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
+from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Scan, Source
 from kdcli.sources.imaging import clahe_rgb, median_filter, read_image, resize_square
-from kdcli.sources.quality import warn
 from kdcli.sources.text import read_text
 
 CLASSES = ["NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD"]
