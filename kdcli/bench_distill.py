@@ -45,7 +45,9 @@ BASELINE checkpoint as its teacher, the student's own modality labelling the poo
 label-smoothing control train once, on the N = 0 phantom (teach never sees unlabeled samples), and every run is
 evaluated on that phantom's test split: a row at N > 0 is paired with the same baseline, seeds and test set as
 the row at N = 0. Rows carry `unlabeled` (N) and, for a method at N > 0, `pool_delta_mean` / `pool_ci_low` /
-`pool_ci_high`: the paired difference with vs without the pool (method at N - method at 0). Budget: a run with
+`pool_ci_high`: the paired difference with vs without the pool (method at N - method at 0), and
+`vs_self_train_mean` / `_ci_low` / `_ci_high`: method at N - self-train at N (what the teacher's modality adds
+over the same pool labelled by the baseline). Budget: a run with
 the pool draws the cell's labelled budget per epoch (its min_samples, else the labelled training set's size) PLUS
 as many unlabeled samples (`distill --unlabeled-ratio` 1, the engine's default: half of each batch), so it sees
 its labelled samples as often as the baseline does and the pool in addition; the self-training control has the
@@ -876,7 +878,8 @@ def _run_job(name: str, run: Run, grid: Grid, samples_per_epoch: int, data: str 
 # ------------------------------------------------------------------------------------------------ results
 ROW_FIELDS = ("method", "variant", "train_size", "seeds", "baseline_mean", "student_mean", "delta_mean", "ci_low",
               "ci_high", "seeds_up", "seeds_down", "metric", "phantom", "teacher_mean", "deltas", "unlabeled",
-              "pool_delta_mean", "pool_ci_low", "pool_ci_high")
+              "pool_delta_mean", "pool_ci_low", "pool_ci_high", "vs_self_train_mean", "vs_self_train_ci_low",
+              "vs_self_train_ci_high")
 
 
 @dataclass(frozen=True)
@@ -928,7 +931,8 @@ def summarise_rows(recipe: Recipe, compared: Sequence[Comparison | tuple[str, st
                            "metric": metric.name, "phantom": phantom,
                            "teacher_mean": float(np.mean(teacher)) if teacher else None, "deltas": deltas,
                            "unlabeled": comparison.unlabeled, "pool_delta_mean": None, "pool_ci_low": None,
-                           "pool_ci_high": None}
+                           "pool_ci_high": None, "vs_self_train_mean": None, "vs_self_train_ci_low": None,
+                           "vs_self_train_ci_high": None}
                     gains = [w - wo for c in seeds if (w := value(c, run, metric.name)) is not None
                              and (wo := value(c, comparison.no_pool, metric.name)) is not None] \
                         if comparison.no_pool else []
@@ -936,6 +940,15 @@ def summarise_rows(recipe: Recipe, compared: Sequence[Comparison | tuple[str, st
                         pool = paired_interval(gains)
                         row |= {"pool_delta_mean": pool["delta_mean"], "pool_ci_low": pool["ci_low"],
                                 "pool_ci_high": pool["ci_high"]}
+                    # what the teacher's modality adds over the same pool labelled by the baseline itself
+                    control = pooled_run(SELF_TRAIN, comparison.unlabeled) if comparison.unlabeled else ""
+                    over_self = [w - t for c in seeds if method != SELF_TRAIN and control
+                                 and (w := value(c, run, metric.name)) is not None
+                                 and (t := value(c, control, metric.name)) is not None]
+                    if over_self:
+                        versus = paired_interval(over_self)
+                        row |= {"vs_self_train_mean": versus["delta_mean"], "vs_self_train_ci_low": versus["ci_low"],
+                                "vs_self_train_ci_high": versus["ci_high"]}
                     rows.append(row)
                     if (metric.teacher_should_beat and teacher and method != LABEL_SMOOTHING
                             and not comparison.teacher_is_baseline and not comparison.unlabeled
@@ -1020,7 +1033,8 @@ def render_table(results: dict[str, Any]):
     table = Table(title=f"bench distill {results['dataset']}: method - baseline, test {results['metric']}"
                         f"{' and others' if several else ''}, {results['seconds']:.0f}s", title_justify="left")
     columns = ["method", "variant", results["size_option"], *(["unlabeled"] if pooled else []), "teacher",
-               "baseline", "student", "delta", "95% CI", "seeds +/-", *(["pool gain (95% CI)"] if pooled else [])]
+               "baseline", "student", "delta", "95% CI", "seeds +/-",
+               *(["pool gain (95% CI)", "vs self-train (95% CI)"] if pooled else [])]
     for name in columns:
         table.add_column(name, justify="left" if name in ("method", "variant") else "right", no_wrap=True)
     number = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -1031,12 +1045,14 @@ def render_table(results: dict[str, Any]):
         cells += [number(r["teacher_mean"]), number(r["baseline_mean"]), number(r["student_mean"]),
                   f"{r['delta_mean']:+.3f}", interval, f"{r['seeds_up']}/{r['seeds_down']} of {r['seeds']}"]
         if pooled:
-            gain = r.get("pool_delta_mean")
-            cells.append("-" if gain is None else f"{gain:+.3f}" if r["pool_ci_low"] is None
-                         else f"{gain:+.3f} ({r['pool_ci_low']:+.3f} {r['pool_ci_high']:+.3f})")
+            for key in ("pool", "vs_self_train"):
+                gain, low = r.get(f"{key}_delta_mean" if key == "pool" else f"{key}_mean"), r.get(f"{key}_ci_low")
+                cells.append("-" if gain is None else f"{gain:+.3f}" if low is None
+                             else f"{gain:+.3f} ({low:+.3f} {r[f'{key}_ci_high']:+.3f})")
         table.add_row(*cells)
     table.caption = ("delta: mean per-seed difference method - baseline (same data, seed and initial weights); "
                      "CI: mean ± t(0.975, n-1)·sd/√n"
                      + ("; unlabeled: the pool the run distilled on (self-train: the baseline is its teacher); "
-                        "pool gain: the same method with the pool - without it, per seed" if pooled else ""))
+                        "pool gain: the same method with the pool - without it, per seed; vs self-train: the "
+                        "method with the pool - the baseline-taught run on the same pool" if pooled else ""))
     return table

@@ -296,10 +296,15 @@ def test_rows_with_a_pool_pair_with_the_same_baseline_and_the_run_without_it(tmp
     assert by[("kd", 0)]["pool_delta_mean"] is None and by[(SELF_TRAIN, 50)]["pool_delta_mean"] is None
     assert by[("kd", 50)]["teacher_mean"] == pytest.approx(0.6)
     assert by[(SELF_TRAIN, 50)]["teacher_mean"] == pytest.approx(0.40)  # its teacher is the baseline
+    # what the teacher's modality adds over the same pool: kd+u50 - self-train+u50 per seed
+    over_self = paired_interval([0.11, 0.05, 0.07])
+    assert by[("kd", 50)]["vs_self_train_mean"] == pytest.approx(over_self["delta_mean"])
+    assert by[("kd", 50)]["vs_self_train_ci_high"] == pytest.approx(over_self["ci_high"])
+    assert by[("kd", 0)]["vs_self_train_mean"] is None and by[(SELF_TRAIN, 50)]["vs_self_train_mean"] is None
     table = render_table({"dataset": "multieye", "metric": "accuracy", "metrics": ["accuracy"],
                           "size_option": "per_class", "seconds": 1.0, "rows": rows})
     assert [column.header for column in table.columns][3] == "unlabeled"
-    assert "pool gain (95% CI)" in [column.header for column in table.columns]
+    assert {"pool gain (95% CI)", "vs self-train (95% CI)"} <= {column.header for column in table.columns}
 
 
 @pytest.mark.slow
