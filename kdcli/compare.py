@@ -53,8 +53,9 @@ class Run:
     path: Path
     seed: int
     label: str
-    key: str
+    key: str  # what makes runs seeds of one model (model_key), made unique by split_duplicates
     metrics: dict[str, float | None]
+    config: dict[str, Any] = field(default_factory=dict)  # the model's configuration, per-run keys left out
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # scope -> ids, labels, predictions, classes
 
 
@@ -78,8 +79,16 @@ def expand(inputs: list[str]) -> list[Path]:
     return unique
 
 
+def _default_config() -> dict[str, Any]:
+    from kdcli.train_config import TrainConfig, config_to_dict
+
+    return config_to_dict(TrainConfig())
+
+
 def model_key(meta: dict[str, Any]) -> str:
-    config = {k: v for k, v in (meta.get("config") or {}).items() if k not in PER_RUN_KEYS}
+    # an option added after a run was trained is missing from its config: it ran with that option's default
+    config = {**_default_config(), **(meta.get("config") or {})}
+    config = {k: v for k, v in config.items() if k not in PER_RUN_KEYS}
     return json.dumps({"kind": meta.get("kind"), "modality": meta.get("modality"), "config": config},
                       sort_keys=True, default=str)
 
@@ -95,7 +104,7 @@ def distinguish(runs: list[Run]) -> None:
     """Models sharing a label get the configuration keys in which they differ appended to it."""
     by_label: dict[str, dict[str, dict]] = {}
     for run in runs:
-        by_label.setdefault(run.label, {})[run.key] = json.loads(run.key)["config"]
+        by_label.setdefault(run.label, {})[run.key] = run.config
     for label, configs in by_label.items():
         if len(configs) < 2:
             continue
@@ -136,7 +145,7 @@ def evaluate_run(path: Path, options: CompareOptions) -> Run:
 
         data = recorded_dataset(meta, path)
     seed = int((meta.get("config") or {}).get("seed", 0))
-    run = Run(path, seed, model_label(meta), model_key(meta), {})
+    run = Run(path, seed, model_label(meta), model_key(meta), {}, json.loads(model_key(meta))["config"])
     task = meta.get("task")
     if task in TASK_METRICS:
         run.metrics = _other_task_metrics(path, data, options, task)
@@ -387,9 +396,11 @@ CAPTION = ("mean ± sd over seeds; Δ: seed-paired differences from the referenc
 
 
 def render_table(report: dict[str, Any]):
+    from rich.markup import escape
     from rich.table import Table
 
     header, rows = table_rows(report)
+    rows = [[escape(cell) for cell in row] for row in rows]  # labels such as "kd [kd+u600.pt]" are not markup
     table = Table(title=f"compare on {report['split']}")
     table.add_column(header[0])
     for name in header[1:]:

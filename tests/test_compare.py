@@ -135,3 +135,43 @@ def test_a_one_seed_difference_is_flagged(multieye_shards, two_models_two_seeds)
     refused = CliRunner().invoke(app, ["compare", str(paths[(3e-4, 0)]), str(paths[(3e-3, 0)]), "--reference",
                                        "nobody"])
     assert refused.exit_code == 2 and "--reference 'nobody'" in refused.stderr
+
+
+def test_two_models_differing_only_in_their_teacher_file_are_told_apart_by_name(tmp_path):
+    """KD from the OCT teacher and self-training (KD from the baseline) share every configuration key but the
+    teacher's path: seeds that collide split the group by checkpoint name, and labels stay readable (this used
+    to end in a JSON traceback)."""
+    from kdcli.compare import Run, distinguish, model_key, split_duplicates
+
+    meta = {"kind": "distill", "modality": "fundus", "config": {"method": "kd", "seed": 0, "teacher": ["x.pt"]}}
+    key = model_key(meta)
+    runs = [Run(tmp_path / f"seed{seed}" / name, seed, "kd fundus", key, {}, {"method": "kd"})
+            for seed in (0, 1) for name in ("kd+u600.pt", "self-train+u600.pt")]
+    split_duplicates(runs)
+    distinguish(runs)
+    assert sorted({run.label for run in runs}) == ["kd fundus [kd+u600.pt]", "kd fundus [self-train+u600.pt]"]
+    assert len({run.key for run in runs}) == 2
+
+
+def test_a_run_from_before_an_option_existed_is_a_seed_of_the_same_model():
+    """Checkpoints trained before `allow_partial` existed lack the key; they ran with its default, so they are
+    seeds of the model whose config says allow_partial=False, not another model."""
+    from kdcli.compare import model_key
+
+    new = {"kind": "teach", "modality": "fundus", "config": {"method": "supervised", "allow_partial": False}}
+    old = {"kind": "teach", "modality": "fundus", "config": {"method": "supervised"}}
+    other = {"kind": "teach", "modality": "fundus", "config": {"method": "supervised", "allow_partial": True}}
+    assert model_key(old) == model_key(new) != model_key(other)
+
+
+def test_labels_with_brackets_reach_the_table_whole(monkeypatch):
+    """A label such as "kd fundus [kd+u600.pt]" (split_duplicates' names) is printed, not read as rich markup."""
+    from rich.console import Console
+
+    from kdcli import compare
+
+    monkeypatch.setattr(compare, "table_rows",
+                        lambda report: (["model", "accuracy"], [["kd fundus [kd+u600.pt]", "0.332"]]))
+    console = Console(width=120, record=True)
+    console.print(compare.render_table({"split": "test"}))
+    assert "kd fundus [kd+u600.pt]" in console.export_text()
