@@ -43,6 +43,7 @@ def test_demo_reports_teacher_baseline_and_student_on_the_same_split(tmp_path):
     assert student.meta["model"]["concept_scale"] == 10.0  # short from-scratch runs: see kdcli/demo.py
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_multieye_example_script_runs_the_lab_pipeline(tmp_path):
     from kdcli.synth.multieye import synth_multieye
@@ -88,6 +89,7 @@ def test_new_pipeline_demos_report_their_comparison(tmp_path, pipeline, args, ro
         assert difference["per_seed"] == pytest.approx([ours - theirs]), name
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_cluster_recipe_runs_here_without_slurm(multieye_raw, tmp_path):
     """examples/cluster.sh outside SLURM: the array parts run in turn, merge gives the one-shot dataset, and

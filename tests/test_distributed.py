@@ -30,6 +30,7 @@ def test_rank_shards_are_disjoint_and_cover_the_single_process_stream():
     assert shards == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]] and len(RankShard(base, Ranks(0, 2))) == 5
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(multieye_shards, tmp_path):
     # test_vit has no BatchNorm, so 2 ranks x 8 images average to exactly the gradient of 1 x 16 images.
     common = ["teach", "--data", str(multieye_shards), "--modality", "fundus", "--model", "test_vit",

@@ -114,6 +114,7 @@ def test_pretrained_backbone_comes_from_a_local_file_only(multieye_shards, tmp_p
                       ShardStore(multieye_shards), "fundus")
 
 
+@pytest.mark.slow
 def test_compile_trains_through_torch_compile_and_saves_plain_weights(multieye_shards, tmp_path):
     """--compile: the step runs the torch.compile'd student (inductor on CPU: needs a C compiler, as on CI)."""
     from kdcli.engine import loop
