@@ -30,8 +30,6 @@ of side `side` and resized to `size`. `info` per record holds what `label_volume
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -46,8 +44,7 @@ from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
-from kdcli.sources.splits import parse_ratios, stable_seed
-from kdcli.sources.text import decoding
+from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -261,53 +258,11 @@ def split_groups(groups: list[str], ratios: tuple[float, float, float], seed: in
     return assignment
 
 
-SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
-                 "validation": "dev", "test": "test", "testing": "test"}
 
 
 def read_splits(path: Path) -> dict[str, str]:
     """case -> split from a CSV (`case,split`) or a JSON ({"train": [...], "dev": [...], "test": [...]})."""
-    if not path.is_file():
-        raise KdcliError("splits file not found", path=path, hint="pass --splits with a CSV or JSON file")
-    listed: dict[str, str] = {}
-
-    def add(case: str, split: str, where: str) -> None:
-        canonical = SPLIT_ALIASES.get(split.strip().lower())
-        if canonical is None:
-            raise KdcliError(f"{where}: unknown split {split!r}", path=path,
-                             hint="splits are train, dev (or val/validation) and test")
-        case = case.strip()
-        if case in listed and listed[case] != canonical:
-            raise KdcliError(f"{where}: case {case} is listed in {listed[case]} and {canonical}", path=path,
-                             hint="a case may belong to one split only")
-        listed[case] = canonical
-
-    if path.suffix.lower() == ".json":
-        try:
-            payload = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise KdcliError(f"not valid JSON ({exc})", path=path) from None
-        if not isinstance(payload, dict) or not all(isinstance(v, list) for v in payload.values()):
-            raise KdcliError('expected {"train": [cases], "dev": [cases], "test": [cases]}', path=path)
-        for split, cases in payload.items():
-            for case in cases:
-                add(str(case), str(split), f"{split!r} list")
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as handle, decoding(path):
-            reader = csv.reader(handle)
-            header = [h.strip().lower() for h in next(reader, [])]
-            if "case" not in header or "split" not in header:
-                raise KdcliError(f"expected a header with columns case,split (found: {','.join(header)})", path=path)
-            case_at, split_at = header.index("case"), header.index("split")
-            for number, row in enumerate(reader, start=2):
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) <= max(case_at, split_at):
-                    raise KdcliError(f"row {number} has too few columns", path=path)
-                add(row[case_at], row[split_at], f"row {number}")
-    if not listed:
-        raise KdcliError("lists no cases", path=path)
-    return listed
+    return read_split_file(path, "case", ("case",))
 
 
 # ---------------------------------------------------------------- reading: volumes -> slices

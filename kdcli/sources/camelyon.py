@@ -67,7 +67,7 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import quiet_opencv
-from kdcli.sources.splits import parse_ratios, stable_seed
+from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
 
 quiet_opencv()  # BCNB's JPEGs are read with cv2.imread: one kdcli line per broken file, no OpenCV warning
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes
@@ -332,52 +332,13 @@ def stratified_splits(labels: dict[str, int], ratios: tuple[float, float, float]
 
 
 SPLITS_FILE = "splits.json"  # what `synth camelyon` writes when its split shapes the files
-SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
-                 "validation": "dev", "test": "test", "testing": "test"}
 SPLIT_ID_COLUMNS = ("slide", "id", "case", "patient", "patient id")
 
 
 def read_splits(path: Path) -> dict[str, str]:
     """Slide id (as _key compares ids) -> split, from JSON {"train": [ids], "dev": [...], "test": [...]} (val /
     validation = dev) or a CSV with a `split` column and a slide / id / case / patient column."""
-    if not path.is_file():
-        raise KdcliError("splits file not found", path=path, hint="pass --splits with a JSON or CSV file")
-    entries: list[tuple[str, str, str]] = []  # id, split as written, where
-    if path.suffix.lower() == ".json":
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise KdcliError(f"not a valid splits JSON ({_reason(exc, path)})", path=path,
-                             hint='expected {"train": [slide ids], "dev": [...], "test": [...]}') from None
-        if not isinstance(payload, dict) or not all(isinstance(v, list) for v in payload.values()):
-            raise KdcliError('expected {"train": [slide ids], "dev": [...], "test": [...]}', path=path,
-                             hint="one list of slide ids per split")
-        entries = [(str(i), str(split), f"{split!r} list") for split, ids in payload.items() for i in ids]
-    else:
-        import csv
-
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-        header = [_fold(h) for h in (rows[0] if rows else [])]
-        id_at = next((header.index(_fold(c)) for c in SPLIT_ID_COLUMNS if _fold(c) in header), None)
-        if "split" not in header or id_at is None:
-            raise KdcliError(f"expected a header with a split column and a slide id column (found: "
-                             f"{','.join(rows[0]) if rows else 'nothing'})", path=path, hint="e.g. slide,split")
-        split_at = header.index("split")
-        entries = [(row[id_at], row[split_at], f"row {n}") for n, row in enumerate(rows[1:], start=2)
-                   if any(c.strip() for c in row)]
-    listed: dict[str, str] = {}
-    for slide, split, where in entries:
-        canonical = SPLIT_ALIASES.get(split.strip().lower())
-        if canonical is None:
-            raise KdcliError(f"{where}: unknown split {split!r}", path=path,
-                             hint="splits are train, dev (or val / validation) and test")
-        key = _key(slide) or slide
-        if listed.get(key, canonical) != canonical:
-            raise KdcliError(f"{where}: slide {slide} is listed in {listed[key]} and {canonical}", path=path,
-                             hint="a slide (patient) belongs to one split only")
-        listed[key] = canonical
-    return listed
+    return read_split_file(path, "slide", SPLIT_ID_COLUMNS, key=lambda name: _key(name) or name)
 
 
 def _encoding(rows: dict[str, _Row], splits: dict[str, str], columns: list[str],

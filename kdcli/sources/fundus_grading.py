@@ -18,7 +18,6 @@ the file and row named, before anything is written.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections import defaultdict
@@ -29,6 +28,7 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.sources.base import Record, Scan, Source
 from kdcli.sources.imaging import read_image, resize_square
+from kdcli.sources.splits import read_split_file
 
 GRADE_NAMES = {
     "dr": ["none", "mild", "moderate", "severe", "proliferative"],
@@ -96,8 +96,6 @@ def split_groups(groups: dict[str, int], ratios: tuple[float, float, float], see
     return assignment
 
 
-SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
-                 "validation": "dev", "test": "test", "testing": "test"}
 
 
 def _open_text(path: Path):
@@ -118,47 +116,7 @@ def _open_text(path: Path):
 
 def read_splits(path: Path) -> dict[str, str]:
     """image name -> train | dev | test, from a CSV (`image,split`) or a JSON ({"train": [names], ...})."""
-    if not path.is_file():
-        raise KdcliError("splits file not found", path=path, hint="pass --splits with a CSV or JSON file")
-    listed: dict[str, str] = {}
-
-    def add(name: str, split: str, where: str) -> None:
-        canonical = SPLIT_ALIASES.get(split.strip().lower())
-        if canonical is None:
-            raise KdcliError(f"{where}: unknown split {split!r}", path=path,
-                             hint="splits are train, dev (or val/validation) and test")
-        name = name.strip()
-        if name in listed and listed[name] != canonical:
-            raise KdcliError(f"{where}: image {name!r} is listed in {listed[name]} and {canonical}", path=path,
-                             hint="an image belongs to one split only")
-        listed[name] = canonical
-
-    text = _open_text(path)
-    if path.suffix.lower() == ".json":
-        try:
-            payload = json.loads(text)
-        except ValueError as exc:
-            raise KdcliError(f"not valid JSON ({exc})", path=path) from None
-        if not isinstance(payload, dict) or not all(isinstance(v, list) for v in payload.values()):
-            raise KdcliError('expected {"train": [images], "dev": [images], "test": [images]}', path=path)
-        for split, names in payload.items():
-            for name in names:
-                add(str(name), str(split), f"{split!r} list")
-    else:
-        reader = csv.reader(text.splitlines())
-        header = [h.strip().lower() for h in next(reader, [])]
-        if "image" not in header or "split" not in header:
-            raise KdcliError(f"expected a header with columns image,split (found: {','.join(header)})", path=path)
-        name_at, split_at = header.index("image"), header.index("split")
-        for number, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) <= max(name_at, split_at):
-                raise KdcliError(f"row {number} has too few columns", path=path)
-            add(row[name_at], row[split_at], f"row {number}")
-    if not listed:
-        raise KdcliError("lists no images", path=path)
-    return listed
+    return read_split_file(path, "image", ("image",))
 
 
 def parse_grade(value: str, number: int, path: Path) -> int:

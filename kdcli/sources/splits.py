@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kdcli.errors import UsageError
@@ -32,3 +36,69 @@ def parse_ratios(value: Any, example: str = "0.7,0.1,0.2") -> tuple[float, float
         scaled = ",".join(f"{r / total:.4g}" for r in ratios)
         raise UsageError(f"--ratios {value!r} sums to {total:g}, not 1: give fractions of the whole, e.g. {scaled}")
     return ratios[0] / total, ratios[1] / total, ratios[2] / total
+
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
+                 "validation": "dev", "test": "test", "testing": "test"}
+
+
+def read_split_file(path: Path, noun: str, id_columns: tuple[str, ...],
+                    key: Callable[[str], str] = str.strip) -> dict[str, str]:
+    """A user's or a phantom's fixed split: id -> train | dev | test, from a JSON {"train": [ids], "dev": [...],
+    "test": [...]} or a CSV with a `split` column and the first of `id_columns` present (case-insensitive).
+    val/validation mean dev. `noun` names an id in the messages ("case", "image", "slide"); `key` is how the
+    source compares ids. One line, naming the file and the row or list, for anything else."""
+    from kdcli.errors import KdcliError
+
+    path = Path(path)
+    if not path.is_file():
+        raise KdcliError("splits file not found", path=path, hint="pass --splits with a CSV or JSON file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise KdcliError(f"cannot read ({exc.strerror or exc})", path=path) from None
+    except UnicodeDecodeError:
+        from kdcli.sources.text import decode_error
+
+        raise decode_error(path) from None
+    entries: list[tuple[str, str, str]] = []  # id, split as written, where
+    if path.suffix.lower() == ".json":
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise KdcliError(f"not valid JSON ({exc})", path=path) from None
+        if not isinstance(payload, dict) or not all(isinstance(v, list) for v in payload.values()):
+            raise KdcliError(f'expected {{"train": [{noun}s], "dev": [{noun}s], "test": [{noun}s]}}', path=path)
+        entries = [(str(i), str(split), f"{split!r} list") for split, ids in payload.items() for i in ids]
+    else:
+        rows = list(csv.reader(text.splitlines()))
+        fold = lambda text: "".join(text.split()).lower()  # noqa: E731 ("Patient ID" = "patientid")
+        header = [fold(h) for h in (rows[0] if rows else [])]
+        id_at = next((header.index(fold(c)) for c in id_columns if fold(c) in header), None)
+        if "split" not in header or id_at is None:
+            wanted = (f"columns {id_columns[0]},split" if len(id_columns) == 1 else
+                      f"a split column and a {noun} id column ({', '.join(id_columns)})")
+            raise KdcliError(f"expected a header with {wanted} (found: {','.join(rows[0]) if rows else 'nothing'})",
+                             path=path)
+        split_at = header.index("split")
+        for number, row in enumerate(rows[1:], start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(id_at, split_at):
+                raise KdcliError(f"row {number} has too few columns", path=path)
+            entries.append((row[id_at], row[split_at], f"row {number}"))
+    listed: dict[str, str] = {}
+    for name, split, where in entries:
+        canonical = SPLIT_ALIASES.get(split.strip().lower())
+        if canonical is None:
+            raise KdcliError(f"{where}: unknown split {split!r}", path=path,
+                             hint="splits are train, dev (or val/validation) and test")
+        name = name.strip()
+        ident = key(name) or name
+        if listed.get(ident, canonical) != canonical:
+            raise KdcliError(f"{where}: {noun} {name} is listed in {listed[ident]} and {canonical}", path=path,
+                             hint=f"a {noun} belongs to one split only")
+        listed[ident] = canonical
+    if not listed:
+        raise KdcliError(f"lists no {noun}s", path=path)
+    return listed

@@ -108,6 +108,7 @@ import cv2
 import numpy as np
 
 from kdcli.shards.format import atomic_write_bytes
+from kdcli.synth._noise import scale_for_rate
 
 FORMATS = ("tiff", "bcnb")
 ALN_STATUS = ("N0", "N+(1-2)", "N+(>2)")
@@ -511,12 +512,7 @@ def _flip_scale(rho: float) -> float:
     def rate(c: float) -> float:
         return float(np.minimum(FLIP_CAP, c * weight).mean())
 
-    lo, hi = 0.0, 1.0
-    while rate(hi) < rho:
-        hi *= 2
-    for _ in range(60):
-        lo, hi = ((lo + hi) / 2, hi) if rate((lo + hi) / 2) < rho else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
+    return scale_for_rate(rate, rho)
 
 
 def flip_probability(biology: float, rho: float) -> float:

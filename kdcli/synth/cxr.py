@@ -124,6 +124,7 @@ from kdcli.shards.format import atomic_write_bytes
 from kdcli.sources.cxr import nih_dev_patients
 from kdcli.synth import _chest
 from kdcli.synth._chest import DISTRACTOR_RATE, DISTRACTORS, FINDINGS, THRESHOLD
+from kdcli.synth._noise import scale_for_rate
 
 LAYOUTS = ("nih", "mimic")
 GAZES = ("egd", "reflacx", "none")
@@ -289,12 +290,7 @@ def _flip_scale(rho: float) -> float:
         kept = 1 - (1 - np.minimum(FLIP_CAP, c * near_primary)) * (1 - np.minimum(FLIP_CAP, c * near_other))
         return 0.5 * float(kept[~positive].mean()) + 0.5 * float(kept[positive].mean())
 
-    lo, hi = 0.0, 1.0
-    while rate(hi) < rho:
-        hi *= 2
-    for _ in range(60):
-        lo, hi = ((lo + hi) / 2, hi) if rate((lo + hi) / 2) < rho else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
+    return scale_for_rate(rate, rho)
 
 
 def flip_probabilities(latent: Latent, rho: float) -> np.ndarray:

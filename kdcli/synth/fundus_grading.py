@@ -102,6 +102,7 @@ import cv2
 import numpy as np
 
 from kdcli.synth._fundus import fx, vessel_paths
+from kdcli.synth._noise import scale_for_rate
 
 DR_GRADES = ("none", "mild", "moderate", "severe", "proliferative")  # 0..4, EyePACS/APTOS
 AMD_GRADES = ("none", "early", "intermediate", "late")  # 0..3
@@ -178,12 +179,7 @@ def _flip_scale(rho: float, disease: str) -> float:
     def rate(c: float) -> float:
         return float(np.mean([np.minimum(FLIP_CAP, c * w).mean() for w in per_grade]))
 
-    lo, hi = 0.0, 1.0
-    while rate(hi) < rho:
-        hi *= 2
-    for _ in range(60):
-        lo, hi = ((lo + hi) / 2, hi) if rate((lo + hi) / 2) < rho else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
+    return scale_for_rate(rate, rho)
 
 
 def flip_probability(severity: float, disease: str, rho: float) -> float:

@@ -74,6 +74,7 @@ import numpy as np
 
 from kdcli.sources.multieye import CONCEPTS
 from kdcli.synth._fundus import fx, vessel_paths
+from kdcli.synth._noise import scale_for_rate
 
 CLASSES = ("NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD")
 SPLITS = ("train", "dev", "test")
@@ -183,12 +184,7 @@ def _flip_scale(rho: float) -> float:
     def rate(c: float) -> float:
         return float(np.mean([np.minimum(FLIP_CAP, c * w).mean() for w in per_class]))
 
-    lo, hi = 0.0, 1.0
-    while rate(hi) < rho:
-        hi *= 2
-    for _ in range(60):
-        lo, hi = ((lo + hi) / 2, hi) if rate((lo + hi) / 2) < rho else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
+    return scale_for_rate(rate, rho)
 
 
 def flip_probability(latent: Latent, rho: float) -> float:
