@@ -27,7 +27,7 @@ from kdcli.models.loading import load_model
 from kdcli.models.mil import MILClassifier, mil_spec
 from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train_config import TrainConfig, check_out, config_to_dict
+from kdcli.train_config import TrainConfig, check_out, config_to_dict, unlabeled_choice
 
 BAG_SIZE = 16  # patches drawn per slide and epoch in training; evaluation scores bags of the same size
 EMBEDDINGS = "embeddings"  # folder inside the shard directory
@@ -256,21 +256,11 @@ def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -
 
 
 def _unlabeled_slides(cfg: TrainConfig, store: ShardStore, method_cls, log: Callable[[str], None]) -> bool:
-    """Whether the distillation terms see the training split's unlabeled slides; says why when they do not.
-    (dataset.json counts patches; this counts slides.)"""
+    """unlabeled_choice for slides: dataset.json counts patches, the log counts slides."""
     import polars as pl
 
     count = store.rows("train", "wsi").filter(~pl.col("labelled"))["record"].n_unique()
-    if not count:
-        return False
-    if not cfg.unlabeled:
-        log(f"--no-unlabeled: {count} unlabeled slides left out")
-        return False
-    if not method_cls.unlabeled:
-        log(f"note: --method {cfg.method} does not learn from unlabeled slides; {count} left out")
-        return False
-    log(f"{count} unlabeled slides: distillation terms only, {cfg.engine.unlabeled_ratio:g} per labelled slide")
-    return True
+    return unlabeled_choice(cfg, store, method_cls, log, what="slides", count=count)
 
 
 def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:

@@ -164,20 +164,23 @@ def check_out(cfg: TrainConfig) -> Path:
 
 
 def unlabeled_choice(cfg: TrainConfig, store: ShardStore, method_cls, log: Callable[[str], None],
-                      modality: str | None = None, what: str = "samples") -> bool:
+                     modality: str | None = None, what: str = "samples", count: int | None = None) -> bool:
     """Whether the distillation terms see the training set's unlabeled samples; says why when they do not.
     `modality`: the key of dataset.json's counts (default cfg.modality; a segmentation student's first sequence,
-    as its cfg.modality lists several); `what`: what a sample is (slices)."""
+    as its cfg.modality lists several); `what`: what a sample is (slices); `count`: the unlabeled units when
+    they are not dataset.json's samples (slides, whose patches it counts), said without the modality."""
     modality = modality or cfg.modality
-    count = store.meta.unlabeled.get(modality, {}).get("train", 0)
+    units = f"{modality} {what}" if count is None else what
+    if count is None:
+        count = store.meta.unlabeled.get(modality, {}).get("train", 0)
     if not count:
         return False
     if not cfg.unlabeled:
-        log(f"--no-unlabeled: {count} unlabeled {modality} {what} left out")
+        log(f"--no-unlabeled: {count} unlabeled {units} left out")
         return False
     if not method_cls.unlabeled:
         log(f"note: --method {cfg.method} does not learn from unlabeled {what}; {count} left out")
         return False
-    log(f"{count} unlabeled {modality} {what}: distillation terms only, "
+    log(f"{count} unlabeled {units}: distillation terms only, "
         f"{cfg.engine.unlabeled_ratio:g} per labelled {what.removesuffix('s')}")
     return True
