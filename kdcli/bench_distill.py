@@ -593,8 +593,9 @@ def _map(function: Callable, child: Callable, jobs: list, workers: int, log: Cal
 
 # ------------------------------------------------------------------------------------------------ the run
 def _teach_method(task: str) -> str:
-    return {"classification": "supervised", "multilabel": "multilabel", "segmentation": "segmentation",
-            "mil": "mil"}.get(task, "supervised")
+    from kdcli.tasks import TASKS
+
+    return TASKS.get(task).supervised_method
 
 
 def _accepts(method: str, parameter: str) -> bool:

@@ -27,12 +27,10 @@ from typing import Any
 import numpy as np
 
 from kdcli.errors import KdcliError, UsageError
+from kdcli.tasks import task_of
 
 PER_RUN_KEYS = {"seed", "out", "data", "resume", "overwrite", "device", "workers", "threads", "log", "log_every",
                 "teacher", "cache_teacher", "compile"}  # configuration that does not make another model
-CLASSIFICATION = ("accuracy", "macro_f1", "kappa", "auc")
-TASK_METRICS = {"multilabel": ("mean_auroc", "mean_ap"), "segmentation": ("dice_wt", "dice_tc", "dice_et", "dice_mean"),
-                "mil": ("auc", "accuracy", "macro_f1")}
 BOOTSTRAPPED = ("accuracy", "macro_f1")
 CHANCE_KAPPA, CHANCE_AUC = 0.05, 0.6  # at or below both: no better than guessing the class frequencies
 
@@ -146,9 +144,9 @@ def evaluate_run(path: Path, options: CompareOptions) -> Run:
         data = recorded_dataset(meta, path)
     seed = int((meta.get("config") or {}).get("seed", 0))
     run = Run(path, seed, model_label(meta), model_key(meta), {}, json.loads(model_key(meta))["config"])
-    task = meta.get("task")
-    if task in TASK_METRICS:
-        run.metrics = _other_task_metrics(path, data, options, task)
+    task = task_of(meta)
+    if not task.compare_per_sample:
+        run.metrics = _other_task_metrics(path, data, options, task.report_metrics)
         return run
     from kdcli.evaluate.run import run_model
     from kdcli.metrics.classification import classification_metrics
@@ -160,19 +158,20 @@ def evaluate_run(path: Path, options: CompareOptions) -> Run:
         ordinal = bool(scope and store.meta.tasks[scope].get("ordinal"))
         metrics = classification_metrics(labels, probs, classes, ordinal=ordinal)
         prefix = f"{scope} " if scope else ""
-        run.metrics.update({f"{prefix}{k}": metrics[k] for k in CLASSIFICATION})
+        run.metrics.update({f"{prefix}{k}": metrics[k] for k in task.report_metrics})
         run.answers[scope or ""] = {"ids": list(view.ids), "labels": labels.astype(np.int64),
                                     "predictions": probs.argmax(1).astype(np.int64), "classes": len(classes),
                                     "data": str(data)}
     return run
 
 
-def _other_task_metrics(path: Path, data: Path, options: CompareOptions, task: str) -> dict[str, float | None]:
+def _other_task_metrics(path: Path, data: Path, options: CompareOptions,
+                        names: tuple[str, ...]) -> dict[str, float | None]:
     """Multi-label, segmentation and slide checkpoints: evaluate's own report (no per-sample pairing here)."""
     from kdcli.evaluate.run import EvaluateOptions, evaluate
 
     report = evaluate(EvaluateOptions(path, data, options.split, device=options.device))
-    return {name: report["metrics"].get(name) for name in TASK_METRICS[task]}
+    return {name: report["metrics"].get(name) for name in names}
 
 
 def summarise(values: list[float | None]) -> dict[str, Any]:

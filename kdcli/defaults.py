@@ -73,22 +73,12 @@ def recorded_dataset(meta: dict[str, Any], checkpoint: Path) -> Path:
     return Path(recorded)
 
 
-def default_method(task: str, pairing: str, targets: dict, teachers: list[dict],
-                   label_spaces: dict) -> tuple[str, str]:
-    """(method, why) for `distill` without --method, from what the data and teachers are."""
-    if task == "segmentation":
-        return "protokd", "segmentation data"
-    if task == "mil":
-        return "bidirectional", "slides with clinical records"
-    if task == "multilabel":
-        if "gaze" in targets or "boxes" in targets:
-            return "cvi", "chest X-rays with gaze or box annotations"
-        raise UsageError("--method is required: no default fits multi-label data without gaze or boxes")
-    if len(teachers) > 1 or label_spaces:
-        return "sall", "teachers of different label spaces"
-    if pairing == "paired":
-        return "kd", "paired images"
-    return "coda", "unpaired modalities"
+def default_method(dataset: Any, teachers: list[dict]) -> tuple[str, str]:
+    """(method, why) for `distill` without --method, from what the data (DatasetMeta) and teachers are: the
+    task type's choice (tasks/)."""
+    from kdcli.tasks import task_of
+
+    return task_of(dataset).run("default_method", dataset, teachers)
 
 
 def checkpoint_stem(modality: str) -> str:

@@ -32,6 +32,7 @@ from torch import nn
 from kdcli import __version__
 from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from kdcli.errors import KdcliError, UsageError
+from kdcli.tasks import task_of
 
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript", ".pth")}
 OPSET = 17
@@ -112,43 +113,57 @@ def check_options(options: ExportOptions) -> Path:
 def example_inputs(checkpoint: Checkpoint, record: dict[str, Any]) -> tuple[nn.Module, dict[str, torch.Tensor],
                                                                             list[str], dict[str, dict[int, str]]]:
     """(wrapper, example inputs by name, output names, dynamic axes) for the checkpoint's kind of model."""
-    from kdcli.train import load_model
+    return task_of(checkpoint.meta).run("export_inputs", checkpoint, record)
 
+
+def segmentation_inputs(checkpoint: Checkpoint, record: dict[str, Any]):
+    from kdcli.models.loading import load_model
+
+    model = load_model(checkpoint).eval()
+    size = int(record["size"])
+    channels = len(checkpoint.meta["model"]["modalities"])
+    inputs = {"image": torch.randn(2, channels, size, size)}
+    return (SegmentationExport(model), inputs, ["logits", "probabilities"],
+            {"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}})
+
+
+def slide_inputs(checkpoint: Checkpoint, record: dict[str, Any]):
+    from kdcli.models.loading import load_model
+
+    model = load_model(checkpoint).eval()
+    size = int(record["size"])
+    spec = checkpoint.meta["model"]
+    count = 5
+    if spec.get("embeddings"):
+        inputs = {"features": torch.randn(1, count, int(spec["embeddings"]["dim"]))}
+    else:
+        inputs = {"patches": torch.randint(0, 256, (1, count, 3, size, size), dtype=torch.uint8)}
+    inputs["bag_mask"] = torch.ones(1, count, dtype=torch.bool)
+    if "mm" in spec["branches"]:
+        dims = int(spec["clinical_dims"])
+        inputs.update(clinical=torch.randn(1, dims), clinical_mask=torch.ones(1, dims))
+        if "sm" in spec["branches"]:
+            inputs["clinical_present"] = torch.ones(1, dtype=torch.bool)
+    outputs = ["logits", "probabilities", *(f"attention_{b}" for b in spec["branches"])]
+    dynamic = {name: {0: "batch", 1: "patches"} for name in ("patches", "features", "bag_mask") if name in inputs}
+    dynamic.update({name: {0: "batch"} for name in inputs if name not in dynamic})
+    dynamic.update({name: {0: "batch", 1: "patches"} if name.startswith("attention") else {0: "batch"}
+                    for name in outputs})
+    return SlideExport(model, list(inputs)), inputs, outputs, dynamic
+
+
+def image_inputs(checkpoint: Checkpoint, record: dict[str, Any]):
+    from kdcli.models.loading import load_model
     meta = checkpoint.meta
     model = load_model(checkpoint).eval()
     size = int(record["size"])
-    task = meta.get("task")
-    if task == "segmentation":
-        channels = len(meta["model"]["modalities"])
-        inputs = {"image": torch.randn(2, channels, size, size)}
-        return (SegmentationExport(model), inputs, ["logits", "probabilities"],
-                {"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}})
-    if task == "mil":
-        spec = meta["model"]
-        count = 5
-        if spec.get("embeddings"):
-            inputs = {"features": torch.randn(1, count, int(spec["embeddings"]["dim"]))}
-        else:
-            inputs = {"patches": torch.randint(0, 256, (1, count, 3, size, size), dtype=torch.uint8)}
-        inputs["bag_mask"] = torch.ones(1, count, dtype=torch.bool)
-        if "mm" in spec["branches"]:
-            dims = int(spec["clinical_dims"])
-            inputs.update(clinical=torch.randn(1, dims), clinical_mask=torch.ones(1, dims))
-            if "sm" in spec["branches"]:
-                inputs["clinical_present"] = torch.ones(1, dtype=torch.bool)
-        outputs = ["logits", "probabilities", *(f"attention_{b}" for b in spec["branches"])]
-        dynamic = {name: {0: "batch", 1: "patches"} for name in ("patches", "features", "bag_mask") if name in inputs}
-        dynamic.update({name: {0: "batch"} for name in inputs if name not in dynamic})
-        dynamic.update({name: {0: "batch", 1: "patches"} if name.startswith("attention") else {0: "batch"}
-                        for name in outputs})
-        return SlideExport(model, list(inputs)), inputs, outputs, dynamic
     channels = int(record["modalities"][meta["modality"]]["shape"][2])
     heads = list(meta["tasks"]) if meta.get("tasks") else [None]
     outputs = [name for head in heads for name in ((f"logits_{head}", f"probabilities_{head}") if head else
                                                     ("logits", "probabilities"))]
     inputs = {"image": torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)}
     dynamic = {name: {0: "batch"} for name in ("image", *outputs)}
-    return ImageExport(model, heads, task == "multilabel"), inputs, outputs, dynamic
+    return ImageExport(model, heads, task_of(meta).activation == "sigmoid"), inputs, outputs, dynamic
 
 
 def export(options: ExportOptions) -> dict[str, Any]:
@@ -228,7 +243,6 @@ def contract_path(out: Path) -> Path:
 def build_contract(checkpoint: Checkpoint, record: dict[str, Any], fmt: str, out: Path,
                    inputs: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, Any]:
     meta = checkpoint.meta
-    task = meta.get("task") or "classification"
     size = int(record["size"])
     shapes = {name: ["batch", *(("patches",) if name in ("patches", "features", "bag_mask") else ()),
                      *list(tensor.shape[2 if name in ("patches", "features", "bag_mask") else 1:])]
@@ -236,7 +250,8 @@ def build_contract(checkpoint: Checkpoint, record: dict[str, Any], fmt: str, out
     contract: dict[str, Any] = {
         "format": fmt, "file": out.name, "sha256": file_sha256(out), "kdcli_version": __version__,
         "checkpoint": str(checkpoint.path), "checkpoint_sha256": file_sha256(checkpoint.path),
-        "task": task, "kind": meta.get("kind"), "method": meta.get("method"), "modality": meta.get("modality"),
+        "task": task_of(meta).name, "kind": meta.get("kind"), "method": meta.get("method"),
+        "modality": meta.get("modality"),
         "inputs": [{"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": shapes[name]}
                    for name, tensor in inputs.items()],
         "outputs": outputs, "input_size": size,
@@ -247,24 +262,28 @@ def build_contract(checkpoint: Checkpoint, record: dict[str, Any], fmt: str, out
         contract["tasks"] = meta["tasks"]
     else:
         contract["classes"] = meta["classes"]
-    if task == "segmentation":
-        contract["channels"] = list(meta["model"]["modalities"])
-        contract["regions"] = meta.get("regions")
-        contract["activation"] = "softmax over classes (axis 1); argmax = kdcli label index"
-    elif task == "mil":
-        contract["channels"] = "RGB"
-        contract["normalisation"] = {"inside_model": True, "scale": 1 / 255, "mean": model_mean_std(checkpoint)[0],
-                                     "std": model_mean_std(checkpoint)[1]}
-        contract["branches"] = meta["model"]["branches"]
-        contract["bag_size"] = meta.get("bag_size")
-        contract["activation"] = "softmax; a slide's score in kdcli is the mean over disjoint bags of bag_size"
-    else:
-        channels = int(record["modalities"][meta["modality"]]["shape"][2])
-        contract["channels"] = "RGB" if channels == 3 else "grey" if channels == 1 else channels
-        mean, std = model_mean_std(checkpoint)
-        contract["normalisation"] = {"inside_model": True, "scale": 1 / 255, "mean": mean, "std": std}
-        contract["activation"] = "sigmoid per finding" if task == "multilabel" else "softmax"
+    contract.update(task_of(meta).run("export_contract", checkpoint, record))
     return contract
+
+
+def segmentation_contract(checkpoint: Checkpoint, record: dict[str, Any]) -> dict[str, Any]:
+    return {"channels": list(checkpoint.meta["model"]["modalities"]), "regions": checkpoint.meta.get("regions"),
+            "activation": "softmax over classes (axis 1); argmax = kdcli label index"}
+
+
+def slide_contract(checkpoint: Checkpoint, record: dict[str, Any]) -> dict[str, Any]:
+    mean, std = model_mean_std(checkpoint)
+    return {"channels": "RGB", "normalisation": {"inside_model": True, "scale": 1 / 255, "mean": mean, "std": std},
+            "branches": checkpoint.meta["model"]["branches"], "bag_size": checkpoint.meta.get("bag_size"),
+            "activation": "softmax; a slide's score in kdcli is the mean over disjoint bags of bag_size"}
+
+
+def image_contract(checkpoint: Checkpoint, record: dict[str, Any]) -> dict[str, Any]:
+    channels = int(record["modalities"][checkpoint.meta["modality"]]["shape"][2])
+    mean, std = model_mean_std(checkpoint)
+    return {"channels": "RGB" if channels == 3 else "grey" if channels == 1 else channels,
+            "normalisation": {"inside_model": True, "scale": 1 / 255, "mean": mean, "std": std},
+            "activation": "sigmoid per finding" if task_of(checkpoint.meta).activation == "sigmoid" else "softmax"}
 
 
 def model_mean_std(checkpoint: Checkpoint) -> tuple[list[float], list[float]]:

@@ -5,9 +5,7 @@ clinical record, through the same engine as every other task; selected by the de
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcli import __version__
 from kdcli.engine.checkpoint import file_sha256, load_checkpoint
 from kdcli.engine.device import seed_everything
 from kdcli.engine.loop import EngineConfig, FitResult, Validate, fit, to_device
@@ -25,9 +22,8 @@ from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.loading import load_model
 from kdcli.models.mil import MILClassifier, mil_spec
-from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train_config import TrainConfig, check_out, config_to_dict, unlabeled_choice
+from kdcli.train_config import TrainConfig, check_out, checkpoint_meta, teacher_record, unlabeled_choice
 
 BAG_SIZE = 16  # patches drawn per slide and epoch in training; evaluation scores bags of the same size
 EMBEDDINGS = "embeddings"  # folder inside the shard directory
@@ -199,23 +195,19 @@ def slide_validator(dev_view, classes: list[str], cfg: EngineConfig) -> Validate
 
 def _meta(cfg: TrainConfig, store: ShardStore, model: MILClassifier, kind: str, params: Any,
           teacher: dict | None) -> dict[str, Any]:
-    return {
-        "kdcli_version": __version__, "kind": kind, "task": "mil", "model": model.spec,
-        "modality": cfg.modality, "classes": store.meta.classes, "label_task": None, "tasks": None,
-        "size": store.meta.modalities["wsi"]["shape"][0], "method": cfg.method,
-        "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg), "bag_size": BAG_SIZE,
-        "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
-                 "content_hash": store.meta.content_hash},
-        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
-        "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return checkpoint_meta(cfg, store, model.spec, kind, params, teacher, classes=store.meta.classes,
+                           label_task=None, tasks=None, size=store.meta.modalities["wsi"]["shape"][0],
+                           bag_size=BAG_SIZE)
+
+
+def dev_validator(cfg: TrainConfig, store: ShardStore, dev_view) -> Validate:
+    """Slide-level dev metrics (the task's validator, tasks/mil.py)."""
+    return slide_validator(dev_view, store.meta.classes, cfg.engine)
 
 
 def _views(cfg: TrainConfig, store: ShardStore, spec: dict, unlabeled: bool = False):
     from kdcli.data.bags import BagView
 
-    if cfg.engine.metric == "macro_f1":  # the classification default; slide-level papers report AUC
-        cfg.engine.metric = "auc"
     embeddings = embeddings_path(store, spec)
     train = BagView(store, "train", BAG_SIZE, augment=cfg.augment != "none", seed=cfg.engine.seed,
                     embeddings=embeddings, unlabeled=unlabeled)
@@ -239,9 +231,9 @@ def _embeddings_spec(cfg: TrainConfig, store: ShardStore) -> dict | None:
 def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
     out = check_out(cfg)
     branches = branches_for(cfg.modality, store)
-    cfg.modality, cfg.method = ("wsi" if branches == ["sm"] else "wsi,clinical"), "mil"
-    method_cls = METHODS.get("mil")
-    params = parse_params(method_cls.Params, cfg.params, "mil")
+    cfg.modality = "wsi" if branches == ["sm"] else "wsi,clinical"
+    method_cls = METHODS.get(cfg.method)  # the task's supervised method (tasks/mil.py)
+    params = parse_params(method_cls.Params, cfg.params, cfg.method)
     seed_everything(cfg.engine.seed)
     dims = store.meta.targets["clinical"]["shape"][0] if "clinical" in store.meta.targets else 0
     spec = mil_spec(cfg.model or "resnet18", len(store.meta.classes), branches, dims)
@@ -251,7 +243,7 @@ def teach_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -
     model = MILClassifier(spec)
     train, dev = _views(cfg, store, spec)
     meta = _meta(cfg, store, model, "teacher", params, None)
-    return fit(method_cls(params, model), train, slide_validator(dev, store.meta.classes, cfg.engine), cfg.engine,
+    return fit(method_cls(params, model), train, dev_validator(cfg, store, dev), cfg.engine,
                out, meta, resume=cfg.resume, log=log, train_labels=train.labels)
 
 
@@ -266,13 +258,11 @@ def _unlabeled_slides(cfg: TrainConfig, store: ShardStore, method_cls, log: Call
 def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
     out = check_out(cfg)
     method_cls = METHODS.get(cfg.method)
-    if cfg.method != "bidirectional":
-        raise UsageError(f"--method {cfg.method} does not train slide models; use --method bidirectional")
     if len(cfg.teacher) != 1:
-        raise UsageError("--method bidirectional takes exactly one --teacher checkpoint")
+        raise UsageError(f"--method {cfg.method} takes exactly one --teacher checkpoint")
     params = parse_params(method_cls.Params, cfg.params, cfg.method)
     checkpoint = load_checkpoint(Path(cfg.teacher[0]))
-    if checkpoint.meta.get("task") != "mil" or checkpoint.meta["classes"] != store.meta.classes:
+    if checkpoint.meta.get("task") != store.meta.task or checkpoint.meta["classes"] != store.meta.classes:
         raise KdcliError("not a slide (MIL) checkpoint for this dataset's classes", path=checkpoint.path,
                          hint="use the checkpoint of `teach --modality wsi,clinical` on this dataset")
     teacher = load_model(checkpoint)
@@ -284,11 +274,9 @@ def distill_mil(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None])
     student = method_cls.make_student(params, teacher)
     cfg.modality = "wsi"  # the student answers from the slide alone when the record is missing
     train, dev = _views(cfg, store, student.spec, _unlabeled_slides(cfg, store, method_cls, log))
-    teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
-                    "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
-                    "data_hash": checkpoint.meta["data"]["content_hash"]}
+    teacher_info = teacher_record(cfg.teacher[0], checkpoint)
     meta = _meta(cfg, store, student, "student", params, teacher_info)
-    if cfg.engine.metric == "auc":  # set by _views: a model for missing records is selected on both routes
+    if cfg.engine.metric == "auc":  # the task's: a model for missing records is selected on both routes
         cfg.engine.metric = "auc_both"
-    return fit(method_cls(params, student, None), train, slide_validator(dev, store.meta.classes, cfg.engine),
+    return fit(method_cls(params, student, None), train, dev_validator(cfg, store, dev),
                cfg.engine, out, meta, resume=cfg.resume, log=log, train_labels=train.labels)

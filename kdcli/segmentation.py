@@ -9,17 +9,14 @@ them (ProtoKD), drawn `--unlabeled-ratio` per labelled slice, unless `--no-unlab
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdcli import __version__
-from kdcli.engine.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from kdcli.engine.checkpoint import Checkpoint, load_checkpoint
 from kdcli.engine.device import seed_everything
 from kdcli.engine.loop import FitResult, fit
 from kdcli.errors import KdcliError, UsageError
@@ -27,9 +24,8 @@ from kdcli.methods import METHODS
 from kdcli.methods.base import parse_params
 from kdcli.models.loading import load_weights
 from kdcli.models.unet import UNet
-from kdcli.shards.preprocessing import preprocessing_record
 from kdcli.shards.reader import ShardStore
-from kdcli.train_config import TrainConfig, check_out, config_to_dict, unlabeled_choice
+from kdcli.train_config import TrainConfig, check_out, checkpoint_meta, teacher_record, unlabeled_choice
 
 PLAIN = re.compile(r"^plain(?:-(\d+))?(?:-(\d+))?$")  # plain[-BASE[-DEPTH]]: ProtoKD's 16 filters, 4 levels
 
@@ -79,7 +75,7 @@ def load_unet(checkpoint: Checkpoint) -> UNet:
 def check_segmentation_checkpoint(checkpoint: Checkpoint, store: ShardStore) -> list[str]:
     """The checkpoint's sequences, after checking it segments this dataset's classes from sequences it has."""
     meta = checkpoint.meta
-    if meta.get("task") != "segmentation":
+    if meta.get("task") != store.meta.task:
         raise KdcliError("not a segmentation checkpoint", path=checkpoint.path,
                          hint="use a checkpoint from `kdcli teach` on a segmentation dataset")
     if meta["classes"] != store.meta.classes:
@@ -93,21 +89,19 @@ def check_segmentation_checkpoint(checkpoint: Checkpoint, store: ShardStore) -> 
 
 
 def _meta(cfg: TrainConfig, store: ShardStore, model: UNet, kind: str, params: Any, teacher: dict | None) -> dict:
-    return {
-        "kdcli_version": __version__, "kind": kind, "task": "segmentation", "model": model.spec,
-        "modality": ",".join(model.spec["modalities"]), "classes": store.meta.classes,
-        "regions": regions(store), "size": store.meta.targets["seg"]["shape"][0],
-        "method": cfg.method, "method_params": dataclasses.asdict(params), "config": config_to_dict(cfg),
-        "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
-                 "content_hash": store.meta.content_hash},
-        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
-        "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return checkpoint_meta(cfg, store, model.spec, kind, params, teacher,
+                           modality=",".join(model.spec["modalities"]), classes=store.meta.classes,
+                           regions=regions(store), size=store.meta.targets["seg"]["shape"][0])
+
+
+def dev_validator(cfg: TrainConfig, store: ShardStore, dev):
+    """Mean Dice over the dev cases' regions (the task's validator, tasks/segmentation.py)."""
+    from kdcli.engine.segmentation import segmentation_validator
+
+    return segmentation_validator(dev, regions(store), cfg.engine)
 
 
 def _prepare_engine(cfg: TrainConfig) -> None:
-    if cfg.engine.metric == "macro_f1":  # the classification default: segmentation selects by mean Dice
-        cfg.engine.metric = "dice_mean"
     if cfg.cache_teacher:
         raise UsageError("--cache-teacher: ProtoKD needs the teacher on each augmented slice; it runs online")
 
@@ -125,29 +119,23 @@ def _views(cfg: TrainConfig, store: ShardStore, modalities: list[str], teacher_m
 
 
 def teach_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
-    from kdcli.engine.segmentation import segmentation_validator
-
     out = check_out(cfg)
     modalities = parse_modalities(cfg.modality, store)
-    cfg.modality, cfg.method = ",".join(modalities), "segmentation"
+    cfg.modality = ",".join(modalities)
     _prepare_engine(cfg)
-    method_cls = METHODS.get("segmentation")
-    params = parse_params(method_cls.Params, cfg.params, "segmentation")
+    method_cls = METHODS.get(cfg.method)  # the task's supervised method (tasks/segmentation.py)
+    params = parse_params(method_cls.Params, cfg.params, cfg.method)
     seed_everything(cfg.engine.seed)
     model = build_unet(cfg, store, modalities, log=log)
     train, dev = _views(cfg, store, modalities, None)
     meta = _meta(cfg, store, model, "teacher", params, None)
-    validate = segmentation_validator(dev, regions(store), cfg.engine)
+    validate = dev_validator(cfg, store, dev)
     return fit(method_cls(params, model), train, validate, cfg.engine, out, meta, resume=cfg.resume, log=log)
 
 
 def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str], None]) -> FitResult:
-    from kdcli.engine.segmentation import segmentation_validator
-
     out = check_out(cfg)
     method_cls = METHODS.get(cfg.method)
-    if getattr(method_cls, "pairing", "") != "paired" or cfg.method == "kd":
-        raise UsageError(f"--method {cfg.method} does not segment; on segmentation data use --method protokd")
     if len(cfg.teacher) != 1:
         raise UsageError(f"--method {cfg.method} takes exactly one --teacher checkpoint")
     _prepare_engine(cfg)
@@ -168,10 +156,8 @@ def distill_segmentation(cfg: TrainConfig, store: ShardStore, log: Callable[[str
     # per labelled slice and the labelled ones uniformly, balanced or not; without them, no labels, as ever (a
     # uniform draw of the slices, not a balance of the tumour flag)
     train_labels = np.where(train.labels < 0, -1, 0) if unlabeled else None
-    teacher_info = {"path": str(Path(cfg.teacher[0]).resolve()), "sha256": file_sha256(Path(cfg.teacher[0])),
-                    "modality": checkpoint.meta["modality"], "backbone": checkpoint.meta["model"]["backbone"],
-                    "data_hash": checkpoint.meta["data"]["content_hash"]}
+    teacher_info = teacher_record(cfg.teacher[0], checkpoint)
     meta = _meta(cfg, store, student, "student", params, teacher_info)
-    validate = segmentation_validator(dev, regions(store), cfg.engine)
+    validate = dev_validator(cfg, store, dev)
     return fit(method_cls(params, student, teacher), train, validate, cfg.engine, out, meta, resume=cfg.resume,
                log=log, train_labels=train_labels)

@@ -184,3 +184,32 @@ def unlabeled_choice(cfg: TrainConfig, store: ShardStore, method_cls, log: Calla
     log(f"{count} unlabeled {units}: distillation terms only, "
         f"{cfg.engine.unlabeled_ratio:g} per labelled {what.removesuffix('s')}")
     return True
+
+
+def checkpoint_meta(cfg: TrainConfig, store: ShardStore, spec: dict[str, Any], kind: str, params: Any,
+                    teacher: dict | list | None, **fields: Any) -> dict[str, Any]:
+    """What every checkpoint records, whatever its task type; `fields` are the task's own (classes, size, ...)."""
+    import time
+
+    from kdcli import __version__
+    from kdcli.shards.preprocessing import preprocessing_record
+
+    return {
+        "kdcli_version": __version__, "kind": kind, "task": store.meta.task, "model": spec,
+        "modality": cfg.modality, **fields, "method": cfg.method, "method_params": dataclasses.asdict(params),
+        "config": config_to_dict(cfg),
+        "data": {"path": str(Path(cfg.data).resolve()), "source": store.meta.source,
+                 "content_hash": store.meta.content_hash},
+        "preprocess": preprocessing_record(store.meta),  # what `kdcli predict` repeats on raw files
+        "teacher": teacher, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def teacher_record(path: str | Path, checkpoint: Any) -> dict[str, Any]:
+    """How a student names its teacher: the file, its digest, and what it was trained on."""
+    from kdcli.engine.checkpoint import file_sha256
+
+    meta = checkpoint.meta
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path)), "modality": meta["modality"],
+            "task": meta.get("label_task"), "backbone": meta["model"]["backbone"],
+            "data_hash": meta["data"]["content_hash"]}

@@ -32,7 +32,7 @@ def brats(tmp_path_factory) -> dict[str, Path]:
     ok(["prepare", "brats", raw, "--out", shards, "--size", "32"])
     paths = {"raw": raw, "shards": shards, "teacher": root / "teacher.pt", "baseline": root / "t1ce.pt",
              "student": root / "protokd.pt"}
-    ok(["teach", "--data", shards, "--modality", "t1,t1ce,t2,flair", "--task", "segmentation", "--out",
+    ok(["teach", "--data", shards, "--modality", "t1,t1ce,t2,flair", "--out",
         paths["teacher"], *SEG_FAST])
     ok(["teach", "--data", shards, "--modality", "t1ce", "--out", paths["baseline"], *SEG_FAST])
     ok(["distill", "--data", shards, "--teacher", paths["teacher"], "--student", "t1ce", "--method", "protokd",

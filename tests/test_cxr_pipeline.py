@@ -124,7 +124,7 @@ def gaze_flags(store, view) -> np.ndarray:
 
 
 def test_cvi_trains_on_the_annotated_subset_by_default(cxr, tmp_path, monkeypatch):
-    from kdcli import train
+    from kdcli import train_images
     from kdcli.data.views import ModalityView
     from kdcli.engine.loop import FitResult
     from kdcli.shards.reader import ShardStore
@@ -135,7 +135,7 @@ def test_cvi_trains_on_the_annotated_subset_by_default(cxr, tmp_path, monkeypatc
         seen.update(items=len(train_set), labels=len(train_labels), first=train_set[0])
         return FitResult(0, 0.0, 0, [], 0.0)
 
-    monkeypatch.setattr(train, "fit", fake_fit)
+    monkeypatch.setattr(train_images, "fit", fake_fit)
     ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
         "--out", tmp_path / "c.pt", *FAST])
     store = ShardStore(cxr["shards"])

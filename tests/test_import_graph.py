@@ -103,4 +103,4 @@ def test_the_checker_sees_a_circle() -> None:
     assert circles(graph) == [["a", "b", "c"]]
     real = import_graph()
     assert "kdcli.engine.loop" in real["kdcli.train"]  # a plain from-import
-    assert "kdcli.segmentation" in real["kdcli.train"]  # a lazy import inside a function
+    assert "kdcli.tasks" in real["kdcli.defaults"]  # a lazy import inside a function

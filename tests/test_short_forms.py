@@ -118,17 +118,22 @@ def test_distill_default_output_beside_the_teacher_is_not_overwritten(lab, multi
     ("mil", "none", {"clinical": {}}, [{}], {}, "bidirectional"),
 ])
 def test_default_method_is_the_one_the_data_call_for(task, pairing, targets, teachers, spaces, expected):
+    from types import SimpleNamespace
+
     from kdcli.defaults import default_method
 
-    assert default_method(task, pairing, targets, teachers, spaces)[0] == expected
+    dataset = SimpleNamespace(task=task, pairing=pairing, targets=targets, tasks=spaces)
+    assert default_method(dataset, teachers)[0] == expected
 
 
 def test_no_default_method_for_multilabel_data_without_annotations():
+    from types import SimpleNamespace
+
     from kdcli.defaults import default_method
     from kdcli.errors import UsageError
 
     with pytest.raises(UsageError, match="--method is required"):
-        default_method("multilabel", "none", {"labels": {}}, [{}], {})
+        default_method(SimpleNamespace(task="multilabel", pairing="none", targets={"labels": {}}, tasks={}), [{}])
 
 
 @pytest.mark.slow

@@ -121,7 +121,7 @@ class ModalityView(SharedEpoch, Dataset):
     def _target(self, i: int, name: str) -> np.ndarray:
         """A target array of row i. An unlabeled sample's shard holds no label vector (prepare cxr): it reads as
         the dataset's ignore value (masked losses leave it out), so that a batch mixing both still collates."""
-        if self.labels[i] < 0 and name == "labels" and self.store.meta.task == "multilabel":
+        if self.labels[i] < 0 and name == "labels":
             spec = self.store.meta.targets[name]
             return np.full(spec["shape"], self.store.meta.extra.get("ignore_value", 255), spec.get("dtype", "uint8"))
         return self.store.read(self.shards[i], int(self.indices[i]), name)

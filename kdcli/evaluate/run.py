@@ -59,7 +59,8 @@ def load_for_inference(checkpoint_path: Path, data: Path,
                        device_name: str = "auto") -> tuple[Checkpoint, ShardStore, Classifier, torch.device]:
     """Load the checkpoint and the data, refuse a mismatch, put the model on the device."""
     from kdcli.engine.device import select_device
-    from kdcli.train import check_compatible, load_model
+    from kdcli.models.loading import load_model
+    from kdcli.train_images import check_compatible
 
     checkpoint = load_checkpoint(Path(checkpoint_path))
     store = ShardStore(data)
@@ -127,37 +128,35 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         from kdcli.defaults import recorded_dataset
 
         options.data = recorded_dataset(meta, Path(options.checkpoint))
-    task = meta.get("task")
-    if task == "segmentation":
-        from kdcli.evaluate.volumes import evaluate_segmentation
+    from kdcli.tasks import refuse_foreign_options, task_of
 
-        return evaluate_segmentation(options.checkpoint, options.data, options.split, options.missing,
-                                     options.predictions, options.device, workers=options.workers)
-    if task == "mil":
-        from kdcli.evaluate.slides import evaluate_slides
+    task = task_of(meta)
+    refuse_foreign_options(task, missing=options.missing, missing_rate=options.missing_rate,
+                           bag_size=options.bag_size is not None)  # 0 is a size: every patch in one bag
+    return {"task": task.name, **task.run("evaluate", options)}
 
-        return evaluate_slides(options.checkpoint, options.data, options.split, options.missing_rate,
-                               options.device, bag_size=options.bag_size)
-    if options.missing_rate:
-        raise UsageError("--missing-rate applies to slide checkpoints (clinical records withheld)")
-    if options.bag_size is not None:
-        raise UsageError("--bag-size applies to slide checkpoints (patches per evaluation bag)")
-    if options.missing:
-        raise UsageError("--missing applies to segmentation checkpoints (sequence subsets)")
+
+def _image_report(options: EvaluateOptions) -> tuple[Checkpoint, ShardStore, Classifier, torch.device, dict]:
+    """The checkpoint, its data, the model on its device, and the report's header, for image checkpoints."""
     check_predictions_path(options.predictions)
     checkpoint, store, model, device = load_for_inference(options.checkpoint, options.data, options.device)
     store.verify(options.split)  # the shards scored are re-hashed: the hash compared below is of these bytes
     meta = checkpoint.meta
-    tasks = label_tasks(meta)
     report = {
         "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
         "modality": meta["modality"], "kind": meta["kind"], "method": meta["method"],
         "data_hash_matches": meta["data"]["content_hash"] == store.meta.content_hash,
     }
+    return checkpoint, store, model, device, report
+
+
+def evaluate_images(options: EvaluateOptions) -> dict[str, Any]:
+    """A classifier: metrics, a confusion figure, predictions; per label space where the data has several."""
+    checkpoint, store, model, device, report = _image_report(options)
+    meta = checkpoint.meta
+    tasks = label_tasks(meta)
     if tasks:
         return {**report, "tasks": tasks, **evaluate_tasks(options, meta, store, model, device, tasks)}
-    if store.meta.task == "multilabel":
-        return {**report, **evaluate_multilabel(options, store, model, device)}
     view = split_view(store, options.split, meta["modality"])
     probs, labels, _ = predict_view(model, view, device, None, options.batch_size, options.workers)
     metrics = classification_metrics(labels, probs, store.classes)
@@ -168,6 +167,12 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         write_predictions(options.predictions, view.ids, labels, probs, store.classes)
     return {**report, "metrics": metrics, "figure": str(figure),
             "predictions": str(options.predictions) if options.predictions else None}
+
+
+def evaluate_multilabel_images(options: EvaluateOptions) -> dict[str, Any]:
+    """A multi-label classifier: per-label AUROC/AP."""
+    _, store, model, device, report = _image_report(options)
+    return {**report, **evaluate_multilabel(options, store, model, device)}
 
 
 def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Classifier,

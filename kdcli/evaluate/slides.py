@@ -37,12 +37,18 @@ def hidden_slides(records: list[str], rate: float, seed: int = 0) -> set[str]:
     return {records[i] for i in order[: int(round(rate * len(records)))]}
 
 
+def evaluate_slide_checkpoint(options: Any) -> dict[str, Any]:
+    """`kdcli evaluate` on a slide checkpoint (EvaluateOptions; the task's evaluator, tasks/)."""
+    return evaluate_slides(options.checkpoint, options.data, options.split, options.missing_rate, options.device,
+                           bag_size=options.bag_size)
+
+
 def evaluate_slides(checkpoint_path: Path, data: Path, split: str = "test", rates: str | None = None,
                     device_name: str = "auto", seed: int = 0, bag_size: int | None = None) -> dict[str, Any]:
     from kdcli.data.bags import BagView
     from kdcli.engine.device import select_device
     from kdcli.mil import BAG_SIZE, embeddings_path, predict_bags
-    from kdcli.train import load_model
+    from kdcli.models.loading import load_model
 
     checkpoint = load_checkpoint(Path(checkpoint_path))
     store = ShardStore(data)

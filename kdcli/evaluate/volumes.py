@@ -46,6 +46,12 @@ def _spacing(records: dict[str, Any], case: str) -> tuple[float, float, float]:
     return (x, y, z)
 
 
+def evaluate_volumes(options: Any) -> dict[str, Any]:
+    """`kdcli evaluate` on a segmentation checkpoint (EvaluateOptions; the task's evaluator, tasks/)."""
+    return evaluate_segmentation(options.checkpoint, options.data, options.split, options.missing,
+                                 options.predictions, options.device, workers=options.workers)
+
+
 def evaluate_segmentation(checkpoint_path: Path, data: Path, split: str = "test", missing: str | None = None,
                           predictions: Path | None = None, device_name: str = "auto", batch_size: int = 32,
                           workers: int = 0) -> dict[str, Any]:

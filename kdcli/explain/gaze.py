@@ -43,8 +43,9 @@ from kdcli.explain.common import (
     write_report,
 )
 from kdcli.explain.segmentation import render_row
+from kdcli.models.loading import load_model
 from kdcli.shards.reader import ShardStore
-from kdcli.train import check_compatible, load_model
+from kdcli.train_images import check_compatible
 
 TOP_FRACTION = 0.1  # the CAM's top 10% of pixels are its "region" for the IoU with the boxes
 GAZE_FRACTION = 0.5  # gaze pixels above half the heat map's maximum are the positives of the AUC
@@ -222,7 +223,9 @@ class Scored:
 def score(checkpoint: Checkpoint, store: ShardStore, split: str, count: int | None, device: torch.device,
           batch_size: int) -> Scored:
     check_compatible(checkpoint, store)
-    if store.meta.task != "multilabel":
+    from kdcli.tasks import task_of
+
+    if task_of(store.meta).activation != "sigmoid":
         raise KdcliError(f"gaze agreement needs a multi-label dataset; this one is {store.meta.task!r}",
                          path=store.root)
     modality = checkpoint.meta["modality"]

@@ -34,9 +34,10 @@ from kdcli.explain.common import (
     write_report,
 )
 from kdcli.locks import output_lock
+from kdcli.models.loading import load_model
 from kdcli.shards.reader import ShardStore
 from kdcli.storage import remove_leftovers
-from kdcli.train import check_compatible, load_model
+from kdcli.train_images import check_compatible
 
 REPORT_PAGE, REPORT_JSON = "index.html", "explain.json"
 PANEL_NAME = re.compile(r"^\d+_.+\.png$")  # every explain variant names its images NN_<sample>.png
@@ -108,19 +109,13 @@ def _explain(options: ExplainOptions) -> Path:
         from kdcli.defaults import recorded_dataset
 
         options.data = recorded_dataset(meta, Path(options.checkpoint))
-    task = meta.get("task")
-    if task == "segmentation":
-        from kdcli.explain.segmentation import explain_segmentation
+    from kdcli.tasks import task_of
 
-        return explain_segmentation(options)
-    if task == "mil":
-        from kdcli.explain.slides import explain_slides
+    return task_of(meta).run("explain", options)
 
-        return explain_slides(options)
-    if ShardStore(options.data).meta.task == "multilabel":
-        from kdcli.explain.gaze import explain_multilabel
 
-        return explain_multilabel(options)
+def explain_images(options: ExplainOptions) -> Path:
+    """Grad-CAM (and concept evidence) of a classifier on a few test images of each class."""
     out = check_options(options)
     checkpoint = load_checkpoint(Path(options.checkpoint))
     store = ShardStore(options.data)

@@ -286,7 +286,7 @@ def top_patches(attention: np.ndarray, coords: np.ndarray, k: int) -> list[dict[
 
 
 def check_slide_checkpoint(meta: dict[str, Any], store: ShardStore, path: Path) -> None:
-    if store.meta.task != "mil" or "wsi" not in store.meta.modalities:
+    if store.meta.task != meta.get("task") or "wsi" not in store.meta.modalities:
         raise KdcliError("checkpoint is a slide (MIL) model; this dataset has no slides", path=path,
                          hint="explain it on the slide dataset it was trained on")
     if meta["classes"] != store.meta.classes:
@@ -303,7 +303,7 @@ def check_slide_checkpoint(meta: dict[str, Any], store: ShardStore, path: Path) 
 def explain_slides(options: ExplainOptions) -> Path:
     from kdcli.data.bags import BagView
     from kdcli.mil import embeddings_path
-    from kdcli.train import load_model
+    from kdcli.models.loading import load_model
 
     out = check_options(options)
     checkpoint = load_checkpoint(Path(options.checkpoint))

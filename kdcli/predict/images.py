@@ -94,18 +94,22 @@ def result_row(item: Item, outputs: list[np.ndarray], heads: list[tuple[str | No
     return row
 
 
-def predict_images(checkpoint, record: dict[str, Any], inputs: list[str], device: torch.device,
-                   batch_size: int, workers: int, strict: bool, explain_dir: Path | None,
-                   threshold: float = 0.5) -> tuple[list[dict[str, Any]], list[Failure]]:
+def predict_images(checkpoint, record: dict[str, Any], options: Any, device: torch.device,
+                   files: Path) -> tuple[list[dict[str, Any]], list[Failure]]:
+    """Image classifiers (one label, or one per finding): rows of probabilities; --explain: a CAM per input."""
     from kdcli.engine.device import amp_dtype
-    from kdcli.train import load_model
+    from kdcli.models.loading import load_model
 
+    inputs, batch_size, workers, strict = options.inputs, options.batch_size, options.workers, options.strict
+    explain_dir, threshold = (files if options.explain else None), options.threshold
     meta = checkpoint.meta
     modality = meta["modality"]
     if modality not in record["modalities"]:
         raise KdcliError(f"checkpoint takes {modality!r}; its preprocessing record has "
                          f"{', '.join(record['modalities'])}", path=checkpoint.path)
-    multilabel = meta.get("task") == "multilabel"
+    from kdcli.tasks import task_of
+
+    multilabel = task_of(meta).activation == "sigmoid"
     heads = heads_of(meta)
     reader = image_reader(record, modality)
     items, failures = items_for(record, inputs)

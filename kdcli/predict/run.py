@@ -73,30 +73,18 @@ def predict(options: PredictOptions, log: Callable[[str], None] = print) -> Pred
     checkpoint = load_checkpoint(Path(options.checkpoint))
     record = checkpoint_preprocessing(checkpoint.meta, checkpoint.path, options.data)
     device = select_device(options.device)
-    task = checkpoint.meta.get("task") or "classification"
+    from kdcli.tasks import task_of
+
+    task = task_of(checkpoint.meta)
     files = artifacts_dir(out)
-    if task == "segmentation":
-        from kdcli.predict.volumes import predict_volumes
-
-        rows, failures = predict_volumes(checkpoint, record, options.inputs, device, options.batch_size,
-                                         options.strict, files, options.explain)
-    elif task == "mil":
-        from kdcli.predict.slides import predict_slides
-
-        rows, failures = predict_slides(checkpoint, record, options.inputs, device, options.strict, files)
-    else:
-        from kdcli.predict.images import predict_images
-
-        rows, failures = predict_images(checkpoint, record, options.inputs, device, options.batch_size,
-                                        options.workers, options.strict, files if options.explain else None,
-                                        options.threshold)
+    rows, failures = task.run("predict", checkpoint, record, options, device, files)
     for failure in failures:
         log(f"failed {failure.input}: {failure.reason}")
     if not rows:
         raise KdcliError(f"none of the {len(failures)} input(s) could be read; nothing written",
                          hint="see the lines above for why")
     write_table(out, rows)
-    return PredictResult(out, len(rows), failures, files if files.is_dir() else None, task)
+    return PredictResult(out, len(rows), failures, files if files.is_dir() else None, task.name)
 
 
 def write_table(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -63,11 +63,12 @@ def read_patches(item: Item, record: dict[str, Any]) -> tuple[np.ndarray, np.nda
     return np.stack(patches), np.stack(coords).astype(np.int64), info
 
 
-def predict_slides(checkpoint, record: dict[str, Any], inputs: list[str], device: torch.device, strict: bool,
+def predict_slides(checkpoint, record: dict[str, Any], options: Any, device: torch.device,
                    folder: Path) -> tuple[list[dict[str, Any]], list[Failure]]:
     from kdcli.mil import BAG_SIZE, predict_bags
-    from kdcli.train import load_model
+    from kdcli.models.loading import load_model
 
+    inputs, strict = options.inputs, options.strict
     meta = checkpoint.meta
     check_slide_model(meta, checkpoint.path)
     classes = list(meta["classes"])

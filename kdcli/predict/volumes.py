@@ -88,12 +88,13 @@ def predict_case(model: torch.nn.Module, item: Item, sequences: list[str], size:
     return label_volume(info, maps), info, maps, lambda z: stored(sequences[0], z)
 
 
-def predict_volumes(checkpoint, record: dict[str, Any], inputs: list[str], device: torch.device, batch_size: int,
-                    strict: bool, folder: Path, explain: bool) -> tuple[list[dict[str, Any]], list[Failure]]:
+def predict_volumes(checkpoint, record: dict[str, Any], options: Any, device: torch.device,
+                    folder: Path) -> tuple[list[dict[str, Any]], list[Failure]]:
     from kdcli.metrics.segmentation import DEFAULT_REGIONS
+    from kdcli.models.loading import load_model
     from kdcli.sources.brats import write_label_nifti
-    from kdcli.train import load_model
 
+    inputs, batch_size, strict, explain = options.inputs, options.batch_size, options.strict, options.explain
     meta = checkpoint.meta
     sequences = list(meta["model"]["modalities"])
     size = int(record["size"])
