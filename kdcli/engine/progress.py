@@ -1,6 +1,6 @@
-"""Progress within an epoch: rich's bar on an interactive terminal; in logs and pipelines (stderr not a
+"""Progress within an epoch: a tqdm bar on an interactive terminal; in logs and pipelines (stderr not a
 terminal) a plain line every N batches with the rate and the time left, so a cluster job's log shows a
-long epoch moving. (tqdm draws `prepare`'s bars; rich draws the training bars: one library each, no third.)"""
+long epoch moving. (tqdm draws every bar kdcli shows: prepare's, predict's and these.)"""
 
 from __future__ import annotations
 
@@ -34,13 +34,10 @@ def batch_progress(total: int, description: str, log: Callable[[str], None] = pr
     (for the run's ETA, training only: validation adds its own time)."""
     interactive = sys.stderr.isatty() if interactive is None else interactive
     if interactive:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from tqdm import tqdm
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task(description, total=total)
-            yield lambda samples=0: progress.advance(task)
+        with tqdm(total=total, desc=description, unit="batch", file=sys.stderr, leave=False) as bar:
+            yield lambda samples=0: bar.update(1)
         return
     interval = progress_interval(total, every)
     started, state = time.perf_counter(), {"batches": 0, "samples": 0}
