@@ -912,13 +912,14 @@ def explain(
                                                  "images; your other files there stay).")] = False,
     threads: Threads = None,
 ) -> None:
-    """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html."""
+    """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html with the training
+    curves and, for classifiers, the split's metrics and confusion matrix; warns when a result means nothing."""
     from kdcli.explain.common import ExplainOptions
     from kdcli.explain.run import explain as run_explain
 
     with chosen_threads(threads):
         index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto",
-                                           overwrite=overwrite))
+                                           overwrite=overwrite), log=err)
     err(f"wrote {index}")
 
 
