@@ -816,6 +816,11 @@ def evaluate(
         report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
                                               missing=missing, missing_rate=missing_rate, bag_size=bag_size))
     _print_metrics(report, to_stderr=as_json)
+    from kdcli.compare import report_at_chance
+
+    if report_at_chance(report):
+        err(f"warning: {checkpoint} is at chance on {split} (kappa and AUC no better than guessing): its numbers, "
+            "and any difference from it, mean nothing")
     if as_json:
         typer.echo(json.dumps(report, indent=2))
 

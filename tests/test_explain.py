@@ -234,7 +234,7 @@ def test_coarse_gradcam_grid_is_warned_with_the_stride_to_use(stride, grid, warn
         assert not any("Grad-CAM layer" in w for w in report["warnings"])
 
 
-def test_model_at_chance_is_warned_on_stderr_and_on_the_page(oct_teacher, multieye_shards, tmp_path):
+def test_model_at_chance_is_warned_by_explain_and_evaluate(oct_teacher, multieye_shards, tmp_path):
     checkpoint = load_checkpoint(oct_teacher)
     blank = tmp_path / "blank.pt"  # a zero classifier layer: the same probabilities for every image, kappa 0, AUC 0.5
     assert "head.classifier.weight" in checkpoint.model
@@ -246,3 +246,8 @@ def test_model_at_chance_is_warned_on_stderr_and_on_the_page(oct_teacher, multie
     assert report["metrics"]["kappa"] == 0.0 and report["metrics"]["auc"] == pytest.approx(0.5)
     assert "warning: the model is at chance on test (kappa 0.000, AUC 0.500)" in result.stderr
     assert "the model is at chance on test" in (tmp_path / "ex" / "index.html").read_text()
+    evaluated = CliRunner().invoke(app, ["evaluate", str(blank), "--data", str(multieye_shards), "--json",
+                                         "--figure", str(tmp_path / "cm.png")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"warning: {blank} is at chance on test" in evaluated.stderr
+    assert json.loads(evaluated.stdout)["metrics"]["kappa"] == 0.0  # stdout stays pure JSON

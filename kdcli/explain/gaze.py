@@ -43,7 +43,7 @@ from kdcli.explain.common import (
     write_png,
     write_report,
 )
-from kdcli.explain.page import Page, copy_curves, page_title, render_page
+from kdcli.explain.page import Page, copy_curves, fmt, page_title, render_page
 from kdcli.explain.segmentation import render_row
 from kdcli.shards.reader import ShardStore
 from kdcli.train import check_compatible, load_model
@@ -359,10 +359,6 @@ def explain_multilabel(options: ExplainOptions) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ html
-def fmt(value: float | None) -> str:
-    return "&ndash;" if value is None else f"{value:.3f}"
-
-
 def score_row(name: str, probability: float, scores: dict[str, float | None]) -> str:
     cells = "".join(f"<td>{fmt(scores[m])}</td>" for m in METRICS)
     return f"<tr><td>{html.escape(name)}</td><td>{probability:.2f}</td>{cells}</tr>"
