@@ -816,6 +816,11 @@ def evaluate(
         report = run_evaluate(EvaluateOptions(checkpoint, data, split, predictions, figure, device or "auto",
                                               missing=missing, missing_rate=missing_rate, bag_size=bag_size))
     _print_metrics(report, to_stderr=as_json)
+    from kdcli.compare import report_at_chance
+
+    if report_at_chance(report):
+        err(f"warning: {checkpoint} is at chance on {split} (kappa and AUC no better than guessing): its numbers, "
+            "and any difference from it, mean nothing")
     if as_json:
         typer.echo(json.dumps(report, indent=2))
 
@@ -912,13 +917,14 @@ def explain(
                                                  "images; your other files there stay).")] = False,
     threads: Threads = None,
 ) -> None:
-    """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html."""
+    """Grad-CAM overlays (and top concepts for concept models) as PNGs plus an index.html with the training
+    curves and, for classifiers, the split's metrics and confusion matrix; warns when a result means nothing."""
     from kdcli.explain.common import ExplainOptions
     from kdcli.explain.run import explain as run_explain
 
     with chosen_threads(threads):
         index = run_explain(ExplainOptions(checkpoint, data, out, split, count, top_concepts, device or "auto",
-                                           overwrite=overwrite))
+                                           overwrite=overwrite), log=err)
     err(f"wrote {index}")
 
 

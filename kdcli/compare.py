@@ -265,6 +265,18 @@ def at_chance(metrics: dict[str, float | None]) -> bool:
     return False
 
 
+def report_at_chance(report: dict[str, Any]) -> bool:
+    """Whether an `evaluate` report's model is at chance by at_chance's rule; segmentation has no such rule here,
+    and a slide report per withheld-record rate is judged by compare, not here."""
+    metrics = report.get("metrics") or {}
+    if report.get("task") == "segmentation" or "missing_rates" in report:
+        return False
+    if report.get("tasks"):
+        return at_chance({f"{task} {key}": metrics[task].get(key) for task in report["tasks"]
+                          for key in ("kappa", "auc")})
+    return at_chance({key: metrics.get(key) for key in ("kappa", "auc", "mean_auroc")})
+
+
 def compare(options: CompareOptions, log=print) -> dict[str, Any]:
     if options.split not in ("train", "dev", "test"):
         raise UsageError(f"--split {options.split!r}: use train, dev or test")

@@ -175,3 +175,18 @@ def test_labels_with_brackets_reach_the_table_whole(monkeypatch):
     console = Console(width=120, record=True)
     console.print(compare.render_table({"split": "test"}))
     assert "kd fundus [kd+u600.pt]" in console.export_text()
+
+
+def test_report_at_chance_reads_every_evaluate_report_shape():
+    from kdcli.compare import report_at_chance
+
+    assert report_at_chance({"metrics": {"kappa": 0.01, "auc": 0.52}})
+    assert not report_at_chance({"metrics": {"kappa": 0.01, "auc": 0.9}})  # ranks well: not guessing
+    assert not report_at_chance({"metrics": {"kappa": 0.6, "auc": None}})
+    tasks = {"tasks": ["dr", "amd"], "metrics": {"dr": {"kappa": 0.7, "auc": 0.9}, "amd": {"kappa": 0.0, "auc": 0.5}}}
+    assert report_at_chance(tasks)  # one label space at chance is enough
+    tasks["metrics"]["amd"] = {"kappa": 0.4, "auc": 0.8}
+    assert not report_at_chance(tasks)
+    assert report_at_chance({"metrics": {"mean_auroc": 0.55, "mean_ap": 0.2}})
+    assert not report_at_chance({"metrics": {"mean_auroc": 0.8}})
+    assert not report_at_chance({"task": "segmentation", "metrics": {"dice_mean": 0.0}})

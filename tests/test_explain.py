@@ -35,8 +35,9 @@ def check_outputs(index: Path) -> dict:
     out = index.parent
     report = json.loads((out / "explain.json").read_text())
     files = [r["file"] for r in report["images"]]
-    assert linked_images(index) == files
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(files)
+    figures = [report["curves"]] if report["curves"] else []  # the training curves, above the samples
+    assert linked_images(index) == figures + files
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(figures + files)
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
     for name in files:
         image = cv2.imread(str(out / name), cv2.IMREAD_COLOR)
@@ -126,7 +127,8 @@ def test_linear_head_lists_no_concepts(oct_teacher, multieye_shards, tmp_path):
     index = explain(ExplainOptions(path, multieye_shards, tmp_path / "out", count=2, device="cpu"))
     report = check_outputs(index)
     assert len(report["images"]) == 2 and all(r["concepts"] == [] for r in report["images"])
-    assert "<table>" not in index.read_text()
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", index.read_text(), re.S)
+    assert len(captions) == 2 and not any("<table>" in c for c in captions)  # no concept table
 
 
 def test_pick_indices_round_robin():
@@ -170,3 +172,82 @@ def test_missing_checkpoint_and_out_is_a_file(oct_teacher, multieye_shards, tmp_
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_error(run_cli(oct_teacher, "--data", multieye_shards, "--out", blocker))
+
+
+# ------------------------------------------------------------------------------------ page: curves, metrics, warnings
+def test_page_shows_training_curves_metrics_and_both_confusions(oct_teacher, multieye_shards, tmp_path):
+    from kdcli.engine.curves import curves_path
+    from kdcli.evaluate.run import EvaluateOptions, evaluate
+
+    index = explain(ExplainOptions(oct_teacher, multieye_shards, tmp_path / "ex", count=3, device="cpu"))
+    report = check_outputs(index)
+    page = index.read_text()
+    # the curves training drew beside the checkpoint, copied into the report: the page links no file outside it
+    assert report["curves"] == "curves.png" and '<img src="curves.png"' in page
+    assert (index.parent / "curves.png").read_bytes() == curves_path(oct_teacher).read_bytes()
+    assert all("/" not in src for src in linked_images(index))
+    # the metrics are the whole split's, as evaluate computes them, not only the three images drawn
+    evaluated = evaluate(EvaluateOptions(oct_teacher, multieye_shards, figure=tmp_path / "cm.png", device="cpu"))
+    metrics = report["metrics"]
+    assert metrics["n"] == len(ShardStore(multieye_shards).rows("test", "oct")) > len(report["images"])
+    assert metrics["accuracy"] == pytest.approx(evaluated["metrics"]["accuracy"])
+    assert metrics["confusion_matrix"] == evaluated["metrics"]["confusion_matrix"]
+    counts, shares = np.array(metrics["confusion_matrix"]), metrics["confusion_matrix_normalised"]
+    for row, share in zip(counts, shares, strict=True):
+        if row.sum():
+            assert share == pytest.approx(list(row / row.sum()), abs=1e-4)
+    assert "Confusion matrix: counts" in page and "Confusion matrix: row-normalised" in page
+    assert f"<td>{metrics['accuracy']:.3f}</td>" in page
+    assert page.index("Metrics") < page.index("curves.png") < page.index(report["images"][0]["file"])
+
+
+def test_page_without_training_curves_says_so_in_one_line(oct_teacher, multieye_shards, tmp_path):
+    bare = modified_copy(oct_teacher, tmp_path / "bare.pt")  # a checkpoint alone, without its sidecars
+    index = explain(ExplainOptions(bare, multieye_shards, tmp_path / "ex", count=2, device="cpu"))
+    report = check_outputs(index)
+    assert report["curves"] is None and not (index.parent / "curves.png").exists()
+    lines = [line for line in index.read_text().splitlines() if "training curves" in line.lower()]
+    assert lines == [f"<p>No training curves beside this checkpoint ({tmp_path / 'bare.curves.png'} does not "
+                     "exist).</p>"]
+
+
+@pytest.mark.parametrize(("stride", "grid", "warned"), [(16, [2, 2], True), (8, [4, 4], False)])
+def test_coarse_gradcam_grid_is_warned_with_the_stride_to_use(stride, grid, warned, multieye_shards, tmp_path):
+    # 32 px through test_resnet: stride 16 leaves a 2x2 map (nothing to localise), stride 8 a 4x4 one
+    checkpoint = tmp_path / f"os{stride}.pt"
+    taught = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "oct", "--out",
+                                      str(checkpoint), "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                                      "--model", "test_resnet", "--output-stride", str(stride)])
+    assert taught.exit_code == 0, taught.output
+    result = run_cli(checkpoint, "--data", multieye_shards, "--out", tmp_path / "ex", "--count", 2,
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = check_outputs(tmp_path / "ex" / "index.html")
+    assert report["cam_grid"] == grid
+    page = (tmp_path / "ex" / "index.html").read_text()
+    line = "warning: the Grad-CAM layer is only 2x2 at this image size"
+    assert (line in result.stderr) == warned and (line in page) == warned
+    if warned:  # the model already has stride 16: the advice is the next finer one
+        assert "retrain with --output-stride 8" in result.stderr and "cannot localise" in page
+        assert any("2x2" in w for w in report["warnings"])
+    else:
+        assert not any("Grad-CAM layer" in w for w in report["warnings"])
+
+
+def test_model_at_chance_is_warned_by_explain_and_evaluate(oct_teacher, multieye_shards, tmp_path):
+    checkpoint = load_checkpoint(oct_teacher)
+    blank = tmp_path / "blank.pt"  # a zero classifier layer: the same probabilities for every image, kappa 0, AUC 0.5
+    assert "head.classifier.weight" in checkpoint.model
+    save_checkpoint(blank, checkpoint.meta, {k: torch.zeros_like(v) if k.startswith("head.classifier.") else v
+                                             for k, v in checkpoint.model.items()})
+    result = run_cli(blank, "--data", multieye_shards, "--out", tmp_path / "ex", "--count", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ex" / "explain.json").read_text())
+    assert report["metrics"]["kappa"] == 0.0 and report["metrics"]["auc"] == pytest.approx(0.5)
+    assert "warning: the model is at chance on test (kappa 0.000, AUC 0.500)" in result.stderr
+    assert "the model is at chance on test" in (tmp_path / "ex" / "index.html").read_text()
+    evaluated = CliRunner().invoke(app, ["evaluate", str(blank), "--data", str(multieye_shards), "--json",
+                                         "--figure", str(tmp_path / "cm.png")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"warning: {blank} is at chance on test" in evaluated.stderr
+    assert json.loads(evaluated.stdout)["metrics"]["kappa"] == 0.0  # stdout stays pure JSON

@@ -102,9 +102,10 @@ def check_outputs(index: Path, shards: Path, split: str, count: int) -> dict:
     out = index.parent
     report = json.loads((out / "explain.json").read_text())
     files = [r["file"] for r in report["images"]]
-    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == files
+    figures = [report["curves"]] if report["curves"] else []  # the training curves, above the samples
+    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == figures + files
     assert all((out / f).is_file() for f in files)
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(files)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(figures + files)
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
     expected = annotated_ids(shards, split)[:count]
     assert sorted({r["id"] for r in report["images"]}) == expected and report["annotated_images"] == len(expected)

@@ -68,7 +68,8 @@ def check_outputs(index: Path, count: int) -> dict:
     images = report["images"]
     assert len(images) == count
     files = [r["file"] for r in images]
-    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == files
+    figures = [report["curves"]] if report["curves"] else []  # the training curves, above the samples
+    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == figures + files
     assert all((out / f).is_file() for f in files)
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
     side = SIZE * math.ceil(MIN_SIDE / SIZE)

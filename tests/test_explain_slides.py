@@ -70,8 +70,9 @@ def check_outputs(index: Path) -> dict:
     out = index.parent
     report = json.loads((out / "explain.json").read_text())
     files = [r["file"] for r in report["images"]]
-    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == files
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(files)
+    figures = [report["curves"]] if report["curves"] else []  # the training curves, above the samples
+    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == figures + files
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(figures + files)
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
     for name in files:
         image = cv2.imread(str(out / name), cv2.IMREAD_COLOR)

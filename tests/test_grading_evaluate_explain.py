@@ -125,8 +125,9 @@ def explained(index: Path, heads: int) -> dict:
     out = index.parent
     report = json.loads((out / "explain.json").read_text())
     files = [r["file"] for r in report["images"]]
-    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == files
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(files)
+    figures = [report["curves"]] if report["curves"] else []  # the training curves, above the samples
+    assert re.findall(r'<img src="([^"]+)"', index.read_text()) == figures + files
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(figures + files)
     for name in files:
         height, width = cv2.imread(str(out / name)).shape[:2]
         assert height >= 192 and width == (heads + 1) * height + heads * GAP, (name, height, width)

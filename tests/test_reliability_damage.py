@@ -553,7 +553,7 @@ def test_explain_overwrite_replaces_the_report_as_a_whole(oct_teacher, multieye_
                     "--overwrite")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "explain.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted(["explain.json", "index.html", "notes.txt",
+    assert sorted(p.name for p in out.iterdir()) == sorted(["explain.json", "index.html", "notes.txt", "curves.png",
                                                             *(r["file"] for r in report["images"])])
     assert (out / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
 

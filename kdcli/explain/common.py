@@ -154,6 +154,19 @@ def top_concepts(sims: np.ndarray | None, names: list[str], k: int) -> list[dict
     return [{"name": names[i], "similarity": round(float(sims[i]), 4)} for i in order]
 
 
+def grid_warning(grid: tuple[int, int] | list[int], spec: dict[str, Any]) -> str | None:
+    """A Grad-CAM layer of 2x2 cells or fewer cannot say where in the image the evidence is: the overlay is a
+    blur over a quadrant or the whole image. Dilating the backbone's last stages (--output-stride) keeps a
+    finer map at the same image size; the advice names the strides this model does not use yet."""
+    if max(grid) > 2:
+        return None
+    stride = int((spec.get("backbone_kwargs") or {}).get("output_stride") or 32)
+    finer = {32: "retrain with --output-stride 16 (or 8) for a finer map, or use larger images",
+             16: "retrain with --output-stride 8 for a finer map, or use larger images"}
+    return (f"the Grad-CAM layer is only {grid[0]}x{grid[1]} at this image size, so the heat maps cannot localise; "
+            + finer.get(stride, "use larger images"))
+
+
 def write_report(out: Path, report: dict[str, Any], html_page: str) -> Path:
     """explain.json, then index.html: the page is written last, so it only ever points at finished files."""
     atomic_write_bytes(out / "explain.json", (json.dumps(report, indent=2) + "\n").encode())

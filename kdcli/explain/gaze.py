@@ -38,10 +38,12 @@ from kdcli.explain.common import (
     ExplainOptions,
     check_options,
     grad_cams,
+    grid_warning,
     safe_name,
     write_png,
     write_report,
 )
+from kdcli.explain.page import Page, copy_curves, fmt, page_title, render_page
 from kdcli.explain.segmentation import render_row
 from kdcli.models.loading import load_model
 from kdcli.shards.reader import ShardStore
@@ -340,6 +342,8 @@ def explain_multilabel(options: ExplainOptions) -> Path:
     means = {"model": mean_scores(scored.scores)}
     if has_teacher:
         means["teacher"] = mean_scores(scored.teacher_scores)
+    curves, curves_source = copy_curves(Path(options.checkpoint), out)
+    warning = grid_warning(scored.grid, scored.model.spec)
     report = {
         "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
         "task": "multilabel", "modality": meta["modality"], "kind": meta.get("kind"), "method": meta.get("method"),
@@ -351,22 +355,13 @@ def explain_multilabel(options: ExplainOptions) -> Path:
                           "ties included; none for a flat map) with the union of the boxes"},
         "top_fraction": TOP_FRACTION, "gaze_fraction": GAZE_FRACTION,
         "teacher": {"compared": has_teacher, "path": scored.teacher_path, "note": scored.teacher_note},
-        "annotated_images": len(scored.samples), "means": means, "images": records,
+        "annotated_images": len(scored.samples), "means": means, "curves": curves, "curves_source": curves_source,
+        "warnings": [warning] if warning else [], "images": records,
     }
-    return write_report(out, report, render_html(report))
+    return write_report(out, report, render_page(gaze_page(report)))
 
 
 # ------------------------------------------------------------------------------------------ html
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-figure{margin:0 0 1.6em 0}img{max-width:100%;border:1px solid #ccc}
-.note{background:#fff4d6;padding:.5em}
-table{border-collapse:collapse;font-size:.9em}td,th{padding:0 .8em 0 0;text-align:left}"""
-
-
-def fmt(value: float | None) -> str:
-    return "&ndash;" if value is None else f"{value:.3f}"
-
-
 def score_row(name: str, probability: float, scores: dict[str, float | None]) -> str:
     cells = "".join(f"<td>{fmt(scores[m])}</td>" for m in METRICS)
     return f"<tr><td>{html.escape(name)}</td><td>{probability:.2f}</td>{cells}</tr>"
@@ -385,12 +380,11 @@ def figure_html(r: dict[str, Any], who: str) -> str:
     return f'<figure><img src="{esc(r["file"])}" alt="{esc(r["id"])}"><figcaption>{caption}</figcaption></figure>'
 
 
-def render_html(report: dict[str, Any]) -> str:
+def gaze_page(report: dict[str, Any]) -> Page:
     esc = html.escape
     images = report["images"]
     compared = report["teacher"]["compared"]
     who = "student" if compared else "model"
-    title = f"kdcli explain: {Path(report['checkpoint']).name} on {report['split']}"
     about = (f"{report['modality']} · {report['kind']} ({report['method']}) · {report['backbone']}, "
              f"{report['head']} head · {report['annotated_images']} annotated images, {len(images)} findings · "
              "Grad-CAM of each positive finding's logit (the top prediction where the image has none)")
@@ -399,13 +393,11 @@ def render_html(report: dict[str, Any]) -> str:
         + "</tr>" for name, m in (((who, report["means"]["model"]),)
                                   + ((("teacher", report["means"]["teacher"]),) if compared else ())))
     definitions = "".join(f"<li><b>{k.upper()}</b>: {esc(v)}</li>" for k, v in report["scores"].items())
-    grid = report["cam_grid"]
-    note = (f'<p class="note">The Grad-CAM layer is only {grid[0]}&times;{grid[1]} at this image size, so the '
-            "heat maps cannot localise; use larger images.</p>\n" if max(grid) < 2 else "")
     teacher = report["teacher"]["note"]
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n<p>{esc(about)}</p>\n{note}"
-            f"<h2>Agreement with gaze and boxes (means)</h2>\n<table><tr><th></th><th>NSS</th><th>AUC</th>"
-            f"<th>IoU</th></tr>{summary}</table>\n<p>{esc(teacher)}</p>\n<ul>{definitions}</ul>\n"
-            f"<p>Box outlines in green on the CAMs and the boxes tile.</p>\n<h2>Images</h2>\n"
-            + "\n".join(figure_html(r, who) for r in images) + "\n</body></html>\n")
+    metrics = (f"<table><tr><th></th><th>NSS</th><th>AUC</th><th>IoU</th></tr>{summary}</table>\n"
+               f"<p>{esc(teacher)}</p>\n<ul>{definitions}</ul>\n<p>Box outlines in green on the CAMs and the boxes "
+               "tile.</p>\n")
+    return Page(page_title(report), about, warnings=report["warnings"], metrics=metrics,
+                metrics_heading="Agreement with gaze and boxes (means)", curves=report["curves"],
+                curves_source=report["curves_source"], samples=[figure_html(r, who) for r in images],
+                samples_heading="Images")

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,12 @@ import torch
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.errors import DiskFull, KdcliError, UsageError
-from kdcli.evaluate.run import head_for, label_tasks, split_view
+from kdcli.evaluate.run import head_for, label_tasks, predict_view, split_view
 from kdcli.explain.common import (
     ExplainOptions,
     check_options,
     grad_cams,
+    grid_warning,
     pick_indices,
     predict,
     render_panel,
@@ -33,6 +36,7 @@ from kdcli.explain.common import (
     write_png,
     write_report,
 )
+from kdcli.explain.page import CURVES_FILE, Page, classification_metrics_html, copy_curves, page_title, render_page
 from kdcli.locks import output_lock
 from kdcli.models.loading import load_model
 from kdcli.shards.reader import ShardStore
@@ -54,7 +58,7 @@ def report_files(folder: Path) -> list[Path]:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
     return sorted(path for path in folder.iterdir() if path.is_file() and (
-        path.name in (REPORT_PAGE, REPORT_JSON) or PANEL_NAME.match(path.name) or path.name in listed))
+        path.name in (REPORT_PAGE, REPORT_JSON, CURVES_FILE) or PANEL_NAME.match(path.name) or path.name in listed))
 
 
 def check_out_folder(out: Path, overwrite: bool) -> None:
@@ -83,9 +87,10 @@ def publish_report(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
-def explain(options: ExplainOptions) -> Path:
+def explain(options: ExplainOptions, log: Callable[[str], None] | None = None) -> Path:
     """Explain into a folder built beside --out and published when done, under --out's lock: a failure leaves
-    the earlier report as it was, and a replaced report never keeps panels of the old one."""
+    the earlier report as it was, and a replaced report never keeps panels of the old one. `log` gets each of
+    the report's warnings (a result that means nothing), as the page shows them."""
     out = Path(options.out)
     check_out_folder(out, options.overwrite)
     with output_lock(out, f"kdcli explain {options.checkpoint} --out {out}"):
@@ -94,12 +99,16 @@ def explain(options: ExplainOptions) -> Path:
         staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
         try:
             index = _explain(dataclasses.replace(options, out=staging))
+            warnings = json.loads((staging / REPORT_JSON).read_text()).get("warnings", [])
             publish_report(staging, out)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(exc, DiskFull) and exc.path.is_relative_to(staging):  # name the file asked for
                 raise DiskFull(out / exc.path.relative_to(staging), exc.hint) from None
             raise
+    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    for line in warnings:
+        say(f"warning: {line}")
     return out / index.name
 
 
@@ -156,22 +165,60 @@ def explain_images(options: ExplainOptions) -> Path:
             "concepts": top_concepts(None if sims is None else sims[n], concept_names, options.top_concepts),
             **({"heads": per_head} if tasks else {}),
         })
+    metrics = split_metrics(model, store, options, meta, tasks, device)
+    curves, curves_source = copy_curves(Path(options.checkpoint), out)
     report = {
         "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
         "modality": modality, "kind": meta.get("kind"), "method": meta.get("method"),
         "backbone": model.spec["backbone"], "head": model.spec["head"],
         "classes": dict(zip(tasks, head_classes, strict=True)) if tasks else store.classes,
         **({"tasks": tasks} if tasks else {}),
-        "cam_layer": "feature_map", "cam_grid": list(grid), "images": records,
+        "cam_layer": "feature_map", "cam_grid": list(grid),
+        "metrics": metrics if tasks else metrics[""], "curves": curves, "curves_source": curves_source,
+        "warnings": classification_warnings(grid, model.spec, metrics, options.split), "images": records,
     }
-    return write_report(out, report, render_html(report))
+    return write_report(out, report, render_page(classification_page(report)))
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-.grid{display:flex;flex-wrap:wrap;gap:1.2em}figure{margin:0;max-width:420px}figure.wide{max-width:640px}
-img{max-width:100%;border:1px solid #ccc}
-.ok{color:#1a7f37}.bad{color:#c62828}.note{background:#fff4d6;padding:.5em}
-table{border-collapse:collapse;font-size:.9em}td{padding:0 .6em 0 0}"""
+def split_metrics(model: torch.nn.Module, store: ShardStore, options: ExplainOptions, meta: dict[str, Any],
+                  tasks: list[str], device: torch.device) -> dict[str, dict[str, Any]]:
+    """Metrics of the whole split (the drawn images are a handful), per label space ("" for a dataset with one),
+    with each confusion matrix also row-normalised."""
+    from kdcli.explain.page import row_normalised
+    from kdcli.metrics.classification import classification_metrics
+
+    results = {}
+    for task in tasks or [None]:
+        view = split_view(store, options.split, meta["modality"], [task] if task else None)
+        probs, labels, _ = predict_view(model, view, device, head_for(meta, task), options.batch_size)
+        classes = store.meta.classes_for(task) if task else store.classes
+        ordinal = bool(task and store.meta.tasks[task].get("ordinal"))
+        scores = classification_metrics(labels, probs, classes, ordinal=ordinal)
+        scores["confusion_matrix_normalised"] = [[None if v is None else round(v, 4) for v in row]
+                                                 for row in row_normalised(scores["confusion_matrix"])]
+        results[task or ""] = scores
+    return results
+
+
+def shown(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def classification_warnings(grid: tuple[int, int], spec: dict[str, Any], metrics: dict[str, dict[str, Any]],
+                            split: str) -> list[str]:
+    """Results that mean nothing: a CAM grid too coarse to localise, a model no better than guessing (by
+    kdcli.compare's rule, so explain and compare call the same models at chance)."""
+    from kdcli.compare import at_chance
+
+    lines = [line for line in [grid_warning(grid, spec)] if line]
+    for task, scores in metrics.items():
+        if at_chance({"kappa": scores["kappa"], "auc": scores["auc"]}):
+            lines.append(f"the model is at chance on {split}{f' ({task})' if task else ''} (kappa "
+                         f"{shown(scores['kappa'])}, AUC {shown(scores['auc'])}): its heat maps show what a model "
+                         "that learnt nothing looks at")
+    return lines
+
+
 MARKS = {True: '<span class="ok">&#10003; correct</span>', False: '<span class="bad">&#10007; wrong</span>'}
 
 
@@ -194,25 +241,22 @@ def caption(r: dict[str, Any]) -> str:
         "</figcaption>"
 
 
-def render_html(report: dict[str, Any]) -> str:
+def classification_page(report: dict[str, Any]) -> Page:
     esc = html.escape
     images = report["images"]
     right = sum(r["correct"] for r in images)
-    grid = report["cam_grid"]
-    note = (f'<p class="note">The Grad-CAM layer is only {grid[0]}&times;{grid[1]} at this image size, so '
-            "the heat maps cannot localise; use larger images or a backbone with less downsampling.</p>"
-            if max(grid) < 2 else "")
     tasks = report.get("tasks") or []
     several = len(tasks) > 1
     figure = '<figure class="wide">' if several else "<figure>"
     cards = [f'{figure}<img src="{esc(r["file"])}" alt="{esc(r["id"])}">{caption(r)}</figure>' for r in images]
-    title = f"kdcli explain: {Path(report['checkpoint']).name} on {report['split']}"
     layout = (f"left to right: image, then Grad-CAM of each head's predicted grade ({', '.join(tasks)})" if several
               else "left: image, right: Grad-CAM of the predicted class")
     scope = f" · {' and '.join(tasks)} rows" if tasks else ""
     about = (f"{report['modality']}{scope} · {report['kind']} ({report['method']}) · {report['backbone']}, "
              f"{report['head']} head · {right}/{len(images)} correct"
              f"{' on their own task' if several else ''} · {layout}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n<p>{esc(about)}</p>\n{note}"
-            f"<div class=\"grid\">\n" + "\n".join(cards) + "\n</div>\n</body></html>\n")
+    classes = report["classes"]
+    metrics = ("".join(classification_metrics_html(report["metrics"][task], classes[task], task) for task in tasks)
+               if tasks else classification_metrics_html(report["metrics"], classes))
+    return Page(page_title(report), about, warnings=report["warnings"], metrics=metrics, curves=report["curves"],
+                curves_source=report["curves_source"], samples=cards, samples_heading="Images", grid=True)

@@ -23,6 +23,7 @@ from kdcli.engine.checkpoint import file_sha256, load_checkpoint
 from kdcli.engine.device import select_device
 from kdcli.errors import KdcliError
 from kdcli.explain.common import GAP, MIN_SIDE, ExplainOptions, check_options, safe_name, write_png, write_report
+from kdcli.explain.page import Page, copy_curves, page_title, render_page
 from kdcli.methods.protokd import similarity_maps
 from kdcli.metrics.segmentation import DEFAULT_REGIONS, region_metrics
 from kdcli.segmentation import check_segmentation_checkpoint, load_unet
@@ -222,6 +223,7 @@ def explain_segmentation(options: ExplainOptions) -> Path:
             "prototype_classes": [store.meta.classes[c] for c in classes],
             "prototype_maps": list(maps), "tiles": [title for title, _ in tiles],
         })
+    curves, curves_source = copy_curves(Path(options.checkpoint), out)
     report = {
         "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
         "task": "segmentation", "modality": ",".join(modalities), "kind": meta.get("kind"),
@@ -234,19 +236,16 @@ def explain_segmentation(options: ExplainOptions) -> Path:
         "similarity": "cosine between each pixel's last decoder features and the slice's ground-truth prototype "
                       "of the class (mean feature over its pixels); colormap JET from -1 (blue) to +1 (red), "
                       "white outline: the class's ground truth",
-        "images": records,
+        "curves": curves, "curves_source": curves_source, "images": records,
     }
-    return write_report(out, report, render_html(report))
+    return write_report(out, report, render_page(segmentation_page(report)))
 
 
 # ------------------------------------------------------------------------------------------ html
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-figure{margin:0 0 1.6em 0}img{max-width:100%;border:1px solid #ccc}
-.note{background:#fff4d6;padding:.5em}.legend span.sw{display:inline-block;width:1em;height:1em;
+STYLE = """.legend span.sw{display:inline-block;width:1em;height:1em;
 vertical-align:middle;margin:0 .3em 0 .9em;border:1px solid #888}
 .bar{display:inline-block;width:12em;height:.9em;vertical-align:middle;margin:0 .4em;border:1px solid #888;
-background:linear-gradient(to right,#00007f,#0000ff,#00ffff,#7fff7f,#ffff00,#ff0000,#7f0000)}
-table{border-collapse:collapse;font-size:.9em}td,th{padding:0 .7em 0 0;text-align:left}"""
+background:linear-gradient(to right,#00007f,#0000ff,#00ffff,#7fff7f,#ffff00,#ff0000,#7f0000)}"""
 
 
 def swatch(name: str, rgb: list[int]) -> str:
@@ -262,10 +261,9 @@ def figure_html(r: dict[str, Any]) -> str:
     return f'<figure><img src="{esc(r["file"])}" alt="{esc(r["id"])}"><figcaption>{caption}</figcaption></figure>'
 
 
-def render_html(report: dict[str, Any]) -> str:
+def segmentation_page(report: dict[str, Any]) -> Page:
     esc = html.escape
     images = report["images"]
-    title = f"kdcli explain: {Path(report['checkpoint']).name} on {report['split']}"
     means = " · ".join(f"{k.upper()} {np.mean([r['dice'][k] for r in images]):.3f}" for k in images[0]["dice"])
     about = (f"{report['modality']} · {report['kind']} ({report['method']}) · {report['backbone']} U-Net · "
              f"{len(images)} tumour slices · mean slice Dice {means} · overlays on {report['overlay_sequence']}")
@@ -275,6 +273,5 @@ def render_html(report: dict[str, Any]) -> str:
               f"{esc(report['similarity'])}</p>\n")
     teacher = report["teacher"]
     note = f'<p class="note">{esc(teacher["note"])}</p>\n' if teacher["maps"] else f"<p>{esc(teacher['note'])}</p>\n"
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n<p>{esc(about)}</p>\n{legend}{note}"
-            + "\n".join(figure_html(r) for r in images) + "\n</body></html>\n")
+    return Page(page_title(report), about, notes=[legend, note], curves=report["curves"],
+                curves_source=report["curves_source"], samples=[figure_html(r) for r in images], style=STYLE)

@@ -46,6 +46,7 @@ from kdcli.explain.common import (
     write_png,
     write_report,
 )
+from kdcli.explain.page import Page, copy_curves, page_title, render_page
 from kdcli.shards.format import RECORDS_JSON
 from kdcli.shards.reader import ShardStore
 
@@ -380,6 +381,7 @@ def explain_slides(options: ExplainOptions) -> Path:
             rows.append(bar_chart(contributions, f"clinical occlusion: P({classes[prediction]}) full - masked"))
         write_png(out / record["file"], vstack(rows))
         records.append(record)
+    curves, curves_source = copy_curves(Path(options.checkpoint), out)
     report = {
         "checkpoint": str(options.checkpoint), "data": str(options.data), "split": options.split,
         "task": "mil", "modality": meta.get("modality"), "kind": meta.get("kind"), "method": meta.get("method"),
@@ -389,18 +391,14 @@ def explain_slides(options: ExplainOptions) -> Path:
                      "the thumbnail coloured JET by weight / the slide's largest; top patches outlined in white",
         "occlusion": "observed clinical feature masked (value 0, indicator 0): predicted-class probability with "
                      "the full record minus with the feature masked; positive supports the prediction",
-        "images": records,
+        "curves": curves, "curves_source": curves_source, "images": records,
     }
-    return write_report(out, report, render_html(report))
+    return write_report(out, report, render_page(slides_page(report)))
 
 
 # ------------------------------------------------------------------------------------------ html
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-figure{margin:0 0 1.6em 0}img{max-width:100%;border:1px solid #ccc}
-.ok{color:#1a7f37}.bad{color:#c62828}
-.bar{display:inline-block;width:12em;height:.9em;vertical-align:middle;margin:0 .4em;border:1px solid #888;
-background:linear-gradient(to right,#00007f,#0000ff,#00ffff,#7fff7f,#ffff00,#ff0000,#7f0000)}
-table{border-collapse:collapse;font-size:.9em}td,th{padding:0 .7em 0 0;text-align:left}"""
+STYLE = """.bar{display:inline-block;width:12em;height:.9em;vertical-align:middle;margin:0 .4em;border:1px solid #888;
+background:linear-gradient(to right,#00007f,#0000ff,#00ffff,#7fff7f,#ffff00,#ff0000,#7f0000)}"""
 MARKS = {True: '<span class="ok">&#10003; correct</span>', False: '<span class="bad">&#10007; wrong</span>'}
 
 
@@ -420,16 +418,14 @@ def figure_html(r: dict[str, Any]) -> str:
     return f'<figure><img src="{esc(r["file"])}" alt="{esc(r["id"])}"><figcaption>{caption}</figcaption></figure>'
 
 
-def render_html(report: dict[str, Any]) -> str:
+def slides_page(report: dict[str, Any]) -> Page:
     esc = html.escape
     images = report["images"]
     right = sum(r["correct"] for r in images)
-    title = f"kdcli explain: {Path(report['checkpoint']).name} on {report['split']}"
     about = (f"{report['modality']} · {report['kind']} ({report['method']}) · {report['backbone']} attention MIL, "
              f"branches {', '.join(report['branches'])} · {right}/{len(images)} slides correct")
     legend = (f'<p>attention: 0<span class="bar"></span>slide max &nbsp; {esc(report["attention"])}</p>\n'
               + (f"<p>clinical contributions: {esc(report['occlusion'])} (green supports, red opposes)</p>\n"
                  if report["clinical_features"] else ""))
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n<p>{esc(about)}</p>\n{legend}"
-            + "\n".join(figure_html(r) for r in images) + "\n</body></html>\n")
+    return Page(page_title(report), about, notes=[legend], curves=report["curves"],
+                curves_source=report["curves_source"], samples=[figure_html(r) for r in images], style=STYLE)
