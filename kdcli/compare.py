@@ -266,10 +266,11 @@ def at_chance(metrics: dict[str, float | None]) -> bool:
 
 
 def report_at_chance(report: dict[str, Any]) -> bool:
-    """Whether an `evaluate` report's model is at chance by at_chance's rule; segmentation has no such rule here,
-    and a slide report per withheld-record rate is judged by compare, not here."""
+    """Whether an `evaluate` report's model is at chance by at_chance's rule; a report without kappa, AUC or mean
+    AUROC (segmentation's Dice) has no such rule here, and a slide report per withheld-record rate is judged by
+    compare, not here."""
     metrics = report.get("metrics") or {}
-    if report.get("task") == "segmentation" or "missing_rates" in report:
+    if "missing_rates" in report:
         return False
     if report.get("tasks"):
         return at_chance({f"{task} {key}": metrics[task].get(key) for task in report["tasks"]
