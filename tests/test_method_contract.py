@@ -4,7 +4,8 @@ out as it went in (weights and buffers, no gradients, its checkpoint file untouc
 
 Parametrized over the METHODS registry, so a new METHODS line is tested without writing a test; a task with no
 phantom recipe below fails with a line saying to add one. Methods that need no teacher (what `teach` runs) are
-covered by the teach tests. Slow: each case trains a teacher on a fresh phantom (cached per recipe)."""
+covered by the teach tests. Slow: each case trains a teacher on a fresh phantom (cached per recipe); the
+registration checks are fast."""
 
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.methods import METHODS
-from kdcli.methods.base import Method
-
-pytestmark = pytest.mark.slow
+from kdcli.methods.base import Method, parse_params
 
 TINY = ["--epochs", "1", "--workers", "0", "--lr", "3e-3"]
 
@@ -154,6 +153,15 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("method_name", METHODS.names())
+def test_method_is_registered_under_its_own_name_with_default_params_and_terms(method_name):
+    method_cls = METHODS.get(method_name)
+    assert method_cls.name == method_name  # error messages (check_task) say `--method {name}`
+    assert method_cls.tasks and method_cls.terms
+    parse_params(method_cls.Params, {}, method_name)  # the paper's defaults build without any -p
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("method_name", "task"), distillation_cases())
 def test_one_step_logs_finite_terms_keeps_the_teacher_and_moves_the_student(method_name, task, setups,
                                                                             built_methods, tmp_path):

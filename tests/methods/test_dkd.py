@@ -1,6 +1,6 @@
 """DKD (Zhao et al. 2022): its two terms against numbers worked out by hand with numpy, the paper's identity
 KD = TCKD + (1 - p_t) NCKD, unlabeled rows (the teacher's class as target, no CE), the warm-up, and a paired
-MultiEYE phantom through `distill --method dkd` -> `evaluate`."""
+MultiEYE phantom with an unlabeled pool through `distill --method dkd` -> `evaluate` (slow)."""
 
 from __future__ import annotations
 
@@ -94,11 +94,12 @@ def test_warmup_ramps_the_distillation_terms_linearly_per_epoch():
         assert terms["ce"].item() == pytest.approx(full["ce"].item(), rel=1e-6)  # CE is not ramped
 
 
+@pytest.mark.slow
 def test_distill_dkd_on_paired_phantom_writes_a_checkpoint_evaluate_reads(tmp_path):
     from kdcli.prepare import PrepareOptions, prepare
     from kdcli.synth.multieye import synth_multieye
 
-    synth_multieye(tmp_path / "raw", per_class=3, size=32, seed=2, paired=True)
+    synth_multieye(tmp_path / "raw", per_class=3, size=32, seed=2, paired=True, unlabeled=6)
     prepare(PrepareOptions(source="multieye", raw=tmp_path / "raw", out=tmp_path / "s", size=32))
     common = ["--data", str(tmp_path / "s"), "--epochs", "1", "--batch-size", "8", "--workers", "0",
               "--model", "test_resnet", "--head", "linear"]
@@ -108,6 +109,7 @@ def test_distill_dkd_on_paired_phantom_writes_a_checkpoint_evaluate_reads(tmp_pa
     distill = runner.invoke(app, ["distill", *common, "--teacher", str(tmp_path / "t.pt"), "--student", "fundus",
                                   "--method", "dkd", "-p", "beta=4", "--out", str(tmp_path / "dkd.pt")])
     assert distill.exit_code == 0, distill.output
+    assert "6 unlabeled fundus samples: distillation terms only" in distill.output
     assert load_checkpoint(tmp_path / "dkd.pt").meta["method_params"]["beta"] == 4.0
     row = json.loads((tmp_path / "dkd.metrics.jsonl").read_text().splitlines()[0])
     assert row["train_warmup"] == pytest.approx(1 / 20)  # the engine's epoch 0 reached the ramp
