@@ -272,7 +272,7 @@ def test_registry_resolves_lazily_and_names_known_entries() -> None:
 def test_unknown_method_is_a_usage_error_before_any_heavy_import() -> None:
     from kdcli.methods import METHODS
 
-    known = "bidirectional, coda, cvi, kd, mil, multilabel, protokd, sall, segmentation, supervised"
+    known = "bidirectional, coda, cvi, dkd, kd, mil, multilabel, protokd, sall, segmentation, supervised"
     with pytest.raises(UsageError, match=f"known: {known}"):
         METHODS.get("nope")
 
@@ -282,7 +282,7 @@ def test_distill_unknown_method_is_one_error_line(multieye_shards: Path, tmp_pat
                                       "--method", "nope", "--out", str(tmp_path / "s.pt")])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
-        "error: unknown method 'nope'; known: bidirectional, coda, cvi, kd, mil, multilabel, protokd, sall, "
+        "error: unknown method 'nope'; known: bidirectional, coda, cvi, dkd, kd, mil, multilabel, protokd, sall, "
         "segmentation, supervised"]
     assert result.exception is None or isinstance(result.exception, SystemExit)
 

@@ -484,6 +484,7 @@ def _fit(method, train_set, validate, cfg, out, meta, resume, log, train_labels,
                 # how far training is, for methods with schedules of their own (CVI's KL annealing)
                 total_batches = max(1, cfg.epochs * len(train_loader))
                 method.__dict__["progress"] = (epoch * len(train_loader) + step) / total_batches
+                method.__dict__["epoch"] = epoch  # from 0, for schedules counted in epochs (DKD's warm-up)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     terms = step_fn(batch)
                 loss = sum(v for k, v in terms.items() if not k.startswith("_"))
