@@ -28,3 +28,8 @@ SOURCES.add(
     "kdcli.sources.camelyon:CamelyonSource",
     "whole-slide images (OpenSlide formats or BCNB jpg+json) + a clinical sheet: tissue patches per slide",
 )
+SOURCES.add(
+    "table",
+    "kdcli.sources.table:TableSource",
+    "a lab's own data: one CSV row per sample (id, patient, split, label) with a path column per modality",
+)
