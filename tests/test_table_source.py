@@ -88,13 +88,23 @@ def test_paired_table_is_stored_row_by_row(phantoms, tmp_path):
 
 
 @pytest.mark.slow
-def test_paired_table_teaches_and_distils(phantoms, tmp_path):
+def test_paired_table_teaches_distils_and_predicts_on_raw_files(phantoms, tmp_path):
     out = tmp_path / "shards"
     ok("prepare", "table", phantoms["paired"], "--out", out, "--size", "32", "--classes", CLASSES)
     ok("teach", "--data", out, "--modality", "scan", "--out", tmp_path / "scan.pt", *FAST)
     ok("distill", "--data", out, "--teacher", tmp_path / "scan.pt", "--student", "photo", "--method", "kd",
        "--out", tmp_path / "photo.pt", *FAST)
-    assert (tmp_path / "photo.pt").is_file()
+    # the student where it is deployed: predict on the raw test photos gives evaluate's probabilities
+    ok("evaluate", tmp_path / "photo.pt", "--predictions", tmp_path / "eval.csv", "--device", "cpu", "--json")
+    raw = phantoms["paired"].parent
+    tests = [raw / r["photo"] for r in read_rows(phantoms["paired"]) if r["split"] == "test"]
+    ok("predict", tmp_path / "photo.pt", *tests, "--out", tmp_path / "raw.csv", "--device", "cpu")
+    evaluated, predicted = pl.read_csv(tmp_path / "eval.csv"), pl.read_csv(tmp_path / "raw.csv")
+    joined = evaluated.join(predicted, on="id", suffix="_raw")
+    assert joined.height == len(tests) == 6
+    columns = [f"prob_{c}" for c in CLASSES.split(",")]
+    assert np.allclose(joined.select(columns).to_numpy(), joined.select([f"{c}_raw" for c in columns]).to_numpy(),
+                       atol=1e-6)
 
 
 @pytest.mark.slow
@@ -114,7 +124,7 @@ def test_unpaired_table_gives_one_record_per_file_and_teaches(phantoms, tmp_path
 
 
 @pytest.mark.slow
-def test_multilabel_columns_and_nifti_scans(phantoms, tmp_path):
+def test_multilabel_columns_and_nifti_scans_train_evaluate_and_predict(phantoms, tmp_path):
     out = tmp_path / "shards"
     ok("prepare", "table", phantoms["multilabel"], "--out", out, "--size", "32", "--label-columns", "spots,ring")
     meta = json.loads((out / "dataset.json").read_text())
@@ -131,6 +141,14 @@ def test_multilabel_columns_and_nifti_scans(phantoms, tmp_path):
                 assert scan.max() == 255 and scan.min() == 0  # NIfTI scaled by its percentiles, not clipped
     ok("inspect", out, "--verify")
     ok("teach", "--data", out, "--modality", "scan", "--out", tmp_path / "scan.pt", *FAST)
+    # evaluated on the scans it learnt from (not on the dataset's first modality), and predicted on raw NIfTIs
+    ok("evaluate", tmp_path / "scan.pt", "--predictions", tmp_path / "eval.csv", "--device", "cpu", "--json")
+    tests = [phantoms["multilabel"].parent / r["scan"] for r in rows.values() if r["split"] == "test"]
+    ok("predict", tmp_path / "scan.pt", *tests, "--out", tmp_path / "raw.csv", "--device", "cpu")
+    joined = pl.read_csv(tmp_path / "eval.csv").join(pl.read_csv(tmp_path / "raw.csv"), on="id", suffix="_raw")
+    assert joined.height == len(tests) == 6
+    assert np.allclose(joined.select(["prob_spots", "prob_ring"]).to_numpy(),
+                       joined.select(["prob_spots_raw", "prob_ring_raw"]).to_numpy(), atol=1e-6)
 
 
 def test_without_a_split_column_patients_are_split_by_seed(copy, tmp_path):

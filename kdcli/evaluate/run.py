@@ -157,7 +157,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if tasks:
         return {**report, "tasks": tasks, **evaluate_tasks(options, meta, store, model, device, tasks)}
     if store.meta.task == "multilabel":
-        return {**report, **evaluate_multilabel(options, store, model, device)}
+        return {**report, **evaluate_multilabel(options, store, model, device, meta["modality"])}
     view = split_view(store, options.split, meta["modality"])
     probs, labels, _ = predict_view(model, view, device, None, options.batch_size, options.workers)
     metrics = classification_metrics(labels, probs, store.classes)
@@ -171,7 +171,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
 
 
 def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Classifier,
-                        device: torch.device) -> dict[str, Any]:
+                        device: torch.device, modality: str) -> dict[str, Any]:
     """Per-label AUROC/AP and their means; --predictions: one probability column per label."""
     import torch
 
@@ -180,8 +180,7 @@ def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Clas
     from kdcli.engine.loop import predict
     from kdcli.metrics.classification import multilabel_metrics
 
-    view = ModalityView(store, options.split, "xray" if "xray" in store.meta.modalities else
-                        next(iter(store.meta.modalities)), targets=("labels",))
+    view = ModalityView(store, options.split, modality, targets=("labels",))  # the checkpoint's: a table has several
     if len(view) == 0:
         raise KdcliError(f"split {options.split!r} is empty", path=store.root)
     loader = torch.utils.data.DataLoader(view, batch_size=options.batch_size, num_workers=options.workers,
