@@ -631,6 +631,32 @@ def prepare_table(
                 allow_leakage=allow_leakage)
 
 
+@command(prepare_app, "isic")
+def prepare_isic(
+    raw: Annotated[Path, typer.Argument(help="Folder of the ISIC download (ground-truth CSV and image folder).")],
+    out: PrepOut = None,
+    size: PrepSize = 224,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: PrepOverwrite = False,
+    shard_size: PrepShardSize = 0,
+    compression: PrepCompression = Compression.none,
+    labels: Annotated[str, typer.Option(help="Ground-truth CSV (default: the ISIC 2019/2020 one in RAW).")] = "",
+    image_dir: Annotated[str, typer.Option(help="Image folder (default: ISIC_2019_Training_Input/, train/ or "
+                                                "jpeg/train/ in RAW).")] = "",
+    splits: Annotated[str, typer.Option(help="Each image's split: CSV image,split or JSON (default: seeded "
+                                             "patient split).")] = "",
+    ratios: Annotated[str, typer.Option(help="train,dev,test fractions of the patients.")] = "0.7,0.1,0.2",
+    split_seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
+    allow_leakage: PrepAllowLeakage = False,
+    part: PrepPart = None,
+) -> None:
+    """ISIC 2019 (8 diagnoses) or 2020 (benign/malignant) dermoscopy: the image folder and the ground-truth CSV."""
+    options = {"labels": labels, "image_dir": image_dir, "splits": splits, "ratios": ratios, "split_seed": split_seed}
+    run_prepare("isic", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
+
+
 # --------------------------------------------------------------------------------------------- inspect
 @command()
 def inspect(

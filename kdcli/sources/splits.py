@@ -128,3 +128,16 @@ def split_groups(groups: list[str], ratios: tuple[float, float, float], seed: in
     for rank, index in enumerate(order):
         assignment[members[index]] = "dev" if rank < n_dev else "test" if rank < n_dev + n_test else "train"
     return assignment
+
+
+def stratified_split(first_labels: dict[str, int], ratios: tuple[float, float, float], seed: int,
+                     tag: str) -> dict[str, str]:
+    """Patients (patient -> the label that stratifies them) split by `split_groups` within each label, so a small
+    set's dev and test still see every class."""
+    strata: dict[int, list[str]] = {}
+    for patient, label in sorted(first_labels.items()):
+        strata.setdefault(label, []).append(patient)
+    assignment: dict[str, str] = {}
+    for label, patients in sorted(strata.items()):
+        assignment |= split_groups(patients, ratios, seed, f"{tag}-{label}")
+    return assignment

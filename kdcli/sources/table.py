@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
@@ -37,7 +36,7 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.sources.base import UNLABELED, Record, Scan, Source
 from kdcli.sources.imaging import read_image, resize_square
-from kdcli.sources.splits import SPLIT_ALIASES, parse_ratios, split_groups
+from kdcli.sources.splits import SPLIT_ALIASES, parse_ratios, stratified_split
 from kdcli.sources.text import decoding, open_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -369,19 +368,15 @@ class TableSource(Source):
 
     def _seeded_split(self, rows: list[_Row], notes: list[str]) -> None:
         """Patients split by --ratios, stratified by each patient's first label (unlabeled rows train)."""
-        ratios = parse_ratios(self.config.ratios)
-        strata: dict[int, list[str]] = defaultdict(list)
-        stratum_of: dict[str, int] = {}
+        first_labels: dict[str, int] = {}
         for row in rows:
-            if row.label != UNLABELED and row.patient not in stratum_of:
-                stratum_of[row.patient] = row.label
-                strata[row.label].append(row.patient)
-        assignment = {}
-        for label, patients in sorted(strata.items()):
-            assignment |= split_groups(patients, ratios, int(self.config.split_seed), f"{SPLIT_TAG}-{label}")
+            if row.label != UNLABELED:
+                first_labels.setdefault(row.patient, row.label)
+        assignment = stratified_split(first_labels, parse_ratios(self.config.ratios), int(self.config.split_seed),
+                                      SPLIT_TAG)
         for row in rows:
             row.split = row.split or assignment.get(row.patient, "train")
-        notes.append(f"no split column: {len(stratum_of)} patients split {self.config.ratios} by label "
+        notes.append(f"no split column: {len(first_labels)} patients split {self.config.ratios} by label "
                      f"(seed {self.config.split_seed})")
 
     @staticmethod
