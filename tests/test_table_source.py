@@ -234,13 +234,19 @@ def _duplicate_id(table: Path, rows: list[dict]) -> tuple[list[str], list[str]]:
     return [], ["row 11", "id 's0002' is also on row 4"]
 
 
+def _unlabeled_in_test(table: Path, rows: list[dict]) -> tuple[list[str], list[str]]:
+    rows[8]["label"] = ""  # s0008 is a test row
+    return [], ["row 10", "unlabeled sample 's0008' in split 'test'"]
+
+
 def _bad_finding(table: Path, rows: list[dict]) -> tuple[list[str], list[str]]:
     rows[1]["spots"] = "maybe"
     return ["--label-columns", "spots,ring"], ["row 3", "spots is 'maybe', not 1, 0 or empty"]
 
 
 @pytest.mark.parametrize("damage", [_missing_file, _unknown_split, _patient_in_two_splits, _unreadable_image,
-                                    _missing_column, _unknown_label, _duplicate_id, _bad_finding],
+                                    _missing_column, _unknown_label, _duplicate_id, _unlabeled_in_test,
+                                    _bad_finding],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bad_tables_are_refused_in_one_line(copy, tmp_path, damage):
     table = copy("multilabel" if damage is _bad_finding else "paired")
@@ -251,6 +257,17 @@ def test_bad_tables_are_refused_in_one_line(copy, tmp_path, damage):
     result = run("prepare", "table", table, "--out", out, "--size", "16", *extra)
     assert_one_line_error(result, *needles)
     assert not out.exists()
+
+
+def test_a_grade_column_gives_whole_number_classes(copy, tmp_path):
+    table = copy()
+    rows = [{**r, "grade": str(CLASSES.split(",").index(r["label"]) * 2)} for r in read_rows(table)]  # grades 0, 2, 4
+    write_rows(table, rows, ["id", "patient", "split", "grade", "photo", "scan"])
+    ok("prepare", "table", table, "--out", tmp_path / "shards", "--size", "16")
+    meta = json.loads((tmp_path / "shards" / "dataset.json").read_text())
+    assert meta["classes"] == ["0", "1", "2", "3", "4"]  # a grade nobody has is still a grade
+    manifest = pl.read_parquet(tmp_path / "shards" / "manifest.parquet")
+    assert dict(zip(manifest["id"], manifest["label"], strict=True)) == {r["id"]: int(r["grade"]) for r in rows}
 
 
 def test_allow_leakage_keeps_the_patient_as_a_warning(copy, tmp_path):

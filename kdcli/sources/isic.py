@@ -102,8 +102,15 @@ class IsicSource(Source):
     raw_help: ClassVar[str] = "Folder of the ISIC download (ground-truth CSV and image folder)."
     default_size: ClassVar[int] = 224
 
+    def __init__(self, **options):
+        try:
+            self.config = IsicOptions(**options)
+        except TypeError as exc:  # an option name the dataclass does not know
+            raise KdcliError(f"isic options: {exc}") from None
+        super().__init__(**options)
+
     def scan(self, raw: Path) -> Scan:
-        raw, options = Path(raw), IsicOptions(**self.options)
+        raw, options = Path(raw), self.config
         labels = _find(raw, options.labels, LABEL_FILES, "ground-truth CSV")
         images = _find(raw, options.image_dir, IMAGE_DIRS, "image folder", folder=True)
         header, rows = _read_csv(labels)
@@ -157,7 +164,7 @@ class IsicSource(Source):
                                  hint="restore it, delete the row, or set --image-dir")
             files[name] = file
         group_of = {name: groups.get(name) or name for _, name, _ in found}
-        options = IsicOptions(**self.options)
+        options = self.config
         if options.splits:
             listed = read_split_file(Path(options.splits), "image", ("image", "image_name"))
             missing = [name for _, name, _ in found if name not in listed]
