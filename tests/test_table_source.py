@@ -210,6 +210,11 @@ def _unknown_split(table: Path, rows: list[dict]) -> tuple[list[str], list[str]]
     return [], ["row 8", "unknown split 'holdout'"]
 
 
+def _empty_split(table: Path, rows: list[dict]) -> tuple[list[str], list[str]]:
+    rows[5]["split"] = ""
+    return [], ["row 7", "no split for 's0005'"]
+
+
 def _patient_in_two_splits(table: Path, rows: list[dict]) -> tuple[list[str], list[str]]:
     rows[7]["patient"] = rows[0]["patient"]  # a dev row given a training patient
     return [], ["patient leakage", f"patient {rows[0]['patient']!r} has records in train and dev", "--allow-leakage"]
@@ -244,9 +249,9 @@ def _bad_finding(table: Path, rows: list[dict]) -> tuple[list[str], list[str]]:
     return ["--label-columns", "spots,ring"], ["row 3", "spots is 'maybe', not 1, 0 or empty"]
 
 
-@pytest.mark.parametrize("damage", [_missing_file, _unknown_split, _patient_in_two_splits, _unreadable_image,
-                                    _missing_column, _unknown_label, _duplicate_id, _unlabeled_in_test,
-                                    _bad_finding],
+@pytest.mark.parametrize("damage", [_missing_file, _unknown_split, _empty_split, _patient_in_two_splits,
+                                    _unreadable_image, _missing_column, _unknown_label, _duplicate_id,
+                                    _unlabeled_in_test, _bad_finding],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bad_tables_are_refused_in_one_line(copy, tmp_path, damage):
     table = copy("multilabel" if damage is _bad_finding else "paired")

@@ -168,6 +168,20 @@ class _Row:
     files: dict[str, Path]
 
 
+@dataclass
+class _Layout:
+    """Where things are in the CSV: its path, header, the folder paths are relative to, and the columns."""
+
+    csv: Path
+    header: list[str]
+    base: Path
+    id_at: int
+    patient_at: int | None
+    split_at: int | None
+    finding_at: list[int]
+    modalities: dict[str, int]  # modality -> column
+
+
 class TableSource(Source):
     """Options: see TableOptions."""
 
@@ -217,42 +231,15 @@ class TableSource(Source):
             raise KdcliError("--root folder not found", path=base)
         label_texts = [row[label_at].strip() if label_at is not None else "" for _, row in rows]
         classes = multilabel or self._classes(path, rows, label_texts, label_name)
-        parsed = []
+        layout = _Layout(path, header, base, id_at, patient_at, split_at, finding_at, modalities)
+        parsed: list[_Row] = []
         seen: dict[str, int] = {}
         for (number, row), label_text in zip(rows, label_texts, strict=True):
-            ident = row[id_at].strip()
-            if not ident:
-                raise KdcliError(f"row {number}: empty {header[id_at]!r}", path=path, hint="give every row an id")
-            if ident in seen:
-                raise KdcliError(f"row {number}: id {ident!r} is also on row {seen[ident]}", path=path,
-                                 hint="one row per sample: ids must be unique")
-            seen[ident] = number
-            files = {}
-            for modality, at in modalities.items():
-                cell = row[at].strip()
-                if not cell:
-                    continue
-                file = Path(cell) if Path(cell).is_absolute() else base / cell
-                if not file.is_file():
-                    raise KdcliError(f"row {number}: {modality} file {cell!r} not found (looked in {base})",
-                                     path=path, hint="restore it, fix the path, or set --root")
-                files[modality] = file
-            if not files:
-                raise KdcliError(f"row {number}: no file in any modality column ({', '.join(modalities)})",
-                                 path=path, hint="fill at least one path or delete the row")
-            split = self._split(path, number, row[split_at]) if split_at is not None else ""
-            if multilabel:
-                labels = tuple(self._finding(path, number, row[at], header[at]) for at in finding_at)
-                label = UNLABELED if all(v == IGNORE for v in labels) else int(any(v == 1 for v in labels))
-            else:
-                labels = ()
-                label = classes.index(label_text) if label_text else UNLABELED
-            if label == UNLABELED and split in ("dev", "test"):
-                raise KdcliError(f"row {number}: unlabeled sample {ident!r} in split {split!r}", path=path,
-                                 hint="unlabeled samples can only train: give it a label or the split train")
-            patient = row[patient_at].strip() if patient_at is not None else ""
-            parsed.append(_Row(number, ident, patient or ident, split or ("train" if label == UNLABELED else ""),
-                               label, labels, files))
+            parsed.append(self._row(layout, number, row, classes.index(label_text) if label_text else UNLABELED))
+            if parsed[-1].id in seen:
+                raise KdcliError(f"row {number}: id {parsed[-1].id!r} is also on row {seen[parsed[-1].id]}",
+                                 path=path, hint="one row per sample: ids must be unique")
+            seen[parsed[-1].id] = number
         if split_at is None:
             self._seeded_split(parsed, notes)
         channels = self._channels(parsed, list(modalities))
@@ -276,6 +263,42 @@ class TableSource(Source):
         return arrays
 
     # ------------------------------------------------------------ reading the CSV
+
+    def _row(self, layout: _Layout, number: int, row: list[str], label: int) -> _Row:
+        """One CSV row checked: its id, files (each present), split and labels."""
+        path = layout.csv
+        ident = row[layout.id_at].strip()
+        if not ident:
+            raise KdcliError(f"row {number}: empty {layout.header[layout.id_at]!r}", path=path,
+                             hint="give every row an id")
+        files = {}
+        for modality, at in layout.modalities.items():
+            cell = row[at].strip()
+            if not cell:
+                continue
+            file = Path(cell) if Path(cell).is_absolute() else layout.base / cell
+            if not file.is_file():
+                raise KdcliError(f"row {number}: {modality} file {cell!r} not found (looked in {layout.base})",
+                                 path=path, hint="restore it, fix the path, or set --root")
+            files[modality] = file
+        if not files:
+            raise KdcliError(f"row {number}: no file in any modality column ({', '.join(layout.modalities)})",
+                             path=path, hint="fill at least one path or delete the row")
+        labels: tuple[int, ...] = ()
+        if layout.finding_at:
+            labels = tuple(self._finding(path, number, row[at], layout.header[at]) for at in layout.finding_at)
+            label = UNLABELED if all(v == IGNORE for v in labels) else int(any(v == 1 for v in labels))
+        split = self._split(path, number, row[layout.split_at]) if layout.split_at is not None else ""
+        if label == UNLABELED and split in ("dev", "test"):
+            raise KdcliError(f"row {number}: unlabeled sample {ident!r} in split {split!r}", path=path,
+                             hint="unlabeled samples can only train: give it a label or the split train")
+        if label == UNLABELED:
+            split = "train"
+        elif layout.split_at is not None and not split:
+            raise KdcliError(f"row {number}: no split for {ident!r}", path=path,
+                             hint="fill train, dev or test (or drop the split column for a seeded split)")
+        patient = row[layout.patient_at].strip() if layout.patient_at is not None else ""
+        return _Row(number, ident, patient or ident, split, label, labels, files)
 
     @staticmethod
     def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
