@@ -289,3 +289,21 @@ def test_allow_leakage_keeps_the_patient_as_a_warning(copy, tmp_path):
 def test_a_folder_is_not_a_table(phantoms, tmp_path):
     result = run("prepare", "table", phantoms["paired"].parent, "--out", tmp_path / "shards")
     assert_one_line_error(result, "is a folder", "pass the CSV file itself")
+
+
+def test_synth_renders_the_class_in_both_modalities_and_repeats_itself(phantoms, tmp_path):
+    raw = phantoms["paired"].parent
+    rows = read_rows(phantoms["paired"])
+    brightness: dict[str, dict[str, list[float]]] = {"photo": {}, "scan": {}}
+    for row in rows:
+        for modality in brightness:
+            image = cv2.imread(str(raw / row[modality]), cv2.IMREAD_UNCHANGED).astype(float)
+            brightness[modality].setdefault(row["label"], []).append(image.mean())
+    scan = [np.mean(brightness["scan"][c]) for c in CLASSES.split(",")]
+    photo = [np.mean(brightness["photo"][c]) for c in CLASSES.split(",")]
+    assert scan[0] < scan[1] < scan[2]  # a larger, brighter lesion with each class
+    assert photo[0] > photo[1] > photo[2]  # a larger, darker patch
+    assert scan[2] - scan[0] > 2 * (photo[0] - photo[2])  # clear in the scan, faint in the photo
+    ok("synth", "table", tmp_path / "again", "--size", "32")
+    assert (tmp_path / "again" / "table.csv").read_bytes() == phantoms["paired"].read_bytes()
+    assert (tmp_path / "again" / "scan" / "s0007.png").read_bytes() == (raw / "scan" / "s0007.png").read_bytes()
