@@ -307,6 +307,26 @@ def synth_camelyon(
             "depend on this split)")
 
 
+@command(synth_app, "table")
+def synth_table(
+    out: Annotated[Path, typer.Argument(help="Folder to write: photo/, scan/ and table.csv.")],
+    samples: Annotated[int, typer.Option(help="Rows (samples); two per patient.")] = 30,
+    size: SynthSize = 64,
+    seed: SynthSeed = 0,
+    unpaired: Annotated[bool, typer.Option(help="Each row fills one modality only (photo or scan).")] = False,
+    multilabel: Annotated[bool, typer.Option(help="Finding columns spots,ring (0/1) instead of a label column "
+                                                  "(prepare with --label-columns spots,ring).")] = False,
+    scan_format: Annotated[str, typer.Option(help="Scan files as png or nifti (.nii.gz).")] = "png",
+) -> None:
+    """A lab's table phantom: a colour photo and a grey scan per sample from one latent, and table.csv (id,
+    patient, split, label or finding columns, photo, scan) for `kdcli prepare table`."""
+    summary = run_synth("table", out, samples=samples, size=size, seed=seed, unpaired=unpaired,
+                        multilabel=multilabel, scan_format=scan_format)
+    counts = summary["counts"]
+    err(f"wrote {summary['samples']} samples ({counts['train']}/{counts['dev']}/{counts['test']} train/dev/test"
+        f"{', unpaired' if unpaired else ''}) and {summary['csv']}")
+
+
 # --------------------------------------------------------------------------------------------- prepare
 class Compression(StrEnum):
     none = "none"
@@ -569,6 +589,71 @@ def prepare_camelyon(
                **({"native_mag": native_mag} if native_mag else {}),
                **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
     run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
+
+
+@command(prepare_app, "table")
+def prepare_table(
+    raw: Annotated[Path, typer.Argument(help="The CSV: one row per sample (id, patient, split, label, one path "
+                                             "column per modality).")],
+    out: PrepOut = None,
+    size: PrepSize = 224,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: PrepOverwrite = False,
+    shard_size: PrepShardSize = 0,
+    compression: PrepCompression = Compression.none,
+    modalities: Annotated[str, typer.Option(help="Comma list of the path columns, one per modality (default: every "
+                                                 "column of image, DICOM or NIfTI paths).")] = "",
+    root: Annotated[str, typer.Option(help="Folder the paths are relative to (default: the CSV's folder).")] = "",
+    id_column: Annotated[str, typer.Option(help="Column with each sample's unique id.")] = "id",
+    patient_column: Annotated[str, typer.Option(help="Column with the patient (default if absent: one per id).")]
+    = "patient",
+    split_column: Annotated[str, typer.Option(help="Column with train/dev/test; if absent, --ratios.")] = "split",
+    label_column: Annotated[str, typer.Option(help="Column with the class or grade (else a `grade` column).")]
+    = "label",
+    label_columns: Annotated[str, typer.Option(help="Multi-label: comma list of 0/1 columns (empty = unknown).")]
+    = "",
+    classes: Annotated[str, typer.Option(help="Comma list of the classes in order; other labels are refused.")] = "",
+    channels: Annotated[str, typer.Option(help="Stored channels per modality, e.g. photo=3,scan=1 (default: from "
+                                               "the first file).")] = "",
+    ratios: Annotated[str, typer.Option(help="train,dev,test fractions of the patients without a split column.")]
+    = "0.7,0.1,0.2",
+    split_seed: Annotated[int, typer.Option(help="Seed of the patient split by --ratios.")] = 0,
+    allow_leakage: PrepAllowLeakage = False,
+    part: PrepPart = None,
+) -> None:
+    """A lab's own paired or unpaired multi-modal data from one CSV (images, DICOM, NIfTI)."""
+    options = {"modalities": modalities, "root": root, "id_column": id_column, "patient_column": patient_column,
+               "split_column": split_column, "label_column": label_column, "label_columns": label_columns,
+               "classes": classes, "channels": channels, "ratios": ratios, "split_seed": split_seed}
+    run_prepare("table", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
+                allow_leakage=allow_leakage)
+
+
+@command(prepare_app, "isic")
+def prepare_isic(
+    raw: Annotated[Path, typer.Argument(help="Folder of the ISIC download (ground-truth CSV and image folder).")],
+    out: PrepOut = None,
+    size: PrepSize = 224,
+    workers: PrepWorkers = 1,
+    resume: PrepResume = False,
+    overwrite: PrepOverwrite = False,
+    shard_size: PrepShardSize = 0,
+    compression: PrepCompression = Compression.none,
+    labels: Annotated[str, typer.Option(help="Ground-truth CSV (default: the ISIC 2019/2020 one in RAW).")] = "",
+    image_dir: Annotated[str, typer.Option(help="Image folder (default: ISIC_2019_Training_Input/, train/ or "
+                                                "jpeg/train/ in RAW).")] = "",
+    splits: Annotated[str, typer.Option(help="Each image's split: CSV image,split or JSON (default: seeded "
+                                             "patient split).")] = "",
+    ratios: Annotated[str, typer.Option(help="train,dev,test fractions of the patients.")] = "0.7,0.1,0.2",
+    split_seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
+    allow_leakage: PrepAllowLeakage = False,
+    part: PrepPart = None,
+) -> None:
+    """ISIC 2019 (8 diagnoses) or 2020 (benign/malignant) dermoscopy: the image folder and the ground-truth CSV."""
+    options = {"labels": labels, "image_dir": image_dir, "splits": splits, "ratios": ratios, "split_seed": split_seed}
+    run_prepare("isic", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
                 allow_leakage=allow_leakage)
 
 

@@ -317,6 +317,12 @@ def preprocessing_steps(meta: dict[str, Any], record: dict[str, Any]) -> list[st
     if source == "cxr":
         return ["decode to grey uint8: PNG/JPEG (16-bit min-max scaled); DICOM: rescale slope/intercept, the stored "
                 "window (else min-max), MONOCHROME1 inverted", square]
+    if source == "table":
+        grey = int(record["modalities"][meta["modality"]]["shape"][2]) == 1
+        return [f"decode to {'grey' if grey else 'RGB'} uint8: PNG/JPEG/TIFF (16-bit / 257); DICOM: rescale "
+                "slope/intercept, the stored window (else min-max); NIfTI: a volume's middle slice along the last "
+                "axis, scaled from its 0.5..99.5 percentiles" + ("" if grey else "; grey files repeated to 3 channels"),
+                square]
     if source == "brats":
         return ["read each NIfTI sequence as float32 (nibabel, no reorientation)",
                 "brain = voxels non-zero in any sequence; z-score each sequence inside it, 0 outside",

@@ -171,12 +171,12 @@ def evaluate_images(options: EvaluateOptions) -> dict[str, Any]:
 
 def evaluate_multilabel_images(options: EvaluateOptions) -> dict[str, Any]:
     """A multi-label classifier: per-label AUROC/AP."""
-    _, store, model, device, report = _image_report(options)
-    return {**report, **evaluate_multilabel(options, store, model, device)}
+    checkpoint, store, model, device, report = _image_report(options)
+    return {**report, **evaluate_multilabel(options, store, model, device, checkpoint.meta["modality"])}
 
 
 def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Classifier,
-                        device: torch.device) -> dict[str, Any]:
+                        device: torch.device, modality: str) -> dict[str, Any]:
     """Per-label AUROC/AP and their means; --predictions: one probability column per label."""
     import torch
 
@@ -185,8 +185,7 @@ def evaluate_multilabel(options: EvaluateOptions, store: ShardStore, model: Clas
     from kdcli.engine.loop import predict
     from kdcli.metrics.classification import multilabel_metrics
 
-    view = ModalityView(store, options.split, "xray" if "xray" in store.meta.modalities else
-                        next(iter(store.meta.modalities)), targets=("labels",))
+    view = ModalityView(store, options.split, modality, targets=("labels",))  # the checkpoint's: a table has several
     if len(view) == 0:
         raise KdcliError(f"split {options.split!r} is empty", path=store.root)
     loader = torch.utils.data.DataLoader(view, batch_size=options.batch_size, num_workers=options.workers,

@@ -1,8 +1,9 @@
-"""`kdcli predict` for 2-D classifiers: fundus photos, OCT B-scans, chest X-rays.
+"""`kdcli predict` for 2-D classifiers: fundus photos, OCT B-scans, chest X-rays, a lab's table modalities.
 
 Each file goes through its source's own per-image function (`preprocess_image` of multieye and fundus-grading,
-`preprocess_xray` of cxr) with the options the checkpoint recorded, so the model sees the very pixels `prepare`
-would have stored; the model then runs as in `kdcli evaluate` (uint8 batches, the same autocast)."""
+`preprocess_xray` of cxr, `preprocess_file` of table) with the options the checkpoint recorded, so the model sees
+the very pixels `prepare` would have stored; the model then runs as in `kdcli evaluate` (uint8 batches, the same
+autocast)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def image_reader(record: dict[str, Any], modality: str) -> Callable[[str], np.nd
         from kdcli.sources.cxr import preprocess_xray
 
         return functools.partial(preprocess_xray, size=size)
+    if source == "table":
+        from kdcli.sources.table import preprocess_file
+
+        return functools.partial(preprocess_file, channels=int(record["modalities"][modality]["shape"][2]), size=size)
     raise UsageError(f"predict cannot yet read raw files the way `prepare {source}` does; evaluate the checkpoint "
                      "on prepared shards instead")
 
@@ -68,6 +73,10 @@ def as_list(batch: list) -> list:
 def items_for(record: dict[str, Any], inputs: list[str]) -> tuple[list[Item], list[Failure]]:
     if record["source"] == "cxr":
         return image_items(inputs, XRAY_SUFFIXES, "X-rays (PNG, JPEG or DICOM)")
+    if record["source"] == "table":
+        from kdcli.sources.table import FILE_SUFFIXES
+
+        return image_items(inputs, FILE_SUFFIXES, "images (PNG, JPEG, TIFF, DICOM or NIfTI)")
     return image_items(inputs, IMAGE_SUFFIXES, "images")
 
 

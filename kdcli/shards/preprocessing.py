@@ -13,6 +13,7 @@ PIXEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "fundus-grading": (),
     "cxr": (),
     "brats": (),
+    "table": (),  # each modality's channels are in its stored shape
     "camelyon": ("mag", "native_mag", "patch_size", "max_patches", "tissue_threshold", "min_tissue", "seed",
                  "annotated_only"),
 }

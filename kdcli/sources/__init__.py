@@ -28,3 +28,9 @@ SOURCES.add(
     "kdcli.sources.camelyon:CamelyonSource",
     "whole-slide images (OpenSlide formats or BCNB jpg+json) + a clinical sheet: tissue patches per slide",
 )
+SOURCES.add(
+    "table",
+    "kdcli.sources.table:TableSource",
+    "a lab's own data: one CSV row per sample (id, patient, split, label) with a path column per modality",
+)
+SOURCES.add("isic", "kdcli.sources.isic:IsicSource", "ISIC 2019/2020 dermoscopy: image folder + ground-truth CSV")

@@ -44,7 +44,7 @@ from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
-from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
+from kdcli.sources.splits import parse_ratios, read_split_file, split_groups, stable_seed
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -233,31 +233,7 @@ def _find_cases(raw: Path, notes: list[str], skip_bad: bool, labelled: bool = Tr
 
 # ---------------------------------------------------------------- splits
 
-
-
-def split_groups(groups: list[str], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Seeded patient-level split. With 3+ patients every split with a non-zero ratio gets at least one, so dev
-    and test are never silently empty on small sets; train keeps the rest."""
-    members = sorted(set(groups))
-    count = len(members)
-    order = np.random.default_rng(stable_seed("brats-split", seed)).permutation(count)
-    n_dev, n_test = (round(ratios[1] * count), round(ratios[2] * count))
-    if count >= 3:
-        n_dev = max(n_dev, 1 if ratios[1] > 0 else 0)
-        n_test = max(n_test, 1 if ratios[2] > 0 else 0)
-        while n_dev + n_test > count - (1 if ratios[0] > 0 else 0):  # train keeps one patient when it should
-            if n_test >= n_dev and n_test > 0:
-                n_test -= 1
-            else:
-                n_dev -= 1
-    else:
-        n_dev = n_test = 0  # one or two patients: nothing sensible to hold out
-    assignment = {}
-    for rank, index in enumerate(order):
-        assignment[members[index]] = "dev" if rank < n_dev else "test" if rank < n_dev + n_test else "train"
-    return assignment
-
-
+SPLIT_TAG = "brats-split"  # the seed stream of the default patient split (synth brats mirrors it)
 
 
 def read_splits(path: Path) -> dict[str, str]:
@@ -479,7 +455,7 @@ class BratsSource(Source):
         unlabeled = unlabeled or {}
         groups = {case: patient_of(case) for case in cases}
         if not self.options.get("splits"):
-            by_group = split_groups(list(groups.values()), self.ratios, self.seed)
+            by_group = split_groups(list(groups.values()), self.ratios, self.seed, tag=SPLIT_TAG)
             return {case: by_group[group] for case, group in groups.items()}
         path = Path(self.options["splits"])
         listed = read_splits(path)

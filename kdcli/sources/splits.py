@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdcli.errors import UsageError
 
 
@@ -102,3 +104,40 @@ def read_split_file(path: Path, noun: str, id_columns: tuple[str, ...],
     if not listed:
         raise KdcliError(f"lists no {noun}s", path=path)
     return listed
+
+
+def split_groups(groups: list[str], ratios: tuple[float, float, float], seed: int, tag: str) -> dict[str, str]:
+    """Seeded patient-level split (`tag` keeps each source's draw its own). With 3+ patients every split with a
+    non-zero ratio gets at least one, so dev and test are never silently empty on small sets; train keeps the
+    rest."""
+    members = sorted(set(groups))
+    count = len(members)
+    order = np.random.default_rng(stable_seed(tag, seed)).permutation(count)
+    n_dev, n_test = (round(ratios[1] * count), round(ratios[2] * count))
+    if count >= 3:
+        n_dev = max(n_dev, 1 if ratios[1] > 0 else 0)
+        n_test = max(n_test, 1 if ratios[2] > 0 else 0)
+        while n_dev + n_test > count - (1 if ratios[0] > 0 else 0):  # train keeps one patient when it should
+            if n_test >= n_dev and n_test > 0:
+                n_test -= 1
+            else:
+                n_dev -= 1
+    else:
+        n_dev = n_test = 0  # one or two patients: nothing sensible to hold out
+    assignment = {}
+    for rank, index in enumerate(order):
+        assignment[members[index]] = "dev" if rank < n_dev else "test" if rank < n_dev + n_test else "train"
+    return assignment
+
+
+def stratified_split(first_labels: dict[str, int], ratios: tuple[float, float, float], seed: int,
+                     tag: str) -> dict[str, str]:
+    """Patients (patient -> the label that stratifies them) split by `split_groups` within each label, so a small
+    set's dev and test still see every class."""
+    strata: dict[int, list[str]] = {}
+    for patient, label in sorted(first_labels.items()):
+        strata.setdefault(label, []).append(patient)
+    assignment: dict[str, str] = {}
+    for label, patients in sorted(strata.items()):
+        assignment |= split_groups(patients, ratios, seed, f"{tag}-{label}")
+    return assignment

@@ -10,3 +10,5 @@ SYNTHS.add("brats", "kdcli.synth.brats:synth_brats", "BraTS NIfTI phantoms (2018
 SYNTHS.add("cxr", "kdcli.synth.cxr:synth_cxr", "chest X-ray phantoms (NIH or MIMIC layout) with EGD-CXR/REFLACX gaze")
 SYNTHS.add("camelyon", "kdcli.synth.camelyon:synth_camelyon",
            "biopsy slide phantoms (pyramidal TIFF or BCNB jpg+json) with a BCNB clinical sheet")
+SYNTHS.add("table", "kdcli.synth.table:synth_table",
+           "a lab's table: two modalities of one latent per sample (PNG, NIfTI) and the CSV `prepare table` reads")

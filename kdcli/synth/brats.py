@@ -618,10 +618,11 @@ def _render(job: Job) -> dict:
 def _main_splits(ids: list[str], extra_tests: int) -> list[str]:
     """The main cases' splits: prepare's default split (0.7/0.1/0.2 by patient, split seed 0), or train/dev
     only (0.875/0.125) when the extra test cases are the test split."""
-    from kdcli.sources.brats import patient_of, split_groups
+    from kdcli.sources.brats import SPLIT_TAG, patient_of
+    from kdcli.sources.splits import split_groups
 
     ratios = (0.875, 0.125, 0.0) if extra_tests else (0.7, 0.1, 0.2)
-    by_patient = split_groups([patient_of(i) for i in ids], ratios, SPLIT_SEED)
+    by_patient = split_groups([patient_of(i) for i in ids], ratios, SPLIT_SEED, tag=SPLIT_TAG)
     return [by_patient[patient_of(i)] for i in ids]
 
 
