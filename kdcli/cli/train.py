@@ -34,7 +34,7 @@ def _report_fit(result, out: Path, log=err) -> None:
 @with_training_options
 def teach(
     data: DataOpt = None, modality: Annotated[str | None, typer.Option(help="Modality to train on, e.g. oct.")] = None,
-    *,
+    *,  # options.TRAINING_OPTIONS come here in --help; the keyword-only ones below follow them
     output_stride: OutputStride = None,
     embeddings: Annotated[str | None, typer.Option(help="Slides: train on patch embeddings cached by `kdcli "
                                                         "embed` (the name it printed) instead of pixels.")] = None,
@@ -64,7 +64,7 @@ def distill(
     student: Annotated[str | None, typer.Option(help="The student's modality, e.g. fundus.")] = None,
     method: Annotated[str | None, typer.Option(help="Distillation method; `kdcli methods` lists them (default: "
                                                     "the one the data call for, printed).")] = None,
-    *,
+    *,  # options.TRAINING_OPTIONS come here in --help; the keyword-only ones below follow them
     cache_teacher: Annotated[bool, typer.Option(help="Run the teacher once over the un-augmented training "
                                                      "images and reuse its outputs (stored beside the shards).")]
     = False,
