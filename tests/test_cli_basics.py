@@ -236,6 +236,33 @@ def test_completion_request_is_light(shell: str, env: dict[str, str]) -> None:
     assert heavy == [], f"a {shell} completion request imported {heavy}; TAB would lag"
 
 
+# ------------------------------------------------------------------------------- shared training options
+def test_teach_and_distill_take_the_one_training_options_definition() -> None:
+    import typer.main
+
+    from kdcli.cli.options import TRAINING_OPTIONS
+
+    commands = typer.main.get_command(app).commands
+
+    def shared(name: str) -> list[tuple]:
+        return [(p.name, p.opts, p.secondary_opts, p.help, p.default, p.show_default)
+                for p in commands[name].params if p.name in TRAINING_OPTIONS]
+
+    assert [row[0] for row in shared("teach")] == list(TRAINING_OPTIONS)
+    assert shared("teach") == shared("distill")
+    assert [p.name for p in commands["distill"].params][:5] == ["data", "teacher", "student", "method", "task"]
+
+
+def test_training_options_refuse_a_command_without_room_for_them() -> None:
+    from kdcli.cli.options import with_training_options
+
+    def lacks_options(data: str | None = None) -> None:
+        """No **options: the shared flags would reach it as unexpected keywords."""
+
+    with pytest.raises(TypeError, match=r"lacks_options needs a \*\*options parameter"):
+        with_training_options(lacks_options)
+
+
 # --------------------------------------------------------------------------------------------- methods
 def test_methods_json_lists_papers_defaults() -> None:
     result = CliRunner().invoke(app, ["methods", "--json"])

@@ -177,7 +177,7 @@ def test_every_option_and_the_data_can_come_from_a_config_file(tmp_path):
 
 
 def test_only_rank_zero_speaks(monkeypatch, capsys):
-    from kdcli.cli import rank_zero_log
+    from kdcli.cli.common import rank_zero_log
 
     monkeypatch.setenv("RANK", "1")
     rank_zero_log()("from rank 1")
