@@ -29,7 +29,8 @@ vocabularies (an unknown value is an error naming the row: it is a typo or anoth
 A missing cell stays missing: its entries are 0 with mask 0. Left out as leakage: `Number of lymph node
 metastases` and `ALN status` (the target itself) and `Surgical` (mastectomy vs breast-conserving surgery is
 decided knowing the nodal status, so it is not available when the biopsy is read). The encoding (feature names,
-vocabularies, train statistics) is in dataset.json under extra.clinical.
+vocabularies, train statistics) is in dataset.json under extra.clinical and in every checkpoint's preprocessing
+record; `ClinicalSheet` encodes a sheet's rows with it for `kdcli predict --clinical`, by the same functions.
 How the vector reaches the workers: scan reads the sheet once and puts each slide's encoded vector in its
 record, a `SlideRecord` (a `Record` with `clinical`, `clinical_mask` and `outline` fields); records are pickled
 to prepare's worker processes with their shard job, so workers never re-read the sheet and cannot disagree with
