@@ -31,6 +31,9 @@ def predict(
     = 0.5,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Only for checkpoints older than the "
                                               "preprocessing record: the shards they were trained on.")] = None,
+    clinical: Annotated[Path | None, typer.Option(help="Slides: the clinical sheet (.csv/.xlsx, the layout "
+                                                  "`prepare camelyon` reads), one row per slide, encoded as prepare "
+                                                  "encoded the training data; fusion models need it.")] = None,
     device: Device = None,
     threads: Threads = None,
 ) -> None:
@@ -44,7 +47,7 @@ def predict(
 
     with chosen_threads(threads, workers):
         result = run_predict(PredictOptions(checkpoint, list(inputs), out, device or "auto", batch_size, workers,
-                                            explain, strict, data, threshold), log=err)
+                                            explain, strict, data, threshold, clinical), log=err)
     where = f" (files in {result.files})" if result.files else ""
     err(f"wrote {result.rows} prediction(s) to {result.out}{where}")
     if result.failures:

@@ -3,9 +3,10 @@ contract) can treat raw files exactly as `prepare` did, without the shards.
 
 Training stores `preprocessing_record(dataset)` (kdcli.shards.preprocessing) in the checkpoint's meta under
 "preprocess": the source, the stored side, the source options that change pixels (CLAHE, median filter,
-magnification and patch geometry), the modalities' stored shapes and dtypes. Everything else each source does
-(pad to square, DICOM windowing, z-scoring in the brain mask, the brain crop, tissue detection) is fixed in the
-source's code and runs as is.
+magnification and patch geometry), the modalities' stored shapes and dtypes, and for slides the clinical
+encoding (vocabularies, train statistics) that turns a sheet row into the model's clinical vector. Everything
+else each source does (pad to square, DICOM windowing, z-scoring in the brain mask, the brain crop, tissue
+detection) is fixed in the source's code and runs as is.
 Checkpoints written before that record existed fall back on the dataset they were trained on (dataset.json),
 when it is still there unchanged, or on `--data SHARDS`."""
 

@@ -31,6 +31,7 @@ class PredictOptions:
     strict: bool = False
     data: Path | None = None  # older checkpoints without a preprocessing record: the shards they were trained on
     threshold: float = 0.5  # multi-label: findings listed at or above this probability
+    clinical: Path | None = None  # slides: the clinical sheet whose rows fusion models read
 
 
 @dataclass
@@ -73,9 +74,10 @@ def predict(options: PredictOptions, log: Callable[[str], None] = print) -> Pred
     checkpoint = load_checkpoint(Path(options.checkpoint))
     record = checkpoint_preprocessing(checkpoint.meta, checkpoint.path, options.data)
     device = select_device(options.device)
-    from kdcli.tasks import task_of
+    from kdcli.tasks import refuse_foreign_options, task_of
 
     task = task_of(checkpoint.meta)
+    refuse_foreign_options(task, clinical=options.clinical)
     files = artifacts_dir(out)
     rows, failures = task.run("predict", checkpoint, record, options, device, files)
     for failure in failures:

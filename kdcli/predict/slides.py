@@ -6,8 +6,13 @@ at most max_patches (seeded by the slide's id, its file stem, so the same patche
 resized to the stored side; a tumour outline `<slide>.json` beside the slide is read as prepare reads it. The
 slide is then scored as `kdcli evaluate` scores it: disjoint bags of the training bag size, the mean over bags.
 
-No clinical record is read: models with a WSI-only head (`teach --modality wsi`, bidirectional students) use it;
-a fusion-only model (`--modality wsi,clinical`) is refused, as are models on cached patch embeddings."""
+With `--clinical SHEET` (a CSV/XLSX in the layout `prepare camelyon` reads) each slide's row, matched on the
+slide's id as prepare matches it, is encoded by the source's own functions with the encoding the checkpoint
+recorded (vocabularies, train statistics; kdcli.sources.camelyon.ClinicalSheet) and fed as evaluate feeds a
+present record: fusion models (`teach --modality wsi,clinical`) and bidirectional students then use it. A slide
+without a row goes the WSI-only route where the model has one, else it is one failure line. Without --clinical
+a model with a WSI-only head (`teach --modality wsi`, bidirectional students) answers from the slide alone and a
+fusion-only model is refused, as are models on cached patch embeddings (with or without --clinical)."""
 
 from __future__ import annotations
 
@@ -37,14 +42,63 @@ class OneSlide:
         return dict(self.item)
 
 
-def check_slide_model(meta: dict[str, Any], path: Path) -> None:
+def check_slide_model(meta: dict[str, Any], path: Path, clinical: Path | None) -> None:
     spec = meta["model"]
     if spec.get("embeddings"):
         raise UsageError(f"{path}: the model reads patch embeddings cached by `kdcli embed`, not pixels; predict "
                          "needs a slide model with its own patch encoder (teach without --embeddings)")
-    if "sm" not in spec["branches"]:
+    if clinical is not None and "mm" not in spec["branches"]:
+        raise UsageError(f"{path}: the model reads slides only (no clinical branch); drop --clinical")
+    if clinical is None and "sm" not in spec["branches"]:
         raise UsageError(f"{path}: the model fuses each slide with its clinical record and has no WSI-only head; "
-                         "predict reads slides only (use a `--modality wsi` model or a bidirectional student)")
+                         "pass --clinical SHEET with the slides' rows (the sheet layout `prepare camelyon` reads)")
+
+
+def clinical_sheet(checkpoint, record: dict[str, Any], options: Any):
+    """The --clinical sheet, read with the encoding the checkpoint recorded (None without --clinical)."""
+    from kdcli.sources.camelyon import ClinicalSheet
+
+    if options.clinical is None:
+        return None
+    encoding = record.get("clinical") or recorded_encoding(checkpoint, options.data)
+    dims = int(checkpoint.meta["model"]["clinical_dims"])
+    if len(encoding["features"]) != dims:
+        raise KdcliError(f"the recorded clinical encoding has {len(encoding['features'])} features, the model "
+                         f"reads {dims}", path=checkpoint.path, hint="pass --data with the shards it was trained on")
+    return ClinicalSheet(Path(options.clinical), encoding)
+
+
+def recorded_encoding(checkpoint, data: Path | None) -> dict[str, Any]:
+    """For a checkpoint whose preprocessing record predates the clinical encoding: its dataset's (dataset.json
+    extra.clinical), from the recorded shards or --data."""
+    from kdcli.predict.contract import checkpoint_preprocessing
+
+    try:
+        rebuilt = checkpoint_preprocessing({**checkpoint.meta, "preprocess": None}, checkpoint.path, data)
+    except KdcliError:
+        raise KdcliError("the checkpoint's preprocessing record predates the clinical encoding, and the dataset "
+                         "it was trained on is gone or changed", path=checkpoint.path,
+                         hint="pass --data with the shard directory it was trained on") from None
+    if not rebuilt.get("clinical"):
+        raise KdcliError("the dataset has no clinical encoding in dataset.json", path=data or checkpoint.path,
+                         hint="prepare it again with this kdcli (prepare camelyon records the encoding)")
+    return rebuilt["clinical"]
+
+
+def clinical_fields(sheet, item: Item, dims: int, wsi_head: bool) -> dict[str, Any]:
+    """The bag's clinical entries: the slide's encoded row as the shards hold it (float16, read back as BagView
+    reads it), or none (clinical_present False: the WSI-only route) when no sheet is given or it has no row."""
+    encoded = sheet.encode(item.id) if sheet is not None else None
+    if encoded is None:
+        if sheet is not None and not wsi_head:
+            raise KdcliError(f"{sheet.path} has no row for slide {item.id} (matched on {sheet.id_column!r}) and "
+                             "the model has no WSI-only head")
+        return {"clinical": torch.zeros(dims), "clinical_mask": torch.zeros(dims), "clinical_present": False}
+    vector, mask = encoded
+    observed = np.asarray(mask, np.uint8).astype(np.float32)
+    values = np.nan_to_num(np.asarray(vector, np.float16).astype(np.float32)) * observed
+    return {"clinical": torch.from_numpy(values), "clinical_mask": torch.from_numpy(observed),
+            "clinical_present": True}
 
 
 def read_patches(item: Item, record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -70,7 +124,9 @@ def predict_slides(checkpoint, record: dict[str, Any], options: Any, device: tor
 
     inputs, strict = options.inputs, options.strict
     meta = checkpoint.meta
-    check_slide_model(meta, checkpoint.path)
+    check_slide_model(meta, checkpoint.path, options.clinical)
+    sheet = clinical_sheet(checkpoint, record, options)
+    wsi_head = "sm" in meta["model"]["branches"]
     classes = list(meta["classes"])
     dims = int(meta["model"].get("clinical_dims") or 1)
     bag_size = int(meta.get("bag_size", BAG_SIZE))
@@ -83,10 +139,10 @@ def predict_slides(checkpoint, record: dict[str, Any], options: Any, device: tor
     for item in items:
         bar.update(1)
         try:
+            clinical = clinical_fields(sheet, item, dims, wsi_head)  # a bad row fails before the slide is read
             patches, coords, info = read_patches(item, record)
             bag = {"patches": torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))),
-                   "bag_mask": torch.ones(len(patches), dtype=torch.bool),
-                   "clinical": torch.zeros(dims), "clinical_mask": torch.zeros(dims), "clinical_present": False,
+                   "bag_mask": torch.ones(len(patches), dtype=torch.bool), **clinical,
                    "label": 0, "index": 0, "teacher_index": 0}
             result = predict_bags(model, OneSlide(item.id, bag), device, keep_attention=True, bag_size=bag_size)
             heat = write_heat_map(folder, item, record, patches, coords, info, result["attention"][0])
@@ -99,7 +155,8 @@ def predict_slides(checkpoint, record: dict[str, Any], options: Any, device: tor
         predicted = int(probs.argmax())
         rows.append({"id": item.id, "path": item.path, "prediction": predicted, "prediction_name": classes[predicted],
                      **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
-                     "patches": len(patches), "heatmap": str(heat)})
+                     "patches": len(patches), "clinical_used": bool(clinical["clinical_present"]),
+                     "heatmap": str(heat)})
     bar.close()
     return rows, failures
 

@@ -31,5 +31,9 @@ def preprocessing_record(dataset: Any) -> dict[str, Any]:
     if dataset.source == "brats":  # the label values to write back (ET 4, or 3 for BraTS 2023 naming)
         record["label_values"] = dataset.extra.get("label_values")
     if dataset.source == "camelyon":
-        record["clinical_features"] = list((dataset.extra.get("clinical") or {}).get("features") or [])
+        clinical = dataset.extra.get("clinical") or {}
+        record["clinical_features"] = list(clinical.get("features") or [])
+        if clinical.get("encoding"):  # how a sheet row becomes the vector: `predict --clinical` encodes as prepare
+            record["clinical"] = {key: clinical.get(key) for key in ("features", "encoding", "id_column",
+                                                                     "label_column")}
     return record

@@ -29,7 +29,8 @@ vocabularies (an unknown value is an error naming the row: it is a typo or anoth
 A missing cell stays missing: its entries are 0 with mask 0. Left out as leakage: `Number of lymph node
 metastases` and `ALN status` (the target itself) and `Surgical` (mastectomy vs breast-conserving surgery is
 decided knowing the nodal status, so it is not available when the biopsy is read). The encoding (feature names,
-vocabularies, train statistics) is in dataset.json under extra.clinical.
+vocabularies, train statistics) is in dataset.json under extra.clinical and in every checkpoint's preprocessing
+record; `ClinicalSheet` encodes a sheet's rows with it for `kdcli predict --clinical`, by the same functions.
 How the vector reaches the workers: scan reads the sheet once and puts each slide's encoded vector in its
 record, a `SlideRecord` (a `Record` with `clinical`, `clinical_mask` and `outline` fields); records are pickled
 to prepare's worker processes with their shard job, so workers never re-read the sheet and cannot disagree with
@@ -252,6 +253,16 @@ def _column(header: list[str], name: str, path: Path, what: str) -> int:
     return folded.index(_fold(name))
 
 
+def _header_at(header: list[str], name: str) -> int | None:
+    """The column of `name` (compared without case and spaces), None when the sheet has none."""
+    return next((i for i, h in enumerate(header) if _fold(h) == _fold(name)), None)
+
+
+def sheet_key(slide_id: str) -> str:
+    """The key a slide (its file stem) is matched on to its sheet row, as scan matches them."""
+    return _key(slide_id) or slide_id
+
+
 def _label(value: str | None, binary: bool) -> int | None:
     text = _key(value)
     if text is None:
@@ -278,6 +289,12 @@ def _parse_row(number: int, cells: list[str | None], columns: dict[str, int], la
     label = UNLABELED if _key(value) is None else _label(value, binary)
     if label is None:
         raise KdcliError(f"{where}: {label_name} {value!r} is not one of {', '.join(ALN)}", hint=SHEET_HINT)
+    return _Row(number, label, *_parse_clinical(cells, columns, where, CATEGORICAL))
+
+
+def _parse_clinical(cells: list[str | None], columns: dict[str, int], where: str,
+                    vocabularies: dict[str, list[str]]) -> tuple[dict[str, float | None], dict[str, int | None]]:
+    """A row's clinical values: numbers (None when empty) and each category's index in its vocabulary."""
     numeric: dict[str, float | None] = {}
     categorical: dict[str, int | None] = {}
     for name, at in columns.items():
@@ -291,12 +308,38 @@ def _parse_row(number: int, cells: list[str | None], columns: dict[str, int], la
             if text is None:
                 categorical[name] = None
                 continue
-            vocabulary = [_fold(v) for v in CATEGORICAL[name]]
+            vocabulary = [_fold(v) for v in vocabularies[name]]
             if _fold(text) not in vocabulary:
-                raise KdcliError(f"{where}: {name} {cells[at]!r} is not one of {', '.join(CATEGORICAL[name])}",
+                raise KdcliError(f"{where}: {name} {cells[at]!r} is not one of {', '.join(vocabularies[name])}",
                                  hint=SHEET_HINT)
             categorical[name] = vocabulary.index(_fold(text))
-    return _Row(number, label, numeric, categorical)
+    return numeric, categorical
+
+
+def _rows_by_key(cells: list[list[str | None]], id_at: int, label_at: int | None, id_column: str,
+                 label_column: str, sheet: Path) -> dict[str, tuple[int, list[str | None]]]:
+    """Id key -> (spreadsheet row number, cells); an empty id on a non-empty row or an id twice is an error."""
+    by_key: dict[str, tuple[int, list[str | None]]] = {}
+    for offset, row in enumerate(cells):
+        number = offset + 2
+        key = _key(row[id_at])
+        if key is None:
+            if any(_key(v) is not None for v in row):
+                raise KdcliError(f"row {number}: empty {id_column}", path=sheet,
+                                 hint="give every row its slide id, or delete the row")
+            continue
+        if key in by_key:
+            first, other = by_key[key]
+            staged = [label_at is not None and _key(r[label_at]) is not None for r in (other, row)]
+            if staged[0] != staged[1]:  # the same patient staged and not: labelled and unlabeled at once
+                at = (first, number) if staged[0] else (number, first)
+                raise KdcliError(f"patient {key} is both labelled (row {at[0]}) and unlabeled (row {at[1]}, no "
+                                 f"{label_column})", path=sheet,
+                                 hint="a patient is labelled or unlabeled, not both: delete one of the rows")
+            raise KdcliError(f"rows {first} and {number} share {id_column} {key}", path=sheet,
+                             hint="keep one row per patient")
+        by_key[key] = (number, row)
+    return by_key
 
 
 def stratified_splits(labels: dict[str, int], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
@@ -382,6 +425,42 @@ def _encode(row: _Row, encoding: dict[str, Any]) -> tuple[tuple[float, ...], tup
             values.extend(0.0 if index is None else float(i == index) for i in range(width))
             mask.extend([0 if index is None else 1] * width)
     return tuple(values), tuple(mask)
+
+
+class ClinicalSheet:
+    """A clinical sheet read outside prepare (`kdcli predict --clinical`): a slide's row encoded with a prepared
+    dataset's encoding (its extra.clinical, as a checkpoint's preprocessing record carries it: vocabularies and
+    train statistics) by the functions scan uses, so the vector is the one prepare would store. The label column
+    is not needed; every column the encoding reads is (an empty cell is a missing value, as in prepare)."""
+
+    def __init__(self, path: Path, clinical: dict[str, Any]):
+        self.path, self.encoding = Path(path), clinical["encoding"]
+        self.id_column = str(clinical.get("id_column") or "Patient ID")
+        if not self.path.is_file():
+            raise KdcliError("clinical sheet not found", path=self.path, hint="pass --clinical with an .xlsx or .csv")
+        header, cells = _read_sheet(self.path)
+        id_at = _column(header, self.id_column, self.path, "id")
+        self.columns: dict[str, int] = {}
+        for name in self.encoding["order"]:
+            at = _header_at(header, name)
+            if at is None:
+                raise KdcliError(f"no {name!r} column, which the model's clinical record reads; columns are: "
+                                 f"{', '.join(header)}", path=self.path,
+                                 hint="add the column (leave a cell empty where the value is unknown)")
+            self.columns[name] = at
+        label_column = str(clinical.get("label_column") or "ALN status")
+        self.rows = _rows_by_key(cells, id_at, _header_at(header, label_column), self.id_column, label_column,
+                                 self.path)
+
+    def encode(self, slide_id: str) -> tuple[tuple[float, ...], tuple[int, ...]] | None:
+        """(vector, mask) of the slide's row, None when the sheet has no row for it; KdcliError for a bad row."""
+        key = sheet_key(slide_id)
+        if key not in self.rows:
+            return None
+        number, cells = self.rows[key]
+        where = f"{self.path} row {number} ({self.id_column} {key})"
+        numeric, categorical = _parse_clinical(cells, self.columns, where, self.encoding["categorical"])
+        return _encode(_Row(number, UNLABELED, numeric, categorical), self.encoding)
 
 
 # ---------------------------------------------------------------- reading: tissue and patches
@@ -622,7 +701,7 @@ class CamelyonSource(Source):
         excluded = {_fold(n) for n in (*LEAKAGE, self.id_column, self.label_column)}
         columns: dict[str, int] = {}
         for name in (*NUMERIC, *CATEGORICAL):
-            at = next((i for i, h in enumerate(header) if _fold(h) == _fold(name)), None)
+            at = _header_at(header, name)
             if at is not None and _fold(name) not in excluded:
                 columns[name] = at
         absent = [n for n in (*NUMERIC, *CATEGORICAL) if n not in columns and _fold(n) not in excluded]
@@ -632,30 +711,11 @@ class CamelyonSource(Source):
             raise KdcliError(f"no clinical feature column among {', '.join(header)}", path=sheet,
                              hint=f"expected BCNB's columns ({', '.join((*NUMERIC, *CATEGORICAL))})")
 
-        by_key: dict[str, tuple[int, list[str | None]]] = {}
-        for offset, row in enumerate(cells):
-            number = offset + 2
-            key = _key(row[id_at])
-            if key is None:
-                if any(_key(v) is not None for v in row):
-                    raise KdcliError(f"row {number}: empty {self.id_column}", path=sheet,
-                                     hint="give every row its slide id, or delete the row")
-                continue
-            if key in by_key:
-                first, other = by_key[key]
-                staged = [_key(r[label_at]) is not None for r in (other, row)]
-                if staged[0] != staged[1]:  # the same patient staged and not: labelled and unlabeled at once
-                    at = (first, number) if staged[0] else (number, first)
-                    raise KdcliError(f"patient {key} is both labelled (row {at[0]}) and unlabeled (row {at[1]}, no "
-                                     f"{self.label_column})", path=sheet,
-                                     hint="a patient is labelled or unlabeled, not both: delete one of the rows")
-                raise KdcliError(f"rows {first} and {number} share {self.id_column} {key}", path=sheet,
-                                 hint="keep one row per patient")
-            by_key[key] = (number, row)
+        by_key = _rows_by_key(cells, id_at, label_at, self.id_column, self.label_column, sheet)
 
         slide_keys: dict[str, str] = {}
         for slide_id in slides:  # "7.jpg" and "007.jpg" are one patient: one would be dropped silently
-            key = _key(slide_id) or slide_id
+            key = sheet_key(slide_id)
             if key in slide_keys:
                 raise KdcliError(f"slides {slides[slide_keys[key]]} and {slides[slide_id]} are one patient "
                                  f"({self.id_column} {key})", path=raw,

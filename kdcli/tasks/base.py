@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: options of `teach`/`distill` and `evaluate` that only some task types take: option -> its flag. A task lists
-#: the ones it takes; given to any other, they are refused in one line rather than silently ignored.
+#: options of `teach`/`distill`, `evaluate` and `predict` that only some task types take: option -> its flag. A
+#: task lists the ones it takes; given to any other, they are refused in one line rather than silently ignored.
 TASK_OPTIONS = {
     "embeddings": "--embeddings", "output_stride": "--output-stride",  # training
     "missing": "--missing", "missing_rate": "--missing-rate", "bag_size": "--bag-size",  # evaluation
+    "clinical": "--clinical",  # prediction
 }
 
 

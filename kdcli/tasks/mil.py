@@ -16,7 +16,8 @@ TASK = Task(
     evaluate="kdcli.evaluate.slides:evaluate_slide_checkpoint", explain="kdcli.explain.slides:explain_slides",
     predict="kdcli.predict.slides:predict_slides", export_inputs="kdcli.export:slide_inputs",
     export_contract="kdcli.export:slide_contract", print_report="kdcli.tasks.mil:print_report",
-    default_method="kdcli.tasks.mil:default_method", options=frozenset({"embeddings", "missing_rate", "bag_size"}),
+    default_method="kdcli.tasks.mil:default_method",
+    options=frozenset({"embeddings", "missing_rate", "bag_size", "clinical"}),
 )
 
 
