@@ -54,7 +54,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import struct
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,7 +142,8 @@ def _truthy(text: str) -> bool:
 
 
 def image_dims(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the file's header (PNG, JPEG, DICOM), decoding only as a last resort."""
+    """(height, width) from the file's header: pydicom for DICOM, PIL's lazy open (it reads the header only) for
+    PNG, JPEG and the rest; a file PIL cannot identify is decoded, which names it in one line when it is broken."""
     path = Path(path)
     if path.suffix.lower() == ".dcm":
         import pydicom
@@ -154,26 +154,14 @@ def image_dims(path: str | Path) -> tuple[int, int]:
         except Exception as exc:
             raise KdcliError(f"unreadable DICOM ({type(exc).__name__})", path=path,
                              hint="re-download it, or pass skip_bad to leave it out") from None
-    with open(path, "rb") as handle:
-        head = handle.read(64 * 1024)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
-        width, height = struct.unpack(">II", head[16:24])
-        return int(height), int(width)
-    if head[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(head):
-            if head[i] != 0xFF:
-                i += 1
-                continue
-            marker = head[i + 1]
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                height, width = struct.unpack(">HH", head[i + 5 : i + 9])
-                return int(height), int(width)
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                i += 2
-                continue
-            i += 2 + struct.unpack(">H", head[i + 2 : i + 4])[0]
-    return read_xray(path).shape[:2]
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):  # cv2 has no pixel cap
+        return read_xray(path).shape[:2]
+    return int(height), int(width)
 
 
 def _voi(values: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float] | None:
