@@ -32,9 +32,9 @@ def et_value(case: str, namings: dict[str, str], record: dict[str, Any]) -> int:
 
 def read_case(item: Item) -> tuple[dict[str, np.ndarray], Any]:
     """The case's sequences as float32 volumes (as prepare reads them) and the grid's NIfTI image (header)."""
-    import nibabel as nib
+    from kdcli.sources.brats import AFFINE_TOLERANCE, _voxels, nibabel_module
 
-    from kdcli.sources.brats import AFFINE_TOLERANCE, _voxels
+    nib = nibabel_module()
 
     volumes = {name: _voxels(item.id, path, np.float32) for name, path in item.files.items()}
     first = next(iter(item.files))
@@ -91,9 +91,10 @@ def predict_case(model: torch.nn.Module, item: Item, sequences: list[str], size:
 def predict_volumes(checkpoint, record: dict[str, Any], inputs: list[str], device: torch.device, batch_size: int,
                     strict: bool, folder: Path, explain: bool) -> tuple[list[dict[str, Any]], list[Failure]]:
     from kdcli.metrics.segmentation import DEFAULT_REGIONS
-    from kdcli.sources.brats import write_label_nifti
+    from kdcli.sources.brats import nibabel_module, write_label_nifti
     from kdcli.train import load_model
 
+    nibabel_module()  # before any case: one line for the missing package, not one per case
     meta = checkpoint.meta
     sequences = list(meta["model"]["modalities"])
     size = int(record["size"])

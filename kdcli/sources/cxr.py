@@ -58,12 +58,14 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.extras import require
 from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import resize_square
@@ -141,13 +143,20 @@ def _truthy(text: str) -> bool:
 # ---------------------------------------------------------------- images
 
 
+def pydicom_module() -> ModuleType:
+    """pydicom, the [cxr] extra (3.0 or later: pydicom.pixels); PNG and JPEG X-rays need nothing more."""
+    require("pydicom.pixels", "cxr", "reading DICOM X-rays")
+    import pydicom
+
+    return pydicom
+
+
 def image_dims(path: str | Path) -> tuple[int, int]:
     """(height, width) from the file's header: pydicom for DICOM, PIL's lazy open (it reads the header only) for
     PNG, JPEG and the rest; a file PIL cannot identify is decoded, which names it in one line when it is broken."""
     path = Path(path)
     if path.suffix.lower() == ".dcm":
-        import pydicom
-
+        pydicom = pydicom_module()
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             return int(ds.Rows), int(ds.Columns)
@@ -170,7 +179,7 @@ def _voi(values: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float] | None:
     A VOI LUT Sequence wins over a window (the standard's order, pydicom's `apply_voi_lut` default); its output
     spans the LUT descriptor's bits. A window (LINEAR, LINEAR_EXACT or SIGMOID) maps everything below it to its
     floor and above it to its ceiling, so pydicom's own window at -inf and +inf gives the range it maps into."""
-    from pydicom.pixels import apply_voi, apply_windowing
+    from pydicom.pixels import apply_voi, apply_windowing  # pydicom_module() has imported pydicom
 
     lut = ds.get("VOILUTSequence")
     if lut and lut[0].get("LUTDescriptor") is not None and lut[0].get("LUTData") is not None:
@@ -185,7 +194,7 @@ def _voi(values: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float] | None:
 def _dicom(path: Path) -> np.ndarray:
     """One grey uint8 image: pydicom's modality LUT (rescale or Modality LUT Sequence), then its VOI transform
     (VOI LUT Sequence or window) scaled to 0..255, else the image's own min..max; MONOCHROME1 inverted."""
-    import pydicom
+    pydicom = pydicom_module()
     from pydicom.pixels import apply_modality_lut
 
     try:
@@ -419,6 +428,8 @@ class CxrSource(Source):
             entries = self._scan_mimic(raw, classes, notes)
         if not entries:
             raise KdcliError("no images left to prepare", path=raw, hint="see the notes for why")
+        if any(Path(e.path).suffix.lower() == ".dcm" for e in entries):
+            pydicom_module()  # before any image: skip_bad must not leave every DICOM out for a missing package
         by_key = {e.key: e for e in entries}
         gaze, gaze_source = self._gaze(by_key, notes)
         boxes = self._boxes(layout, classes, {e.id: e for e in entries}, notes)
