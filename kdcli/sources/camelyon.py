@@ -237,10 +237,11 @@ def _read_sheet(path: Path) -> tuple[list[str], list[list[str | None]]]:
     """Header and rows as text (None for an empty cell); the first worksheet of an .xlsx."""
     import polars as pl
 
-    if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
+    excel = path.suffix.lower() in (".xlsx", ".xlsm", ".xls")
+    if excel:
         require("fastexcel", "wsi", "reading the clinical sheet (.xlsx)")
     try:
-        if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
+        if excel:
             frame = pl.read_excel(path, infer_schema_length=0)  # polars reads Excel through fastexcel
         else:
             frame = pl.read_csv(path, infer_schema_length=0, encoding="utf8-lossy")

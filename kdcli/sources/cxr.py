@@ -210,7 +210,8 @@ def _dicom(path: Path) -> np.ndarray:
         values = np.asarray(apply_modality_lut(pixels, ds), np.float64)
         voi = _voi(values, ds)
     except (ValueError, NotImplementedError, IndexError, AttributeError) as exc:
-        raise KdcliError(f"DICOM's modality or VOI transform is invalid ({exc})", path=path,
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KdcliError(f"DICOM's modality or VOI transform is invalid ({reason})", path=path,
                          hint="fix its header, or pass skip_bad to leave it out") from None
     low, high = float(values.min()), float(values.max())  # no VOI transform: the image's own range
     if voi is not None:
