@@ -222,6 +222,17 @@ def test_a_checkpoint_from_before_digests_still_loads_with_a_note(multieye_shard
     assert "predates checkpoint digests" in result.stderr
 
 
+def test_a_teacher_is_recorded_by_the_sha256_of_its_file_bytes(fundus_student, oct_teacher):
+    """The record `--resume` and the teacher cache compare: sha256sum's digest of the whole file."""
+    import hashlib
+
+    from kdcli.engine.checkpoint import load_checkpoint
+
+    whole = "sha256:" + hashlib.sha256(oct_teacher.read_bytes()).hexdigest()
+    assert oct_teacher.stat().st_size > 1 << 20  # more than one read block
+    assert load_checkpoint(fundus_student).meta["teacher"]["sha256"] == whole
+
+
 def test_data_hash_matches_compares_the_data_read(multieye_raw, multieye_shards, oct_teacher, tmp_path):
     same = run("evaluate", oct_teacher, "--data", copy_of(multieye_shards, tmp_path), "--json",
                "--figure", tmp_path / "a.png")

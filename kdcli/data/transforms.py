@@ -17,6 +17,8 @@ import math
 import cv2
 import numpy as np
 
+from kdcli.extras import require
+
 # uniforms per item: area, aspect, left, top, flip coin, rotate coin, angle, colour coin, contrast, brightness
 DRAWS = 10
 _MASK64 = (1 << 64) - 1
@@ -144,7 +146,8 @@ def train_augmentation(size: int, strength: str = "light") -> FusedAugment | Non
 
 def albumentations_augmentation(size: int, strength: str = "light"):
     """The same augmentation as three albumentations steps (two interpolations)."""
-    import albumentations as A  # imported here: loaders need only cv2, and albumentations takes a second to load
+    # imported here, and only here: loaders need only cv2; albumentations is the reference the tests compare with
+    A = require("albumentations", "dev", "the albumentations reference pipeline")
 
     if strength == "none":
         return None

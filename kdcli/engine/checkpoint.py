@@ -140,11 +140,8 @@ def check_digest(path: Path, payload: dict[str, Any]) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return "sha256:" + hasher.hexdigest()
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def sibling(out: Path, suffix: str) -> Path:

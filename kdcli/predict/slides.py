@@ -133,6 +133,10 @@ def predict_slides(checkpoint, record: dict[str, Any], options: Any, device: tor
     items, failures = slide_items(inputs)
     if strict and failures:
         raise KdcliError(failures[0].reason, path=failures[0].input)
+    from kdcli.sources.camelyon import JPEG_SUFFIXES, openslide_module
+
+    if any(Path(item.path).suffix.lower() not in JPEG_SUFFIXES for item in items):
+        openslide_module()  # one line for the missing package, not one per slide
     model = load_model(checkpoint).to(device).eval()
     rows = []
     bar = progress(len(items), "slide")

@@ -32,9 +32,9 @@ def et_value(case: str, namings: dict[str, str], record: dict[str, Any]) -> int:
 
 def read_case(item: Item) -> tuple[dict[str, np.ndarray], Any]:
     """The case's sequences as float32 volumes (as prepare reads them) and the grid's NIfTI image (header)."""
-    import nibabel as nib
+    from kdcli.sources.brats import AFFINE_TOLERANCE, _voxels, nibabel_module
 
-    from kdcli.sources.brats import AFFINE_TOLERANCE, _voxels
+    nib = nibabel_module()
 
     volumes = {name: _voxels(item.id, path, np.float32) for name, path in item.files.items()}
     first = next(iter(item.files))
@@ -92,9 +92,10 @@ def predict_volumes(checkpoint, record: dict[str, Any], options: Any, device: to
                     folder: Path) -> tuple[list[dict[str, Any]], list[Failure]]:
     from kdcli.metrics.segmentation import DEFAULT_REGIONS
     from kdcli.models.loading import load_model
-    from kdcli.sources.brats import write_label_nifti
+    from kdcli.sources.brats import nibabel_module, write_label_nifti
 
     inputs, batch_size, strict, explain = options.inputs, options.batch_size, options.strict, options.explain
+    nibabel_module()  # before any case: one line for the missing package, not one per case
     meta = checkpoint.meta
     sequences = list(meta["model"]["modalities"])
     size = int(record["size"])

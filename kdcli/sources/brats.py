@@ -34,17 +34,21 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import cv2
-import nibabel as nib
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.extras import require
 from kdcli.shards.format import SPLITS
 from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.splits import parse_ratios, read_split_file, split_groups, stable_seed
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -131,10 +135,15 @@ def _case_files(folder: Path, names: list[str]) -> tuple[dict[str, dict[str, Pat
     return found, misnamed, prefix
 
 
+def nibabel_module() -> ModuleType:
+    """nibabel, the [mri] extra: BraTS volumes are the only NIfTI kdcli reads."""
+    return require("nibabel", "mri", "reading BraTS NIfTI volumes")
+
+
 def _header(case: str, path: Path) -> nib.Nifti1Image:
     """The image with its header read and its data left on disk; names the file when that fails."""
     try:
-        image = nib.load(str(path))
+        image = nibabel_module().load(str(path))
         shape = image.shape
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a damaged or foreign file
         raise _case_error(case, f"{path}: not a readable NIfTI file ({_reason(exc, path)})",
@@ -246,7 +255,7 @@ def read_splits(path: Path) -> dict[str, str]:
 
 def _voxels(case: str, path: str, dtype: type) -> np.ndarray:
     try:
-        image = nib.load(path)
+        image = nibabel_module().load(path)
         if dtype is np.float32:
             return np.asarray(image.get_fdata(dtype=np.float32))
         return np.asanyarray(image.dataobj)
@@ -350,6 +359,7 @@ def write_label_nifti(path: Path, volume: np.ndarray, info: dict[str, Any]) -> N
     if tuple(volume.shape) != tuple(info["shape"]):
         raise ValueError(f"volume shape {volume.shape} is not the record's {tuple(info['shape'])}")
     affine = np.asarray(info["affine"], dtype=np.float64)
+    nib = nibabel_module()
     image = nib.Nifti1Image(np.asarray(volume, dtype=np.uint8), affine)
     image.set_data_dtype(np.uint8)
     image.set_qform(affine, code=1)  # scanner coordinates, like the BraTS files: viewers overlay it on the MRI
@@ -386,6 +396,7 @@ class BratsSource(Source):
         raw = Path(raw)
         if not raw.is_dir():
             raise KdcliError("raw folder not found", path=raw, hint="point RAW at the extracted BraTS data")
+        nibabel_module()  # before any case: --skip-bad must not leave every case out for a missing package
         notes: list[str] = []
         pool = Path(self.options["unlabeled"]) if self.options.get("unlabeled") else None
         if pool is not None and not pool.is_dir():
@@ -495,7 +506,7 @@ class BratsSource(Source):
         """The label volume in kdcli indices, and the label file's image (for its header)."""
         case, et_value = record.id, ET_VALUE[naming]
         raw_label = _voxels(case, record.files["seg"], np.int32)
-        label_image = nib.load(record.files["seg"])  # header only: the data above already read cleanly
+        label_image = nibabel_module().load(record.files["seg"])  # header only: the data above already read cleanly
         label = np.rint(raw_label).astype(np.int32) if raw_label.dtype.kind == "f" else raw_label.astype(np.int32)
         if raw_label.dtype.kind == "f" and not np.array_equal(label, raw_label):
             raise _case_error(case, f"{Path(record.files['seg']).name} holds non-integer labels")
@@ -520,7 +531,10 @@ class BratsSource(Source):
             _zero_nonfinite(case, name, record.files[name], volume)
         labelled = record.label != UNLABELED
         # an unlabeled case's grid comes from its T1 header (the sequences share it: checked by the scan)
-        mapped, grid_image = self._mapped_label(record, naming) if labelled else (None, nib.load(record.files["t1"]))
+        if labelled:
+            mapped, grid_image = self._mapped_label(record, naming)
+        else:
+            mapped, grid_image = None, nibabel_module().load(record.files["t1"])
         shape = volumes["t1"].shape
 
         brain = brain_mask(volumes)

@@ -60,12 +60,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.extras import require
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import quiet_opencv
 from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
@@ -192,6 +194,11 @@ def _outline_for(slide: Path, candidates: list[Path]) -> str:
     return str(beside if beside in candidates else candidates[0])
 
 
+def openslide_module() -> ModuleType:
+    """openslide (openslide-python with the openslide-bin library), the [wsi] extra; BCNB's jpgs need neither."""
+    return require("openslide", "wsi", "reading whole-slide images (SVS, tiled TIFF...)")
+
+
 def _check_header(slide_id: str, path: Path) -> None:
     """Headers only: OpenSlide's format detection, or the JPEG magic number."""
     if path.suffix.lower() in JPEG_SUFFIXES:
@@ -199,8 +206,7 @@ def _check_header(slide_id: str, path: Path) -> None:
             if handle.read(3) != b"\xff\xd8\xff":
                 raise _slide_error(slide_id, f"{path}: not a JPEG file")
         return
-    import openslide
-
+    openslide = openslide_module()
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except Exception as exc:  # noqa: BLE001  (OpenSlide raises several types for foreign files)
@@ -232,9 +238,12 @@ def _read_sheet(path: Path) -> tuple[list[str], list[list[str | None]]]:
     """Header and rows as text (None for an empty cell); the first worksheet of an .xlsx."""
     import polars as pl
 
+    excel = path.suffix.lower() in (".xlsx", ".xlsm", ".xls")
+    if excel:
+        require("fastexcel", "wsi", "reading the clinical sheet (.xlsx)")
     try:
-        if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
-            frame = pl.read_excel(path, infer_schema_length=0)
+        if excel:
+            frame = pl.read_excel(path, infer_schema_length=0)  # polars reads Excel through fastexcel
         else:
             frame = pl.read_csv(path, infer_schema_length=0, encoding="utf8-lossy")
     except Exception as exc:  # noqa: BLE001  (calamine / csv errors come in many types)
@@ -532,8 +541,7 @@ class _Slide:
             self.downsamples = [1.0]
             self.native = native_option
             return
-        import openslide
-
+        openslide = openslide_module()
         try:
             self.slide = openslide.OpenSlide(path)
         except Exception as exc:  # noqa: BLE001  (OpenSlideUnsupportedFormatError, OpenSlideError, OSError)
@@ -681,6 +689,8 @@ class CamelyonSource(Source):
         if not found:
             raise KdcliError("no slides found", path=raw,
                              hint=f"expected {', '.join(OPENSLIDE_SUFFIXES + JPEG_SUFFIXES)} files (any depth)")
+        if any(path.suffix.lower() not in JPEG_SUFFIXES for path in found.values()):
+            openslide_module()  # before any slide: --skip-bad must not leave every slide out for a missing package
         slides: dict[str, Path] = {}
         bad: set[str] = set()
         for slide_id, path in found.items():

@@ -13,8 +13,9 @@ restricts the label set; default the dataset's official 14).
 
 Quirks handled: Data_Entry's bracketed header (`OriginalImage[Width,Height]` spans two fields, a trailing comma;
 `Patient Sex` in some copies), BBox_List's malformed header (read by position as x, y, w, h) and its "Infiltrate"
-spelling (-> "Infiltration"), 8/16-bit PNGs (16-bit scaled by the image's own range), DICOM (rescale slope and
-intercept, the stored window or else min-max, MONOCHROME1 inverted so bone is bright), gzipped MIMIC CSVs,
+spelling (-> "Infiltration"), 8/16-bit PNGs (16-bit scaled by the image's own range), DICOM (pydicom's modality
+LUT: rescale slope and intercept or a Modality LUT Sequence; then its VOI transform: the VOI LUT Sequence or the
+window, else min-max; MONOCHROME1 inverted so bone is bright), gzipped MIMIC CSVs,
 REFLACX readings whose eye tracking was discarded (dropped), gaze points off the image (dropped, counted).
 
 Stored arrays per image: xray (size, size, 1) uint8; labels (L,) uint8 0/1, 255 = ignore (uncertain, policy
@@ -53,17 +54,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-import struct
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.extras import require
 from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import resize_square
@@ -141,61 +143,81 @@ def _truthy(text: str) -> bool:
 # ---------------------------------------------------------------- images
 
 
+def pydicom_module() -> ModuleType:
+    """pydicom, the [cxr] extra (3.0 or later: pydicom.pixels); PNG and JPEG X-rays need nothing more."""
+    require("pydicom.pixels", "cxr", "reading DICOM X-rays")
+    import pydicom
+
+    return pydicom
+
+
 def image_dims(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the file's header (PNG, JPEG, DICOM), decoding only as a last resort."""
+    """(height, width) from the file's header: pydicom for DICOM, PIL's lazy open (it reads the header only) for
+    PNG, JPEG and the rest; a file PIL cannot identify is decoded, which names it in one line when it is broken."""
     path = Path(path)
     if path.suffix.lower() == ".dcm":
-        import pydicom
-
+        pydicom = pydicom_module()
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             return int(ds.Rows), int(ds.Columns)
         except Exception as exc:
             raise KdcliError(f"unreadable DICOM ({type(exc).__name__})", path=path,
                              hint="re-download it, or pass skip_bad to leave it out") from None
-    with open(path, "rb") as handle:
-        head = handle.read(64 * 1024)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
-        width, height = struct.unpack(">II", head[16:24])
-        return int(height), int(width)
-    if head[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(head):
-            if head[i] != 0xFF:
-                i += 1
-                continue
-            marker = head[i + 1]
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                height, width = struct.unpack(">HH", head[i + 5 : i + 9])
-                return int(height), int(width)
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                i += 2
-                continue
-            i += 2 + struct.unpack(">H", head[i + 2 : i + 4])[0]
-    return read_xray(path).shape[:2]
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):  # cv2 has no pixel cap
+        return read_xray(path).shape[:2]
+    return int(height), int(width)
+
+
+def _voi(values: np.ndarray, ds: Any) -> tuple[np.ndarray, float, float] | None:
+    """The file's VOI transform by pydicom and the range it maps into, or None when the file has none.
+
+    A VOI LUT Sequence wins over a window (the standard's order, pydicom's `apply_voi_lut` default); its output
+    spans the LUT descriptor's bits. A window (LINEAR, LINEAR_EXACT or SIGMOID) maps everything below it to its
+    floor and above it to its ceiling, so pydicom's own window at -inf and +inf gives the range it maps into."""
+    from pydicom.pixels import apply_voi, apply_windowing  # pydicom_module() has imported pydicom
+
+    lut = ds.get("VOILUTSequence")
+    if lut and lut[0].get("LUTDescriptor") is not None and lut[0].get("LUTData") is not None:
+        bits = int(lut[0].LUTDescriptor[2])
+        return apply_voi(np.round(values).astype(np.int64), ds), 0.0, float(2**bits - 1)  # a LUT indexes integers
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        floor, ceiling = apply_windowing(np.array([-np.inf, np.inf]), ds)
+        return apply_windowing(values, ds), float(floor), float(ceiling)
+    return None
 
 
 def _dicom(path: Path) -> np.ndarray:
-    import pydicom
+    """One grey uint8 image: pydicom's modality LUT (rescale or Modality LUT Sequence), then its VOI transform
+    (VOI LUT Sequence or window) scaled to 0..255, else the image's own min..max; MONOCHROME1 inverted."""
+    pydicom = pydicom_module()
+    from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array.astype(np.float64)
+        pixels = ds.pixel_array
     except Exception as exc:
         raise KdcliError(f"unreadable DICOM ({type(exc).__name__})", path=path,
                          hint="re-download it, or pass skip_bad to leave it out") from None
     if pixels.ndim != 2:
         raise KdcliError(f"DICOM holds pixel data of shape {pixels.shape}, expected one grey image", path=path,
                          hint="pass skip_bad to leave it out")
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-    centre, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if centre is not None and width is not None:
-        centre = float(centre[0] if isinstance(centre, pydicom.multival.MultiValue) else centre)
-        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        low, high = centre - width / 2, centre + width / 2
-    else:
-        low, high = float(pixels.min()), float(pixels.max())
-    scaled = np.clip((pixels - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+    try:
+        values = np.asarray(apply_modality_lut(pixels, ds), np.float64)
+        voi = _voi(values, ds)
+    except (ValueError, NotImplementedError, IndexError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KdcliError(f"DICOM's modality or VOI transform is invalid ({reason})", path=path,
+                         hint="fix its header, or pass skip_bad to leave it out") from None
+    low, high = float(values.min()), float(values.max())  # no VOI transform: the image's own range
+    if voi is not None:
+        values, low, high = np.asarray(voi[0], np.float64), voi[1], voi[2]
+    span = high - low if abs(high - low) > 1e-6 else 1e-6
+    scaled = np.clip((values - low) / span, 0.0, 1.0) * 255.0
     if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         scaled = 255.0 - scaled  # MONOCHROME1 stores bone dark: invert so bone is bright, as in every PNG/JPEG
     return np.round(scaled).astype(np.uint8)
@@ -407,6 +429,8 @@ class CxrSource(Source):
             entries = self._scan_mimic(raw, classes, notes)
         if not entries:
             raise KdcliError("no images left to prepare", path=raw, hint="see the notes for why")
+        if any(Path(e.path).suffix.lower() == ".dcm" for e in entries):
+            pydicom_module()  # before any image: skip_bad must not leave every DICOM out for a missing package
         by_key = {e.key: e for e in entries}
         gaze, gaze_source = self._gaze(by_key, notes)
         boxes = self._boxes(layout, classes, {e.id: e for e in entries}, notes)

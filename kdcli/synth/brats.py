@@ -109,12 +109,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from kdcli.extras import require
 from kdcli.shards.format import atomic_write_bytes
 
 NAMINGS = ("2018", "2019", "2020", "2021", "2023")
 SEQUENCES = ("t1", "t1ce", "t2", "flair")  # canonical names; file suffixes per naming in _suffixes()
 MISNAMED_2020 = "W39_1998.09.19_Segm.nii"
 NOISE = 0.04  # Gaussian noise sigma relative to white matter
+FOR_NIFTI = "the BraTS NIfTI phantom"
 # The control's fixed table: sequence -> (WM, GM, CSF, oedema shift in noise sigmas, necrosis/NET level, ET level)
 CONTRAST: dict[str, tuple[float, float, float, float, float, float]] = {
     "t1": (1.00, 0.72, 0.30, -0.50, 0.72, 0.86),
@@ -564,7 +566,7 @@ def affine(shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _nifti_bytes(arr: np.ndarray, aff: np.ndarray, gz: bool) -> bytes:
-    import nibabel as nib
+    nib = require("nibabel", "mri", FOR_NIFTI)
 
     img = nib.Nifti1Image(arr, aff)
     img.header.set_xyzt_units("mm", "sec")
@@ -715,6 +717,7 @@ def synth_brats(
             control_enhancing=enhancing, first_lgg=first_lgg, rater=rho,
             clean_file=f"{CLEAN_LABELS}/{case_id}{seg_ext}" if rho > 0 else None,
         ))
+    require("nibabel", "mri", FOR_NIFTI)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if naming == "2020":
         (out / "MICCAI_BraTS2020_TrainingData").mkdir(exist_ok=True)

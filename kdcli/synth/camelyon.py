@@ -16,8 +16,8 @@ Level 0 is rendered in memory, float32 maps of the full slide: peak ~0.9 GB and 
 4096, ~3.5 GB and ~10 s at the 8192 cap, per worker. The reduced levels are area-averaged from level 0.
 
 Formats. "tiff": `slides/<id>.tif`, an Aperio-SVS-style tiled TIFF (256x256 JPEG tiles, YCbCr, levels at
-downsample 1, 4, 16) written by a small built-in TIFF writer: tifffile needs imagecodecs for JPEG, which this
-project does not depend on. The first ImageDescription starts `Aperio Image Library` and carries
+downsample 1, 4, 16) written by tifffile (the [wsi] extra) from tiles cv2 encodes, so imagecodecs is not needed.
+The first ImageDescription starts `Aperio Image Library` and carries
 `|AppMag = 20|MPP = 0.5`, so OpenSlide (vendor "aperio") reports openslide.objective-power and openslide.mpp-x;
 Aperio detection goes by content, so the `.tif` extension is fine. Tumour outlines go to `annotations/<id>.json`.
 "bcnb": BCNB's own layout, `WSIs/<n>.jpg` (the full level 0) with `WSIs/<n>.json` next to it. Outlines are
@@ -98,7 +98,7 @@ import io
 import json
 import math
 import os
-import struct
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -107,6 +107,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from kdcli.extras import require
 from kdcli.shards.format import atomic_write_bytes
 from kdcli.synth._noise import scale_for_rate
 
@@ -135,6 +136,7 @@ TILE = 256
 MAX_SIZE = 8192  # level 0 is rendered in memory: a few float32 full-size maps
 MAX_EXTRA = 99_999  # extra test slides and unlabeled slides each: their id ranges hold this many
 JPEG_QUALITY = 90
+FOR_TIFF, FOR_SHEET = "the pyramidal TIFF slide phantom", "the phantom's clinical sheet (clinical.xlsx)"
 LATENTS_NAME = "latents.csv"
 NOISE_NAME = "label_noise.csv"
 SPLITS_FILE = "splits.json"
@@ -174,64 +176,42 @@ def _jpeg(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _tiles(img: np.ndarray) -> Iterator[bytes]:
+    """The level's 256x256 JPEG tiles in row-major order; edge tiles are full size, padded by repeating the edge."""
+    h, w = img.shape[:2]
+    for y in range(0, h, TILE):
+        for x in range(0, w, TILE):
+            blk = img[y : y + TILE, x : x + TILE]
+            if blk.shape[:2] != (TILE, TILE):
+                blk = np.pad(blk, ((0, TILE - blk.shape[0]), (0, TILE - blk.shape[1]), (0, 0)), mode="edge")
+            yield _jpeg(blk)
+
+
 def _svs_bytes(levels: list[np.ndarray]) -> bytes:
-    """A classic little-endian TIFF, one tiled JPEG (YCbCr 4:2:0, as cv2 encodes) directory per level."""
+    """A classic little-endian TIFF written by tifffile, one tiled JPEG (YCbCr 4:2:0, as cv2 encodes) page per
+    level, with Aperio's ImageDescription on each."""
+    tifffile = require("tifffile", "wsi", FOR_TIFF)
     h0, w0 = levels[0].shape[:2]
     head = f"Aperio Image Library v12.0.15\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({TILE}x{TILE}) JPEG/RGB Q={JPEG_QUALITY}"
     tail = f"|AppMag = {OBJECTIVE_POWER}|MPP = {MPP}|Filename = phantom"
-    buf = bytearray(b"II*\x00\x00\x00\x00\x00")  # first-IFD offset patched below
-    link = 4  # where the offset of the next IFD goes
-    for i, img in enumerate(levels):
-        h, w = img.shape[:2]
-        offsets, counts = [], []
-        for y in range(0, h, TILE):
-            for x in range(0, w, TILE):
-                blk = img[y : y + TILE, x : x + TILE]
-                if blk.shape[:2] != (TILE, TILE):  # edge tiles are full size; pad by repeating the edge
-                    blk = np.pad(blk, ((0, TILE - blk.shape[0]), (0, TILE - blk.shape[1]), (0, 0)), mode="edge")
-                data = _jpeg(blk)
-                offsets.append(len(buf))
-                counts.append(len(data))
-                buf += data
-                buf += b"\x00" * (len(buf) % 2)  # word alignment, as TIFF asks
-        desc = (head if i == 0 else f"Aperio Image Library v12.0.15\r\n{w0}x{h0} -> {w}x{h} - ") + tail
-        res = (round(10000 / MPP * DOWNSAMPLES[i]), 1)  # pixels per cm: the generic-TIFF fallback for mpp
-        entries: list[tuple[int, int, list]] = [  # tag, type (2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL), values
-            (254, 4, [0]),
-            (256, 4, [w]),
-            (257, 4, [h]),
-            (258, 3, [8, 8, 8]),
-            (259, 3, [7]),  # JPEG
-            (262, 3, [6]),  # YCbCr
-            (270, 2, list(desc.encode("ascii") + b"\x00")),
-            (277, 3, [3]),
-            (282, 5, list(res)),
-            (283, 5, list(res)),
-            (284, 3, [1]),
-            (296, 3, [3]),  # centimetre
-            (322, 3, [TILE]),
-            (323, 3, [TILE]),
-            (324, 4, offsets),
-            (325, 4, counts),
-            (530, 3, [2, 2]),
-        ]
-        ifd_at = len(buf) + len(buf) % 2
-        buf += b"\x00" * (ifd_at - len(buf))
-        struct.pack_into("<I", buf, link, ifd_at)
-        extra_at = ifd_at + 2 + 12 * len(entries) + 4
-        ifd, extra = bytearray(struct.pack("<H", len(entries))), bytearray()
-        for tag, typ, vals in entries:
-            fmt = {2: "B", 3: "H", 4: "I", 5: "I"}[typ]
-            count = len(vals) // 2 if typ == 5 else len(vals)
-            raw = struct.pack(f"<{len(vals)}{fmt}", *vals)
-            if len(raw) <= 4:
-                ifd += struct.pack("<HHI", tag, typ, count) + raw.ljust(4, b"\x00")
-            else:
-                ifd += struct.pack("<HHII", tag, typ, count, extra_at + len(extra))
-                extra += raw + b"\x00" * (len(raw) % 2)
-        link = ifd_at + len(ifd)
-        buf += ifd + b"\x00\x00\x00\x00" + extra
-    return bytes(buf)
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for i, img in enumerate(levels):
+            h, w = img.shape[:2]
+            desc = (head if i == 0 else f"Aperio Image Library v12.0.15\r\n{w0}x{h0} -> {w}x{h} - ") + tail
+            per_cm = 10000 / MPP / DOWNSAMPLES[i]  # the generic-TIFF fallback for mpp
+            # tifffile wants an encoder (imagecodecs) for compression="jpeg" even for tiles handed to it encoded,
+            # so the cv2 tiles go in as they are and the two tags tifffile derives are set right below
+            tif.write(_tiles(img), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
+                      description=desc, metadata=None, software=False, subfiletype=0,
+                      resolution=(per_cm, per_cm), resolutionunit="centimeter",
+                      extratags=[(530, 3, 2, (2, 2), False)])  # YCbCrSubsampling 4:2:0
+    buf.seek(0)
+    with tifffile.TiffFile(buf, mode="r+") as tif:
+        for page in tif.pages:
+            page.tags["Compression"].overwrite(7)  # JPEG
+            page.tags["PhotometricInterpretation"].overwrite(6)  # YCbCr
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- drawing
@@ -639,7 +619,7 @@ def clinical_row(patient_id: str | int, latent: float, label: str | None, rng: n
 
 
 def _write_xlsx(path: Path, rows: list[dict]) -> None:
-    import xlsxwriter
+    xlsxwriter = require("xlsxwriter", "wsi", FOR_SHEET)
 
     tmp = path.with_name(f".{path.name}.tmp")
     wb = xlsxwriter.Workbook(str(tmp))
@@ -738,6 +718,9 @@ def synth_camelyon(
     slides_max = 9999 if format == "tiff" else _ID_BASE["test"] - 1
     if slides > slides_max:
         raise ValueError(f"slides must be <= {slides_max} for format {format!r} (ids), got {slides}")
+    require("xlsxwriter", "wsi", FOR_SHEET)  # checked before any slide is rendered
+    if format == "tiff":
+        require("tifffile", "wsi", FOR_TIFF)
     out = Path(out)
     patients = _plan(slides, seed, format, bool(independent), label_noise, test_slides, unlabeled)
     if format == "tiff":

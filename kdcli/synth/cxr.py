@@ -120,6 +120,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from kdcli.extras import require
 from kdcli.shards.format import atomic_write_bytes
 from kdcli.sources.cxr import nih_dev_patients
 from kdcli.synth import _chest
@@ -128,6 +129,7 @@ from kdcli.synth._noise import scale_for_rate
 
 LAYOUTS = ("nih", "mimic")
 GAZES = ("egd", "reflacx", "none")
+FOR_DICOM = "DICOM phantoms (dicom_fraction > 0)"
 NIH_PER_FOLDER = 40
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
@@ -344,6 +346,7 @@ def _pool_splits(pool: str, pat_of: list[int], seed: int, own_test: bool) -> lis
 
 
 def _dicom_bytes(img: np.ndarray, meta: dict, mono1: bool, bits: int) -> bytes:
+    require("pydicom", "cxr", FOR_DICOM)
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -553,6 +556,8 @@ def _synth(out: Path, *, per_class: int = 6, size: int = 256, layout: str = "nih
     (for tests)."""
     _check(per_class, size, layout, gaze, annotated_fraction, dicom_fraction, seed, workers, label_noise,
            test_per_class, unlabeled)
+    if dicom_fraction > 0:
+        require("pydicom", "cxr", FOR_DICOM)  # before any image is rendered
     out = Path(out)
     pools = [("main", _fill(seed, "main", per_class))]
     if test_per_class:

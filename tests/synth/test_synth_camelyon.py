@@ -91,7 +91,11 @@ def test_tiff_is_tiled_jpeg(tiff: tuple[Path, dict]) -> None:
         assert [p.shape for p in tf.pages] == [(768, 1024, 3), (192, 256, 3), (48, 64, 3)]
         assert all(p.is_tiled and p.tilewidth == p.tilelength == 256 for p in tf.pages)
         assert all(p.compression == 7 for p in tf.pages)  # JPEG
+        assert all(p.photometric == 6 and p.tags[530].value == (2, 2) for p in tf.pages)
         assert "|AppMag = 20|MPP = 0.5" in tf.pages[0].description
+        assert all(p.description.startswith("Aperio Image Library") for p in tf.pages)
+        # pixels per cm fall with the level's downsample (0.5 um/px at level 0: 20000 px/cm)
+        assert [p.tags[282].value for p in tf.pages] == [(20000, 1), (5000, 1), (1250, 1)]
 
 
 def test_bcnb_layout_jpg_and_json(bcnb: tuple[Path, dict]) -> None:
