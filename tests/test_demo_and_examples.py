@@ -10,17 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from kdcli.cli import app
+from conftest import kdcli_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_reports_teacher_baseline_and_student_on_the_same_split(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--per-class", "5", "--size", "32",
-                                      "--epochs", "1", "--seeds", "2", "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("demo", "--out", str(tmp_path / "demo"), "--per-class", "5", "--size", "32",
+                       "--epochs", "1", "--seeds", "2", "--json")
     report = json.loads(result.stdout)
     assert list(report["summary"]) == ["teacher (OCT)", "baseline (fundus)", "CoDA student (fundus)"]
     for role, runs in report["runs"].items():
@@ -74,9 +71,8 @@ def test_multieye_example_script_runs_the_lab_pipeline(tmp_path):
      "auc@0.8"),
 ])
 def test_new_pipeline_demos_report_their_comparison(tmp_path, pipeline, args, roles, metric):
-    result = CliRunner().invoke(app, ["demo", pipeline, "--out", str(tmp_path / "demo"), "--epochs", "2",
-                                      "--seeds", "1", "--json", *args])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("demo", pipeline, "--out", str(tmp_path / "demo"), "--epochs", "2",
+                       "--seeds", "1", "--json", *args)
     report = json.loads(result.stdout)
     assert list(report["summary"]) == roles
     for role in roles:

@@ -11,19 +11,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.explain.common import ExplainOptions, grad_cams, pick_indices
 from kdcli.explain.run import explain
 from kdcli.models.classifier import Classifier
 from kdcli.shards.reader import ShardStore
 from kdcli.train import load_model
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(app, ["explain", *map(str, args)])
 
 
 def linked_images(index: Path) -> list[str]:
@@ -61,9 +56,8 @@ def assert_one_line_error(result) -> None:
 
 def test_cli_student_with_concepts(fundus_student, multieye_shards, tmp_path):
     out = tmp_path / "explain"
-    result = run_cli(fundus_student, "--data", multieye_shards, "--out", out, "--count", 12,
-                     "--top-concepts", 4, "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("explain", fundus_student, "--data", multieye_shards, "--out", out, "--count", 12,
+                       "--top-concepts", 4, "--device", "cpu")
     index = out / "index.html"
     assert f"wrote {index}" in result.output
     report = check_outputs(index)
@@ -138,7 +132,8 @@ def test_pick_indices_round_robin():
 
 def test_wrong_modality(oct_teacher, multieye_shards, tmp_path):
     fake = modified_copy(oct_teacher, tmp_path / "slo.pt", modality="slo")
-    result = run_cli(fake, "--data", multieye_shards, "--out", tmp_path / "out", "--device", "cpu")
+    result = kdcli_run("explain", fake, "--data", multieye_shards, "--out", tmp_path / "out", "--device", "cpu",
+                       ok=False)
     assert_one_line_error(result)
     assert "slo" in result.output
     assert not (tmp_path / "out").exists()
@@ -149,24 +144,26 @@ def test_modality_with_other_channels(oct_teacher, multieye_shards, tmp_path):
     if channels["fundus"]["shape"][2] == channels["oct"]["shape"][2]:
         pytest.skip("fundus and OCT have the same channel count in this phantom")
     fake = modified_copy(oct_teacher, tmp_path / "as_fundus.pt", modality="fundus")
-    assert_one_line_error(run_cli(fake, "--data", multieye_shards, "--out", tmp_path / "out"))
+    assert_one_line_error(kdcli_run("explain", fake, "--data", multieye_shards, "--out", tmp_path / "out", ok=False))
 
 
 @pytest.mark.parametrize("args", [["--split", "val"], ["--count", "0"], ["--top-concepts", "-1"]])
 def test_bad_options(args, oct_teacher, multieye_shards, tmp_path):
-    assert_one_line_error(run_cli(oct_teacher, "--data", multieye_shards, "--out", tmp_path / "o", *args))
+    assert_one_line_error(kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", tmp_path / "o", *args,
+                                    ok=False))
 
 
 def test_corrupted_checkpoint(oct_teacher, multieye_shards, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(oct_teacher.read_bytes()[:2000])
-    result = run_cli(broken, "--data", multieye_shards, "--out", tmp_path / "out")
+    result = kdcli_run("explain", broken, "--data", multieye_shards, "--out", tmp_path / "out", ok=False)
     assert_one_line_error(result)
     assert "broken.pt" in result.output
 
 
 def test_missing_checkpoint_and_out_is_a_file(oct_teacher, multieye_shards, tmp_path):
-    assert_one_line_error(run_cli(tmp_path / "nope.pt", "--data", multieye_shards, "--out", tmp_path / "o"))
+    assert_one_line_error(kdcli_run("explain", tmp_path / "nope.pt", "--data", multieye_shards, "--out",
+                                    tmp_path / "o", ok=False))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_one_line_error(run_cli(oct_teacher, "--data", multieye_shards, "--out", blocker))
+    assert_one_line_error(kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", blocker, ok=False))
