@@ -37,6 +37,28 @@ def multieye_shards(multieye_raw, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def cxr_phantom(tmp_path_factory) -> dict[str, Path]:
+    """One NIH-layout CXR phantom (half the images with gaze and boxes) prepared at 48 px with its gaze and boxes,
+    for every module that only reads it (the pipeline and explain tests); made once per session."""
+    root = tmp_path_factory.mktemp("cxr-phantom")
+    raw, shards = root / "raw", root / "shards"
+    kdcli_run("synth", "cxr", raw, "--per-class", "3", "--size", "96", "--annotated-fraction", "0.5")
+    kdcli_run("prepare", "cxr", raw, "--out", shards, "--size", "48", "--gaze", raw / "egd-cxr", "--boxes",
+              raw / "BBox_List_2017.csv", "--egd-sigma", "10")
+    return {"raw": raw, "shards": shards}
+
+
+@pytest.fixture(scope="session")
+def brats_phantom(tmp_path_factory) -> dict[str, Path]:
+    """One 8-case BraTS phantom prepared at 32 px, shared by the modules that only read it; made once per session."""
+    root = tmp_path_factory.mktemp("brats-phantom")
+    raw, shards = root / "raw", root / "shards"
+    kdcli_run("synth", "brats", raw, "--cases", "8", "--size", "32")
+    kdcli_run("prepare", "brats", raw, "--out", shards, "--size", "32")
+    return {"raw": raw, "shards": shards}
+
+
 def kdcli_run(*args: object, ok: bool = True, env: dict[str, str] | None = None) -> Result:
     """Run `kdcli ARGS...` in-process (each argument str()-ed) and return its result. With ok (the default) the
     test fails unless it exited 0, showing the command's output; ok=False leaves the exit code to the caller."""

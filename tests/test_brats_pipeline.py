@@ -16,11 +16,9 @@ SEG_FAST = ["--epochs", "2", "--batch-size", "16", "--workers", "0", "--model", 
 
 
 @pytest.fixture(scope="module")
-def brats(tmp_path_factory) -> dict[str, Path]:
+def brats(brats_phantom, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("brats")
-    raw, shards = root / "raw", root / "shards"
-    kdcli_run("synth", "brats", raw, "--cases", "8", "--size", "32")
-    kdcli_run("prepare", "brats", raw, "--out", shards, "--size", "32")
+    raw, shards = brats_phantom["raw"], brats_phantom["shards"]
     paths = {"raw": raw, "shards": shards, "teacher": root / "teacher.pt", "baseline": root / "t1ce.pt",
              "student": root / "protokd.pt"}
     kdcli_run("teach", "--data", shards, "--modality", "t1,t1ce,t2,flair", "--task", "segmentation", "--out",

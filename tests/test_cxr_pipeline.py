@@ -15,12 +15,9 @@ FAST = ["--epochs", "2", "--batch-size", "16", "--workers", "0", "--lr", "3e-3"]
 
 
 @pytest.fixture(scope="module")
-def cxr(tmp_path_factory) -> dict[str, Any]:
+def cxr(cxr_phantom, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cxr")
-    raw, shards = root / "raw", root / "shards"
-    kdcli_run("synth", "cxr", raw, "--per-class", "3", "--size", "96", "--annotated-fraction", "0.5")
-    kdcli_run("prepare", "cxr", raw, "--out", shards, "--size", "48", "--gaze", raw / "egd-cxr", "--boxes",
-              raw / "BBox_List_2017.csv", "--egd-sigma", "10")
+    raw, shards = cxr_phantom["raw"], cxr_phantom["shards"]
     paths = {"raw": raw, "shards": shards, "stage1": root / "stage1.pt", "cvi": root / "cvi.pt"}
     kdcli_run("teach", "--data", shards, "--modality", "xray", "--model", "test_resnet", "--head", "linear",
               "--out", paths["stage1"], *FAST)

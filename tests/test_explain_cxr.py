@@ -24,23 +24,15 @@ FAST = ["--epochs", "2", "--workers", "0", "--batch-size", "16"]
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    from kdcli.synth.cxr import synth_cxr
-
-    root = tmp_path_factory.mktemp("cxr") / "raw"
-    synth_cxr(root, per_class=3, size=96, layout="nih", gaze="egd", annotated_fraction=0.5)
-    return root
+def raw(cxr_phantom) -> Path:
+    """NIH layout, 3 per class at 96 px, half the images with gaze (EGD) and boxes."""
+    return cxr_phantom["raw"]
 
 
 @pytest.fixture(scope="module")
-def shards(raw, tmp_path_factory) -> Path:
-    from kdcli.prepare import PrepareOptions, prepare
-
-    out = tmp_path_factory.mktemp("cxr") / "shards"
-    prepare(PrepareOptions(source="cxr", raw=raw, out=out, size=SIZE,
-                           source_options={"gaze": str(raw / "egd-cxr"), "boxes": str(raw / "BBox_List_2017.csv"),
-                                           "egd_sigma": 10}))
-    return out
+def shards(cxr_phantom) -> Path:
+    """The phantom prepared at SIZE with its gaze (sigma 10) and boxes."""
+    return cxr_phantom["shards"]
 
 
 @pytest.fixture(scope="module")

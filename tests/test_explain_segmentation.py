@@ -28,14 +28,9 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from kdcli.prepare import PrepareOptions, prepare
-    from kdcli.synth.brats import synth_brats
-
-    root = tmp_path_factory.mktemp("brats")
-    synth_brats(root / "raw", cases=8, size=SIZE)
-    prepare(PrepareOptions(source="brats", raw=root / "raw", out=root / "shards", size=SIZE))
-    return root / "shards"
+def shards(brats_phantom) -> Path:
+    """8 cases prepared at SIZE (the session's shared phantom)."""
+    return brats_phantom["shards"]
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,8 @@ def test_onnx_matches_pytorch_in_onnxruntime(tmp_path, kind) -> None:
     assert max(contract["verified"]["max_abs_diff"].values()) < 1e-4  # the check export itself ran
 
 
+# slow: traces and runs a U-Net in both formats; both formats stay fast on the classifier
+@pytest.mark.slow
 def test_unet_exports_match_pytorch(tmp_path) -> None:
     """The fast path: the smallest model, both formats (ONNX where onnxruntime is installed)."""
     checkpoint = unet(tmp_path)

@@ -149,6 +149,8 @@ def test_explain_single_task_teacher_covers_its_rows_only(grading, tmp_path):
     assert np.unique([r["label"] for r in report["images"]]).size > 1
 
 
+# slow: two more SALL runs; SALL stays fast through the module's student, the cache through test_teacher_cache
+@pytest.mark.slow
 def test_sall_with_the_teacher_cache_matches_the_online_teachers_soft_labels(grading, tmp_path):
     """Without augmentation the cached and the online teachers see the same images: same training, same weights."""
     import torch

@@ -213,6 +213,8 @@ def test_a_checkpoint_from_before_digests_still_loads_with_a_note(multieye_shard
     assert "predates checkpoint digests" in result.stderr
 
 
+# slow: a second prepare and two evaluates; the integrity checks on open stay fast above
+@pytest.mark.slow
 def test_data_hash_matches_compares_the_data_read(multieye_raw, multieye_shards, oct_teacher, tmp_path):
     same = kdcli_run("evaluate", oct_teacher, "--data", copy_of(multieye_shards, tmp_path), "--json",
                      "--figure", tmp_path / "a.png")

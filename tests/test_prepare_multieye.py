@@ -218,6 +218,8 @@ def test_paired_phantoms_prepare_as_paired(tmp_path):
     assert set(manifest["modality"]) == {"fundus+oct"}
 
 
+# slow: four prepares; parts and merge stay fast on BraTS (test_brats_pipeline)
+@pytest.mark.slow
 def test_parts_for_array_jobs_merge_into_the_one_shot_dataset(multieye_raw, multieye_shards, tmp_path):
     out = tmp_path / "parts"
     args = ("prepare", "multieye", multieye_raw, "--out", out, "--size", "32", "--shard-size", "16")

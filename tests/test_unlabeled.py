@@ -120,6 +120,8 @@ def test_sampler_draws_unlabeled_samples_at_the_ratio(ratio):
     assert (drawn == 0).sum() == pytest.approx((drawn == 1).sum(), rel=0.1)  # still class-balanced
 
 
+# slow: a teacher and three KD runs; the pool's distillation stays fast on BraTS (test_unlabeled_brats)
+@pytest.mark.slow
 def test_distill_uses_the_pool_for_kd_and_not_with_no_unlabeled(paired_shards, tmp_path):
     teacher = tmp_path / "oct.pt"
     kdcli_run("teach", "--data", paired_shards, "--modality", "oct", "--out", teacher, *QUICK)

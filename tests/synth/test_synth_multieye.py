@@ -276,6 +276,8 @@ def test_paired_eyes_render_one_latent_unless_independent(tmp_path: Path) -> Non
     assert not _latent_rows(info, "fundus").keys() & _latent_rows(info, "oct").keys()
 
 
+# slow: a statistical check on a paired phantom of its own
+@pytest.mark.slow
 def test_paired_fundus_pixels_carry_the_oct_latent_beyond_the_class(tmp_path: Path) -> None:
     shared = _fundus_predicts_oct_severity(tmp_path / "shared", independent=False)
     control = _fundus_predicts_oct_severity(tmp_path / "control", independent=True)
