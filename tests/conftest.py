@@ -1,11 +1,16 @@
-"""Shared fixtures: one tiny MultiEYE phantom, its shards and two quick checkpoints per test session."""
+"""Shared fixtures: one tiny MultiEYE phantom, its shards and two quick checkpoints per test session; and
+kdcli_run, the one way tests call the CLI."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from click.testing import Result
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub download must fail fast, not hang
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -32,27 +37,53 @@ def multieye_shards(multieye_raw, tmp_path_factory) -> Path:
     return out
 
 
-def _train(args: list[str]) -> None:
+@pytest.fixture(scope="session")
+def cxr_phantom(tmp_path_factory) -> dict[str, Path]:
+    """One NIH-layout CXR phantom (half the images with gaze and boxes) prepared at 48 px with its gaze and boxes,
+    for every module that only reads it (the pipeline and explain tests); made once per session."""
+    root = tmp_path_factory.mktemp("cxr-phantom")
+    raw, shards = root / "raw", root / "shards"
+    kdcli_run("synth", "cxr", raw, "--per-class", "3", "--size", "96", "--annotated-fraction", "0.5")
+    kdcli_run("prepare", "cxr", raw, "--out", shards, "--size", "48", "--gaze", raw / "egd-cxr", "--boxes",
+              raw / "BBox_List_2017.csv", "--egd-sigma", "10")
+    return {"raw": raw, "shards": shards}
+
+
+@pytest.fixture(scope="session")
+def brats_phantom(tmp_path_factory) -> dict[str, Path]:
+    """One 8-case BraTS phantom prepared at 32 px, shared by the modules that only read it; made once per session."""
+    root = tmp_path_factory.mktemp("brats-phantom")
+    raw, shards = root / "raw", root / "shards"
+    kdcli_run("synth", "brats", raw, "--cases", "8", "--size", "32")
+    kdcli_run("prepare", "brats", raw, "--out", shards, "--size", "32")
+    return {"raw": raw, "shards": shards}
+
+
+def kdcli_run(*args: object, ok: bool = True, env: dict[str, str] | None = None) -> Result:
+    """Run `kdcli ARGS...` in-process (each argument str()-ed) and return its result. With ok (the default) the
+    test fails unless it exited 0, showing the command's output; ok=False leaves the exit code to the caller."""
     from typer.testing import CliRunner
 
     from kdcli.cli import app
 
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [str(arg) for arg in args], env=env)
+    if ok:
+        assert result.exit_code == 0, f"kdcli {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}"
+    return result
 
 
 @pytest.fixture(scope="session")
 def oct_teacher(multieye_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "oct.pt"
-    _train(["teach", "--data", str(multieye_shards), "--modality", "oct", "--out", str(out), *FAST])
+    kdcli_run("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, *FAST)
     return out
 
 
 @pytest.fixture(scope="session")
 def fundus_student(multieye_shards, oct_teacher, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "fundus.pt"
-    _train(["distill", "--data", str(multieye_shards), "--teacher", str(oct_teacher), "--student", "fundus",
-            "--method", "coda", "--out", str(out), *FAST])
+    kdcli_run("distill", "--data", multieye_shards, "--teacher", oct_teacher, "--student", "fundus", "--method",
+              "coda", "--out", out, *FAST)
     return out
 
 

@@ -18,16 +18,10 @@ import nibabel as nib
 import numpy as np
 import polars as pl
 import pytest
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
-
-from kdcli.cli import app
 
 SIZE = {"multieye": "32", "cxr": "32", "brats": "16"}
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def source_of(layout: str) -> str:
 def prepare(layout: str, raw: Path, out: Path, *extra: str):
     source = source_of(layout)
     options = ["--boxes", raw / "BBox_List_2017.csv"] if layout == "nih" else []
-    return run("prepare", source, raw, "--out", out, "--size", SIZE[source], *options, *extra)
+    return kdcli_run("prepare", source, raw, "--out", out, "--size", SIZE[source], *options, *extra, ok=False)
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +429,7 @@ def test_bad_data_kept_is_repaired_and_counted(phantoms, tmp_path, case):
     assert set(warnings) == {kind} and warnings[kind]["count"] == count, warnings
     assert name in warnings[kind]["examples"][0]
     assert f"warning: {count} x {warnings[kind]['message']}" in result.output
-    inspected = run("inspect", out)
+    inspected = kdcli_run("inspect", out, ok=False)
     assert inspected.exit_code == 0 and f"data warning: {count} x {warnings[kind]['message']}" in inspected.output
     manifest = pl.read_parquet(out / "manifest.parquet")
     assert manifest["id"].n_unique() == manifest.height  # never the same sample twice
@@ -465,8 +459,7 @@ def test_warnings_are_the_same_from_workers_and_from_parts(phantoms, tmp_path):
     assert prepare("multieye", raw, tmp_path / "b", "--workers", "2").exit_code == 0
     for part in ("1/2", "2/2"):
         assert prepare("multieye", raw, tmp_path / "c", "--part", part, "--shard-size", "8").exit_code == 0
-    merged = run("prepare", "merge", tmp_path / "c")
-    assert merged.exit_code == 0, merged.output
+    kdcli_run("prepare", "merge", tmp_path / "c")
     a, b, c = (json.loads((tmp_path / n / "dataset.json").read_text())["data_warnings"] for n in "abc")
     assert set(a) == {"duplicate_entry", "image_rescaled"} and a == b == c
 
@@ -479,7 +472,7 @@ def test_a_cxr_dev_split_without_both_outcomes_is_refused_before_training(phanto
     assert prepare("nih", phantoms["nih"], out).exit_code == 0
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["counts"]["xray"]["dev"] == 1  # one dev image: every label has one outcome only
-    result = run("teach", "--data", out, "--out", tmp_path / "x.pt", "--model", "test_resnet", "--epochs", "1",
-                 "--workers", "0", "--batch-size", "4")
+    result = kdcli_run("teach", "--data", out, "--out", tmp_path / "x.pt", "--model", "test_resnet", "--epochs", "1",
+                       "--workers", "0", "--batch-size", "4", ok=False)
     assert_one_line_error(result, str(out), "no label with both positive and negative")
     assert not list(tmp_path.glob("x*"))

@@ -4,17 +4,10 @@ file it came from), a non-zero exit, nothing written — never a traceback or an
 from __future__ import annotations
 
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
-
-from kdcli.cli import app
 
 TEACH = ["--modality", "oct", "--model", TINY_MODEL, "--workers", "0", "--epochs", "1"]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize(("flags", "needles"), [
@@ -36,7 +29,7 @@ def run(*args):
 ])
 def test_bad_engine_values_are_one_line_and_write_nothing(multieye_shards, tmp_path, flags, needles):
     out = tmp_path / "oct.pt"
-    result = run("teach", "--data", multieye_shards, *TEACH, "--out", out, *flags)
+    result = kdcli_run("teach", "--data", multieye_shards, *TEACH, "--out", out, *flags, ok=False)
     assert_one_line_error(result, *needles)
     assert not list(tmp_path.iterdir())
 
@@ -49,8 +42,8 @@ def test_bad_engine_values_are_one_line_and_write_nothing(multieye_shards, tmp_p
 def test_a_bad_config_value_names_the_key_and_the_file(multieye_shards, tmp_path, text, needles):
     config = tmp_path / "run.yaml"
     config.write_text(text)
-    result = run("teach", "--data", multieye_shards, "--modality", "oct", "--model", TINY_MODEL, "--workers", "0",
-                 "--out", tmp_path / "oct.pt", "--config", config)
+    result = kdcli_run("teach", "--data", multieye_shards, "--modality", "oct", "--model", TINY_MODEL, "--workers", "0",
+                       "--out", tmp_path / "oct.pt", "--config", config, ok=False)
     assert_one_line_error(result, *needles, str(config))
     assert not (tmp_path / "oct.pt").exists() and not (tmp_path / "oct.config.json").exists()
 
@@ -58,9 +51,8 @@ def test_a_bad_config_value_names_the_key_and_the_file(multieye_shards, tmp_path
 def test_a_flag_overrides_a_bad_config_value(multieye_shards, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("epochs: 0\n")
-    result = run("teach", "--data", multieye_shards, *TEACH, "--batch-size", "16", "--out", tmp_path / "oct.pt",
-                 "--config", config)
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", multieye_shards, *TEACH, "--batch-size", "16", "--out", tmp_path / "oct.pt",
+              "--config", config)
 
 
 @pytest.mark.parametrize(("flags", "needles"), [
@@ -71,5 +63,5 @@ def test_a_flag_overrides_a_bad_config_value(multieye_shards, tmp_path):
 ])
 def test_bad_prepare_values_are_one_line_and_write_nothing(multieye_raw, tmp_path, flags, needles):
     out = tmp_path / "shards"
-    assert_one_line_error(run("prepare", "multieye", multieye_raw, "--out", out, *flags), *needles)
+    assert_one_line_error(kdcli_run("prepare", "multieye", multieye_raw, "--out", out, *flags, ok=False), *needles)
     assert not list(tmp_path.iterdir())

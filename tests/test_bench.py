@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from kdcli.cli import app
+from conftest import kdcli_run
 
 
 def test_bench_loader_compares_with_png_and_plain_h5py(multieye_shards):
-    result = CliRunner().invoke(app, ["bench", "loader", str(multieye_shards), "--modality", "oct", "--workers", "0",
-                                      "--repeats", "1", "--batch-size", "8", "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("bench", "loader", str(multieye_shards), "--modality", "oct", "--workers", "0",
+                       "--repeats", "1", "--batch-size", "8", "--json")
     report = json.loads(result.stdout)
     assert report["modality"] == "oct" and report["samples"] == 27
     (row,) = report["rows"]
@@ -27,10 +24,9 @@ def test_bench_engine_times_the_engine_the_bare_loop_and_distillation(multieye_s
 
     data = tmp_path / "shards"  # the cached run writes into the shard directory: keep the shared one pristine
     shutil.copytree(multieye_shards, data)
-    result = CliRunner().invoke(app, ["bench", "engine", str(data), "--teacher", str(oct_teacher),
-                                      "--epochs", "2", "--batch-size", "8", "--rounds", "2", "--no-contention",
-                                      "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("bench", "engine", str(data), "--teacher", str(oct_teacher),
+                       "--epochs", "2", "--batch-size", "8", "--rounds", "2", "--no-contention",
+                       "--json")
     report = json.loads(result.stdout)
     assert report["engine"] > 0 and report["bare_loop"] > 0 and report["distill"] > 0
     assert len(report["rounds"]["engine"]) == len(report["rounds"]["bare_loop"]) == 2
@@ -39,13 +35,12 @@ def test_bench_engine_times_the_engine_the_bare_loop_and_distillation(multieye_s
     paired = sorted(1 - e / b for e, b in zip(rounds["engine"], rounds["bare_loop"], strict=True))
     assert report["engine_overhead"] == pytest.approx((paired[0] + paired[1]) / 2)  # median of per-round figures
     assert report["overhead_of_medians"] == pytest.approx(1 - report["engine"] / report["bare_loop"])
-    assert CliRunner().invoke(app, ["bench", "engine", str(data), "--epochs", "1"]).exit_code == 2
+    assert kdcli_run("bench", "engine", str(data), "--epochs", "1", ok=False).exit_code == 2
 
 
 def test_bench_prepare_reports_rates_efficiency_and_peak_memory(multieye_raw):
-    result = CliRunner().invoke(app, ["bench", "prepare", str(multieye_raw), "--size", "32", "--workers", "2",
-                                      "--scale", "2", "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("bench", "prepare", str(multieye_raw), "--size", "32", "--workers", "2",
+                       "--scale", "2", "--json")
     report = json.loads(result.stdout)
     assert report["images"] == 90 and report["naive_pil"] > 0 and report["prepare_1_workers"] > 0
     assert report["parallel_efficiency"] == report["prepare_2_workers"] / (2 * report["prepare_1_workers"])
@@ -59,9 +54,8 @@ def test_bench_engine_times_a_competing_load_with_both_thread_choices(multieye_s
 
     spinners = []
     monkeypatch.setattr(bench, "busy_process", lambda real=bench.busy_process: spinners.append(real()) or spinners[-1])
-    result = CliRunner().invoke(app, ["bench", "engine", str(multieye_shards), "--student", "oct", "--epochs", "2",
-                                      "--batch-size", "8", "--rounds", "1", "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("bench", "engine", str(multieye_shards), "--student", "oct", "--epochs", "2",
+                       "--batch-size", "8", "--rounds", "1", "--json")
     contention = json.loads(result.stdout)["contention"]
     idle, loaded = contention["idle"], contention["loaded"]
     assert contention["default_slowdown"] == loaded["default_seconds"] / idle["default_seconds"]

@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.errors import UsageError
 
 ROW_KEYS = {"method", "variant", "train_size", "seeds", "baseline_mean", "student_mean", "delta_mean", "ci_low",
@@ -101,8 +100,7 @@ def test_bench_distill_multieye_end_to_end(tmp_path):
     # --no-independent: one variant keeps it cheap once the generator has the control (planning tests cover it)
     args = ["bench", "distill", "multieye", "--quick", "--sizes", "6", "--seeds", "2", "--epochs", "1",
             "--no-independent", "--out", str(out), "--json"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = kdcli_run(*args)
     report = json.loads(result.stdout)
     assert report["dataset"] == "multieye" and report["metric"] == "accuracy"
     assert {(r["method"], r["variant"], r["train_size"]) for r in report["rows"]} == {
@@ -133,8 +131,7 @@ def test_bench_distill_multieye_end_to_end(tmp_path):
     # rerun after losing one result (as if interrupted after its last epoch): only that run is taken up again,
     # from its .last.pt, and gives the same test accuracy; the others are read back
     (out / "runs" / "shared" / "unpaired" / "n6" / "seed1" / "coda.bench.json").unlink()
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0, again.output
+    again = kdcli_run(*args)
     runs = json.loads(again.stdout)["runs"]
     assert [(r["phantom"], r["seed"], r["run"]) for r in runs if not r["cached"]] == [("unpaired", 1, "coda")]
     assert len(runs) == 14 and "seed 1 coda: accuracy" in again.stderr and "resumed" in again.stderr
@@ -152,7 +149,7 @@ def test_parallel_jobs_return_results_in_order():
 
 def test_bench_distill_refuses_unknown_datasets_and_methods(tmp_path):
     for args in (["nope"], ["multieye", "--methods", "coda,sall"], ["multieye", "--sizes", "6,x"]):
-        result = CliRunner().invoke(app, ["bench", "distill", *args, "--out", str(tmp_path / "b")])
+        result = kdcli_run("bench", "distill", *args, "--out", str(tmp_path / "b"), ok=False)
         assert result.exit_code == 2, result.output
     assert not (tmp_path / "b").exists()
 
@@ -209,8 +206,8 @@ def test_unlabeled_axis_refuses_what_it_cannot_measure(tmp_path, monkeypatch):
     from kdcli.bench_distill import plan_benchmark
 
     for bad in ("-5", "20,20"):
-        result = CliRunner().invoke(app, ["bench", "distill", "multieye", "--unlabeled", bad, "--out",
-                                          str(tmp_path / "b")])
+        result = kdcli_run("bench", "distill", "multieye", "--unlabeled", bad, "--out",
+                           str(tmp_path / "b"), ok=False)
         assert result.exit_code == 2 and "--unlabeled" in result.output, result.output
 
     def without(out, *, per_class=20, size=128, seed=0, paired=False, workers=1):
@@ -318,8 +315,7 @@ def test_bench_distill_with_an_unlabeled_pool_end_to_end(tmp_path):
     args = ["bench", "distill", "multieye", "--quick", "--sizes", "6", "--seeds", "2", "--epochs", "1",
             "--no-independent", "--methods", "kd", "--label-smoothing", "0", "--unlabeled", "20", "--out", str(out),
             "--json"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = kdcli_run(*args)
     report = json.loads(result.stdout)
     assert report["unlabeled"] == [0, 20] and "--unlabeled 0,20" in report["command"]
     rows = {(r["method"], r["unlabeled"]): r for r in report["rows"]}
@@ -353,8 +349,7 @@ def test_bench_distill_with_an_unlabeled_pool_end_to_end(tmp_path):
             "teacher": 256, "baseline": 256, "kd": 256, "kd+u20": 512, "self-train+u20": 512}
         assert meta["kd+u20"]["method"] == meta["self-train+u20"]["method"] == "kd"
 
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0, again.output
+    again = kdcli_run(*args)
     runs = json.loads(again.stdout)["runs"]
     assert runs and all(r["cached"] for r in runs) and len(runs) == 10
     assert {r["run"]: r["unlabeled"] for r in runs} == {"teacher": 0, "baseline": 0, "kd": 0, "kd+u20": 20,

@@ -10,33 +10,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
-
-runner = CliRunner()
 SEG_FAST = ["--epochs", "2", "--batch-size", "16", "--workers", "0", "--model", "plain-4-2", "--lr", "3e-3"]
 
 
-def ok(args: list[str]):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.fixture(scope="module")
-def brats(tmp_path_factory) -> dict[str, Path]:
+def brats(brats_phantom, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("brats")
-    raw, shards = root / "raw", root / "shards"
-    ok(["synth", "brats", raw, "--cases", "8", "--size", "32"])
-    ok(["prepare", "brats", raw, "--out", shards, "--size", "32"])
+    raw, shards = brats_phantom["raw"], brats_phantom["shards"]
     paths = {"raw": raw, "shards": shards, "teacher": root / "teacher.pt", "baseline": root / "t1ce.pt",
              "student": root / "protokd.pt"}
-    ok(["teach", "--data", shards, "--modality", "t1,t1ce,t2,flair", "--out",
-        paths["teacher"], *SEG_FAST])
-    ok(["teach", "--data", shards, "--modality", "t1ce", "--out", paths["baseline"], *SEG_FAST])
-    ok(["distill", "--data", shards, "--teacher", paths["teacher"], "--student", "t1ce", "--method", "protokd",
-        "--out", paths["student"], *SEG_FAST])
+    kdcli_run("teach", "--data", shards, "--modality", "t1,t1ce,t2,flair", "--out",
+              paths["teacher"], *SEG_FAST)
+    kdcli_run("teach", "--data", shards, "--modality", "t1ce", "--out", paths["baseline"], *SEG_FAST)
+    kdcli_run("distill", "--data", shards, "--teacher", paths["teacher"], "--student", "t1ce", "--method", "protokd",
+              "--out", paths["student"], *SEG_FAST)
     return paths
 
 
@@ -57,7 +46,7 @@ def test_checkpoints_record_sequences_and_method(brats):
 
 
 def test_evaluate_reports_region_dice_and_hd95(brats):
-    result = ok(["evaluate", brats["student"], "--data", brats["shards"], "--json"])
+    result = kdcli_run("evaluate", brats["student"], "--data", brats["shards"], "--json")
     report = json.loads(result.stdout)
     metrics = report["metrics"]
     for region in ("wt", "tc", "et"):
@@ -69,8 +58,8 @@ def test_evaluate_reports_region_dice_and_hd95(brats):
 
 
 def test_missing_all_gives_fifteen_subsets_and_full_set_matches(brats):
-    report = json.loads(ok(["evaluate", brats["teacher"], "--data", brats["shards"], "--missing", "all",
-                            "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", brats["teacher"], "--data", brats["shards"], "--missing", "all",
+                                  "--json").stdout)
     rows = report["missing"]
     assert len(rows) == 15 and len({tuple(r["present"]) for r in rows}) == 15
     assert rows[0]["present"] == ["t1", "t1ce", "t2", "flair"]
@@ -80,8 +69,8 @@ def test_missing_all_gives_fifteen_subsets_and_full_set_matches(brats):
 
 def test_predictions_are_nifti_in_the_original_grid(brats, tmp_path):
     out = tmp_path / "preds"
-    report = json.loads(ok(["evaluate", brats["teacher"], "--data", brats["shards"], "--predictions", out,
-                            "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", brats["teacher"], "--data", brats["shards"], "--predictions", out,
+                                  "--json").stdout)
     written = [Path(p) for p in report["predictions"]]
     assert written and all(p.is_file() for p in written)
     case = written[0].name.removesuffix(".nii.gz")
@@ -93,28 +82,28 @@ def test_predictions_are_nifti_in_the_original_grid(brats, tmp_path):
 
 
 def test_protokd_refuses_classification_style_methods_and_cache(brats, tmp_path):
-    result = runner.invoke(app, ["distill", "--data", str(brats["shards"]), "--teacher", str(brats["teacher"]),
-                                 "--student", "t1ce", "--method", "coda", "--out", str(tmp_path / "x.pt"),
-                                 *SEG_FAST])
+    result = kdcli_run("distill", "--data", str(brats["shards"]), "--teacher", str(brats["teacher"]),
+                       "--student", "t1ce", "--method", "coda", "--out", str(tmp_path / "x.pt"),
+                       *SEG_FAST, ok=False)
     assert result.exit_code != 0 and "protokd" in result.output
-    result = runner.invoke(app, ["distill", "--data", str(brats["shards"]), "--teacher", str(brats["teacher"]),
-                                 "--student", "t1ce", "--method", "protokd", "--cache-teacher",
-                                 "--out", str(tmp_path / "y.pt"), *SEG_FAST])
+    result = kdcli_run("distill", "--data", str(brats["shards"]), "--teacher", str(brats["teacher"]),
+                       "--student", "t1ce", "--method", "protokd", "--cache-teacher",
+                       "--out", str(tmp_path / "y.pt"), *SEG_FAST, ok=False)
     assert result.exit_code != 0 and "online" in result.output
     assert not (tmp_path / "y.pt").exists()
 
 
 def test_protokd_refuses_an_unknown_prototype_rule_before_training(brats, tmp_path):
-    result = runner.invoke(app, ["distill", "--data", str(brats["shards"]), "--teacher", str(brats["teacher"]),
-                                 "--student", "t1ce", "--method", "protokd", "-p", "prototype_classes=batch",
-                                 "--out", str(tmp_path / "w.pt"), *SEG_FAST])
+    result = kdcli_run("distill", "--data", str(brats["shards"]), "--teacher", str(brats["teacher"]),
+                       "--student", "t1ce", "--method", "protokd", "-p", "prototype_classes=batch",
+                       "--out", str(tmp_path / "w.pt"), *SEG_FAST, ok=False)
     assert result.exit_code != 0 and "prototype_classes='batch' is not one of per_sample, shared" in result.output
     assert not (tmp_path / "w.pt").exists()
 
 
 def test_teacher_with_unknown_sequence_is_one_line_error(brats, tmp_path):
-    result = runner.invoke(app, ["teach", "--data", str(brats["shards"]), "--modality", "t1,dwi",
-                                 "--out", str(tmp_path / "z.pt"), *SEG_FAST])
+    result = kdcli_run("teach", "--data", str(brats["shards"]), "--modality", "t1,dwi",
+                       "--out", str(tmp_path / "z.pt"), *SEG_FAST, ok=False)
     assert result.exit_code != 0
     assert result.output.strip().startswith("error:") and "dwi" in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -124,15 +113,15 @@ def test_prepare_parts_merge_into_the_one_shot_dataset(brats, tmp_path):
     """Cluster array jobs: two parts + merge give the same manifest, hash and per-case grids as one run."""
     out = tmp_path / "parted"
     for part in ("1/2", "2/2"):
-        ok(["prepare", "brats", brats["raw"], "--out", out, "--size", "32", "--part", part])
-    ok(["prepare", "merge", out])
+        kdcli_run("prepare", "brats", brats["raw"], "--out", out, "--size", "32", "--part", part)
+    kdcli_run("prepare", "merge", out)
     merged, single = (json.loads((d / "dataset.json").read_text()) for d in (out, brats["shards"]))
     assert merged["content_hash"] == single["content_hash"]
     assert json.loads((out / "records.json").read_text()) == json.loads((brats["shards"] / "records.json").read_text())
 
 
 def test_inspect_names_the_slice_flag_not_the_region_classes(brats):
-    report = json.loads(ok(["inspect", brats["shards"], "--json"]).stdout)
+    report = json.loads(kdcli_run("inspect", brats["shards"], "--json").stdout)
     assert report["label_names"] == ["no tumour", "tumour"]
     train = report["per_class"]["t1ce"]["train"]
     assert set(train) <= {"no tumour", "tumour"} and train["tumour"] > 0

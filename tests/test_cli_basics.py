@@ -13,9 +13,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.completion import FILES, SHELLS, completion_script
 from kdcli.errors import UsageError
 from kdcli.registry import Registry
@@ -83,8 +82,7 @@ def test_shipped_completion_scripts_are_current(shell: str) -> None:
 
 
 def test_completions_command_prints_the_script() -> None:
-    result = CliRunner().invoke(app, ["completions", "zsh"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("completions", "zsh")
     assert result.output == completion_script("zsh")
 
 
@@ -240,6 +238,7 @@ def test_completion_request_is_light(shell: str, env: dict[str, str]) -> None:
 def test_teach_and_distill_take_the_one_training_options_definition() -> None:
     import typer.main
 
+    from kdcli.cli import app
     from kdcli.cli.options import TRAINING_OPTIONS
 
     commands = typer.main.get_command(app).commands
@@ -264,9 +263,15 @@ def test_training_options_refuse_a_command_without_room_for_them() -> None:
 
 
 # --------------------------------------------------------------------------------------------- methods
+def test_kdcli_run_fails_naming_the_command_and_showing_its_output() -> None:
+    with pytest.raises(AssertionError, match="kdcli methods --nope exited 2") as failure:
+        kdcli_run("methods", "--nope")
+    assert "No such option" in str(failure.value)  # the command's own message, not only its exit code
+    assert kdcli_run("methods", "--nope", ok=False).exit_code == 2
+
+
 def test_methods_json_lists_papers_defaults() -> None:
-    result = CliRunner().invoke(app, ["methods", "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("methods", "--json")
     listing = json.loads(result.stdout)
     assert {"supervised", "kd", "coda"} <= set(listing)
     coda = listing["coda"]["params"]
@@ -305,8 +310,8 @@ def test_unknown_method_is_a_usage_error_before_any_heavy_import() -> None:
 
 
 def test_distill_unknown_method_is_one_error_line(multieye_shards: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["distill", "--data", str(multieye_shards), "--student", "fundus",
-                                      "--method", "nope", "--out", str(tmp_path / "s.pt")])
+    result = kdcli_run("distill", "--data", str(multieye_shards), "--student", "fundus",
+                       "--method", "nope", "--out", str(tmp_path / "s.pt"), ok=False)
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
         "error: unknown method 'nope'; known: bidirectional, coda, cvi, dkd, kd, mil, multilabel, protokd, sall, "
@@ -320,11 +325,10 @@ def test_set_reaches_keys_that_also_have_a_flag_and_bad_choices_write_nothing(mu
 
     common = ["teach", "--data", str(multieye_shards), "--modality", "fundus", "--model", "test_resnet",
               "--epochs", "1", "--batch-size", "8", "--workers", "0"]
-    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a.pt"), "--set", "seed=5"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run(*common, "--out", str(tmp_path / "a.pt"), "--set", "seed=5")
     assert load_checkpoint(tmp_path / "a.pt").meta["config"]["seed"] == 5  # --seed unset must not erase it
     for choice in ("amp=sometimes", "channels_last=maybe", "deterministic=never"):
         out = tmp_path / f"{choice.split('=')[0]}.pt"
-        result = CliRunner().invoke(app, [*common, "--out", str(out), "--set", choice])
+        result = kdcli_run(*common, "--out", str(out), "--set", choice, ok=False)
         assert result.exit_code == 2 and result.output.startswith(f"error: {choice.split('=')[0]}=")
         assert list(tmp_path.glob(f"{out.stem}*")) == []

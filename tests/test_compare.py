@@ -8,9 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.errors import UsageError
 
 
@@ -76,10 +75,9 @@ def test_compare_table_is_evaluates_numbers_with_paired_differences(multieye_sha
         predictions[key] = tmp_path / f"{key[0]:g}-{key[1]}.csv"
         reports[key] = evaluate(EvaluateOptions(path, multieye_shards, "test", predictions=predictions[key],
                                                 figure=tmp_path / "cm.png"))["metrics"]
-    result = CliRunner().invoke(app, ["compare", str(root / "lr0.0003"), str(root / "lr0.003"), "--data",
-                                      str(multieye_shards), "--bootstrap", "300", "--csv", str(tmp_path / "c.csv"),
-                                      "--html", str(tmp_path / "c.html"), "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("compare", str(root / "lr0.0003"), str(root / "lr0.003"), "--data",
+                       str(multieye_shards), "--bootstrap", "300", "--csv", str(tmp_path / "c.csv"),
+                       "--html", str(tmp_path / "c.html"), "--json")
     report = json.loads(result.stdout)
     reference, model = "supervised fundus test_resnet (lr=0.0003)", "supervised fundus test_resnet (lr=0.003)"
     assert report["reference"] == reference and list(report["models"]) == [reference, model]
@@ -126,14 +124,14 @@ def test_compare_table_is_evaluates_numbers_with_paired_differences(multieye_sha
 @pytest.mark.slow
 def test_a_one_seed_difference_is_flagged(multieye_shards, two_models_two_seeds):
     _, paths = two_models_two_seeds
-    result = CliRunner().invoke(app, ["compare", str(paths[(3e-4, 0)]), str(paths[(3e-3, 0)]), "--data",
-                                      str(multieye_shards), "--bootstrap", "0", "--json"])
+    result = kdcli_run("compare", str(paths[(3e-4, 0)]), str(paths[(3e-3, 0)]), "--data",
+                       str(multieye_shards), "--bootstrap", "0", "--json", ok=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert any("one seed each" in w and "not a result" in w for w in report["warnings"])
     assert "warning: " in result.stderr and "one seed each" in result.stderr
-    refused = CliRunner().invoke(app, ["compare", str(paths[(3e-4, 0)]), str(paths[(3e-3, 0)]), "--reference",
-                                       "nobody"])
+    refused = kdcli_run("compare", str(paths[(3e-4, 0)]), str(paths[(3e-3, 0)]), "--reference",
+                        "nobody", ok=False)
     assert refused.exit_code == 2 and "--reference 'nobody'" in refused.stderr
 
 

@@ -81,6 +81,8 @@ def test_labels_are_the_thresholded_latent_and_borderline_cases_exist(shared) ->
                                                          if v["clean_findings"])  # whatever the label
 
 
+# slow: a statistical check on a phantom of its own; the cxr phantom's other properties stay fast
+@pytest.mark.slow
 def test_the_xray_renders_the_latent_weakly_with_contrast_growing_with_severity(tmp_path) -> None:
     args = {**BASE, "gaze": "none", "annotated_fraction": 0.0, "per_class": 4}
     info = _synth(tmp_path / "with", **args)
@@ -179,6 +181,8 @@ def test_label_noise_flips_training_labels_only_near_the_threshold_and_is_record
             assert np.mean([p for n, p in pairs if n]) > 4 * np.mean([p for n, p in pairs if not n])
 
 
+# slow: two syntheses of their own
+@pytest.mark.slow
 def test_the_test_pool_does_not_depend_on_the_training_size(tmp_path) -> None:
     small = synth_cxr(tmp_path / "small", **{**BASE, "per_class": 2}, test_per_class=1)
     large = synth_cxr(tmp_path / "large", **{**BASE, "per_class": 3}, test_per_class=1)
@@ -197,6 +201,8 @@ def test_the_test_pool_does_not_depend_on_the_training_size(tmp_path) -> None:
     assert listed == set(tests[0])
 
 
+# slow: two full syntheses, one through a worker pool
+@pytest.mark.slow
 def test_same_arguments_same_bytes_whatever_workers(tmp_path) -> None:
     args = {**BASE, "per_class": 2, "layout": "mimic", "gaze": "reflacx", "dicom_fraction": 0.2,
             "annotated_fraction": 0.5, "label_noise": 0.2, "test_per_class": 1, "unlabeled": 6}

@@ -9,37 +9,25 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
-
-runner = CliRunner()
 FAST = ["--epochs", "2", "--batch-size", "16", "--workers", "0", "--lr", "3e-3"]
 
 
-def ok(args: list):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.fixture(scope="module")
-def cxr(tmp_path_factory) -> dict[str, Any]:
+def cxr(cxr_phantom, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cxr")
-    raw, shards = root / "raw", root / "shards"
-    ok(["synth", "cxr", raw, "--per-class", "3", "--size", "96", "--annotated-fraction", "0.5"])
-    ok(["prepare", "cxr", raw, "--out", shards, "--size", "48", "--gaze", raw / "egd-cxr", "--boxes",
-        raw / "BBox_List_2017.csv", "--egd-sigma", "10"])
+    raw, shards = cxr_phantom["raw"], cxr_phantom["shards"]
     paths = {"raw": raw, "shards": shards, "stage1": root / "stage1.pt", "cvi": root / "cvi.pt"}
-    ok(["teach", "--data", shards, "--modality", "xray", "--model", "test_resnet", "--head", "linear",
-        "--out", paths["stage1"], *FAST])
-    paths["cvi_log"] = ok(["distill", "--data", shards, "--teacher", paths["stage1"], "--student", "xray",
-                           "--method", "cvi", "--out", paths["cvi"], *FAST]).output
+    kdcli_run("teach", "--data", shards, "--modality", "xray", "--model", "test_resnet", "--head", "linear",
+              "--out", paths["stage1"], *FAST)
+    paths["cvi_log"] = kdcli_run("distill", "--data", shards, "--teacher", paths["stage1"], "--student", "xray",
+                                 "--method", "cvi", "--out", paths["cvi"], *FAST).output
     return paths
 
 
 def test_stage1_selects_by_mean_auroc_and_evaluates_per_label(cxr):
-    report = json.loads(ok(["evaluate", cxr["stage1"], "--data", cxr["shards"], "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", cxr["stage1"], "--data", cxr["shards"], "--json").stdout)
     metrics = report["metrics"]
     scored = [v for v in metrics["per_label_auroc"].values() if v is not None]
     assert metrics["labels_scored"] == len(scored) >= 2
@@ -64,7 +52,7 @@ def test_cvi_freezes_lower_blocks_and_logs_its_terms(cxr):
     assert checked > 10
     rows = [json.loads(line) for line in cxr["cvi"].with_name("cvi.metrics.jsonl").read_text().splitlines()]
     assert {"train_bce_prior", "train_bce_posterior", "train_kl", "train_kl_raw"} <= set(rows[0])
-    report = json.loads(ok(["evaluate", cxr["cvi"], "--data", cxr["shards"], "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", cxr["cvi"], "--data", cxr["shards"], "--json").stdout)
     assert 0.0 <= report["metrics"]["mean_auroc"] <= 1.0
 
 
@@ -81,18 +69,18 @@ def test_cvi_student_starts_as_stage1(cxr):
 
 def test_cvi_needs_gaze_or_boxes_in_the_data(cxr, tmp_path):
     shards = tmp_path / "plain"
-    ok(["prepare", "cxr", cxr["raw"], "--out", shards, "--size", "48"])
-    result = runner.invoke(app, ["distill", "--data", str(shards), "--teacher", str(cxr["stage1"]), "--student",
-                                 "xray", "--method", "cvi", "--out", str(tmp_path / "c.pt"), *FAST])
+    kdcli_run("prepare", "cxr", cxr["raw"], "--out", shards, "--size", "48")
+    result = kdcli_run("distill", "--data", str(shards), "--teacher", str(cxr["stage1"]), "--student",
+                       "xray", "--method", "cvi", "--out", str(tmp_path / "c.pt"), *FAST, ok=False)
     assert result.exit_code != 0
     assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
 
 
 def test_cache_teacher_is_refused_where_no_teacher_output_is_read(cxr, tmp_path):
     """CVI's stage-1 teacher only seeds the student: caching its outputs would be work for nothing."""
-    result = runner.invoke(app, ["distill", "--data", str(cxr["shards"]), "--teacher", str(cxr["stage1"]),
-                                 "--student", "xray", "--method", "cvi", "--cache-teacher",
-                                 "--out", str(tmp_path / "c.pt"), *FAST])
+    result = kdcli_run("distill", "--data", str(cxr["shards"]), "--teacher", str(cxr["stage1"]),
+                       "--student", "xray", "--method", "cvi", "--cache-teacher",
+                       "--out", str(tmp_path / "c.pt"), *FAST, ok=False)
     assert result.exit_code == 2 and "reads no teacher outputs" in result.output
     assert not (cxr["shards"] / "cache").exists() and not list(tmp_path.iterdir())
 
@@ -113,8 +101,8 @@ def test_compile_reaches_methods_with_their_own_step(cxr, tmp_path, monkeypatch)
             return self.model(*args)
 
     monkeypatch.setattr(loop.torch, "compile", Compiled)
-    ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
-        "--out", tmp_path / "c.pt", "--compile", *FAST])
+    kdcli_run("distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
+              "--out", tmp_path / "c.pt", "--compile", *FAST)
     assert calls and set(calls) == {2}  # image and annotation map, every step
 
 
@@ -136,14 +124,14 @@ def test_cvi_trains_on_the_annotated_subset_by_default(cxr, tmp_path, monkeypatc
         return FitResult(0, 0.0, 0, [], 0.0)
 
     monkeypatch.setattr(train_images, "fit", fake_fit)
-    ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
-        "--out", tmp_path / "c.pt", *FAST])
+    kdcli_run("distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
+              "--out", tmp_path / "c.pt", *FAST)
     store = ShardStore(cxr["shards"])
     flags = gaze_flags(store, ModalityView(store, "train", "xray"))
     assert 0 < flags.sum() < len(flags)
     assert seen["items"] == seen["labels"] == flags.sum() and seen["first"]["annotated"][0] == 1
-    ok(["distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
-        "-p", "annotated_only=false", "--out", tmp_path / "all.pt", *FAST])
+    kdcli_run("distill", "--data", cxr["shards"], "--teacher", cxr["stage1"], "--student", "xray", "--method", "cvi",
+              "-p", "annotated_only=false", "--out", tmp_path / "all.pt", *FAST)
     assert seen["items"] == len(flags)
 
 

@@ -10,17 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from kdcli.cli import app
+from conftest import kdcli_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# slow: trains teacher, baseline and student over two seeds; demo stays in the fast subset through its brats form
+@pytest.mark.slow
 def test_demo_reports_teacher_baseline_and_student_on_the_same_split(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--per-class", "5", "--size", "32",
-                                      "--epochs", "1", "--seeds", "2", "--json"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("demo", "--out", str(tmp_path / "demo"), "--per-class", "5", "--size", "32",
+                       "--epochs", "1", "--seeds", "2", "--json")
     report = json.loads(result.stdout)
     assert list(report["summary"]) == ["teacher (OCT)", "baseline (fundus)", "CoDA student (fundus)"]
     for role, runs in report["runs"].items():
@@ -68,15 +67,16 @@ def test_multieye_example_script_runs_the_lab_pipeline(tmp_path):
 @pytest.mark.parametrize(("pipeline", "args", "roles", "metric"), [
     ("brats", ["--cases", "6", "--size", "32", "--model", "plain-4-2"],
      ["teacher (t1+t1ce+t2+flair)", "baseline (t1ce)", "ProtoKD student (t1ce)"], "dice_mean"),
-    ("cxr", ["--per-class", "3", "--size", "64", "--annotated", "0.5"],
-     ["stage 1 (global labels)", "stage 2 without gaze (control)", "CVI stage 2 (+ gaze)"], "mean_auroc"),
-    ("wsi", ["--cases", "10", "--size", "32"], ["WSI-only baseline", "naive WSI + clinical", "bidirectional"],
-     "auc@0.8"),
+    # slow: cxr and wsi train three models each (wsi through slide embedding); brats keeps demo in the fast subset
+    pytest.param("cxr", ["--per-class", "3", "--size", "64", "--annotated", "0.5"],
+                 ["stage 1 (global labels)", "stage 2 without gaze (control)", "CVI stage 2 (+ gaze)"], "mean_auroc",
+                 marks=pytest.mark.slow),
+    pytest.param("wsi", ["--cases", "10", "--size", "32"],
+                 ["WSI-only baseline", "naive WSI + clinical", "bidirectional"], "auc@0.8", marks=pytest.mark.slow),
 ])
 def test_new_pipeline_demos_report_their_comparison(tmp_path, pipeline, args, roles, metric):
-    result = CliRunner().invoke(app, ["demo", pipeline, "--out", str(tmp_path / "demo"), "--epochs", "2",
-                                      "--seeds", "1", "--json", *args])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("demo", pipeline, "--out", str(tmp_path / "demo"), "--epochs", "2",
+                       "--seeds", "1", "--json", *args)
     report = json.loads(result.stdout)
     assert list(report["summary"]) == roles
     for role in roles:

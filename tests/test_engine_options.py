@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import kdcli_run
 
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.engine.device import amp_dtype, select_device
@@ -141,13 +142,9 @@ def test_compile_trains_through_torch_compile_and_saves_plain_weights(multieye_s
     (["--embeddings", "resnet18-abc"], "slide datasets"),
 ])
 def test_options_for_other_kinds_of_model_are_refused_in_one_line(multieye_shards, tmp_path, extra, words):
-    from typer.testing import CliRunner
-
-    from kdcli.cli import app
-
-    result = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "fundus", "--model",
-                                      "test_resnet", "--epochs", "1", "--workers", "0", "--out",
-                                      str(tmp_path / "m.pt"), *extra])
+    result = kdcli_run("teach", "--data", str(multieye_shards), "--modality", "fundus", "--model",
+                       "test_resnet", "--epochs", "1", "--workers", "0", "--out",
+                       str(tmp_path / "m.pt"), *extra, ok=False)
     assert result.exit_code == 2, result.output
     assert result.output.strip().startswith("error:") and words in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()

@@ -12,11 +12,9 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, kdcli_run
 from torch.utils.data import DataLoader
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.data.transforms import train_augmentation
 from kdcli.data.views import ModalityView, UnpairedPartnerView, collate
 from kdcli.engine.checkpoint import load_checkpoint
@@ -74,8 +72,7 @@ def test_zero_one_and_two_workers_give_identical_weights(multieye_shards, tmp_pa
     runs = {}
     for workers in (0, 1, 2):
         out = tmp_path / f"w{workers}.pt"
-        result = CliRunner().invoke(app, _teach_args(multieye_shards, out, workers))
-        assert result.exit_code == 0, result.output
+        kdcli_run(*_teach_args(multieye_shards, out, workers))
         runs[workers] = _weights(tmp_path / f"w{workers}.last.pt")
     for workers in (1, 2):
         assert all(torch.equal(runs[0][k], runs[workers][k]) for k in runs[0]), f"{workers} workers differ"
@@ -85,7 +82,7 @@ def test_zero_one_and_two_workers_give_identical_weights(multieye_shards, tmp_pa
 def test_sigint_during_teach_with_workers_then_resume_equals_uninterrupted(multieye_shards, tmp_path):
     epochs = 4
     whole = tmp_path / "whole.pt"
-    assert CliRunner().invoke(app, _teach_args(multieye_shards, whole, 2, epochs)).exit_code == 0
+    kdcli_run(*_teach_args(multieye_shards, whole, 2, epochs))
 
     cut = tmp_path / "cut.pt"
     # the same intra-op thread count as this process, which trains the other runs: CPU reductions split over
@@ -106,8 +103,7 @@ def test_sigint_during_teach_with_workers_then_resume_equals_uninterrupted(multi
     done = len(metrics.read_text().splitlines())
     assert 1 <= done < epochs, output
 
-    resumed = CliRunner().invoke(app, [*_teach_args(multieye_shards, cut, 2, epochs), "--resume"])
-    assert resumed.exit_code == 0, resumed.output
+    kdcli_run(*_teach_args(multieye_shards, cut, 2, epochs), "--resume")
     a, b = _weights(tmp_path / "whole.last.pt"), _weights(tmp_path / "cut.last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows_whole = [json.loads(r) for r in (tmp_path / "whole.metrics.jsonl").read_text().splitlines()]

@@ -11,19 +11,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.explain.common import ExplainOptions, grad_cams, pick_indices
 from kdcli.explain.run import explain
 from kdcli.models.classifier import Classifier
 from kdcli.shards.reader import ShardStore
 from kdcli.train import load_model
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(app, ["explain", *map(str, args)])
 
 
 def linked_images(index: Path) -> list[str]:
@@ -62,9 +57,8 @@ def assert_one_line_error(result) -> None:
 
 def test_cli_student_with_concepts(fundus_student, multieye_shards, tmp_path):
     out = tmp_path / "explain"
-    result = run_cli(fundus_student, "--data", multieye_shards, "--out", out, "--count", 12,
-                     "--top-concepts", 4, "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("explain", fundus_student, "--data", multieye_shards, "--out", out, "--count", 12,
+                       "--top-concepts", 4, "--device", "cpu")
     index = out / "index.html"
     assert f"wrote {index}" in result.output
     report = check_outputs(index)
@@ -140,7 +134,8 @@ def test_pick_indices_round_robin():
 
 def test_wrong_modality(oct_teacher, multieye_shards, tmp_path):
     fake = modified_copy(oct_teacher, tmp_path / "slo.pt", modality="slo")
-    result = run_cli(fake, "--data", multieye_shards, "--out", tmp_path / "out", "--device", "cpu")
+    result = kdcli_run("explain", fake, "--data", multieye_shards, "--out", tmp_path / "out", "--device", "cpu",
+                       ok=False)
     assert_one_line_error(result)
     assert "slo" in result.output
     assert not (tmp_path / "out").exists()
@@ -151,27 +146,29 @@ def test_modality_with_other_channels(oct_teacher, multieye_shards, tmp_path):
     if channels["fundus"]["shape"][2] == channels["oct"]["shape"][2]:
         pytest.skip("fundus and OCT have the same channel count in this phantom")
     fake = modified_copy(oct_teacher, tmp_path / "as_fundus.pt", modality="fundus")
-    assert_one_line_error(run_cli(fake, "--data", multieye_shards, "--out", tmp_path / "out"))
+    assert_one_line_error(kdcli_run("explain", fake, "--data", multieye_shards, "--out", tmp_path / "out", ok=False))
 
 
 @pytest.mark.parametrize("args", [["--split", "val"], ["--count", "0"], ["--top-concepts", "-1"]])
 def test_bad_options(args, oct_teacher, multieye_shards, tmp_path):
-    assert_one_line_error(run_cli(oct_teacher, "--data", multieye_shards, "--out", tmp_path / "o", *args))
+    assert_one_line_error(kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", tmp_path / "o", *args,
+                                    ok=False))
 
 
 def test_corrupted_checkpoint(oct_teacher, multieye_shards, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(oct_teacher.read_bytes()[:2000])
-    result = run_cli(broken, "--data", multieye_shards, "--out", tmp_path / "out")
+    result = kdcli_run("explain", broken, "--data", multieye_shards, "--out", tmp_path / "out", ok=False)
     assert_one_line_error(result)
     assert "broken.pt" in result.output
 
 
 def test_missing_checkpoint_and_out_is_a_file(oct_teacher, multieye_shards, tmp_path):
-    assert_one_line_error(run_cli(tmp_path / "nope.pt", "--data", multieye_shards, "--out", tmp_path / "o"))
+    assert_one_line_error(kdcli_run("explain", tmp_path / "nope.pt", "--data", multieye_shards, "--out",
+                                    tmp_path / "o", ok=False))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_one_line_error(run_cli(oct_teacher, "--data", multieye_shards, "--out", blocker))
+    assert_one_line_error(kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", blocker, ok=False))
 
 
 # ------------------------------------------------------------------------------------ page: curves, metrics, warnings
@@ -215,13 +212,10 @@ def test_page_without_training_curves_says_so_in_one_line(oct_teacher, multieye_
 def test_coarse_gradcam_grid_is_warned_with_the_stride_to_use(stride, grid, warned, multieye_shards, tmp_path):
     # 32 px through test_resnet: stride 16 leaves a 2x2 map (nothing to localise), stride 8 a 4x4 one
     checkpoint = tmp_path / f"os{stride}.pt"
-    taught = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "oct", "--out",
-                                      str(checkpoint), "--epochs", "1", "--batch-size", "16", "--workers", "0",
-                                      "--model", "test_resnet", "--output-stride", str(stride)])
-    assert taught.exit_code == 0, taught.output
-    result = run_cli(checkpoint, "--data", multieye_shards, "--out", tmp_path / "ex", "--count", 2,
-                     "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", multieye_shards, "--modality", "oct", "--out", checkpoint, "--epochs", "1",
+              "--batch-size", "16", "--workers", "0", "--model", "test_resnet", "--output-stride", stride)
+    result = kdcli_run("explain", checkpoint, "--data", multieye_shards, "--out", tmp_path / "ex", "--count", 2,
+                       "--device", "cpu")
     report = check_outputs(tmp_path / "ex" / "index.html")
     assert report["cam_grid"] == grid
     page = (tmp_path / "ex" / "index.html").read_text()
@@ -240,14 +234,12 @@ def test_model_at_chance_is_warned_by_explain_and_evaluate(oct_teacher, multieye
     assert "head.classifier.weight" in checkpoint.model
     save_checkpoint(blank, checkpoint.meta, {k: torch.zeros_like(v) if k.startswith("head.classifier.") else v
                                              for k, v in checkpoint.model.items()})
-    result = run_cli(blank, "--data", multieye_shards, "--out", tmp_path / "ex", "--count", 2, "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("explain", blank, "--data", multieye_shards, "--out", tmp_path / "ex", "--count", 2,
+                       "--device", "cpu")
     report = json.loads((tmp_path / "ex" / "explain.json").read_text())
     assert report["metrics"]["kappa"] == 0.0 and report["metrics"]["auc"] == pytest.approx(0.5)
     assert "warning: the model is at chance on test (kappa 0.000, AUC 0.500)" in result.stderr
     assert "the model is at chance on test" in (tmp_path / "ex" / "index.html").read_text()
-    evaluated = CliRunner().invoke(app, ["evaluate", str(blank), "--data", str(multieye_shards), "--json",
-                                         "--figure", str(tmp_path / "cm.png")])
-    assert evaluated.exit_code == 0, evaluated.output
+    evaluated = kdcli_run("evaluate", blank, "--data", multieye_shards, "--json", "--figure", tmp_path / "cm.png")
     assert f"warning: {blank} is at chance on test" in evaluated.stderr
     assert json.loads(evaluated.stdout)["metrics"]["kappa"] == 0.0  # stdout stays pure JSON

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.errors import KdcliError
 from kdcli.explain import gaze
@@ -24,28 +23,16 @@ SIZE = 48
 FAST = ["--epochs", "2", "--workers", "0", "--batch-size", "16"]
 
 
-def invoke(*args) -> object:
-    return CliRunner().invoke(app, [*map(str, args)])
+@pytest.fixture(scope="module")
+def raw(cxr_phantom) -> Path:
+    """NIH layout, 3 per class at 96 px, half the images with gaze (EGD) and boxes."""
+    return cxr_phantom["raw"]
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    from kdcli.synth.cxr import synth_cxr
-
-    root = tmp_path_factory.mktemp("cxr") / "raw"
-    synth_cxr(root, per_class=3, size=96, layout="nih", gaze="egd", annotated_fraction=0.5)
-    return root
-
-
-@pytest.fixture(scope="module")
-def shards(raw, tmp_path_factory) -> Path:
-    from kdcli.prepare import PrepareOptions, prepare
-
-    out = tmp_path_factory.mktemp("cxr") / "shards"
-    prepare(PrepareOptions(source="cxr", raw=raw, out=out, size=SIZE,
-                           source_options={"gaze": str(raw / "egd-cxr"), "boxes": str(raw / "BBox_List_2017.csv"),
-                                           "egd_sigma": 10}))
-    return out
+def shards(cxr_phantom) -> Path:
+    """The phantom prepared at SIZE with its gaze (sigma 10) and boxes."""
+    return cxr_phantom["shards"]
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +48,16 @@ def unannotated(raw, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stage1(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "stage1.pt"
-    result = invoke("teach", "--data", shards, "--modality", "xray", "--model", "test_resnet", "--head", "linear",
-                    "--out", out, *FAST)
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", shards, "--modality", "xray", "--model", "test_resnet", "--head", "linear",
+              "--out", out, *FAST)
     return out
 
 
 @pytest.fixture(scope="module")
 def cvi(shards, stage1, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "cvi.pt"
-    result = invoke("distill", "--data", shards, "--teacher", stage1, "--student", "xray", "--method", "cvi",
-                    "--out", out, *FAST)
-    assert result.exit_code == 0, result.output
+    kdcli_run("distill", "--data", shards, "--teacher", stage1, "--student", "xray", "--method", "cvi",
+              "--out", out, *FAST)
     return out
 
 
@@ -137,8 +122,7 @@ def check_outputs(index: Path, shards: Path, split: str, count: int) -> dict:
 
 
 def test_cli_on_stage1_has_no_teacher_comparison(stage1, shards, tmp_path):
-    result = invoke("explain", stage1, "--data", shards, "--out", tmp_path / "s1", "--split", "train", "-n", "3")
-    assert result.exit_code == 0, result.output
+    kdcli_run("explain", stage1, "--data", shards, "--out", tmp_path / "s1", "--split", "train", "-n", "3")
     report = check_outputs(tmp_path / "s1" / "index.html", shards, "train", 3)
     assert report["teacher"]["compared"] is False and "teacher" not in report["means"]
     assert all("teacher" not in r for r in report["images"])
@@ -147,8 +131,7 @@ def test_cli_on_stage1_has_no_teacher_comparison(stage1, shards, tmp_path):
 
 
 def test_cli_on_cvi_compares_with_its_teacher(cvi, stage1, shards, tmp_path):
-    result = invoke("explain", cvi, "--data", shards, "--out", tmp_path / "cvi", "--split", "train", "-n", "4")
-    assert result.exit_code == 0, result.output
+    kdcli_run("explain", cvi, "--data", shards, "--out", tmp_path / "cvi", "--split", "train", "-n", "4")
     index = tmp_path / "cvi" / "index.html"
     report = check_outputs(index, shards, "train", 4)
     assert report["method"] == "cvi" and report["teacher"]["compared"] is True
@@ -187,7 +170,7 @@ def test_no_annotated_images_is_a_one_line_error(stage1, unannotated, tmp_path):
         explain(ExplainOptions(stage1, unannotated, tmp_path / "lib", device="cpu"))
     with pytest.raises(KdcliError, match="no images with gaze or boxes"):
         gaze.gaze_agreement(stage1, unannotated, split="train")
-    result = invoke("explain", stage1, "--data", unannotated, "--out", tmp_path / "cli")
+    result = kdcli_run("explain", stage1, "--data", unannotated, "--out", tmp_path / "cli", ok=False)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no images with gaze or boxes" in lines[0]

@@ -12,9 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.data.slices import SliceView
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.errors import KdcliError
@@ -28,35 +27,24 @@ FAST = ["--model", "plain-4-2", "--epochs", "2", "--batch-size", "16", "--worker
 SIZE = 32
 
 
-def invoke(*args) -> object:
-    return CliRunner().invoke(app, [*map(str, args)])
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from kdcli.prepare import PrepareOptions, prepare
-    from kdcli.synth.brats import synth_brats
-
-    root = tmp_path_factory.mktemp("brats")
-    synth_brats(root / "raw", cases=8, size=SIZE)
-    prepare(PrepareOptions(source="brats", raw=root / "raw", out=root / "shards", size=SIZE))
-    return root / "shards"
+def shards(brats_phantom) -> Path:
+    """8 cases prepared at SIZE (the session's shared phantom)."""
+    return brats_phantom["shards"]
 
 
 @pytest.fixture(scope="module")
 def teacher(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "teacher.pt"
-    result = invoke("teach", "--data", shards, "--modality", ",".join(SEQUENCES), "--out", out, *FAST)
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", shards, "--modality", ",".join(SEQUENCES), "--out", out, *FAST)
     return out
 
 
 @pytest.fixture(scope="module")
 def student(shards, teacher, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "t1ce.pt"
-    result = invoke("distill", "--data", shards, "--teacher", teacher, "--student", "t1ce", "--method", "protokd",
-                    "--out", out, *FAST)
-    assert result.exit_code == 0, result.output
+    kdcli_run("distill", "--data", shards, "--teacher", teacher, "--student", "t1ce", "--method", "protokd",
+              "--out", out, *FAST)
     return out
 
 
@@ -92,8 +80,7 @@ def test_cli_protokd_student_shows_teacher_maps(student, shards, tmp_path):
     out = tmp_path / "explain"
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a folder with other content is fine and left alone
-    result = invoke("explain", student, "--data", shards, "--out", out, "-n", "3")
-    assert result.exit_code == 0, result.output
+    kdcli_run("explain", student, "--data", shards, "--out", out, "-n", "3")
     report = check_outputs(out / "index.html", 3)
     assert (out / "notes.txt").read_text() == "mine"
     assert report["modality"] == "t1ce" and report["method"] == "protokd"
@@ -171,7 +158,7 @@ def test_split_without_tumour_is_a_one_line_error(teacher, shards, tmp_path, mon
     monkeypatch.setattr(SliceView, "__init__", tumour_free)
     with pytest.raises(KdcliError, match="no slices with tumour in split 'dev'"):
         explain(ExplainOptions(teacher, shards, tmp_path / "lib", split="dev", device="cpu"))
-    result = invoke("explain", teacher, "--data", shards, "--out", tmp_path / "cli", "--split", "test")
+    result = kdcli_run("explain", teacher, "--data", shards, "--out", tmp_path / "cli", "--split", "test", ok=False)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no slices with tumour" in lines[0]
@@ -179,6 +166,6 @@ def test_split_without_tumour_is_a_one_line_error(teacher, shards, tmp_path, mon
 
 
 def test_bad_split_is_a_usage_error(teacher, shards, tmp_path):
-    result = invoke("explain", teacher, "--data", shards, "--out", tmp_path / "o", "--split", "val")
+    result = kdcli_run("explain", teacher, "--data", shards, "--out", tmp_path / "o", "--split", "val", ok=False)
     assert result.exit_code == 2, result.output
     assert "--split" in result.output

@@ -15,11 +15,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import reseal_dataset
+from conftest import kdcli_run, reseal_dataset
 from torch import nn
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.data.bags import BagView, collate_bags
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.explain import slides
@@ -29,20 +27,12 @@ from kdcli.train import load_model
 FAST = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
 
 
-def invoke(*args) -> object:
-    return CliRunner().invoke(app, [*map(str, args)])
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, result.output
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("camelyon")
-    ok(invoke("synth", "camelyon", root / "raw", "--slides", 8, "--size", 1024))
-    ok(invoke("prepare", "camelyon", root / "raw", "--out", root / "shards", "--patch-size", 128,
-              "--max-patches", 8, "--size", 32))
+    kdcli_run("synth", "camelyon", root / "raw", "--slides", 8, "--size", 1024)
+    kdcli_run("prepare", "camelyon", root / "raw", "--out", root / "shards", "--patch-size", 128,
+              "--max-patches", 8, "--size", 32)
     return root / "shards"
 
 
@@ -50,10 +40,10 @@ def shards(tmp_path_factory) -> Path:
 def checkpoints(shards, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("ckpt")
     paths = {name: folder / f"{name}.pt" for name in ("wsi", "mm", "bd")}
-    ok(invoke("teach", "--data", shards, "--modality", "wsi", "--out", paths["wsi"], *FAST))
-    ok(invoke("teach", "--data", shards, "--modality", "wsi,clinical", "--out", paths["mm"], *FAST))
-    ok(invoke("distill", "--data", shards, "--teacher", paths["mm"], "--student", "wsi", "--method",
-              "bidirectional", "--out", paths["bd"], *FAST))
+    kdcli_run("teach", "--data", shards, "--modality", "wsi", "--out", paths["wsi"], *FAST)
+    kdcli_run("teach", "--data", shards, "--modality", "wsi,clinical", "--out", paths["mm"], *FAST)
+    kdcli_run("distill", "--data", shards, "--teacher", paths["mm"], "--student", "wsi", "--method",
+              "bidirectional", "--out", paths["bd"], *FAST)
     return paths
 
 
@@ -61,8 +51,7 @@ def checkpoints(shards, tmp_path_factory) -> dict[str, Path]:
 def explained(shards, checkpoints, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("explain")
     for name, checkpoint in checkpoints.items():
-        result = invoke("explain", checkpoint, "--data", shards, "--out", folder / name, "--split", "test")
-        ok(result)
+        kdcli_run("explain", checkpoint, "--data", shards, "--out", folder / name, "--split", "test")
     return {name: folder / name / "index.html" for name in checkpoints}
 
 
@@ -138,8 +127,7 @@ def test_bidirectional_draws_both_maps(explained, shards) -> None:
 
 
 def test_count_and_determinism(explained, checkpoints, shards, tmp_path) -> None:
-    result = invoke("explain", checkpoints["mm"], "--data", shards, "--out", tmp_path / "one", "--count", 1)
-    ok(result)
+    kdcli_run("explain", checkpoints["mm"], "--data", shards, "--out", tmp_path / "one", "--count", 1)
     first = json.loads((explained["mm"].parent / "explain.json").read_text())["images"]
     again = check_outputs(tmp_path / "one" / "index.html")["images"]
     assert len(again) == 1 and again[0] == first[0]
@@ -149,7 +137,7 @@ def test_mosaic_without_thumbnails_or_records(checkpoints, shards, tmp_path) -> 
     """Without prepare's thumbnails and records.json the patches are laid out at their coords."""
     bare = tmp_path / "bare"
     shutil.copytree(shards, bare, ignore=shutil.ignore_patterns("thumbnails", "records.json"))
-    ok(invoke("explain", checkpoints["wsi"], "--data", bare, "--out", tmp_path / "out", "--count", 2))
+    kdcli_run("explain", checkpoints["wsi"], "--data", bare, "--out", tmp_path / "out", "--count", 2)
     report = check_outputs(tmp_path / "out" / "index.html")
     assert {r["thumbnail"] for r in report["images"]} == {"mosaic"}
     assert all(r["patch_level0"] == 128 for r in report["images"])  # recovered from the coordinate grid
@@ -170,7 +158,7 @@ def test_empty_split_is_one_line_error(checkpoints, shards, tmp_path) -> None:
     manifest = pl.read_parquet(bare / "manifest.parquet")
     manifest.filter(pl.col("split") != "test").write_parquet(bare / "manifest.parquet")
     reseal_dataset(bare)  # a consistent dataset without test slides (an edited manifest alone is refused)
-    result = invoke("explain", checkpoints["wsi"], "--data", bare, "--out", tmp_path / "out")
+    result = kdcli_run("explain", checkpoints["wsi"], "--data", bare, "--out", tmp_path / "out", ok=False)
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no slides in split 'test'" in lines[0], \

@@ -13,24 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.models.classifier import Classifier, default_normalisation
 
-runner = CliRunner()
 SIZE = 32
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = cli(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def record(source: str, modalities: dict[str, int], **extra) -> dict:
@@ -147,7 +135,7 @@ def pytorch_outputs(checkpoint: Path, inputs: dict[str, np.ndarray]) -> list[np.
 def test_torchscript_matches_pytorch(tmp_path, kind) -> None:
     checkpoint = MAKERS[kind](tmp_path)
     out = tmp_path / "model.pt"
-    ok("export", checkpoint, "--format", "torchscript", "--out", out)
+    kdcli_run("export", checkpoint, "--format", "torchscript", "--out", out)
     contract = json.loads((tmp_path / "model.pt.json").read_text())
     inputs = fresh_inputs(contract)
     loaded = torch.jit.load(str(out))
@@ -165,7 +153,7 @@ def test_onnx_matches_pytorch_in_onnxruntime(tmp_path, kind) -> None:
     pytest.importorskip("onnx")
     checkpoint = MAKERS[kind](tmp_path)
     out = tmp_path / "model.onnx"
-    ok("export", checkpoint, "--format", "onnx", "--out", out)
+    kdcli_run("export", checkpoint, "--format", "onnx", "--out", out)
     contract = json.loads((tmp_path / "model.onnx.json").read_text())
     inputs = fresh_inputs(contract)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -176,10 +164,12 @@ def test_onnx_matches_pytorch_in_onnxruntime(tmp_path, kind) -> None:
     assert max(contract["verified"]["max_abs_diff"].values()) < 1e-4  # the check export itself ran
 
 
+# slow: traces and runs a U-Net in both formats; both formats stay fast on the classifier
+@pytest.mark.slow
 def test_unet_exports_match_pytorch(tmp_path) -> None:
     """The fast path: the smallest model, both formats (ONNX where onnxruntime is installed)."""
     checkpoint = unet(tmp_path)
-    ok("export", checkpoint, "--format", "torchscript", "--out", tmp_path / "seg.ts")
+    kdcli_run("export", checkpoint, "--format", "torchscript", "--out", tmp_path / "seg.ts")
     inputs = fresh_inputs(json.loads((tmp_path / "seg.ts.json").read_text()))
     with torch.no_grad():
         got = torch.jit.load(str(tmp_path / "seg.ts"))(torch.from_numpy(inputs["image"]))
@@ -190,7 +180,7 @@ def test_unet_exports_match_pytorch(tmp_path) -> None:
         import onnxruntime
     except ImportError:
         return
-    ok("export", checkpoint, "--format", "onnx", "--out", tmp_path / "seg.onnx")
+    kdcli_run("export", checkpoint, "--format", "onnx", "--out", tmp_path / "seg.onnx")
     session = onnxruntime.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
     assert np.allclose(expected, session.run(["logits"], {"image": inputs["image"]})[0], atol=1e-4)
 
@@ -204,7 +194,7 @@ def pytorch_outputs_segmentation(checkpoint: Path, image: np.ndarray) -> np.ndar
 
 @pytest.mark.slow
 def test_the_contract_says_what_goes_in_and_comes_out(tmp_path) -> None:
-    ok("export", classifier(tmp_path), "--format", "torchscript", "--out", tmp_path / "fundus.ts")
+    kdcli_run("export", classifier(tmp_path), "--format", "torchscript", "--out", tmp_path / "fundus.ts")
     contract = json.loads((tmp_path / "fundus.ts.json").read_text())
     assert contract["inputs"] == [{"name": "image", "dtype": "uint8", "shape": ["batch", 3, SIZE, SIZE]}]
     assert contract["outputs"] == ["logits", "probabilities"] and contract["activation"] == "softmax"
@@ -212,7 +202,7 @@ def test_the_contract_says_what_goes_in_and_comes_out(tmp_path) -> None:
     assert contract["normalisation"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert contract["classes"] == [f"c{i}" for i in range(9)] and contract["preprocess"]["source"] == "multieye"
     assert any("zero-pad" in step for step in contract["preprocessing"])
-    ok("export", unet(tmp_path), "-f", "torchscript", "-o", tmp_path / "seg.ts")
+    kdcli_run("export", unet(tmp_path), "-f", "torchscript", "-o", tmp_path / "seg.ts")
     seg = json.loads((tmp_path / "seg.ts.json").read_text())
     assert seg["channels"] == ["t1ce", "flair"] and seg["inputs"][0]["dtype"] == "float32"
     assert any("z-score" in step for step in seg["preprocessing"])
@@ -220,13 +210,13 @@ def test_the_contract_says_what_goes_in_and_comes_out(tmp_path) -> None:
 
 def test_bad_requests_are_one_line(tmp_path) -> None:
     checkpoint = classifier(tmp_path)
-    result = cli("export", checkpoint, "--format", "onnx", "--out", tmp_path / "model.pt")
+    result = kdcli_run("export", checkpoint, "--format", "onnx", "--out", tmp_path / "model.pt", ok=False)
     assert result.exit_code == 2 and ".onnx" in result.output, result.output
     (tmp_path / "taken.ts").write_text("keep me")
-    result = cli("export", checkpoint, "--format", "torchscript", "--out", tmp_path / "taken.ts")
+    result = kdcli_run("export", checkpoint, "--format", "torchscript", "--out", tmp_path / "taken.ts", ok=False)
     assert result.exit_code == 1 and "--overwrite" in result.output and "Traceback" not in result.output
     assert (tmp_path / "taken.ts").read_text() == "keep me"
-    result = cli("export", checkpoint, "--format", "tflite", "--out", tmp_path / "m.tflite")
+    result = kdcli_run("export", checkpoint, "--format", "tflite", "--out", tmp_path / "m.tflite", ok=False)
     assert result.exit_code == 2, result.output
 
 
@@ -236,7 +226,7 @@ def test_slide_models_on_cached_embeddings_export_their_features_input(tmp_path)
     spec = {**mil_spec("test_resnet", 2, ["sm"], clinical_dims=1, hidden=16), "embeddings": {"name": "e", "dim": 12}}
     checkpoint = save(tmp_path / "emb.pt", MILClassifier(spec).eval(), task="mil", model=spec, classes=["N0", "N+"],
                       modality="wsi", bag_size=16, preprocess=record("camelyon", {"wsi": 3}))
-    ok("export", checkpoint, "--format", "torchscript", "--out", tmp_path / "emb.ts")
+    kdcli_run("export", checkpoint, "--format", "torchscript", "--out", tmp_path / "emb.ts")
     contract = json.loads((tmp_path / "emb.ts.json").read_text())
     assert [i["name"] for i in contract["inputs"]] == ["features", "bag_mask"]
     assert contract["inputs"][0]["shape"] == ["batch", "patches", 12]
@@ -250,10 +240,10 @@ def test_exported_student_on_prepared_pixels_equals_predict_on_raw_files(fundus_
 
     from kdcli.predict.images import image_reader
 
-    ok("export", fundus_student, "--format", "torchscript", "--out", tmp_path / "student.ts")
+    kdcli_run("export", fundus_student, "--format", "torchscript", "--out", tmp_path / "student.ts")
     contract = json.loads((tmp_path / "student.ts.json").read_text())
     photos = sorted((multieye_raw / "assemble" / "train" / "ImageData").rglob("*.png"))[:6]
-    ok("predict", fundus_student, *photos, "--out", tmp_path / "p.csv", "--device", "cpu")
+    kdcli_run("predict", fundus_student, *photos, "--out", tmp_path / "p.csv", "--device", "cpu")
     reader = image_reader(contract["preprocess"], contract["modality"])
     images = np.stack([reader(str(p)).transpose(2, 0, 1) for p in photos])
     with torch.no_grad():

@@ -13,9 +13,8 @@ import cv2
 import numpy as np
 import polars as pl
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.synth.fundus_grading import (
     AMD_CUTS,
     DR_CUTS,
@@ -194,7 +193,7 @@ def test_impossible_options_are_refused_before_anything_is_written(tmp_path, bad
     with pytest.raises(ValueError, match="label_noise|per_class"):
         synth_fundus_grading(tmp_path / "x", **{**TINY, **bad})
     assert not (tmp_path / "x").exists()
-    result = CliRunner().invoke(app, ["synth", "fundus-grading", str(tmp_path / "y"), "--amd-per-class", "2"])
+    result = kdcli_run("synth", "fundus-grading", str(tmp_path / "y"), "--amd-per-class", "2", ok=False)
     assert result.exit_code == 2 and "amd_per_class" in result.output and "Traceback" not in result.output
 
 
@@ -203,15 +202,13 @@ def test_impossible_options_are_refused_before_anything_is_written(tmp_path, bad
 
 def test_cli_writes_the_phantom_and_prepare_splits_takes_its_split(tmp_path) -> None:
     raw, out = tmp_path / "raw", tmp_path / "shards"
-    made = CliRunner().invoke(app, ["synth", "fundus-grading", str(raw), "--per-class", "6", "--amd-per-class",
-                                    "4", "--size", "32", "--label-noise", "0.3", "--test-per-class", "3"])
-    assert made.exit_code == 0, made.output
+    made = kdcli_run("synth", "fundus-grading", str(raw), "--per-class", "6", "--amd-per-class",
+                     "4", "--size", "32", "--label-noise", "0.3", "--test-per-class", "3")
     assert "--splits" in made.output and "training grades moved" in made.output
     for task, csv_name in (("dr", "trainLabels.csv"), ("amd", "labels.csv")):
-        done = CliRunner().invoke(app, ["prepare", "fundus-grading", str(raw / task), "--labels",
-                                        str(raw / task / csv_name), "--task", task, "--out", str(out), "--size", "32",
-                                        "--splits", str(raw / task / "splits.csv")])
-        assert done.exit_code == 0, done.output
+        kdcli_run("prepare", "fundus-grading", str(raw / task), "--labels",
+                  str(raw / task / csv_name), "--task", task, "--out", str(out), "--size", "32",
+                  "--splits", str(raw / task / "splits.csv"))
     manifest = pl.read_parquet(out / "manifest.parquet")
     latents = {f"{row['set']}:{row['image']}": row for row in _csv_rows(raw / LATENTS_NAME)}
     assert set(manifest["id"]) == set(latents)
@@ -229,9 +226,8 @@ def test_without_noise_or_pool_the_phantoms_split_is_prepares_default(tmp_path) 
     raw = tmp_path / "raw"
     info = synth_fundus_grading(raw, **TINY)
     for task, st in info["sets"].items():
-        done = CliRunner().invoke(app, ["prepare", "fundus-grading", str(raw / task), "--labels", st["labels"],
-                                        "--task", task, "--out", str(tmp_path / "s"), "--size", "32"])
-        assert done.exit_code == 0, done.output
+        kdcli_run("prepare", "fundus-grading", str(raw / task), "--labels", st["labels"],
+                  "--task", task, "--out", str(tmp_path / "s"), "--size", "32")
     manifest = pl.read_parquet(tmp_path / "s" / "manifest.parquet")
     written = {f"{task}:{row['image']}": row["split"] for task, st in info["sets"].items()
                for row in _csv_rows(Path(st["splits"]))}
@@ -268,8 +264,7 @@ def test_bench_distill_fundus_grading_trains_on_the_phantoms_split(tmp_path) -> 
     out = tmp_path / "bench"
     args = ["bench", "distill", "fundus-grading", "--quick", "--sizes", "3", "--seeds", "2", "--epochs", "1",
             "--label-smoothing", "0", "--label-noise", "0.2", "--out", str(out), "--json"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = kdcli_run(*args)
     report = json.loads(result.stdout)
     assert {(r["method"], r["variant"], r["metric"]) for r in report["rows"]} == {
         ("sall", v, m) for v in ("shared", "independent") for m in ("amd_accuracy", "dr_accuracy")}

@@ -12,10 +12,9 @@ import cv2
 import numpy as np
 import polars as pl
 import pytest
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.errors import UsageError
 from kdcli.evaluate.run import run_model
@@ -24,17 +23,6 @@ from kdcli.shards.reader import ShardStore
 
 FAST = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu"]
 TASKS = ("dr", "amd")
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +40,9 @@ def grading(tmp_path_factory) -> dict[str, Path]:
                                source_options={"labels": labels, "task": task}))
     paths = {"shards": shards, **{name: root / f"{name}.pt" for name in (*TASKS, "sall")}}
     for task in TASKS:
-        ok("teach", "--data", shards, "--task", task, "--out", paths[task], *FAST)
-    ok("distill", "--data", shards, "--teacher", paths["dr"], "--teacher", paths["amd"], "--method", "sall",
-       "--out", paths["sall"], *FAST)
+        kdcli_run("teach", "--data", shards, "--task", task, "--out", paths[task], *FAST)
+    kdcli_run("distill", "--data", shards, "--teacher", paths["dr"], "--teacher", paths["amd"], "--method", "sall",
+              "--out", paths["sall"], *FAST)
     return paths
 
 
@@ -64,8 +52,8 @@ def task_rows(shards: Path, task: str) -> pl.DataFrame:
 
 def test_evaluate_sall_reports_each_task_on_its_own_rows(grading, tmp_path):
     shards = grading["shards"]
-    result = ok("evaluate", grading["sall"], "--data", shards, "--json", "--predictions", tmp_path / "p.csv",
-                "--figure", tmp_path / "cm.png")
+    result = kdcli_run("evaluate", grading["sall"], "--data", shards, "--json", "--predictions", tmp_path / "p.csv",
+                       "--figure", tmp_path / "cm.png")
     report = json.loads(result.stdout)  # the table went to stderr: stdout is pure JSON
     assert report["tasks"] == list(TASKS) and set(report["metrics"]) == set(TASKS)
     predictions = pl.read_csv(tmp_path / "p.csv")
@@ -84,15 +72,15 @@ def test_evaluate_sall_reports_each_task_on_its_own_rows(grading, tmp_path):
     assert amd["prob_4"].is_null().all()  # AMD has 4 grades, DR 5: the fifth column is empty for AMD
     probs = amd.select(f"prob_{i}" for i in range(4)).to_numpy()
     assert abs(probs.sum(1) - 1).max() < 1e-4 and (amd["prediction"].to_numpy() == probs.argmax(1)).all()
-    table = ok("evaluate", grading["sall"], "--data", shards).output
+    table = kdcli_run("evaluate", grading["sall"], "--data", shards).output
     for task in TASKS:  # one table row per task: name, n, accuracy...
         n = report["metrics"][task]["n"]
         assert re.search(rf"│ {task}\s+│\s+{n} │", table), table
 
 
 def test_evaluate_single_task_teacher_reports_its_task_only(grading, tmp_path):
-    result = ok("evaluate", grading["dr"], "--data", grading["shards"], "--json", "--predictions",
-                tmp_path / "p.parquet")
+    result = kdcli_run("evaluate", grading["dr"], "--data", grading["shards"], "--json", "--predictions",
+                       tmp_path / "p.parquet")
     report = json.loads(result.stdout)
     assert list(report["metrics"]) == ["dr"]
     assert report["metrics"]["dr"]["n"] == task_rows(grading["shards"], "dr").height
@@ -106,7 +94,8 @@ def test_teacher_of_a_task_the_dataset_lacks_is_refused(command, grading, tmp_pa
     checkpoint = load_checkpoint(grading["dr"])
     fake = tmp_path / "glaucoma.pt"
     save_checkpoint(fake, {**checkpoint.meta, "label_task": "glaucoma"}, checkpoint.model)
-    result = run(command, fake, "--data", grading["shards"], *(["--out", tmp_path / "x"] * (command == "explain")))
+    result = kdcli_run(command, fake, "--data", grading["shards"],
+                       *(["--out", tmp_path / "x"] * (command == "explain")), ok=False)
     assert_one_line_error(result, "glaucoma")
 
 
@@ -135,7 +124,7 @@ def explained(index: Path, heads: int) -> dict:
 
 
 def test_explain_sall_shows_every_head_side_by_side(grading, tmp_path):
-    ok("explain", grading["sall"], "--data", grading["shards"], "--out", tmp_path / "ex", "--count", 6)
+    kdcli_run("explain", grading["sall"], "--data", grading["shards"], "--out", tmp_path / "ex", "--count", 6)
     report = explained(tmp_path / "ex" / "index.html", heads=2)
     store = ShardStore(grading["shards"])
     assert report["tasks"] == list(TASKS) and len(report["images"]) == 6
@@ -153,7 +142,7 @@ def test_explain_sall_shows_every_head_side_by_side(grading, tmp_path):
 
 
 def test_explain_single_task_teacher_covers_its_rows_only(grading, tmp_path):
-    ok("explain", grading["dr"], "--data", grading["shards"], "--out", tmp_path / "ex", "--count", 50)
+    kdcli_run("explain", grading["dr"], "--data", grading["shards"], "--out", tmp_path / "ex", "--count", 50)
     report = explained(tmp_path / "ex" / "index.html", heads=1)
     ids = [r["id"] for r in report["images"]]
     assert sorted(ids) == sorted(task_rows(grading["shards"], "dr")["id"])
@@ -161,6 +150,8 @@ def test_explain_single_task_teacher_covers_its_rows_only(grading, tmp_path):
     assert np.unique([r["label"] for r in report["images"]]).size > 1
 
 
+# slow: two more SALL runs; SALL stays fast through the module's student, the cache through test_teacher_cache
+@pytest.mark.slow
 def test_sall_with_the_teacher_cache_matches_the_online_teachers_soft_labels(grading, tmp_path):
     """Without augmentation the cached and the online teachers see the same images: same training, same weights."""
     import torch
@@ -169,8 +160,8 @@ def test_sall_with_the_teacher_cache_matches_the_online_teachers_soft_labels(gra
 
     common = ["distill", "--data", grading["shards"], "--teacher", grading["dr"], "--teacher", grading["amd"],
               "--method", "sall", *FAST, "--set", "augment=none"]
-    ok(*common, "--out", tmp_path / "online.pt")
-    ok(*common, "--cache-teacher", "--out", tmp_path / "cached.pt")
+    kdcli_run(*common, "--out", tmp_path / "online.pt")
+    kdcli_run(*common, "--cache-teacher", "--out", tmp_path / "cached.pt")
     online, cached = load_checkpoint(tmp_path / "online.pt").model, load_checkpoint(tmp_path / "cached.pt").model
     assert all(torch.allclose(online[k].float(), cached[k].float(), atol=1e-5) for k in online)
     assert list((grading["shards"] / "cache").glob("teacher-*.h5"))

@@ -5,6 +5,7 @@ dependencies too, only deferred. A new circle fails here, naming its modules."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import kdcli
@@ -17,6 +18,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache  # parsed once for the three tests below; kdcli's files do not change during a run
 def import_graph() -> dict[str, set[str]]:
     """module -> the kdcli modules it imports anywhere in its body (from-imports of a submodule included)."""
     paths = {module_name(path): path for path in ROOT.rglob("*.py")}

@@ -16,17 +16,10 @@ import h5py
 import polars as pl
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
-
-from kdcli.cli import app
 
 PIXELS = ("fundus", "oct")
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def copy_of(shards: Path, tmp_path: Path, name: str = "copy") -> Path:
@@ -113,11 +106,11 @@ def test_a_changed_dataset_is_refused_by_every_reader(multieye_shards, oct_teach
     out = tmp_path / "out"
     out.mkdir()
     if command == "teach":
-        result = run("teach", "--data", data, "--out", out / "oct.pt", "--modality", "oct", *FAST)
+        result = kdcli_run("teach", "--data", data, "--out", out / "oct.pt", "--modality", "oct", *FAST, ok=False)
     elif command == "evaluate":
-        result = run("evaluate", oct_teacher, "--data", data, "--figure", out / "cm.png")
+        result = kdcli_run("evaluate", oct_teacher, "--data", data, "--figure", out / "cm.png", ok=False)
     else:
-        result = run("inspect", data)
+        result = kdcli_run("inspect", data, ok=False)
     assert_one_line_error(result, named, needle)
     assert not list(out.iterdir())  # nothing written: no checkpoint, config, metrics or figure
     assert oct_teacher.read_bytes() == before
@@ -138,17 +131,18 @@ def test_an_edit_that_keeps_size_and_time_is_caught_where_the_bytes_matter(multi
     shard = first_shard(data)
     restore_time(shard, lambda: invert_pixels(data))
     if command == "evaluate":
-        result = run("evaluate", oct_teacher, "--data", data, "--split", "test", "--figure", tmp_path / "cm.png")
+        result = kdcli_run("evaluate", oct_teacher, "--data", data, "--split", "test", "--figure", tmp_path / "cm.png",
+                           ok=False)
         assert not (tmp_path / "cm.png").exists()
     else:
-        result = run("inspect", data, "--verify")
+        result = kdcli_run("inspect", data, "--verify", ok=False)
     assert_one_line_error(result, shard.name, "differs from its recorded digest")
 
 
 def test_inspect_verify_rehashes_a_manifest_edited_with_its_time_restored(multieye_shards, tmp_path):
     data = copy_of(multieye_shards, tmp_path)
     restore_time(data / "manifest.parquet", lambda: relabel_manifest(data))
-    assert_one_line_error(run("inspect", data, "--verify"), "dataset.json", "content_hash")
+    assert_one_line_error(kdcli_run("inspect", data, "--verify", ok=False), "dataset.json", "content_hash")
 
 
 def test_a_copy_without_times_is_rehashed_once_then_fingerprinted_by_verify(multieye_shards, tmp_path):
@@ -156,10 +150,9 @@ def test_a_copy_without_times_is_rehashed_once_then_fingerprinted_by_verify(mult
 
     data = tmp_path / "plain-copy"
     shutil.copytree(multieye_shards, data, copy_function=shutil.copyfile)  # new mtimes, same bytes
-    first = run("inspect", data, "--json")
-    assert first.exit_code == 0, first.output
+    first = kdcli_run("inspect", data, "--json")
     assert "re-hashed and match" in first.stderr and "inspect --verify" in first.stderr
-    verified = run("inspect", data, "--verify", "--json")
+    verified = kdcli_run("inspect", data, "--verify", "--json", ok=False)
     assert verified.exit_code == 0 and json.loads(verified.stdout)["fingerprints_recorded"] is True
     recorded = json.loads((data / FINGERPRINTS).read_text())["shards"]
     shard = sorted((data / "shards").glob("*.h5"))[0]
@@ -167,18 +160,17 @@ def test_a_copy_without_times_is_rehashed_once_then_fingerprinted_by_verify(mult
     from kdcli.shards import integrity
 
     integrity.clear_process_cache()
-    again = run("inspect", data, "--json")
+    again = kdcli_run("inspect", data, "--json", ok=False)
     assert again.exit_code == 0 and "re-hashed" not in again.stderr
 
 
 def test_a_dataset_without_fingerprints_opens_after_a_full_check(multieye_shards, tmp_path):
     data = copy_of(multieye_shards, tmp_path)
     (data / "fingerprints.json").unlink()  # as an older kdcli wrote it
-    result = run("inspect", data, "--json")
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("inspect", data, "--json")
     assert "no fingerprints.json" in result.stderr
     invert_pixels(data)
-    assert_one_line_error(run("inspect", data), first_shard(data).name, "digest")
+    assert_one_line_error(kdcli_run("inspect", data, ok=False), first_shard(data).name, "digest")
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -202,12 +194,12 @@ def test_a_checkpoint_with_flipped_tensor_bytes_is_refused(multieye_shards, oct_
     flip_tensor_bytes(damaged)
     out = tmp_path / "out"
     if command == "evaluate":
-        result = run("evaluate", damaged, "--data", multieye_shards, "--figure", out / "cm.png")
+        result = kdcli_run("evaluate", damaged, "--data", multieye_shards, "--figure", out / "cm.png", ok=False)
     elif command == "explain":
-        result = run("explain", damaged, "--data", multieye_shards, "--out", out, "--count", "2")
+        result = kdcli_run("explain", damaged, "--data", multieye_shards, "--out", out, "--count", "2", ok=False)
     else:
-        result = run("distill", "--data", multieye_shards, "--teacher", damaged, "--student", "fundus",
-                     "--method", "coda", "--out", out / "s.pt", *FAST)
+        result = kdcli_run("distill", "--data", multieye_shards, "--teacher", damaged, "--student", "fundus",
+                           "--method", "coda", "--out", out / "s.pt", *FAST, ok=False)
     assert_one_line_error(result, str(damaged), "digest")
     assert not out.exists() or not list(out.iterdir())
 
@@ -217,8 +209,7 @@ def test_a_checkpoint_from_before_digests_still_loads_with_a_note(multieye_shard
     del payload["digest"]
     old = tmp_path / "old.pt"
     torch.save(payload, old)
-    result = run("evaluate", old, "--data", multieye_shards, "--figure", tmp_path / "cm.png", "--json")
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("evaluate", old, "--data", multieye_shards, "--figure", tmp_path / "cm.png", "--json")
     assert "predates checkpoint digests" in result.stderr
 
 
@@ -233,16 +224,15 @@ def test_a_teacher_is_recorded_by_the_sha256_of_its_file_bytes(fundus_student, o
     assert load_checkpoint(fundus_student).meta["teacher"]["sha256"] == whole
 
 
+# slow: a second prepare and two evaluates; the integrity checks on open stay fast above
+@pytest.mark.slow
 def test_data_hash_matches_compares_the_data_read(multieye_raw, multieye_shards, oct_teacher, tmp_path):
-    same = run("evaluate", oct_teacher, "--data", copy_of(multieye_shards, tmp_path), "--json",
-               "--figure", tmp_path / "a.png")
-    assert same.exit_code == 0, same.output
+    same = kdcli_run("evaluate", oct_teacher, "--data", copy_of(multieye_shards, tmp_path), "--json",
+                     "--figure", tmp_path / "a.png")
     assert json.loads(same.stdout)["data_hash_matches"] is True
     other = tmp_path / "median"  # the same images, filtered: other bytes, same classes and modalities
-    prepared = run("prepare", "multieye", multieye_raw, "--out", other, "--size", "32", "--median", "3")
-    assert prepared.exit_code == 0, prepared.output
-    result = run("evaluate", oct_teacher, "--data", other, "--json", "--figure", tmp_path / "b.png")
-    assert result.exit_code == 0, result.output
+    kdcli_run("prepare", "multieye", multieye_raw, "--out", other, "--size", "32", "--median", "3")
+    result = kdcli_run("evaluate", oct_teacher, "--data", other, "--json", "--figure", tmp_path / "b.png")
     assert json.loads(result.stdout)["data_hash_matches"] is False
 
 
@@ -253,8 +243,7 @@ def test_data_hash_matches_compares_the_data_read(multieye_raw, multieye_shards,
 def interrupted(multieye_shards, tmp_path_factory) -> Path:
     """A teach run's outputs (best, .last.pt, config.json) to resume."""
     out = tmp_path_factory.mktemp("resume") / "oct.pt"
-    result = run("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, *FAST)
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, *FAST)
     return out
 
 
@@ -274,7 +263,7 @@ def outputs(out: Path) -> dict[str, bytes]:
 def test_resume_of_another_run_is_refused_naming_what_differs(interrupted, multieye_raw, tmp_path, change, needles):
     if "OTHER" in change:
         other = tmp_path / "other"
-        assert run("prepare", "multieye", multieye_raw, "--out", other, "--size", "32", "--median", "3").exit_code == 0
+        kdcli_run("prepare", "multieye", multieye_raw, "--out", other, "--size", "32", "--median", "3")
         change = ["--data", str(other)]
     config = json.loads(interrupted.with_name("oct.config.json").read_text())
     args = ["--data", config["data"], "--modality", "oct", "--out", interrupted, *FAST, "--resume"]
@@ -285,7 +274,7 @@ def test_resume_of_another_run_is_refused_naming_what_differs(interrupted, multi
         else:
             args += [flag, value]
     before = outputs(interrupted)
-    result = run("teach", *args)
+    result = kdcli_run("teach", *args, ok=False)
     assert_one_line_error(result, "oct.last.pt", "--resume of another run", *needles)
     assert outputs(interrupted) == before  # config.json still says what the checkpoints were trained with
 
@@ -294,7 +283,6 @@ def test_resume_may_change_where_the_run_goes(interrupted):
     config = json.loads(interrupted.with_name("oct.config.json").read_text())
     args = ["--data", config["data"], "--modality", "oct", "--out", interrupted, *FAST, "--resume"]
     args[args.index("--workers") + 1] = "1"
-    result = run("teach", *args)
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("teach", *args)
     assert "resuming at epoch" in result.output
 

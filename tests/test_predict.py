@@ -15,26 +15,14 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.models.classifier import Classifier, default_normalisation
 from kdcli.predict.inputs import case_items, expand, image_items
 from kdcli.shards.reader import ShardStore
 
-runner = CliRunner()
 ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--model", "test_resnet", "--device", "cpu"]
-
-
-def cli(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args) -> object:
-    result = cli(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def probabilities(frame: pl.DataFrame, classes: list[str]) -> np.ndarray:
@@ -85,8 +73,8 @@ def photos(tmp_path) -> dict[str, Path]:
 
 def test_bad_inputs_are_one_line_each_and_the_rest_is_written(photos, tmp_path) -> None:
     out = tmp_path / "preds.csv"
-    result = cli("predict", photos["checkpoint"], photos["folder"], photos["notes"], tmp_path / "missing.png",
-                 str(tmp_path / "none" / "*.png"), "--out", out, "--device", "cpu")
+    result = kdcli_run("predict", photos["checkpoint"], photos["folder"], photos["notes"], tmp_path / "missing.png",
+                       str(tmp_path / "none" / "*.png"), "--out", out, "--device", "cpu", ok=False)
     assert result.exit_code == 1, result.output
     failed = [line for line in result.output.splitlines() if line.startswith("failed ")]
     assert len(failed) == 4, result.output  # truncated PNG, text file, missing file, empty pattern
@@ -100,7 +88,8 @@ def test_bad_inputs_are_one_line_each_and_the_rest_is_written(photos, tmp_path) 
 
 def test_strict_stops_at_the_first_bad_input_and_writes_nothing(photos, tmp_path) -> None:
     out = tmp_path / "preds.csv"
-    result = cli("predict", photos["checkpoint"], photos["folder"], "--out", out, "--strict", "--device", "cpu")
+    result = kdcli_run("predict", photos["checkpoint"], photos["folder"], "--out", out, "--strict", "--device", "cpu",
+                       ok=False)
     assert result.exit_code == 1 and "broken.png" in result.output and "error:" in result.output, result.output
     assert not out.exists() and not list(tmp_path.glob(".preds*"))
 
@@ -109,7 +98,8 @@ def test_output_formats_agree(photos, tmp_path) -> None:
     frames = {}
     for suffix in ("csv", "parquet", "json"):
         out = tmp_path / f"preds.{suffix}"
-        ok("predict", photos["checkpoint"], *photos["good"], "--out", out, "--device", "cpu", "--batch-size", "2")
+        kdcli_run("predict", photos["checkpoint"], *photos["good"], "--out", out, "--device", "cpu", "--batch-size",
+                  "2")
         frames[suffix] = (pl.read_csv(out) if suffix == "csv" else pl.read_parquet(out) if suffix == "parquet"
                           else pl.DataFrame(json.loads(out.read_text())))
     classes = ["c0", "c1", "c2", "c3"]
@@ -125,7 +115,7 @@ def test_explain_writes_a_grad_cam_overlay_per_image(photos, tmp_path) -> None:
     import cv2
 
     out = tmp_path / "preds.csv"
-    ok("predict", photos["checkpoint"], *photos["good"], "--out", out, "--device", "cpu", "--explain")
+    kdcli_run("predict", photos["checkpoint"], *photos["good"], "--out", out, "--device", "cpu", "--explain")
     pngs = sorted((tmp_path / "preds").glob("*.gradcam.png"))
     assert [p.name for p in pngs] == ["eye0.gradcam.png", "eye1.gradcam.png", "eye2.gradcam.png"]
     assert pl.read_csv(out)["explanation"].to_list() == [str(p) for p in pngs]
@@ -134,13 +124,13 @@ def test_explain_writes_a_grad_cam_overlay_per_image(photos, tmp_path) -> None:
 
 
 def test_a_bad_out_name_is_refused_before_any_work(photos, tmp_path) -> None:
-    result = cli("predict", tmp_path / "no-such.pt", photos["folder"], "--out", tmp_path / "preds.xlsx")
+    result = kdcli_run("predict", tmp_path / "no-such.pt", photos["folder"], "--out", tmp_path / "preds.xlsx", ok=False)
     assert result.exit_code == 2 and ".csv, .parquet or .json" in result.output, result.output
 
 
 def test_a_checkpoint_without_a_preprocessing_record_needs_its_dataset(photos, tmp_path) -> None:
     old = handmade_classifier(tmp_path / "old.pt", record=False)
-    result = cli("predict", old, photos["good"][0], "--out", tmp_path / "p.csv", "--device", "cpu")
+    result = kdcli_run("predict", old, photos["good"][0], "--out", tmp_path / "p.csv", "--device", "cpu", ok=False)
     assert result.exit_code == 1 and "--data" in result.output and "Traceback" not in result.output, result.output
 
 
@@ -154,7 +144,7 @@ def test_multi_head_checkpoints_give_every_head_its_columns(tmp_path) -> None:
                            "modalities": {"fundus": {"shape": [32, 32, 3], "dtype": "uint8"}}}}
     save_checkpoint(tmp_path / "sall.pt", meta, Classifier(spec).state_dict())
     image = write_png(tmp_path / "eye.png", 1)
-    ok("predict", tmp_path / "sall.pt", image, "--out", tmp_path / "p.csv", "--device", "cpu")
+    kdcli_run("predict", tmp_path / "sall.pt", image, "--out", tmp_path / "p.csv", "--device", "cpu")
     frame = pl.read_csv(tmp_path / "p.csv")
     for task, classes in tasks.items():
         probs = frame.select([f"prob_{task}_{c}" for c in classes]).to_numpy()
@@ -206,11 +196,12 @@ def multieye_images(raw: Path, split: str) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def multieye_run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict-multieye")
-    ok("synth", "multieye", root / "raw", "--per-class", "3", "--size", "40")
+    kdcli_run("synth", "multieye", root / "raw", "--per-class", "3", "--size", "40")
     # CLAHE and a median filter: preprocessing predict must repeat from the checkpoint's record
-    ok("prepare", "multieye", root / "raw", "--out", root / "shards", "--size", "32", "--clahe", "--median", "3")
+    kdcli_run("prepare", "multieye", root / "raw", "--out", root / "shards", "--size", "32", "--clahe", "--median", "3")
     for modality in ("fundus", "oct"):
-        ok("teach", "--data", root / "shards", "--modality", modality, "--out", root / f"{modality}.pt", *ONE_EPOCH)
+        kdcli_run("teach", "--data", root / "shards", "--modality", modality, "--out", root / f"{modality}.pt",
+                  *ONE_EPOCH)
     return {"root": root, "raw": root / "raw", "shards": root / "shards"}
 
 
@@ -220,10 +211,10 @@ def test_predict_on_raw_multieye_files_equals_evaluate_on_the_shards(multieye_ru
     root, checkpoint = multieye_run["root"], multieye_run["root"] / f"{modality}.pt"
     meta = load_checkpoint(checkpoint).meta
     assert meta["preprocess"]["options"] == {"clahe": True, "median": 3}
-    ok("evaluate", checkpoint, "--predictions", root / f"{modality}.eval.csv", "--device", "cpu", "--json")
+    kdcli_run("evaluate", checkpoint, "--predictions", root / f"{modality}.eval.csv", "--device", "cpu", "--json")
     files = multieye_images(multieye_run["raw"], "test")[modality]
     out = root / f"{modality}.predict.csv"
-    ok("predict", checkpoint, *files.values(), "--out", out, "--device", "cpu", "--batch-size", "4")
+    kdcli_run("predict", checkpoint, *files.values(), "--out", out, "--device", "cpu", "--batch-size", "4")
     evaluated = pl.read_csv(root / f"{modality}.eval.csv").with_columns(
         pl.col("id").str.replace(f"^{modality}:", ""))
     predicted = pl.read_csv(out)
@@ -258,12 +249,13 @@ def test_predict_reads_the_pixels_prepare_stored(multieye_run) -> None:
 @pytest.mark.slow
 def test_predict_on_raw_xrays_and_dicoms_equals_evaluate(tmp_path) -> None:
     raw, shards = tmp_path / "raw", tmp_path / "shards"
-    ok("synth", "cxr", raw, "--per-class", "3", "--size", "96", "--dicom-fraction", "0.5", "--gaze", "none")
-    ok("prepare", "cxr", raw, "--out", shards, "--size", "32")
-    ok("teach", "--data", shards, "--modality", "xray", "--out", tmp_path / "xray.pt", "--head", "linear", *ONE_EPOCH)
-    ok("evaluate", tmp_path / "xray.pt", "--predictions", tmp_path / "eval.parquet", "--device", "cpu", "--json")
-    ok("predict", tmp_path / "xray.pt", str(raw / "images_*" / "images"), "--out", tmp_path / "raw.parquet",
-       "--device", "cpu", "--workers", "1")
+    kdcli_run("synth", "cxr", raw, "--per-class", "3", "--size", "96", "--dicom-fraction", "0.5", "--gaze", "none")
+    kdcli_run("prepare", "cxr", raw, "--out", shards, "--size", "32")
+    kdcli_run("teach", "--data", shards, "--modality", "xray", "--out", tmp_path / "xray.pt", "--head", "linear",
+              *ONE_EPOCH)
+    kdcli_run("evaluate", tmp_path / "xray.pt", "--predictions", tmp_path / "eval.parquet", "--device", "cpu", "--json")
+    kdcli_run("predict", tmp_path / "xray.pt", str(raw / "images_*" / "images"), "--out", tmp_path / "raw.parquet",
+              "--device", "cpu", "--workers", "1")
     evaluated, predicted = pl.read_parquet(tmp_path / "eval.parquet"), pl.read_parquet(tmp_path / "raw.parquet")
     assert predicted["path"].str.ends_with(".dcm").any(), "the phantom should hold DICOMs"
     # the CSV names images .png even where the file on disk is the DICOM of the same stem
@@ -293,19 +285,21 @@ def scrambled(checkpoint: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_predict_on_raw_brats_cases_writes_the_volumes_evaluate_writes(tmp_path) -> None:
     raw, shards = tmp_path / "raw", tmp_path / "shards"
-    ok("synth", "brats", raw, "--cases", "6", "--size", "32")
-    ok("prepare", "brats", raw, "--out", shards, "--size", "32")
-    ok("teach", "--data", shards, "--modality", "t1ce", "--out", tmp_path / "t1ce.pt", "--epochs", "1",
-       "--batch-size", "16", "--workers", "0", "--model", "plain-4-2", "--device", "cpu")
+    kdcli_run("synth", "brats", raw, "--cases", "6", "--size", "32")
+    kdcli_run("prepare", "brats", raw, "--out", shards, "--size", "32")
+    kdcli_run("teach", "--data", shards, "--modality", "t1ce", "--out", tmp_path / "t1ce.pt", "--epochs", "1",
+              "--batch-size", "16", "--workers", "0", "--model", "plain-4-2", "--device", "cpu")
     checkpoint = scrambled(tmp_path / "t1ce.pt", tmp_path / "scrambled.pt")
-    ok("evaluate", checkpoint, "--data", shards, "--predictions", tmp_path / "evaluated", "--device", "cpu", "--json")
+    kdcli_run("evaluate", checkpoint, "--data", shards, "--predictions", tmp_path / "evaluated", "--device", "cpu",
+              "--json")
     cases = sorted(p.name.removesuffix(".nii.gz") for p in (tmp_path / "evaluated").glob("*.nii.gz"))
     assert cases
-    result = ok("predict", checkpoint, *(raw / c for c in cases), "--out", tmp_path / "cases.csv", "--device", "cpu",
-                "--explain")
+    result = kdcli_run("predict", checkpoint, *(raw / c for c in cases), "--out", tmp_path / "cases.csv", "--device",
+                       "cpu", "--explain")
     assert "failed" not in result.output
-    single = ok("predict", checkpoint, raw / cases[0] / f"{cases[0]}_t1ce.nii.gz", "--out", tmp_path / "one.json",
-                "--device", "cpu")
+    single = kdcli_run("predict", checkpoint, raw / cases[0] / f"{cases[0]}_t1ce.nii.gz", "--out",
+                       tmp_path / "one.json",
+                       "--device", "cpu")
     assert "failed" not in single.output
     table = pl.read_csv(tmp_path / "cases.csv")
     assert table["id"].to_list() == cases
@@ -329,11 +323,11 @@ def test_predict_on_raw_slides_scores_them_as_evaluate_does(tmp_path) -> None:
     from kdcli.train import load_model
 
     raw, shards = tmp_path / "raw", tmp_path / "shards"
-    ok("synth", "camelyon", raw, "--slides", "8", "--size", "1024")
-    ok("prepare", "camelyon", raw, "--out", shards, "--patch-size", "128", "--max-patches", "6", "--size", "32")
-    ok("teach", "--data", shards, "--modality", "wsi", "--out", tmp_path / "wsi.pt", "--epochs", "1", "--batch-size",
-       "4", "--workers", "0", "--model", "test_resnet", "--device", "cpu")
-    ok("predict", tmp_path / "wsi.pt", raw / "slides", "--out", tmp_path / "slides.csv", "--device", "cpu")
+    kdcli_run("synth", "camelyon", raw, "--slides", "8", "--size", "1024")
+    kdcli_run("prepare", "camelyon", raw, "--out", shards, "--patch-size", "128", "--max-patches", "6", "--size", "32")
+    kdcli_run("teach", "--data", shards, "--modality", "wsi", "--out", tmp_path / "wsi.pt", "--epochs", "1",
+              "--batch-size", "4", "--workers", "0", "--model", "test_resnet", "--device", "cpu")
+    kdcli_run("predict", tmp_path / "wsi.pt", raw / "slides", "--out", tmp_path / "slides.csv", "--device", "cpu")
     table = pl.read_csv(tmp_path / "slides.csv")
     checkpoint = load_checkpoint(tmp_path / "wsi.pt")
     model, store = load_model(checkpoint), ShardStore(shards)
@@ -359,6 +353,6 @@ def test_slide_models_predict_cannot_feed_are_refused_in_one_line(tmp_path) -> N
                            "modalities": {"wsi": {"shape": [32, 32, 3], "dtype": "uint8"}}}}
     save_checkpoint(tmp_path / "mm.pt", meta, MILClassifier(spec).state_dict())
     (tmp_path / "slide.tif").write_bytes(b"")
-    result = cli("predict", tmp_path / "mm.pt", tmp_path / "slide.tif", "--out", tmp_path / "p.csv")
+    result = kdcli_run("predict", tmp_path / "mm.pt", tmp_path / "slide.tif", "--out", tmp_path / "p.csv", ok=False)
     assert result.exit_code == 2 and "no WSI-only head" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "p.csv").exists()

@@ -8,16 +8,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
-
-from kdcli.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +23,10 @@ def grading_raw(tmp_path_factory) -> Path:
 
 
 def prepare_both(raw: Path, out: Path, *extra: str):
-    first = run("prepare", "fundus-grading", raw / "dr", "--labels", raw / "dr" / "trainLabels.csv", "--task", "dr",
-                "--out", out, "--size", "32", *extra)
-    second = run("prepare", "fundus-grading", raw / "amd", "--labels", raw / "amd" / "labels.csv", "--task", "amd",
-                 "--out", out, "--size", "32", *extra)
+    first = kdcli_run("prepare", "fundus-grading", raw / "dr", "--labels", raw / "dr" / "trainLabels.csv",
+                      "--task", "dr", "--out", out, "--size", "32", *extra, ok=False)
+    second = kdcli_run("prepare", "fundus-grading", raw / "amd", "--labels", raw / "amd" / "labels.csv",
+                       "--task", "amd", "--out", out, "--size", "32", *extra, ok=False)
     return first, second
 
 
@@ -51,7 +43,7 @@ def test_two_sets_append_into_one_dataset_that_records_each_task(grading_raw, tm
     dr_rows = manifest.filter(pl.col("task") == "dr")
     assert dict(zip(dr_rows["id"], dr_rows["label"], strict=True)) == {
         f"dr:{name}": level for name, level in zip(dr_csv["image"], dr_csv["level"], strict=True)}
-    inspected = run("inspect", tmp_path / "s", "--json", "--verify")
+    inspected = kdcli_run("inspect", tmp_path / "s", "--json", "--verify", ok=False)
     assert inspected.exit_code == 0 and json.loads(inspected.stdout)["verified"] is True
     assert len(meta["extra"]["prepare_runs"]) == 2
 
@@ -66,19 +58,19 @@ def test_patients_never_straddle_splits(grading_raw, tmp_path):
 def test_the_same_task_again_is_refused_then_replaced_with_overwrite(grading_raw, tmp_path):
     prepare_both(grading_raw, tmp_path / "s")
     before = (tmp_path / "s" / "dataset.json").read_bytes()
-    again = run("prepare", "fundus-grading", grading_raw / "dr", "--labels", grading_raw / "dr" / "trainLabels.csv",
-                "--task", "dr", "--out", tmp_path / "s", "--size", "32")
+    again = kdcli_run("prepare", "fundus-grading", grading_raw / "dr", "--labels",
+                      grading_raw / "dr" / "trainLabels.csv", "--task", "dr", "--out", tmp_path / "s", "--size", "32",
+                      ok=False)
     assert_one_line_error(again, "already holds task dr", "--overwrite")
     assert (tmp_path / "s" / "dataset.json").read_bytes() == before
-    replaced = run("prepare", "fundus-grading", grading_raw / "aptos" / "dr", "--labels",
-                   grading_raw / "aptos" / "dr" / "train.csv", "--task", "dr", "--out", tmp_path / "s", "--size", "32",
-                   "--overwrite")
-    assert replaced.exit_code == 0, replaced.output
+    kdcli_run("prepare", "fundus-grading", grading_raw / "aptos" / "dr", "--labels",
+              grading_raw / "aptos" / "dr" / "train.csv", "--task", "dr", "--out", tmp_path / "s", "--size", "32",
+              "--overwrite")
     manifest = pl.read_parquet(tmp_path / "s" / "manifest.parquet")
     assert manifest.group_by("task").len().sort("task").rows() == [("amd", 20), ("dr", 15)]
     on_disk = {p.name for p in (tmp_path / "s" / "shards").glob("*.h5")}
     assert on_disk == set(manifest["shard"])  # the replaced set's shards are gone, nothing orphaned
-    assert run("inspect", tmp_path / "s", "--verify").exit_code == 0
+    kdcli_run("inspect", tmp_path / "s", "--verify")
 
 
 def test_bad_csvs_name_the_row_and_leave_the_dataset_whole(grading_raw, tmp_path):
@@ -91,8 +83,8 @@ def test_bad_csvs_name_the_row_and_leave_the_dataset_whole(grading_raw, tmp_path
 
     def attempt(text: str, *needles: str, task: str = "amd2", extra: tuple = ()) -> None:
         csv.write_text(text)
-        result = run("prepare", "fundus-grading", bad, "--labels", csv, "--task", task, "--out", tmp_path / "s",
-                     "--size", "32", *extra)
+        result = kdcli_run("prepare", "fundus-grading", bad, "--labels", csv, "--task", task, "--out", tmp_path / "s",
+                           "--size", "32", *extra, ok=False)
         assert_one_line_error(result, *needles)
         assert (tmp_path / "s" / "manifest.parquet").read_bytes() == before
 
@@ -111,10 +103,9 @@ def test_other_column_names_and_folders_via_options(grading_raw, tmp_path):
     (data / "images").rename(data / "pictures")
     frame = pl.read_csv(data / "labels.csv").rename({"image": "file", "level": "grade"})
     frame.write_csv(data / "grades.csv")
-    result = run("prepare", "fundus-grading", data, "--labels", data / "grades.csv", "--task", "amd",
-                 "--image-column", "file", "--label-column", "grade", "--image-dir", data / "pictures",
-                 "--out", tmp_path / "s", "--size", "32")
-    assert result.exit_code == 0, result.output
+    kdcli_run("prepare", "fundus-grading", data, "--labels", data / "grades.csv", "--task", "amd",
+              "--image-column", "file", "--label-column", "grade", "--image-dir", data / "pictures",
+              "--out", tmp_path / "s", "--size", "32")
     assert json.loads((tmp_path / "s" / "dataset.json").read_text())["counts"]["fundus"]["train"] > 0
 
 
@@ -143,13 +134,13 @@ def test_a_grade_that_is_not_a_whole_grade_is_refused_naming_file_and_row(gradin
     shutil.copytree(grading_raw / "amd", bad)
     header, rows = _labels_text(grading_raw)
     (bad / "labels.csv").write_text("\n".join([header, f"{rows[0].split(',')[0]},{value}", *rows[1:]]) + "\n")
-    result = run("prepare", "fundus-grading", bad, "--labels", bad / "labels.csv", "--task", "amd",
-                 "--out", tmp_path / "s", "--size", "32")
+    result = kdcli_run("prepare", "fundus-grading", bad, "--labels", bad / "labels.csv", "--task", "amd",
+                       "--out", tmp_path / "s", "--size", "32", ok=False)
     assert_one_line_error(result, str(bad / "labels.csv"), *needles)
     assert not (tmp_path / "s").exists()  # nothing written
     if what == "negative":  # an unknown task has no default range: a negative grade is still refused
-        result = run("prepare", "fundus-grading", bad, "--labels", bad / "labels.csv", "--task", "other",
-                     "--out", tmp_path / "s", "--size", "32")
+        result = kdcli_run("prepare", "fundus-grading", bad, "--labels", bad / "labels.csv", "--task", "other",
+                           "--out", tmp_path / "s", "--size", "32", ok=False)
         assert_one_line_error(result, "row 2", "negative")
 
 
@@ -159,16 +150,16 @@ def test_whole_grades_written_as_floats_are_read(grading_raw, tmp_path):
     header, rows = _labels_text(grading_raw)
     (data / "labels.csv").write_text("\n".join([header, *(f"{r.split(',')[0]},{r.split(',')[1]}.0" for r in rows)])
                                      + "\n")
-    assert run("prepare", "fundus-grading", data, "--labels", data / "labels.csv", "--task", "amd", "--out",
-               tmp_path / "s", "--size", "32").exit_code == 0
+    kdcli_run("prepare", "fundus-grading", data, "--labels", data / "labels.csv", "--task", "amd", "--out",
+              tmp_path / "s", "--size", "32")
     manifest = pl.read_parquet(tmp_path / "s" / "manifest.parquet")
     assert sorted(manifest["label"]) == sorted(int(r.split(",")[1]) for r in rows)
 
 
 @pytest.mark.parametrize("grades", ["0", "1", "-3"])
 def test_grades_below_two_are_refused_not_replaced_by_the_default(grading_raw, tmp_path, grades):
-    result = run("prepare", "fundus-grading", grading_raw / "amd", "--labels", grading_raw / "amd" / "labels.csv",
-                 "--task", "amd", "--out", tmp_path / "s", "--size", "32", "--grades", grades)
+    result = kdcli_run("prepare", "fundus-grading", grading_raw / "amd", "--labels", grading_raw / "amd" / "labels.csv",
+                       "--task", "amd", "--out", tmp_path / "s", "--size", "32", "--grades", grades, ok=False)
     assert_one_line_error(result, f"--grades {grades}", "at least 2")
     assert not (tmp_path / "s").exists()
 
@@ -180,8 +171,8 @@ def test_unreadable_label_csvs_are_one_clear_line(grading_raw, tmp_path):
     csv = bad / "labels.csv"
 
     def attempt(*needles: str) -> None:
-        result = run("prepare", "fundus-grading", bad, "--labels", csv, "--task", "amd", "--out", tmp_path / "s",
-                     "--size", "32")
+        result = kdcli_run("prepare", "fundus-grading", bad, "--labels", csv, "--task", "amd", "--out", tmp_path / "s",
+                           "--size", "32", ok=False)
         assert_one_line_error(result, str(csv), *needles)
         assert not (tmp_path / "s").exists()
 
@@ -206,8 +197,9 @@ def test_splits_file_gives_each_image_its_split_and_bad_ones_are_refused(grading
     splits.write_text("image,split\n" + "".join(f"{n},{s}\n" for n, s in chosen.items()))
 
     def prepare_amd(path: Path, out: Path):
-        return run("prepare", "fundus-grading", grading_raw / "amd", "--labels", grading_raw / "amd" / "labels.csv",
-                   "--task", "amd", "--out", out, "--size", "32", "--splits", path)
+        return kdcli_run("prepare", "fundus-grading", grading_raw / "amd", "--labels",
+                         grading_raw / "amd" / "labels.csv", "--task", "amd", "--out", out, "--size", "32", "--splits",
+                         path, ok=False)
 
     assert prepare_amd(splits, tmp_path / "s").exit_code == 0
     manifest = pl.read_parquet(tmp_path / "s" / "manifest.parquet")
@@ -244,9 +236,9 @@ def test_a_splits_file_that_cuts_a_patient_is_leakage(grading_raw, tmp_path):
     splits.write_text("image,split\n" + "".join(f"{n},{'test' if n == cut else 'train'}\n" for n in names))
     command = ("prepare", "fundus-grading", grading_raw / "dr", "--labels", grading_raw / "dr" / "trainLabels.csv",
                "--task", "dr", "--out", tmp_path / "s", "--size", "32", "--splits", splits)
-    assert_one_line_error(run(*command), "patient leakage", f"patient '{pairs[0].split('_')[0]}'", "train and test",
-                          "--allow-leakage")
+    assert_one_line_error(kdcli_run(*command, ok=False), "patient leakage", f"patient '{pairs[0].split('_')[0]}'",
+                          "train and test", "--allow-leakage")
     assert not (tmp_path / "s").exists()
-    assert run(*command, "--allow-leakage").exit_code == 0  # kept on purpose, recorded as a data warning
+    kdcli_run(*command, "--allow-leakage")  # kept on purpose, recorded as a data warning
     meta = json.loads((tmp_path / "s" / "dataset.json").read_text())
     assert "patient_leakage" in json.dumps(meta)

@@ -22,19 +22,13 @@ from pathlib import Path
 import h5py
 import polars as pl
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.locks import Holder, OutputLocked, acquire, lock_path, output_lock
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--model", "test_resnet"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 # what may precede the error: notes (a stale lock taken over), training's start-up line and epoch lines
@@ -186,7 +180,7 @@ def test_every_writer_refuses_an_output_in_use(command, multieye_raw, multieye_s
     before = snapshot(tmp_path)
     held = acquire(target, "kdcli prepare multieye --out prepared --size 160", tag)
     try:
-        result = invoke(*argv)
+        result = kdcli_run(*argv, ok=False)
     finally:
         held.release()
     assert_error(result, 1, "in use by", f"pid {os.getpid()}", "--size 160", str(target))
@@ -204,15 +198,14 @@ def test_a_second_prepare_started_while_the_first_writes_is_refused(multieye_raw
         if not seen:
             partial = Path(str(out) + ".partial")
             before = snapshot(partial)
-            seen["plain"] = invoke("prepare", "multieye", multieye_raw, "--out", out, "--size", "24")
-            seen["overwrite"] = invoke("prepare", "multieye", multieye_raw, "--out", out, "--size", "24",
-                                       "--overwrite")
+            seen["plain"] = kdcli_run("prepare", "multieye", multieye_raw, "--out", out, "--size", "24", ok=False)
+            seen["overwrite"] = kdcli_run("prepare", "multieye", multieye_raw, "--out", out, "--size", "24",
+                                          "--overwrite", ok=False)
             seen["intact"] = snapshot(partial) == before
         return original(*args, **kwargs)
 
     monkeypatch.setattr(writer, "write_shard", second_run_meanwhile)
-    first = invoke(*prepare_args(multieye_raw, out))
-    assert first.exit_code == 0, first.output
+    kdcli_run(*prepare_args(multieye_raw, out))
     for name in ("plain", "overwrite"):
         assert_error(seen[name], 1, "in use by", f"pid {os.getpid()}", "--size 32", str(out))
     assert seen["intact"] and json.loads((out / "dataset.json").read_text())["prepare"]["size"] == 32
@@ -237,12 +230,13 @@ def test_embed_refuses_embeddings_another_run_is_computing(slide_shards, monkeyp
     seen = {}
 
     def second_run_meanwhile(*args, **kwargs):
-        seen["second"] = invoke("embed", "--data", slide_shards, "--model", "resnet18")
+        seen["second"] = kdcli_run("embed", "--data", slide_shards, "--model", "resnet18", ok=False)
         raise KdcliError("first run stopped here")
 
     monkeypatch.setattr("kdcli.mil._embed", second_run_meanwhile)
     before = snapshot(slide_shards)
-    assert_error(invoke("embed", "--data", slide_shards, "--model", "resnet18"), 1, "first run stopped here")
+    assert_error(kdcli_run("embed", "--data", slide_shards, "--model", "resnet18", ok=False), 1,
+                 "first run stopped here")
     assert_error(seen["second"], 1, "in use by", f"pid {os.getpid()}", "kdcli embed",
                  str(slide_shards / "embeddings"))
     assert snapshot(slide_shards) == before and leftovers(slide_shards) == []
@@ -287,7 +281,7 @@ def test_two_prepares_into_one_out_second_is_refused_while_the_first_runs(multie
         partial = Path(str(out) + ".partial")
         before = snapshot(partial)
         for extra in ([], ["--overwrite"], ["--resume"]):  # other sizes too: the mixed-size dataset
-            result = invoke("prepare", "multieye", multieye_raw, "--out", out, "--size", "24", *extra)
+            result = kdcli_run("prepare", "multieye", multieye_raw, "--out", out, "--size", "24", *extra, ok=False)
             assert_error(result, 1, "in use by", f"pid {first.pid}", str(out))
         assert snapshot(partial) == before and not out.exists()  # the first run's staging folder untouched
     finally:
@@ -329,12 +323,11 @@ def test_kill_9_during_prepare_then_resume_equals_a_clean_run(multieye_raw, tmp_
     assert killed.returncode == -signal.SIGKILL
     partial = Path(str(out) + ".partial")
     assert list((partial / "shards").glob(".*.tmp")) and lock_path(out).exists()  # what the kill left
-    result = invoke(*prepare_args(multieye_raw, out, "--resume"))
-    assert result.exit_code == 0, result.output
+    result = kdcli_run(*prepare_args(multieye_raw, out, "--resume"))
     assert "took over the stale lock" in result.output and f"pid {killed.pid}" in result.output
     assert leftovers(tmp_path) == [] and not partial.exists()
     clean = tmp_path / "clean"
-    assert invoke(*prepare_args(multieye_raw, clean)).exit_code == 0
+    kdcli_run(*prepare_args(multieye_raw, clean))
     assert dataset_content(out) == dataset_content(clean)  # byte for byte the dataset of an uninterrupted run
 
 
@@ -403,7 +396,8 @@ def crashed_partial(raw: Path, out: Path, monkeypatch) -> Path:
 
     with monkeypatch.context() as patch:
         patch.setattr(MultiEyeSource, "load", flaky)
-        assert_error(invoke("prepare", "multieye", raw, "--out", out, "--size", "16", "--shard-size", "16"), 1,
+        assert_error(kdcli_run("prepare", "multieye", raw, "--out", out, "--size", "16", "--shard-size", "16",
+                               ok=False), 1,
                      "simulated crash")
     partial = Path(str(out) + ".partial")
     assert list((partial / "shards").glob("*.h5"))
@@ -421,7 +415,8 @@ def test_resume_without_its_plan_refuses_shards_of_other_arguments(multieye_raw,
     out = tmp_path / "shards"
     partial = crashed_partial(multieye_raw, out, monkeypatch)
     before = snapshot(partial)
-    result = invoke("prepare", "multieye", multieye_raw, "--out", out, "--resume", "--shard-size", "16", *flags)
+    result = kdcli_run("prepare", "multieye", multieye_raw, "--out", out, "--resume", "--shard-size", "16", *flags,
+                       ok=False)
     line = assert_error(result, 1, "written with other arguments", str(partial / "shards"), "drop --resume")
     assert needle in line
     assert snapshot(partial) == before and not out.exists()
@@ -430,12 +425,10 @@ def test_resume_without_its_plan_refuses_shards_of_other_arguments(multieye_raw,
 def test_resume_without_its_plan_with_the_same_arguments_equals_a_clean_run(multieye_raw, tmp_path, monkeypatch):
     out = tmp_path / "shards"
     crashed_partial(multieye_raw, out, monkeypatch)
-    result = invoke("prepare", "multieye", multieye_raw, "--out", out, "--resume", "--size", "16",
-                    "--shard-size", "16")
-    assert result.exit_code == 0, result.output
+    kdcli_run("prepare", "multieye", multieye_raw, "--out", out, "--resume", "--size", "16",
+              "--shard-size", "16")
     clean = tmp_path / "clean"
-    assert invoke("prepare", "multieye", multieye_raw, "--out", clean, "--size", "16", "--shard-size",
-                  "16").exit_code == 0
+    kdcli_run("prepare", "multieye", multieye_raw, "--out", clean, "--size", "16", "--shard-size", "16")
     assert dataset_content(out) == dataset_content(clean) and leftovers(tmp_path) == []
 
 
@@ -444,7 +437,8 @@ def test_a_dataset_moved_aside_by_a_run_killed_mid_swap_is_put_back(multieye_raw
     out = tmp_path / "shards"
     shutil.copytree(multieye_shards, out.with_name(f".{out.name}.old-4242-1700000000"))
     before = snapshot(out.with_name(f".{out.name}.old-4242-1700000000"))
-    result = invoke(*prepare_args(multieye_raw, out))  # no --overwrite: the restored dataset is refused, kept
+    # no --overwrite: the restored dataset is refused, kept
+    result = kdcli_run(*prepare_args(multieye_raw, out), ok=False)
     assert_error(result, 1, str(out), "output directory exists", "--overwrite")
     assert "restored the previous one" in result.output and snapshot(out) == before
     assert leftovers(tmp_path) == []
@@ -457,8 +451,7 @@ def test_resume_cleans_temporaries_a_killed_run_left(multieye_raw, tmp_path, mon
         (partial / "shards" / name).write_bytes(b"half a shard")
     (partial / ".manifest.parquet.tmp").write_bytes(b"half a manifest")
     (partial / ".dataset.json.abc123.tmp").write_bytes(b"{")
-    assert invoke("prepare", "multieye", multieye_raw, "--out", out, "--resume", "--size", "16",
-                  "--shard-size", "16").exit_code == 0
+    kdcli_run("prepare", "multieye", multieye_raw, "--out", out, "--resume", "--size", "16", "--shard-size", "16")
     assert leftovers(tmp_path) == []
 
 
@@ -487,7 +480,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_old_dataset(fault, wor
         raise error
 
     monkeypatch.setattr(target, fail)  # forked workers inherit it
-    result = invoke(*prepare_args(multieye_raw, out, "--overwrite", "--workers", workers))
+    result = kdcli_run(*prepare_args(multieye_raw, out, "--overwrite", "--workers", workers), ok=False)
     assert_error(result, 1, "no space left on device", str(out), "--resume")
     assert snapshot(out) == before  # the earlier dataset, byte for byte
     assert leftovers(tmp_path) == []  # the .partial folder keeps finished shards only, for --resume
@@ -507,7 +500,7 @@ def test_out_that_is_a_regular_file_is_refused_and_left_alone(command, multieye_
                                 "--overwrite"],
         "teach": ["teach", "--data", multieye_shards, "--modality", "oct", "--out", regular / "oct.pt", *TINY],
     }[command]
-    result = invoke(*argv)
+    result = kdcli_run(*argv, ok=False)
     assert result.exit_code != 0
     error_line(result.output, str(regular), "file")
     assert regular.read_bytes() == b"precious" and leftovers(tmp_path) == []
@@ -519,7 +512,7 @@ def test_a_run_failing_after_it_took_the_lock_leaves_no_folder_behind(command, f
     argv = {"teach": ["teach", "--data", missing, "--modality", "oct", "--out", tmp_path / "new" / "deep" / "oct.pt",
                       *TINY],
             "explain": ["explain", fake_checkpoint, "--data", missing, "--out", tmp_path / "new" / "deep" / "ex"]}
-    result = invoke(*argv[command])
+    result = kdcli_run(*argv[command], ok=False)
     assert_error(result, 1, str(missing))
     assert not (tmp_path / "new").exists()
 
@@ -540,7 +533,7 @@ def make_explain_folder(folder: Path) -> dict[str, str]:
 def test_explain_into_an_earlier_report_is_refused_without_overwrite(fake_checkpoint, multieye_shards, tmp_path):
     out = tmp_path / "explain"
     before = make_explain_folder(out)
-    result = invoke("explain", fake_checkpoint, "--data", multieye_shards, "--out", out)
+    result = kdcli_run("explain", fake_checkpoint, "--data", multieye_shards, "--out", out, ok=False)
     assert_error(result, 1, str(out), "earlier explain report", "--overwrite")
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
@@ -549,9 +542,8 @@ def test_explain_into_an_earlier_report_is_refused_without_overwrite(fake_checkp
 def test_explain_overwrite_replaces_the_report_as_a_whole(oct_teacher, multieye_shards, tmp_path):
     out = tmp_path / "explain"
     make_explain_folder(out)
-    result = invoke("explain", oct_teacher, "--data", multieye_shards, "--out", out, "--count", "3",
-                    "--overwrite")
-    assert result.exit_code == 0, result.output
+    kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", out, "--count", "3",
+              "--overwrite")
     report = json.loads((out / "explain.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted(["explain.json", "index.html", "notes.txt", "curves.png",
                                                             *(r["file"] for r in report["images"])])
@@ -571,8 +563,7 @@ def test_explain_into_a_new_folder_is_renamed_into_place_whole(oct_teacher, mult
         return original(out, report, page)
 
     monkeypatch.setattr(run, "write_report", look_while_writing)
-    result = invoke("explain", oct_teacher, "--data", multieye_shards, "--out", tmp_path / "new", "--count", "2")
-    assert result.exit_code == 0, result.output
+    kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", tmp_path / "new", "--count", "2")
     assert seen == {"visible": False} and (tmp_path / "new" / "index.html").is_file()
     assert leftovers(tmp_path) == []
 
@@ -582,8 +573,8 @@ def test_explain_on_a_full_disk_keeps_the_earlier_report(oct_teacher, multieye_s
     out = tmp_path / "explain"
     before = make_explain_folder(out)
     monkeypatch.setattr("kdcli.shards.format.write_bytes_synced", enospc)
-    result = invoke("explain", oct_teacher, "--data", multieye_shards, "--out", out, "--count", "3",
-                    "--overwrite")
+    result = kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", out, "--count", "3",
+                       "--overwrite", ok=False)
     line = assert_error(result, 1, "no space left on device", str(out))
     assert ".staging-" not in line  # names the file asked for, not the folder it was built in
     assert snapshot(out) == before and leftovers(tmp_path) == []
@@ -592,7 +583,8 @@ def test_explain_on_a_full_disk_keeps_the_earlier_report(oct_teacher, multieye_s
 @pytest.mark.slow
 def test_explain_on_a_full_disk_leaves_no_empty_folder(oct_teacher, multieye_shards, tmp_path, monkeypatch):
     monkeypatch.setattr("kdcli.shards.format.write_bytes_synced", enospc)
-    result = invoke("explain", oct_teacher, "--data", multieye_shards, "--out", tmp_path / "new", "--count", "2")
+    result = kdcli_run("explain", oct_teacher, "--data", multieye_shards, "--out", tmp_path / "new", "--count", "2",
+                       ok=False)
     assert_error(result, 1, "no space left on device", str(tmp_path / "new"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -613,7 +605,7 @@ def test_evaluate_on_a_full_disk_is_one_line_and_leaves_nothing(what, oct_teache
         monkeypatch.setattr(pl.DataFrame, "write_csv", enospc)
         args = ["--figure", tmp_path / "cm.png", "--predictions", target]
     before = snapshot(oct_teacher.parent)
-    result = invoke("evaluate", oct_teacher, "--data", multieye_shards, *args)
+    result = kdcli_run("evaluate", oct_teacher, "--data", multieye_shards, *args, ok=False)
     assert_error(result, 1, "no space left on device", str(target))
     assert not (tmp_path / "new").exists()  # the folders made for the file went with it
     assert snapshot(oct_teacher.parent) == before and leftovers(tmp_path) == []
@@ -659,8 +651,8 @@ def test_a_failing_teach_overwrite_keeps_the_old_checkpoint_and_sidecars(save, e
     assert all(p.exists() for p in result_files(out))  # config, metrics, last state and checkpoint
     before = snapshot(out.parent)
     monkeypatch.setattr("kdcli.engine.checkpoint._torch_save", fail_at_save(save, error))
-    result = invoke("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, "--overwrite",
-                    "--epochs", "2", "--batch-size", "16", "--workers", "0", "--model", "test_resnet")
+    result = kdcli_run("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, "--overwrite",
+                       "--epochs", "2", "--batch-size", "16", "--workers", "0", "--model", "test_resnet", ok=False)
     assert result.exit_code == code, result.output
     error_line(result.output, needle, *([str(out.parent)] if code == 1 else []), prefix=prefix)
     assert "staged" not in result.output
@@ -673,9 +665,8 @@ def test_a_teach_overwrite_that_succeeds_replaces_every_sidecar(oct_teacher, mul
 
     out = copy_result(oct_teacher, tmp_path / "run")
     before = snapshot(out.parent)
-    result = invoke("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, "--overwrite",
-                    "--epochs", "1", "--batch-size", "16", "--workers", "0", "--model", "test_resnet", "--seed", "7")
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, "--overwrite",
+              "--epochs", "1", "--batch-size", "16", "--workers", "0", "--model", "test_resnet", "--seed", "7")
     after = snapshot(out.parent)
     assert set(after) == set(before) and all(after[k] != before[k] for k in after)
     assert json.loads((out.parent / "oct.config.json").read_text())["seed"] == 7
@@ -687,7 +678,7 @@ def test_a_teach_overwrite_that_succeeds_replaces_every_sidecar(oct_teacher, mul
 def test_teach_on_a_full_disk_names_the_checkpoint(multieye_shards, tmp_path, monkeypatch):
     monkeypatch.setattr("kdcli.engine.checkpoint._torch_save", fail_at_save(1, OSError(errno.ENOSPC, "full")))
     out = tmp_path / "oct.pt"
-    result = invoke("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, *TINY)
+    result = kdcli_run("teach", "--data", multieye_shards, "--modality", "oct", "--out", out, *TINY, ok=False)
     assert_error(result, 1, f"{out}: no space left on device")
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -699,7 +690,7 @@ def test_a_truncated_png_is_one_line_without_opencvs_warning(multieye_raw, tmp_p
     image = sorted((raw / "assemble" / "train").rglob("*.png"))[0]
     image.write_bytes(image.read_bytes()[:200])
     capfd.readouterr()
-    result = invoke(*prepare_args(raw, tmp_path / "out"))
+    result = kdcli_run(*prepare_args(raw, tmp_path / "out"), ok=False)
     assert_error(result, 1, str(image), "will not decode")
     assert "WARN" not in capfd.readouterr().err  # OpenCV writes to file descriptor 2 itself
 

@@ -6,18 +6,12 @@ import json
 import shutil
 
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint
 
 QUICK_TEACH = ["--model", TINY_MODEL, "--epochs", "2", "--batch-size", "16", "--workers", "0", "--lr", "3e-3"]
-
-
-def run(*args, **env):
-    return CliRunner().invoke(app, [str(a) for a in args], env=env or None)
 
 
 @pytest.fixture
@@ -30,71 +24,68 @@ def lab(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_design_cards_two_lines_run_literally(lab):
-    assert run("synth", "multieye", "./raw", "--per-class", "5", "--size", "32").exit_code == 0
-    prepared = run("prepare", "multieye", "./raw")  # literally
-    assert prepared.exit_code == 0, prepared.output
+    kdcli_run("synth", "multieye", "./raw", "--per-class", "5", "--size", "32")
+    prepared = kdcli_run("prepare", "multieye", "./raw")  # literally
     assert prepared.output.strip().splitlines()[-1].startswith("prepared shards/multieye ")
     assert (lab / "shards" / "multieye" / "dataset.json").is_file()
-    taught = run("teach", "--modality", "oct", "--out", "oct.pt", *QUICK_TEACH)
-    assert taught.exit_code == 0, taught.output
+    taught = kdcli_run("teach", "--modality", "oct", "--out", "oct.pt", *QUICK_TEACH)
     assert "--data not given: using shards/multieye" in taught.output
-    distilled = run("distill", "--teacher", "oct.pt", "--student", "fundus")  # literally
-    assert distilled.exit_code == 0, distilled.output
+    distilled = kdcli_run("distill", "--teacher", "oct.pt", "--student", "fundus")  # literally
     assert "--method not given: using coda (unpaired modalities)" in distilled.output
     student = load_checkpoint(lab / "fundus-coda.pt")
     assert student.meta["kind"] == "student" and student.meta["method"] == "coda"
     assert student.meta["teacher"]["path"] == str((lab / "oct.pt").resolve())
     assert student.meta["data"]["path"] == str((lab / "shards" / "multieye").resolve())
-    evaluated = run("evaluate", "fundus-coda.pt", "--json")  # the dataset it was trained on
-    assert evaluated.exit_code == 0, evaluated.output
+    evaluated = kdcli_run("evaluate", "fundus-coda.pt", "--json")  # the dataset it was trained on
     report = json.loads(evaluated.stdout)
     assert report["data"] == str((lab / "shards" / "multieye").resolve())
 
 
 def test_prepare_default_out_follows_kdcli_shards_and_refuses_to_overwrite(lab, multieye_raw):
     home = lab / "elsewhere"
-    first = run("prepare", "multieye", multieye_raw, "--size", "16", KDCLI_SHARDS=str(home))
-    assert first.exit_code == 0, first.output
+    first = kdcli_run("prepare", "multieye", multieye_raw, "--size", "16", env={"KDCLI_SHARDS": str(home)})
     assert first.output.strip().splitlines()[-1].startswith(f"prepared {home / 'multieye'} ")
     before = (home / "multieye" / "dataset.json").read_bytes()
-    assert_one_line_error(run("prepare", "multieye", multieye_raw, "--size", "16", KDCLI_SHARDS=str(home)),
+    assert_one_line_error(kdcli_run("prepare", "multieye", multieye_raw, "--size", "16", ok=False,
+                                    env={"KDCLI_SHARDS": str(home)}),
                           "--overwrite")
     assert (home / "multieye" / "dataset.json").read_bytes() == before
 
 
 def test_teach_without_data_refuses_when_the_default_folder_is_ambiguous_or_empty(lab, multieye_shards):
-    assert_one_line_error(run("teach", "--modality", "oct", *QUICK_TEACH), "no prepared dataset under shards/")
+    assert_one_line_error(kdcli_run("teach", "--modality", "oct", *QUICK_TEACH,
+                                    ok=False), "no prepared dataset under shards/")
     shutil.copytree(multieye_shards, lab / "shards" / "a")
     shutil.copytree(multieye_shards, lab / "shards" / "b")
-    result = run("teach", "--modality", "oct", *QUICK_TEACH)
+    result = kdcli_run("teach", "--modality", "oct", *QUICK_TEACH, ok=False)
     assert_one_line_error(result, "2 datasets (a, b)", "--data")
     assert not (lab / "oct.pt").exists()
 
 
 def test_teach_default_out_is_the_modality_and_is_not_overwritten(lab, multieye_shards):
     shutil.copytree(multieye_shards, lab / "shards" / "multieye")
-    first = run("teach", "--modality", "oct", *QUICK_TEACH)
-    assert first.exit_code == 0, first.output
+    first = kdcli_run("teach", "--modality", "oct", *QUICK_TEACH)
     assert "--out not given: writing oct.pt" in first.output and (lab / "oct.pt").is_file()
     before = (lab / "oct.pt").read_bytes()
-    assert_one_line_error(run("teach", "--modality", "oct", *QUICK_TEACH), "checkpoint exists", "--overwrite")
+    assert_one_line_error(kdcli_run("teach", "--modality", "oct", *QUICK_TEACH,
+                                    ok=False), "checkpoint exists", "--overwrite")
     assert (lab / "oct.pt").read_bytes() == before
 
 
 def test_distill_without_data_refuses_a_moved_or_changed_dataset(lab, multieye_shards):
     shards = lab / "shards" / "multieye"
     shutil.copytree(multieye_shards, shards)
-    assert run("teach", "--modality", "oct", "--out", "oct.pt", *QUICK_TEACH).exit_code == 0
+    kdcli_run("teach", "--modality", "oct", "--out", "oct.pt", *QUICK_TEACH)
     shards.rename(lab / "moved")
-    result = run("distill", "--teacher", "oct.pt", "--student", "fundus", *QUICK_TEACH)
+    result = kdcli_run("distill", "--teacher", "oct.pt", "--student", "fundus", *QUICK_TEACH, ok=False)
     assert_one_line_error(result, str(shards.resolve()), "is gone", "--data")
     (lab / "moved").rename(shards)
     meta = json.loads((shards / "dataset.json").read_text())
     meta["content_hash"] = "sha256:" + "0" * 64
     (shards / "dataset.json").write_text(json.dumps(meta))
-    result = run("distill", "--teacher", "oct.pt", "--student", "fundus", *QUICK_TEACH)
+    result = kdcli_run("distill", "--teacher", "oct.pt", "--student", "fundus", *QUICK_TEACH, ok=False)
     assert_one_line_error(result, "has changed", "--data")
-    assert_one_line_error(run("evaluate", "oct.pt"), "has changed", "--data")
+    assert_one_line_error(kdcli_run("evaluate", "oct.pt", ok=False), "has changed", "--data")
     assert not list(lab.glob("fundus-*.pt"))
 
 
@@ -104,7 +95,8 @@ def test_distill_default_output_beside_the_teacher_is_not_overwritten(lab, multi
     shutil.copy(oct_teacher, teacher)
     existing = lab / "models" / "fundus-coda.pt"
     existing.write_bytes(b"earlier student")
-    result = run("distill", "--data", multieye_shards, "--teacher", teacher, "--student", "fundus", *QUICK_TEACH)
+    result = kdcli_run("distill", "--data", multieye_shards, "--teacher", teacher, "--student", "fundus", *QUICK_TEACH,
+                       ok=False)
     assert_one_line_error(result, "checkpoint exists", "--overwrite")
     assert existing.read_bytes() == b"earlier student"
 

@@ -5,17 +5,11 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import torch
-from conftest import FAST
+from conftest import FAST, kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.train import load_model
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_cache_is_built_once_then_read_and_holds_the_teachers_outputs(multieye_shards, oct_teacher, tmp_path,
@@ -26,8 +20,7 @@ def test_cache_is_built_once_then_read_and_holds_the_teachers_outputs(multieye_s
     shutil.copytree(multieye_shards, data)
     args = ["distill", "--data", data, "--teacher", oct_teacher, "--student", "fundus", "--method", "coda",
             *FAST, "--cache-teacher"]
-    first = run(*args, "--out", tmp_path / "a.pt")
-    assert first.exit_code == 0, first.output
+    kdcli_run(*args, "--out", tmp_path / "a.pt")
     (cache,) = (data / "cache").glob("teacher-*.h5")
     teacher = load_model(load_checkpoint(oct_teacher))
     from kdcli.data.views import ModalityView
@@ -49,10 +42,10 @@ def test_cache_is_built_once_then_read_and_holds_the_teachers_outputs(multieye_s
 
     original = Classifier.forward
     monkeypatch.setattr(Classifier, "forward", no_teacher_calls)
-    second = run(*args, "--out", tmp_path / "b.pt")
-    assert second.exit_code == 0, second.output
+    kdcli_run(*args, "--out", tmp_path / "b.pt")
 
     monkeypatch.setattr(Classifier, "forward", original)
     with h5py.File(cache, "r+") as handle:
         handle.attrs["data_hash"] = "sha256:other"
-    assert_one_line_error(run(*args, "--out", tmp_path / "c.pt"), str(cache), "other shard contents", "delete it")
+    assert_one_line_error(kdcli_run(*args, "--out", tmp_path / "c.pt", ok=False), str(cache), "other shard contents",
+                          "delete it")

@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
 from kdcli.cli import app
 from kdcli.engine import threads as thread_choice
@@ -126,8 +126,7 @@ def test_version_prints_kdcli_torch_and_timm_without_importing_them():
 
     from kdcli import __version__
 
-    result = CliRunner().invoke(app, ["--version"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("--version")
     assert result.stdout.startswith(f"kdcli {__version__} (torch ") and "timm " in result.stdout
     _, heavy, code = _probe(["--version"])
     assert code == 0 and heavy == []
@@ -147,7 +146,7 @@ def test_help_shows_the_defaults_that_actually_run():
         params = {p.name: p for p in group.commands[name].params}
         for key, value in shown.items():
             assert params[key].show_default == str(value), (name, key, params[key].show_default)
-    text = CliRunner().invoke(app, ["teach", "--help"], env={"COLUMNS": "200"}).stdout
+    text = kdcli_run("teach", "--help", env={"COLUMNS": "200"}, ok=False).stdout
     epochs = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("--epochs"))
     assert f"{engine.epochs})" in epochs and "100" not in epochs
 
@@ -207,8 +206,8 @@ def test_a_missing_tracker_package_is_one_line_before_anything_is_written(monkey
     real = importlib.util.find_spec
     monkeypatch.setattr(trackers.importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    result = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "oct", "--out",
-                                      str(tmp_path / "oct.pt"), "--log", "tensorboard", *TINY])
+    result = kdcli_run("teach", "--data", str(multieye_shards), "--modality", "oct", "--out",
+                       str(tmp_path / "oct.pt"), "--log", "tensorboard", *TINY, ok=False)
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "error: --log tensorboard needs the tensorboard package, which is not installed: pip install "
@@ -303,9 +302,8 @@ def test_a_training_run_says_what_it_does_and_leaves_curves_and_provenance(multi
     config.write_text(f"data: {multieye_shards}\nmodality: oct\nout: {tmp_path / 'oct.pt'}\nepochs: 2\n"
                       "model: test_resnet\nbatch_size: 4\nworkers: 0\nlog_every: 2\n")
     before = torch.get_num_threads()
-    result = CliRunner().invoke(app, ["teach", "--config", str(config), "--threads", "1", "--log",
-                                      "mlflow=file:///tracked"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("teach", "--config", str(config), "--threads", "1", "--log",
+                       "mlflow=file:///tracked")
     lines = result.stderr.splitlines()
     start = lines[0]
     assert start.startswith(f"teach oct -> {tmp_path / 'oct.pt'}: method supervised (loss ce); cpu, AMP off, "
@@ -338,9 +336,8 @@ def test_tensorboard_gets_every_epoch(multieye_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "oct.pt"
-    result = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "oct", "--out", str(out),
-                                      "--epochs", "2", "--log", "tensorboard", *TINY])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("teach", "--data", str(multieye_shards), "--modality", "oct", "--out", str(out),
+                       "--epochs", "2", "--log", "tensorboard", *TINY)
     assert f"tracking: tensorboard {tmp_path / 'oct.tensorboard'}" in result.stderr
     events = EventAccumulator(str(tmp_path / "oct.tensorboard"))
     events.Reload()
@@ -354,9 +351,7 @@ def test_tensorboard_gets_every_epoch(multieye_shards, tmp_path):
 @pytest.mark.slow
 def test_a_resume_may_change_how_it_runs_threads_and_logs(multieye_shards, tmp_path):
     out = ["--data", str(multieye_shards), "--modality", "oct", "--out", str(tmp_path / "oct.pt"), *TINY]
-    first = CliRunner().invoke(app, ["teach", *out, "--epochs", "1", "--threads", "2"])
-    assert first.exit_code == 0, first.output
-    resumed = CliRunner().invoke(app, ["teach", *out, "--epochs", "2", "--resume", "--threads", "1", "--set",
-                                       "log_every=3"])
-    assert resumed.exit_code == 0, resumed.output
+    kdcli_run("teach", *out, "--epochs", "1", "--threads", "2")
+    resumed = kdcli_run("teach", *out, "--epochs", "2", "--resume", "--threads", "1", "--set",
+                        "log_every=3")
     assert "threads 1 (--threads)" in resumed.stderr and "resuming at epoch 2/2" in resumed.stderr

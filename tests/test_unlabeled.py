@@ -9,20 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.data.views import ModalityView, PairedView, class_balanced_sampler
 from kdcli.shards.reader import ShardStore
 
 LAYOUT = {"fundus": ("assemble", "cfp-clahe-224x224"), "oct": ("assemble_oct", "oct-filter-448x448")}
 QUICK = ["--model", TINY_MODEL, "--epochs", "1", "--batch-size", "8", "--workers", "0", "--lr", "3e-3"]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def add_unlabeled(raw: Path, names: dict[str, list[str]], second_column: bool = False) -> None:
@@ -52,8 +46,7 @@ def paired_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def paired_shards(paired_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("unlabeled-shards") / "me"
-    result = run("prepare", "multieye", paired_raw, "--out", out, "--size", "32")
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("prepare", "multieye", paired_raw, "--out", out, "--size", "32")
     assert "unlabeled pool: 13 fundus, 12 oct images (12 paired eyes)" in result.output
     assert "columns after the image name ignored" in result.output
     return out
@@ -67,7 +60,7 @@ def test_prepare_records_unlabeled_samples_in_train_only(paired_shards):
     store = ShardStore(paired_shards)
     unlabeled = store.manifest.filter(~store.manifest["labelled"])
     assert set(unlabeled["split"]) == {"train"} and set(unlabeled["label"]) == {-1}
-    report = json.loads(run("inspect", paired_shards, "--json").stdout)
+    report = json.loads(kdcli_run("inspect", paired_shards, "--json", ok=False).stdout)
     assert report["unlabeled"]["fundus"]["train"] == 13
     assert report["per_class"]["fundus"]["train"]["unlabeled"] == 13
 
@@ -78,8 +71,7 @@ def test_teach_and_plain_views_never_see_unlabeled_samples(paired_shards, tmp_pa
     assert len(ModalityView(store, "train", "fundus")) == labelled.height
     assert len(ModalityView(store, "train", "fundus", unlabeled=True)) == labelled.height + 13
     # a label of -1 reaching cross-entropy would fail the run ("Target -1 is out of bounds")
-    result = run("teach", "--data", paired_shards, "--modality", "oct", "--out", tmp_path / "oct.pt", *QUICK)
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", paired_shards, "--modality", "oct", "--out", tmp_path / "oct.pt", *QUICK)
 
 
 def test_paired_view_leaves_out_unlabeled_images_without_a_partner(paired_shards):
@@ -128,21 +120,20 @@ def test_sampler_draws_unlabeled_samples_at_the_ratio(ratio):
     assert (drawn == 0).sum() == pytest.approx((drawn == 1).sum(), rel=0.1)  # still class-balanced
 
 
+# slow: a teacher and three KD runs; the pool's distillation stays fast on BraTS (test_unlabeled_brats)
+@pytest.mark.slow
 def test_distill_uses_the_pool_for_kd_and_not_with_no_unlabeled(paired_shards, tmp_path):
     teacher = tmp_path / "oct.pt"
-    assert run("teach", "--data", paired_shards, "--modality", "oct", "--out", teacher, *QUICK).exit_code == 0
-    result = run("distill", "--data", paired_shards, "--teacher", teacher, "--student", "fundus", "--method", "kd",
-                 "--out", tmp_path / "kd.pt", *QUICK)
-    assert result.exit_code == 0, result.output
+    kdcli_run("teach", "--data", paired_shards, "--modality", "oct", "--out", teacher, *QUICK)
+    result = kdcli_run("distill", "--data", paired_shards, "--teacher", teacher, "--student", "fundus", "--method",
+                       "kd", "--out", tmp_path / "kd.pt", *QUICK)
     assert "13 unlabeled fundus samples: distillation terms only" in result.output
     assert "1 unlabeled fundus images have no oct partner" in result.output
-    result = run("distill", "--data", paired_shards, "--teacher", teacher, "--student", "fundus", "--method", "kd",
-                 "--out", tmp_path / "kd-no.pt", "--no-unlabeled", *QUICK)
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("distill", "--data", paired_shards, "--teacher", teacher, "--student", "fundus", "--method",
+                       "kd", "--out", tmp_path / "kd-no.pt", "--no-unlabeled", *QUICK)
     assert "--no-unlabeled: 13 unlabeled fundus samples left out" in result.output
-    cached = run("distill", "--data", paired_shards, "--teacher", teacher, "--student", "fundus", "--method", "kd",
-                 "--out", tmp_path / "kd-cached.pt", "--cache-teacher", *QUICK)
-    assert cached.exit_code == 0, cached.output
+    kdcli_run("distill", "--data", paired_shards, "--teacher", teacher, "--student", "fundus", "--method", "kd",
+              "--out", tmp_path / "kd-cached.pt", "--cache-teacher", *QUICK)
 
 
 @pytest.mark.parametrize("damage", ["also-labelled", "in-dev", "missing-image"])
@@ -161,20 +152,18 @@ def test_bad_unlabeled_lists_are_refused_in_one_line(paired_raw, tmp_path, damag
         listing.write_text(listing.read_text() + "no-such-image\n")
         needles = ("'no-such-image' not found",)
     out = tmp_path / "shards"
-    assert_one_line_error(run("prepare", "multieye", raw, "--out", out, "--size", "32"), *needles)
+    assert_one_line_error(kdcli_run("prepare", "multieye", raw, "--out", out, "--size", "32", ok=False), *needles)
     assert not out.exists()
 
 
 def test_synth_unlabeled_pool_is_prepared_as_unlabeled_paired_eyes(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "shards"
-    made = run("synth", "multieye", raw, "--paired", "--unlabeled", "15", "--per-class", "3", "--size", "16")
-    assert made.exit_code == 0, made.output
+    kdcli_run("synth", "multieye", raw, "--paired", "--unlabeled", "15", "--per-class", "3", "--size", "16")
     names = {m: (raw / folder / "train" / "unlabeled.txt").read_text().split() for m, (folder, _) in LAYOUT.items()}
     assert len(names["fundus"]) == 15 and names["fundus"] == names["oct"]
     labelled = (raw / "assemble" / "train" / "large9cls.txt").read_text().split()[::2]
     assert not set(names["fundus"]) & set(labelled)
-    prepared = run("prepare", "multieye", raw, "--out", out, "--size", "16")
-    assert prepared.exit_code == 0, prepared.output
+    kdcli_run("prepare", "multieye", raw, "--out", out, "--size", "16")
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["pairing"] == "paired" and meta["unlabeled"]["fundus"]["train"] == 15
     view = PairedView(ShardStore(out), "train", "fundus", "oct", unlabeled=True)

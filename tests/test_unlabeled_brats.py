@@ -14,24 +14,13 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.shards.reader import ShardStore
 
 SEG_QUICK = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--model", "plain-4-2", "--lr", "3e-3"]
 UNLABELED_CASES = 3
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def case_folders(root: Path) -> list[Path]:
@@ -52,7 +41,7 @@ def raws(tmp_path_factory) -> dict[str, Path]:
     """raw/: labelled cases of a `synth brats` phantom; unlabeled/: the last few of its cases, their labels moved
     to labels/<case>/."""
     root = tmp_path_factory.mktemp("unlabeled-brats")
-    ok("synth", "brats", root / "raw", "--cases", 8 + UNLABELED_CASES, "--size", "32")
+    kdcli_run("synth", "brats", root / "raw", "--cases", 8 + UNLABELED_CASES, "--size", "32")
     (root / "unlabeled").mkdir()
     for folder in case_folders(root / "raw")[-UNLABELED_CASES:]:
         shutil.move(str(folder), root / "unlabeled" / folder.name)
@@ -63,7 +52,7 @@ def raws(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def shards(raws) -> Path:
     out = raws["root"] / "shards"
-    result = ok("prepare", "brats", raws["raw"], "--out", out, "--size", "32", "--unlabeled", raws["unlabeled"])
+    result = kdcli_run("prepare", "brats", raws["raw"], "--out", out, "--size", "32", "--unlabeled", raws["unlabeled"])
     assert f"unlabeled: {UNLABELED_CASES} case(s) from {raws['unlabeled']}" in result.output
     return out
 
@@ -78,7 +67,7 @@ def test_unlabeled_cases_are_train_slices_without_label_maps(raws, shards):
     expected = sum(brain_slices(folder) for folder in case_folders(raws["unlabeled"]))  # every brain slice kept
     meta = json.loads((shards / "dataset.json").read_text())
     assert meta["unlabeled"] == {m: {"train": expected, "dev": 0, "test": 0} for m in ("t1", "t1ce", "t2", "flair")}
-    report = json.loads(ok("inspect", shards, "--json").stdout)
+    report = json.loads(kdcli_run("inspect", shards, "--json").stdout)
     assert report["unlabeled"]["t1ce"]["train"] == expected
     assert report["per_class"]["t1ce"]["train"]["unlabeled"] == expected
     manifest = ShardStore(shards).manifest
@@ -93,13 +82,13 @@ def test_unlabeled_cases_are_train_slices_without_label_maps(raws, shards):
     records = json.loads((shards / "records.json").read_text())
     for case in set(unlabeled["record"]):
         assert records[case]["unlabeled"] and "label_file" not in records[case]
-    assert "(verified)" in ok("inspect", shards, "--verify").output
+    assert "(verified)" in kdcli_run("inspect", shards, "--verify").output
 
 
 def test_the_labelled_part_is_the_dataset_prepared_without_them(raws, shards):
     """Adding unlabeled cases moves no labelled case to another split and changes none of their shards."""
     alone = raws["root"] / "labelled-only"
-    ok("prepare", "brats", raws["raw"], "--out", alone, "--size", "32")
+    kdcli_run("prepare", "brats", raws["raw"], "--out", alone, "--size", "32")
     assert json.loads((alone / "dataset.json").read_text())["unlabeled"] == {}
     columns = ["id", "group", "split", "label", "shard", "index", "position"]
     with_pool = ShardStore(shards).manifest.filter(pl.col("labelled")).select(columns).sort("id")
@@ -113,10 +102,10 @@ def test_a_case_without_label_is_refused_unless_its_folder_is_given_as_unlabeled
     raw = tmp_path / "raw"
     shutil.copytree(raws["raw"], raw)
     shutil.copytree(raws["unlabeled"], raw / "Validation")  # a release's training and validation side by side
-    assert_one_line_error(run("prepare", "brats", raw, "--out", tmp_path / "refused", "--size", "32"),
+    assert_one_line_error(kdcli_run("prepare", "brats", raw, "--out", tmp_path / "refused", "--size", "32", ok=False),
                           "missing label", "--unlabeled DIR")
-    result = ok("prepare", "brats", raw, "--out", tmp_path / "shards", "--size", "32", "--unlabeled",
-                raw / "Validation")
+    result = kdcli_run("prepare", "brats", raw, "--out", tmp_path / "shards", "--size", "32", "--unlabeled",
+                       raw / "Validation")
     assert json.loads((tmp_path / "shards" / "dataset.json").read_text())["unlabeled"]["t1"]["train"] > 0
     assert "note: unlabeled: 3 case(s)" in result.output
 
@@ -126,7 +115,8 @@ def test_a_label_file_in_the_unlabeled_folder_is_ignored_with_a_note(raws, tmp_p
     shutil.copytree(raws["unlabeled"], pool)
     first = case_folders(pool)[0]
     shutil.copy(next((raws["root"] / "labels" / first.name).glob("*seg.nii*")), first)
-    result = ok("prepare", "brats", raws["raw"], "--out", tmp_path / "shards", "--size", "32", "--unlabeled", pool)
+    result = kdcli_run("prepare", "brats", raws["raw"], "--out", tmp_path / "shards", "--size", "32", "--unlabeled",
+                       pool)
     assert f"label files of 1 case(s) ignored (first: {first.name})" in result.output
     manifest = ShardStore(tmp_path / "shards").manifest
     assert set(manifest.filter(pl.col("record") == first.name)["label"]) == {-1}
@@ -137,7 +127,7 @@ def held_out_patient_setup(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     from kdcli.sources.brats import patient_of
 
     raw, pool = tmp_path / "raw23", tmp_path / "pool23"
-    ok("synth", "brats", raw, "--cases", "5", "--size", "32", "--naming", "2023")
+    kdcli_run("synth", "brats", raw, "--cases", "5", "--size", "32", "--naming", "2023")
     folders = case_folders(raw)
     patient = patient_of(folders[0].name)
     rows = ["case,split", *(f"{f.name},{'dev' if patient_of(f.name) == patient else 'train'}" for f in folders)]
@@ -174,7 +164,8 @@ def test_bad_unlabeled_cases_are_refused_in_one_line(raws, tmp_path, damage):
         next(victim.glob("*_flair.nii*")).unlink()
         needles = (f"case {victim.name}: missing sequence flair",)
     out = tmp_path / "shards"
-    assert_one_line_error(run("prepare", "brats", raw, "--out", out, "--size", "32", "--unlabeled", pool, *extra),
+    assert_one_line_error(kdcli_run("prepare", "brats", raw, "--out", out, "--size", "32", "--unlabeled", pool, *extra,
+                                    ok=False),
                           *needles)
     assert not out.exists()
 
@@ -271,7 +262,7 @@ def test_labelled_pixels_of_one_class_alone_give_plain_cross_entropy():
 def teacher(shards) -> Path:
     path = shards.parent / "teacher.pt"
     # teach never sees unlabeled slices: a mask of -1 would break its one-hot Dice
-    ok("teach", "--data", shards, "--modality", "t1,t1ce,t2,flair", "--out", path, *SEG_QUICK)
+    kdcli_run("teach", "--data", shards, "--modality", "t1,t1ce,t2,flair", "--out", path, *SEG_QUICK)
     return path
 
 
@@ -282,27 +273,27 @@ def metrics(path: Path) -> dict:
 def test_protokd_distils_on_unlabeled_slices_at_the_ratio_and_not_with_no_unlabeled(shards, teacher, tmp_path):
     count = ShardStore(shards).meta.unlabeled["t1ce"]["train"]
     student = tmp_path / "protokd.pt"
-    result = ok("distill", "--data", shards, "--teacher", teacher, "--student", "t1ce", "--method", "protokd",
-                "--out", student, "--unlabeled-ratio", "3", *SEG_QUICK)
+    result = kdcli_run("distill", "--data", shards, "--teacher", teacher, "--student", "t1ce", "--method", "protokd",
+                       "--out", student, "--unlabeled-ratio", "3", *SEG_QUICK)
     assert f"{count} unlabeled t1ce slices: distillation terms only, 3 per labelled slice" in result.output
     row = metrics(student)
     assert row["train_unlabeled"] == pytest.approx(0.75, abs=0.15)  # 3 unlabeled per labelled slice
     assert np.isfinite(row["train_ce"]) and np.isfinite(row["train_proto"])
     left_out = tmp_path / "protokd-no.pt"
-    result = ok("distill", "--data", shards, "--teacher", teacher, "--student", "t1ce", "--method", "protokd",
-                "--out", left_out, "--no-unlabeled", *SEG_QUICK)
+    result = kdcli_run("distill", "--data", shards, "--teacher", teacher, "--student", "t1ce", "--method", "protokd",
+                       "--out", left_out, "--no-unlabeled", *SEG_QUICK)
     assert f"--no-unlabeled: {count} unlabeled t1ce slices left out" in result.output
     assert metrics(left_out)["train_unlabeled"] == 0
 
 
 def test_synth_brats_unlabeled_folder_is_prepared_as_unlabeled_training_cases(tmp_path):
     raw = tmp_path / "raw"
-    made = ok("synth", "brats", raw, "--cases", "6", "--size", "32", "--unlabeled", "2")
+    made = kdcli_run("synth", "brats", raw, "--cases", "6", "--size", "32", "--unlabeled", "2")
     assert f"prepare with --unlabeled {raw / 'unlabeled'}" in made.output
     pool = case_folders(raw / "unlabeled")
     assert len(pool) == 2 and not any(list(p.glob("*seg.nii*")) for p in pool)
     out = tmp_path / "shards"
-    ok("prepare", "brats", raw, "--out", out, "--size", "32", "--unlabeled", raw / "unlabeled")
+    kdcli_run("prepare", "brats", raw, "--out", out, "--size", "32", "--unlabeled", raw / "unlabeled")
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["unlabeled"]["t1ce"]["train"] > 0 and meta["unlabeled"]["t1ce"]["test"] == 0
     store = ShardStore(out)

@@ -14,10 +14,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.data.bags import BagView
 from kdcli.shards.reader import ShardStore
 
@@ -26,20 +25,11 @@ PREPARE = ["--patch-size", "128", "--max-patches", "4", "--size", "32"]
 QUICK = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--model", "test_resnet", "--lr", "3e-3"]
 
 
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("unlabeled-camelyon") / "raw"
-    made = ok("synth", "camelyon", root, "--slides", "8", "--size", "1024", "--format", "bcnb", "--unlabeled", "3")
+    made = kdcli_run("synth", "camelyon", root, "--slides", "8", "--size", "1024", "--format", "bcnb", "--unlabeled",
+                     "3")
     assert "3 unlabeled" in made.output
     return root
 
@@ -47,7 +37,7 @@ def raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shards(raw) -> Path:
     out = raw.parent / "shards"
-    result = ok("prepare", "camelyon", raw, "--out", out, *PREPARE)
+    result = kdcli_run("prepare", "camelyon", raw, "--out", out, *PREPARE)
     assert "unlabeled: 3 slide(s) whose ALN status is empty" in result.output
     return out
 
@@ -74,7 +64,7 @@ def test_prepare_stores_unlabeled_slides_in_train_only(shards):
     assert set(pool["split"]) == {"train"} and set(pool["label"]) == {-1}
     assert all("-unlabeled-" in name for name in set(pool["shard"]))
     assert meta["unlabeled"] == {"wsi": {"train": pool.height, "dev": 0, "test": 0}}  # patches, as counts
-    report = json.loads(run("inspect", shards, "--json").stdout)
+    report = json.loads(kdcli_run("inspect", shards, "--json", ok=False).stdout)
     assert report["per_class"]["wsi"]["train"]["unlabeled"] == pool.height
 
 
@@ -87,7 +77,7 @@ def test_unlabeled_slides_change_no_labelled_record(raw, shards, tmp_path):
     rows = sheet_rows(raw).filter(~pl.col("Patient ID").is_in(UNLABELED))
     (labelled_only / "clinical.xlsx").unlink()
     rows.write_csv(labelled_only / "clinical.csv")
-    ok("prepare", "camelyon", labelled_only, "--out", tmp_path / "shards", *PREPARE)
+    kdcli_run("prepare", "camelyon", labelled_only, "--out", tmp_path / "shards", *PREPARE)
     columns = ["id", "split", "label", "record", "position"]
     with_pool = ShardStore(shards).manifest.filter(pl.col("labelled")).select(columns).sort("id")
     without = ShardStore(tmp_path / "shards").manifest.select(columns).sort("id")
@@ -137,7 +127,7 @@ def test_bad_unlabeled_inputs_are_refused_in_one_line(raw, tmp_path, damage):
     (copy / "clinical.xlsx").unlink()
     rows.write_csv(copy / "clinical.csv")
     out = tmp_path / "shards"
-    assert_one_line_error(run("prepare", "camelyon", copy, "--out", out, *PREPARE, *extra), *needles)
+    assert_one_line_error(kdcli_run("prepare", "camelyon", copy, "--out", out, *PREPARE, *extra, ok=False), *needles)
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
@@ -149,13 +139,14 @@ def test_a_splits_file_may_list_unlabeled_slides_in_train(raw, shards, tmp_path)
         splits[row["split"]].append(row["id"])
     assert set(UNLABELED) <= set(splits["train"])
     (copy / "splits.json").write_text(json.dumps(splits))
-    listed = ok("prepare", "camelyon", copy, "--out", tmp_path / "listed", *PREPARE, "--splits", copy / "splits.json")
+    listed = kdcli_run("prepare", "camelyon", copy, "--out", tmp_path / "listed", *PREPARE, "--splits",
+                       copy / "splits.json")
     assert "splits.json" not in listed.output
     columns = ["id", "split", "label"]
     assert ShardStore(tmp_path / "listed").manifest.select(columns).sort("id").equals(
         ShardStore(shards).manifest.select(columns).sort("id"))  # the phantom's split is prepare's default
     # a phantom's splits.json left behind is named (its noisy labels or extra test slides would depend on it)
-    unlisted = ok("prepare", "camelyon", copy, "--out", tmp_path / "unlisted", *PREPARE)
+    unlisted = kdcli_run("prepare", "camelyon", copy, "--out", tmp_path / "unlisted", *PREPARE)
     assert f"pass --splits {copy / 'splits.json'} to use it" in unlisted.output
 
 
@@ -216,17 +207,17 @@ def _metrics(path: Path) -> dict:
 @pytest.mark.slow
 def test_teach_ignores_and_bidirectional_distils_on_unlabeled_slides(shards, tmp_path):
     teacher = tmp_path / "mm.pt"
-    taught = ok("teach", "--data", shards, "--modality", "wsi,clinical", "--out", teacher, *QUICK)
+    taught = kdcli_run("teach", "--data", shards, "--modality", "wsi,clinical", "--out", teacher, *QUICK)
     assert "unlabeled" not in taught.output  # a label of -1 in its CE would have failed the run
     student = tmp_path / "bd.pt"
-    result = ok("distill", "--data", shards, "--teacher", teacher, "--student", "wsi", "--method", "bidirectional",
-                "--out", student, "--unlabeled-ratio", "2", *QUICK)
+    result = kdcli_run("distill", "--data", shards, "--teacher", teacher, "--student", "wsi", "--method",
+                       "bidirectional", "--out", student, "--unlabeled-ratio", "2", *QUICK)
     assert "3 unlabeled slides: distillation terms only, 2 per labelled slide" in result.output
     row = _metrics(student)
     assert row["train_unlabeled"] > 0 and np.isfinite(row["train_ce_sm"]) and np.isfinite(row["train_kd"])
     left_out = tmp_path / "bd-no.pt"
-    result = ok("distill", "--data", shards, "--teacher", teacher, "--student", "wsi", "--method", "bidirectional",
-                "--out", left_out, "--no-unlabeled", *QUICK)
+    result = kdcli_run("distill", "--data", shards, "--teacher", teacher, "--student", "wsi", "--method",
+                       "bidirectional", "--out", left_out, "--no-unlabeled", *QUICK)
     assert "--no-unlabeled: 3 unlabeled slides left out" in result.output
     assert _metrics(left_out)["train_unlabeled"] == 0
 

@@ -15,10 +15,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.data.views import ModalityView
 from kdcli.shards.reader import ShardStore
 
@@ -26,26 +25,17 @@ POOL = 12
 QUICK = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--model", "test_resnet", "--lr", "3e-3"]
 
 
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
 def synth(raw: Path, layout: str, unlabeled: int = POOL) -> None:
     gaze = "egd" if layout == "nih" else "reflacx"
-    ok("synth", "cxr", raw, "--layout", layout, "--gaze", gaze, "--per-class", "2", "--size", "64",
-       "--annotated-fraction", "0.5", "--unlabeled", unlabeled)
+    kdcli_run("synth", "cxr", raw, "--layout", layout, "--gaze", gaze, "--per-class", "2", "--size", "64",
+              "--annotated-fraction", "0.5", "--unlabeled", unlabeled)
 
 
 def prepare(raw: Path, out: Path, layout: str):
     gaze = raw / ("egd-cxr" if layout == "nih" else "reflacx")
     boxes = ["--boxes", raw / "BBox_List_2017.csv"] if layout == "nih" else []
-    return run("prepare", "cxr", raw, "--out", out, "--size", "32", "--gaze", gaze, *boxes, "--egd-sigma", "8")
+    return kdcli_run("prepare", "cxr", raw, "--out", out, "--size", "32", "--gaze", gaze, *boxes, "--egd-sigma", "8",
+                     ok=False)
 
 
 def rows(path: Path) -> list[list[str]]:
@@ -114,7 +104,7 @@ def test_prepare_stores_the_pool_as_unlabeled_training_samples(shards) -> None:
             assert not handle["boxes"][...].any()
             gaze += int(handle["annotated"][:, 0].sum())
     assert 0 < gaze < POOL  # the pool's patients carry gaze at the annotated fraction
-    report = json.loads(run("inspect", out, "--json").stdout)
+    report = json.loads(kdcli_run("inspect", out, "--json", ok=False).stdout)
     assert report["unlabeled"]["xray"]["train"] == POOL
 
 
@@ -277,12 +267,12 @@ def test_cvi_distils_on_the_pool_and_not_with_no_unlabeled(shards, tmp_path) -> 
     if layout != "nih":
         pytest.skip("one layout is enough for the end-to-end run")
     stage1 = tmp_path / "stage1.pt"
-    ok("teach", "--data", out, "--modality", "xray", "--head", "linear", "--out", stage1, *QUICK)
+    kdcli_run("teach", "--data", out, "--modality", "xray", "--head", "linear", "--out", stage1, *QUICK)
     runs = {}
     for flag in ("--unlabeled", "--no-unlabeled"):
         path = tmp_path / f"cvi{flag}.pt"
-        runs[flag] = ok("distill", "--data", out, "--teacher", stage1, "--student", "xray", "--method", "cvi",
-                        "--out", path, flag, *QUICK).output
+        runs[flag] = kdcli_run("distill", "--data", out, "--teacher", stage1, "--student", "xray", "--method", "cvi",
+                               "--out", path, flag, *QUICK).output
         runs[flag + "metrics"] = [json.loads(line) for line in path.with_suffix(".metrics.jsonl").read_text()
                                   .splitlines() if line.strip()]
     assert f"{POOL} unlabeled xray samples: distillation terms only" in runs["--unlabeled"]

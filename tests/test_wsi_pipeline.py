@@ -10,31 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
-
-runner = CliRunner()
 FAST = ["--epochs", "2", "--batch-size", "4", "--workers", "0", "--model", "test_resnet", "--lr", "3e-3"]
-
-
-def ok(args: list):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
 def wsi(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("wsi")
     raw, shards = root / "raw", root / "shards"
-    ok(["synth", "camelyon", raw, "--slides", "10", "--size", "1024"])
-    ok(["prepare", "camelyon", raw, "--out", shards, "--patch-size", "128", "--max-patches", "6", "--size", "32"])
+    kdcli_run("synth", "camelyon", raw, "--slides", "10", "--size", "1024")
+    kdcli_run("prepare", "camelyon", raw, "--out", shards, "--patch-size", "128", "--max-patches", "6", "--size", "32")
     paths = {"raw": raw, "shards": shards, "wsi": root / "wsi.pt", "mm": root / "mm.pt", "bd": root / "bd.pt"}
-    ok(["teach", "--data", shards, "--modality", "wsi", "--out", paths["wsi"], *FAST])
-    ok(["teach", "--data", shards, "--modality", "wsi,clinical", "--out", paths["mm"], *FAST])
-    ok(["distill", "--data", shards, "--teacher", paths["mm"], "--student", "wsi", "--method", "bidirectional",
-        "--out", paths["bd"], *FAST])
+    kdcli_run("teach", "--data", shards, "--modality", "wsi", "--out", paths["wsi"], *FAST)
+    kdcli_run("teach", "--data", shards, "--modality", "wsi,clinical", "--out", paths["mm"], *FAST)
+    kdcli_run("distill", "--data", shards, "--teacher", paths["mm"], "--student", "wsi", "--method", "bidirectional",
+              "--out", paths["bd"], *FAST)
     return paths
 
 
@@ -50,8 +41,8 @@ def test_checkpoints_record_branches(wsi):
 
 
 def test_missing_rate_sweep_keyed_by_rate(wsi):
-    report = json.loads(ok(["evaluate", wsi["bd"], "--data", wsi["shards"], "--missing-rate", "0,0.5,1",
-                            "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", wsi["bd"], "--data", wsi["shards"], "--missing-rate", "0,0.5,1",
+                                  "--json").stdout)
     assert list(report["metrics"]) == ["0", "0.5", "1"]
     hidden = [report["metrics"][r]["hidden"] for r in ("0", "0.5", "1")]
     n = report["metrics"]["0"]["n"]
@@ -61,8 +52,8 @@ def test_missing_rate_sweep_keyed_by_rate(wsi):
 
 
 def test_wsi_only_model_ignores_clinical_records(wsi):
-    report = json.loads(ok(["evaluate", wsi["wsi"], "--data", wsi["shards"], "--missing-rate", "0,1",
-                            "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", wsi["wsi"], "--data", wsi["shards"], "--missing-rate", "0,1",
+                                  "--json").stdout)
     assert report["metrics"]["0"]["auc"] == report["metrics"]["1"]["auc"]
     assert report["metrics"]["0"]["accuracy"] == report["metrics"]["1"]["accuracy"]
 
@@ -119,12 +110,12 @@ def test_padding_gets_no_attention_and_hidden_sets_are_nested(wsi):
 
 
 def test_slide_methods_refuse_wrong_teachers(wsi, tmp_path):
-    result = runner.invoke(app, ["distill", "--data", str(wsi["shards"]), "--teacher", str(wsi["wsi"]), "--student",
-                                 "wsi", "--method", "bidirectional", "--out", str(tmp_path / "x.pt"), *FAST])
+    result = kdcli_run("distill", "--data", str(wsi["shards"]), "--teacher", str(wsi["wsi"]), "--student",
+                       "wsi", "--method", "bidirectional", "--out", str(tmp_path / "x.pt"), *FAST, ok=False)
     assert result.exit_code != 0 and "wsi,clinical" in result.output
     assert len(result.output.strip().splitlines()) == 1
-    result = runner.invoke(app, ["teach", "--data", str(wsi["shards"]), "--modality", "clinical", "--out",
-                                 str(tmp_path / "y.pt"), *FAST])
+    result = kdcli_run("teach", "--data", str(wsi["shards"]), "--modality", "clinical", "--out",
+                       str(tmp_path / "y.pt"), *FAST, ok=False)
     assert result.exit_code != 0 and result.output.strip().startswith("error:")
     from kdcli.errors import UsageError
     from kdcli.train import TrainConfig, distill
@@ -145,9 +136,9 @@ def test_embed_caches_patch_features_and_mil_trains_on_them(wsi, tmp_path):
     from kdcli.models.classifier import default_normalisation
     from kdcli.shards.reader import ShardStore
 
-    first = ok(["embed", "--data", wsi["shards"], "--model", "test_resnet"])
+    first = kdcli_run("embed", "--data", wsi["shards"], "--model", "test_resnet")
     name = first.stdout.strip()
-    again = ok(["embed", "--data", wsi["shards"], "--model", "test_resnet"])
+    again = kdcli_run("embed", "--data", wsi["shards"], "--model", "test_resnet")
     assert again.stdout.strip() == name and "reused" in again.stderr
     path = wsi["shards"] / "embeddings" / f"{name}.h5"
     store = ShardStore(wsi["shards"])
@@ -165,14 +156,14 @@ def test_embed_caches_patch_features_and_mil_trains_on_them(wsi, tmp_path):
     assert torch.allclose(torch.from_numpy(features[3].astype("float32")), torch.from_numpy(expected), atol=1e-2)
 
     out = tmp_path / "emb.pt"
-    ok(["teach", "--data", wsi["shards"], "--modality", "wsi,clinical", "--embeddings", name, "--out", out, *FAST])
+    kdcli_run("teach", "--data", wsi["shards"], "--modality", "wsi,clinical", "--embeddings", name, "--out", out, *FAST)
     checkpoint = load_checkpoint(out)
     assert checkpoint.meta["model"]["embeddings"]["name"] == name
     assert not any(k.startswith("encoder.") for k in checkpoint.model)  # nothing to encode: features are read
-    report = json.loads(ok(["evaluate", out, "--data", wsi["shards"], "--missing-rate", "0,1", "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", out, "--data", wsi["shards"], "--missing-rate", "0,1", "--json").stdout)
     assert set(report["metrics"]) == {"0", "1"}
     path.unlink()
-    result = runner.invoke(app, ["evaluate", str(out), "--data", str(wsi["shards"]), "--json"])
+    result = kdcli_run("evaluate", str(out), "--data", str(wsi["shards"]), "--json", ok=False)
     assert result.exit_code != 0 and "kdcli embed" in result.output
 
 
@@ -203,9 +194,9 @@ def test_training_and_evaluation_bags_agree(wsi):
 
 
 def test_evaluate_scores_the_training_bag_size_unless_told(wsi):
-    report = json.loads(ok(["evaluate", wsi["bd"], "--data", wsi["shards"], "--json"]).stdout)
+    report = json.loads(kdcli_run("evaluate", wsi["bd"], "--data", wsi["shards"], "--json").stdout)
     assert report["bag_size"] == 16
-    whole = json.loads(ok(["evaluate", wsi["bd"], "--data", wsi["shards"], "--bag-size", "0", "--json"]).stdout)
+    whole = json.loads(kdcli_run("evaluate", wsi["bd"], "--data", wsi["shards"], "--bag-size", "0", "--json").stdout)
     assert whole["bag_size"] == 0 and whole["metrics"]["n"] == report["metrics"]["n"]
-    result = runner.invoke(app, ["evaluate", str(wsi["bd"]), "--data", str(wsi["shards"]), "--bag-size", "-1"])
+    result = kdcli_run("evaluate", str(wsi["bd"]), "--data", str(wsi["shards"]), "--bag-size", "-1", ok=False)
     assert result.exit_code != 0 and "--bag-size" in result.output and len(result.output.strip().splitlines()) == 1

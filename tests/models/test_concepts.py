@@ -49,11 +49,9 @@ def test_concept_head_similarities_are_cosines_and_drive_the_logits():
 def test_concept_scale_is_an_option_off_by_default_and_recorded_in_the_spec(multieye_shards, tmp_path):
     """The official classifier sees the cosines unscaled; x10 is `--concept-scale 10`, and a checkpoint keeps
     the scale it recorded."""
-    from conftest import FAST
+    from conftest import FAST, kdcli_run
     from test_prepare_multieye import assert_one_line_error
-    from typer.testing import CliRunner
 
-    from kdcli.cli import app
     from kdcli.shards.reader import ShardStore
     from kdcli.train import build_student, resolve_config
 
@@ -64,6 +62,6 @@ def test_concept_scale_is_an_option_off_by_default_and_recorded_in_the_spec(mult
     scaled = build_student(resolve_config({**flags, "concept_scale": "10"}), store, "fundus")  # as --set sends it
     assert scaled.spec["concept_scale"] == 10.0 and scaled.head.scale == 10.0
     assert Classifier(scaled.spec).head.scale == 10.0  # what load_model rebuilds from an old checkpoint
-    result = CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "fundus",
-                                      "--concept-scale", "0", "--out", str(tmp_path / "m.pt"), *FAST])
+    result = kdcli_run("teach", "--data", str(multieye_shards), "--modality", "fundus",
+                       "--concept-scale", "0", "--out", str(tmp_path / "m.pt"), *FAST, ok=False)
     assert_one_line_error(result, "--concept-scale must be > 0")

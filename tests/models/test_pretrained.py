@@ -146,20 +146,18 @@ def test_flair_checkpoint_fills_the_backbone_and_the_concept_projection(multieye
 
 def test_a_flair_projection_that_does_not_fit_is_refused_in_one_line(multieye_shards, tmp_path):
     import numpy as np
-    from conftest import FAST
+    from conftest import FAST, kdcli_run
     from test_prepare_multieye import assert_one_line_error
-    from typer.testing import CliRunner
 
-    from kdcli.cli import app
     from kdcli.shards.reader import ShardStore
 
     count = len(ShardStore(multieye_shards).meta.extra["concepts"])
 
     def teach(path, dim):
         np.save(tmp_path / "text.npy", np.ones((count, dim), dtype=np.float32))
-        return CliRunner().invoke(app, ["teach", "--data", str(multieye_shards), "--modality", "fundus",
-                                        "--head", "concept", "--pretrained", path, "--concept-embeddings",
-                                        str(tmp_path / "text.npy"), "--out", str(tmp_path / "m.pt"), *FAST])
+        return kdcli_run("teach", "--data", str(multieye_shards), "--modality", "fundus",
+                         "--head", "concept", "--pretrained", path, "--concept-embeddings",
+                         str(tmp_path / "text.npy"), "--out", str(tmp_path / "m.pt"), *FAST, ok=False)
 
     _, _, path = flair_file(tmp_path, projection_shape=(16, 50))  # made for a backbone of 50 features
     assert_one_line_error(teach(path, 16), "flair.pth", FLAIR_PROJECTION, "(16, 50)", "(16, 96)", "50 features")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import kdcli_run
 
 from kdcli.errors import KdcliError
 from kdcli.models.pretrained import is_model_name, load_into, resolve_weights
@@ -111,22 +112,18 @@ def test_a_partial_load_is_an_error_unless_allowed(tmp_path):
 @pytest.mark.slow
 def test_teach_takes_a_cached_name_and_refuses_a_partial_file(hub_cache, multieye_shards, tmp_path):
     from test_prepare_multieye import assert_one_line_error
-    from typer.testing import CliRunner
 
-    from kdcli.cli import app
     from kdcli.engine.checkpoint import load_checkpoint
 
     cache_weights(hub_cache, imagenet_state())
     common = ["teach", "--data", str(multieye_shards), "--modality", "fundus", "--model", "test_resnet", "--head",
               "linear", "--epochs", "1", "--batch-size", "16", "--workers", "0"]
-    result = CliRunner().invoke(app, [*common, "--pretrained", NAME, "--out", str(tmp_path / "a.pt")])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run(*common, "--pretrained", NAME, "--out", str(tmp_path / "a.pt"))
     assert f"--pretrained {NAME} (" in result.stderr and "unused from the file: fc.bias, fc.weight" in result.stderr
     assert load_checkpoint(tmp_path / "a.pt").meta["config"]["pretrained"] == NAME
     torch.save({k: v for k, v in imagenet_state().items() if not k.startswith("layer4.")}, tmp_path / "p.pth")
-    refused = CliRunner().invoke(app, [*common, "--pretrained", str(tmp_path / "p.pth"), "--out",
-                                       str(tmp_path / "b.pt")])
+    refused = kdcli_run(*common, "--pretrained", str(tmp_path / "p.pth"), "--out",
+                        str(tmp_path / "b.pt"), ok=False)
     assert_one_line_error(refused, "p.pth", "partial load", "--allow-partial")
-    allowed = CliRunner().invoke(app, [*common, "--pretrained", str(tmp_path / "p.pth"), "--allow-partial", "--out",
-                                       str(tmp_path / "b.pt")])
-    assert allowed.exit_code == 0, allowed.output
+    kdcli_run(*common, "--pretrained", str(tmp_path / "p.pth"), "--allow-partial", "--out",
+              str(tmp_path / "b.pt"))

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import polars as pl
 import pytest
+from conftest import kdcli_run
 from scipy import ndimage as ndi
 
 from kdcli.synth.brats import MISNAMED_2020, affine, synth_brats
@@ -410,19 +411,14 @@ def test_new_options_deterministic_and_worker_independent(tmp_path: Path) -> Non
 
 
 def test_cli_exposes_the_new_options(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from kdcli.cli import app
-
     out = tmp_path / "raw"
-    result = CliRunner().invoke(app, ["synth", "brats", str(out), "--cases", "4", "--size", "16", "--label-noise",
-                                      "0.3", "--test-cases", "2", "--independent"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("synth", "brats", str(out), "--cases", "4", "--size", "16", "--label-noise",
+                       "0.3", "--test-cases", "2", "--independent")
     assert "independent design" in result.output and f"--splits {out / 'splits.json'}" in result.output
     splits = json.loads((out / "splits.json").read_text())
     assert len(splits["test"]) == 2 and all(i.startswith("BraTS2021_9") for i in splits["test"])
     assert sorted(p.stem.removesuffix(".nii") for p in (out / "clean_labels").iterdir()) == sorted(splits["train"])
-    bad = CliRunner().invoke(app, ["synth", "brats", str(tmp_path / "bad"), "--label-noise", "1.5"])
+    bad = kdcli_run("synth", "brats", str(tmp_path / "bad"), "--label-noise", "1.5", ok=False)
     assert bad.exit_code != 0 and "label_noise must be between 0 and 1" in bad.output
     assert not (tmp_path / "bad").exists()
 

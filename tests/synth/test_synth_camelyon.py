@@ -255,6 +255,8 @@ def test_clinical_rows_per_patient_stable() -> None:
     assert small != by_case(8, 5)
 
 
+# slow: a statistical check on slides of its own; the camelyon phantom's other properties stay fast
+@pytest.mark.slow
 def test_image_signal_tracks_label(tmp_path: Path) -> None:
     # The image part of the signal: N+ slides carry more and larger tumour regions, but the classes overlap
     # (the summed box area alone reaches ~0.7-0.75 AUC, never a clean split).

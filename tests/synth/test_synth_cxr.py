@@ -346,6 +346,8 @@ def test_findings_are_real_but_subtle(tmp_path: Path) -> None:
         assert 2 < np.mean(np.abs(d)) < 35, (f, d)  # visible at 64 px, yet a fraction of the anatomy's contrast
 
 
+# slow: synthesises both layouts three more times, once through a worker pool
+@pytest.mark.slow
 def test_deterministic_and_worker_independent(nih: tuple[Path, dict], mimic: tuple[Path, dict],
                                               tmp_path: Path) -> None:
     for (root, info), args in ((nih, NIH), (mimic, MIMIC)):

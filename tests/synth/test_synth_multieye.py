@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import kdcli_run
 
 from kdcli.synth.multieye import CLASSES, LAYOUT, LIST_NAME, SPLITS, Latent, synth_multieye
 
@@ -200,14 +201,10 @@ def test_linear_probe_oct_strong_fundus_faint(signal_sets: dict[float, Path]) ->
 
 
 def test_impossible_arguments_are_a_usage_error_through_the_cli(tmp_path):
-    from typer.testing import CliRunner
-
-    from kdcli.cli import app
-
     for args in (["multieye", str(tmp_path / "a"), "--per-class", "1"],
                  ["fundus-grading", str(tmp_path / "b"), "--size", "8"],
                  ["fundus-grading", str(tmp_path / "c"), "--dr-layout", "kaggle"]):
-        result = CliRunner().invoke(app, ["synth", *args])
+        result = kdcli_run("synth", *args, ok=False)
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert not (tmp_path / args[1]).exists()
 
@@ -279,6 +276,8 @@ def test_paired_eyes_render_one_latent_unless_independent(tmp_path: Path) -> Non
     assert not _latent_rows(info, "fundus").keys() & _latent_rows(info, "oct").keys()
 
 
+# slow: a statistical check on a paired phantom of its own
+@pytest.mark.slow
 def test_paired_fundus_pixels_carry_the_oct_latent_beyond_the_class(tmp_path: Path) -> None:
     shared = _fundus_predicts_oct_severity(tmp_path / "shared", independent=False)
     control = _fundus_predicts_oct_severity(tmp_path / "control", independent=True)
@@ -383,16 +382,10 @@ def test_rejects_impossible_new_options(tmp_path: Path, bad: dict) -> None:
 
 
 def test_new_options_through_the_cli(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from kdcli.cli import app
-
-    runner = CliRunner()
-    result = runner.invoke(app, ["synth", "multieye", str(tmp_path / "a"), "--per-class", "3", "--size", "16",
-                                 "--label-noise", "0.3", "--paired", "--independent", "--test-per-class", "2",
-                                 "--dev-per-class", "1"])
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("synth", "multieye", str(tmp_path / "a"), "--per-class", "3", "--size", "16",
+                       "--label-noise", "0.3", "--paired", "--independent", "--test-per-class", "2",
+                       "--dev-per-class", "1")
     assert (tmp_path / "a" / "label_noise.csv").is_file() and (tmp_path / "a" / "concept_embeddings.npy").is_file()
     assert len(_lists(tmp_path / "a", "oct")["test"]) == 18 and len(_lists(tmp_path / "a", "oct")["train"]) == 27
-    result = runner.invoke(app, ["synth", "multieye", str(tmp_path / "b"), "--label-noise", "0.6"])
+    result = kdcli_run("synth", "multieye", str(tmp_path / "b"), "--label-noise", "0.6", ok=False)
     assert result.exit_code == 2 and "label_noise" in result.output and "Traceback" not in result.output
