@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kdcli.cli_from_options import Compression, add_prepare_commands, add_synth_commands
 from kdcli.errors import KdcliError, is_disk_full
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -118,12 +119,6 @@ def console(stderr: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------- synth
-SynthSize = Annotated[int, typer.Option(help="Image side in pixels (`prepare` stores 224 px unless given --size: "
-                                             "pass it this size, or smaller).")]
-SynthSeed = Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")]
-SynthWorkers = Annotated[int, typer.Option(help="Processes.")]
-
-
 def run_synth(name: str, out: Path, **options: Any) -> dict:
     """The generators reject impossible sizes and counts with ValueError: show it as a usage error."""
     from kdcli.synth import SYNTHS
@@ -134,199 +129,11 @@ def run_synth(name: str, out: Path, **options: Any) -> dict:
         raise typer.BadParameter(str(exc)) from None
 
 
-@command(synth_app, "multieye")
-def synth_multieye(
-    out: Annotated[Path, typer.Argument(help="Folder to write (MultiEYE layout: assemble/, assemble_oct/).")],
-    per_class: Annotated[int, typer.Option(help="Images per class and modality, all splits together (without "
-                                                "the splits --test-per-class / --dev-per-class fill).")] = 20,
-    size: SynthSize = 128,
-    seed: SynthSeed = 0,
-    paired: Annotated[bool, typer.Option(help="Same eyes in both modalities (for --method kd): each eye's "
-                                              "fundus and OCT render one latent.")] = False,
-    label_noise: Annotated[float, typer.Option(
-        "--label-noise", metavar="RHO", help="Share of TRAINING labels flipped to the eye's confusable "
-        "neighbour class, borderline eyes most often; dev/test stay clean; flips listed in label_noise.csv.",
-    )] = 0.0,
-    independent: Annotated[bool, typer.Option(help="Negative control: each fundus image renders a latent of "
-                                                   "its own; fundus and OCT of an eye share only the class.")]
-    = False,
-    test_per_class: Annotated[int, typer.Option(help="Test images per class from a case pool of their own, "
-                                                     "the same whatever --per-class is (0: 20% of it).")] = 0,
-    dev_per_class: Annotated[int, typer.Option(help="Dev images per class from a case pool of their own "
-                                                    "(0: 20% of --per-class, 25% with --test-per-class).")] = 0,
-    unlabeled: Annotated[int, typer.Option(help="Unlabeled eyes per modality (the same eyes in both with "
-                                                "--paired), listed in train/unlabeled.txt.")] = 0,
-    workers: SynthWorkers = 1,
-) -> None:
-    """MultiEYE phantoms: one latent per eye (severity, subtype mix, lesion position) rendered clearly in OCT and
-    faintly in fundus; concept_embeddings.npy beside the data is for --concept-embeddings."""
-    summary = run_synth("multieye", out, per_class=per_class, size=size, seed=seed, paired=paired,
-                        label_noise=label_noise, independent=independent, test_per_class=test_per_class,
-                        dev_per_class=dev_per_class, unlabeled=unlabeled, workers=workers)
-    flipped = sum(summary["flipped"].values())
-    err(f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}"
-        + (f" (labels of {flipped} training images flipped, see {out / 'label_noise.csv'})" if label_noise else ""))
-
-
-@command(synth_app, "fundus-grading")
-def synth_fundus_grading(
-    out: Annotated[Path, typer.Argument(help="Folder to write: dr/ (EyePACS or APTOS layout) and amd/.")],
-    per_class: Annotated[int, typer.Option(help="DR eyes per DR grade, all splits together (without "
-                                                "--test-per-class's pool).")] = 100,
-    amd_per_class: Annotated[int, typer.Option(help="AMD eyes per AMD grade: the small set SALL helps.")] = 20,
-    size: SynthSize = 128,
-    seed: SynthSeed = 0,
-    dr_layout: Annotated[str, typer.Option(help="eyepacs (trainLabels.csv) or aptos (train.csv).")] = "eyepacs",
-    label_noise: Annotated[float, typer.Option(
-        "--label-noise", metavar="RHO", help="Share of TRAINING grades moved to the neighbouring grade, "
-        "borderline eyes most often (grader noise); dev/test stay clean; listed in label_noise.csv.",
-    )] = 0.0,
-    independent: Annotated[bool, typer.Option(help="Negative control: each set's eyes show no sign of the other "
-                                                   "disease, so SALL's extra labels carry nothing.")] = False,
-    test_per_class: Annotated[int, typer.Option(help="Test eyes per grade and set from a pool of their own, the "
-                                                     "same whatever --per-class is (0: 20% of each set).")] = 0,
-    workers: SynthWorkers = 1,
-) -> None:
-    """Two disjoint graded fundus sets (DR 0-4, AMD 0-3): every eye renders one latent with both diseases, each
-    set lists its own grade; splits.csv in each set is the phantom's split (prepare --splits)."""
-    summary = run_synth("fundus-grading", out, per_class=per_class, amd_per_class=amd_per_class, size=size,
-                        seed=seed, dr_layout=dr_layout, label_noise=label_noise, independent=independent,
-                        test_per_class=test_per_class, workers=workers)
-    for name, info in summary["sets"].items():
-        counts = info["split_counts"]
-        moved = f", {info['flipped']} training grades moved" if label_noise else ""
-        err(f"{name}: {sum(info['counts'])} images ({counts['train']}/{counts['dev']}/{counts['test']} "
-            f"train/dev/test{moved}), labels {info['labels']}")
-    if label_noise or test_per_class:
-        err("prepare each set with --splits <set>/splits.csv (the grader noise and the test pool depend on it)")
-
-
-@command(synth_app, "brats")
-def synth_brats(
-    out: Annotated[Path, typer.Argument(help="Folder to write, in the chosen release's layout.")],
-    cases: Annotated[int, typer.Option(help="Cases (patients).")] = 12,
-    size: Annotated[int, typer.Option(help="In-plane side (240 = real BraTS; depth follows 240:155).")] = 64,
-    naming: Annotated[str, typer.Option(help="2018 (HGG/LGG), 2019, 2020 (with its misnamed label), 2021 or "
-                                             "2023 (t1n/t1c/t2w/t2f, ET=3).")] = "2021",
-    seed: SynthSeed = 0,
-    workers: SynthWorkers = 1,
-    label_noise: Annotated[float, typer.Option(help="Rater noise 0-1 on the TRAIN cases' label files (boundary "
-                                                    "dilation/erosion, dropped oedema fingers); clean maps go "
-                                                    "to clean_labels/.")] = 0.0,
-    test_cases: Annotated[int, typer.Option(help="Extra test cases, identical whatever --cases is (a fixed "
-                                                 "test set across training sizes).")] = 0,
-    independent: Annotated[bool, typer.Option(help="Negative control: fixed contrasts, no shared latent, "
-                                                   "labels exactly the pixels' geometry.")] = False,
-    unlabeled: Annotated[int, typer.Option(help="Cases without label files in OUT/unlabeled/ (as validation data "
-                                                "ship), for prepare --unlabeled.")] = 0,
-) -> None:
-    """BraTS NIfTI phantoms: a per-case tumour latent rendered strongly in T1/T2/FLAIR, faintly in T1ce."""
-    summary = run_synth("brats", out, cases=cases, size=size, naming=naming, seed=seed, workers=workers,
-                        label_noise=label_noise, test_cases=test_cases, independent=independent,
-                        unlabeled=unlabeled)
-    counts = {split: len(ids) for split, ids in summary["splits"].items()}
-    err(f"wrote {len(summary['cases'])} cases ({naming} naming, {summary['design']} design; "
-        f"{counts['train']}/{counts['dev']}/{counts['test']} train/dev/test) to {out}")
-    if summary["splits_file"]:
-        err(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test cases "
-            "depend on this split)")
-    if unlabeled:
-        err(f"{unlabeled} unlabeled cases in {out / 'unlabeled'}: prepare with --unlabeled {out / 'unlabeled'}")
-
-
-@command(synth_app, "cxr")
-def synth_cxr(
-    out: Annotated[Path, typer.Argument(help="Folder to write (NIH or MIMIC layout; gaze under egd-cxr/ or "
-                                             "reflacx/).")],
-    per_class: Annotated[int, typer.Option(help="Images per finding (plus as many without finding).")] = 6,
-    size: SynthSize = 256,
-    layout: Annotated[str, typer.Option(help="nih (ChestX-ray14) or mimic (MIMIC-CXR-JPG).")] = "nih",
-    gaze: Annotated[str, typer.Option(help="egd, reflacx or none.")] = "egd",
-    annotated_fraction: Annotated[float, typer.Option(help="Fraction of images with gaze (and NIH boxes).")] = 0.3,
-    dicom_fraction: Annotated[float, typer.Option(help="Fraction written as DICOM (half MONOCHROME1).")] = 0.0,
-    seed: SynthSeed = 0,
-    workers: SynthWorkers = 1,
-    label_noise: Annotated[float, typer.Option(
-        "--label-noise", metavar="RHO", help="Share of TRAINING images whose finding labels a rater flips, "
-        "borderline lesions most often; dev/test stay clean; flips listed in label_noise.csv.",
-    )] = 0.0,
-    independent: Annotated[bool, typer.Option(help="Negative control: gaze and boxes drawn from a latent of their "
-                                                   "own with the same labels; they carry nothing beyond them.")]
-    = False,
-    test_per_class: Annotated[int, typer.Option(help="Test images per finding (plus 7x as many normal) from a case "
-                                                     "pool of their own, the same whatever --per-class is (0: 20% "
-                                                     "of the patients).")] = 0,
-    unlabeled: Annotated[int, typer.Option(help="Unlabeled training images (patients of their own): NIH rows with "
-                                                "blank Finding Labels; MIMIC studies without a CheXpert label.")]
-    = 0,
-) -> None:
-    """Chest X-ray phantoms: one latent per image (lesion severities and places) rendered faintly in the X-ray and
-    strongly in the gaze and boxes, plus look-alike distractors that the gaze avoids."""
-    summary = run_synth("cxr", out, per_class=per_class, size=size, layout=layout, gaze=gaze,
-                        annotated_fraction=annotated_fraction, dicom_fraction=dicom_fraction, seed=seed,
-                        workers=workers, label_noise=label_noise, independent=independent,
-                        test_per_class=test_per_class, unlabeled=unlabeled)
-    err(f"wrote {summary['n_images']} labelled images ({layout} layout, gaze {gaze}, {summary['design']} design) "
-        f"to {out}" + (f", {summary['n_unlabeled']} unlabeled" if unlabeled else "")
-        + (f" (labels of {summary['flipped']} training images flipped, see {out / 'label_noise.csv'})"
-           if label_noise else ""))
-
-
-@command(synth_app, "camelyon")
-def synth_camelyon(
-    out: Annotated[Path, typer.Argument(help="Folder to write: slides/ (tiff) or WSIs/ (bcnb), clinical.xlsx.")],
-    slides: Annotated[int, typer.Option(help="Slides (patients).")] = 12,
-    format: Annotated[str, typer.Option(help="tiff (pyramidal, OpenSlide) or bcnb (jpg + json outlines).")]
-    = "tiff",
-    size: Annotated[int, typer.Option(help="Level-0 width in pixels (20x, 0.5 um/px).")] = 4096,
-    seed: SynthSeed = 0,
-    workers: SynthWorkers = 1,
-    label_noise: Annotated[float, typer.Option(
-        "--label-noise", metavar="RHO", help="Share of TRAINING ALN statuses flipped across N0 / N+, borderline "
-        "patients most often; dev/test stay clean; flips listed in label_noise.csv.")] = 0.0,
-    independent: Annotated[bool, typer.Option(help="Negative control: slide and clinical record render latents "
-                                                   "of their own; they share only the ALN status.")] = False,
-    test_slides: Annotated[int, typer.Option(help="Extra test slides, identical whatever --slides is (a fixed "
-                                                  "test set across training sizes).")] = 0,
-    unlabeled: Annotated[int, typer.Option(help="Extra slides whose sheet row has no ALN status (unlabeled "
-                                                "training slides for prepare).")] = 0,
-) -> None:
-    """Core-needle biopsy slide phantoms and a BCNB clinical sheet: one tumour-biology latent per patient, shown
-    strongly in the record and faintly in the slide."""
-    summary = run_synth("camelyon", out, slides=slides, format=format, size=size, seed=seed, workers=workers,
-                        label_noise=label_noise, independent=independent, test_slides=test_slides,
-                        unlabeled=unlabeled)
-    counts = {split: len(ids) for split, ids in summary["splits"].items()}
-    err(f"wrote {len(summary['slides'])} slides ({format}, {summary['design']} design; {counts['train']}/"
-        f"{counts['dev']}/{counts['test']} train/dev/test" + (f", {unlabeled} unlabeled" if unlabeled else "")
-        + f") and {summary['clinical']} to {out}")
-    if label_noise:
-        err(f"labels of {summary['flipped']} training slides flipped, see {out / 'label_noise.csv'}")
-    if summary["splits_file"]:
-        err(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test slides "
-            "depend on this split)")
+# `synth <generator>`: generated from each generator's options dataclass (kdcli/synth/<name>.py)
+add_synth_commands(synth_app, run_synth, friendly_errors, err)
 
 
 # --------------------------------------------------------------------------------------------- prepare
-class Compression(StrEnum):
-    none = "none"
-    lzf = "lzf"
-    gzip = "gzip"
-
-
-PrepOut = Annotated[Path | None, typer.Option("--out", "-o", help="Shard directory to create (default: "
-                                                 "shards/SOURCE, or $KDCLI_SHARDS/SOURCE).")]
-PrepSize = Annotated[int, typer.Option(help="Stored image side in pixels (pad to square, then resize; smaller images "
-                                            "are upsampled: `kdcli synth` draws 128 px phantoms, so give them "
-                                            "--size 128, or 64 for a quick CPU run).")]
-PrepWorkers = Annotated[int, typer.Option(help="Parallel processes.")]
-PrepResume = Annotated[bool, typer.Option(help="Finish an interrupted prepare; finished shards are kept.")]
-PrepOverwrite = Annotated[bool, typer.Option(help="Replace an existing --out (only once the new one is done).")]
-PrepShardSize = Annotated[int, typer.Option(help="Records per HDF5 shard (0: the source's default; a volume or "
-                                                 "slide is many samples).")]
-PrepCompression = Annotated[Compression, typer.Option(help="HDF5 compression of the pixel arrays.")]
-
-
 def parse_part(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -334,12 +141,6 @@ def parse_part(value: str | None) -> tuple[int, int] | None:
     if not (sep and index.isdigit() and count.isdigit()) or not 1 <= int(index) <= int(count):
         raise typer.BadParameter(f"{value!r} is not I/N with 1 <= I <= N", param_hint="--part")
     return int(index), int(count)
-
-
-PrepAllowLeakage = Annotated[bool, typer.Option(help="Keep patients whose records sit in several splits "
-                                                   "(refused otherwise); counted in dataset.json.")]
-PrepPart = Annotated[str | None, typer.Option(help="I/N: write only the I-th of N disjoint shares (cluster array "
-                                                     "jobs); then `kdcli prepare merge OUT`.")]
 
 
 def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: int, resume: bool, overwrite: bool,
@@ -384,26 +185,8 @@ def run_prepare(source: str, raw: Path, out: Path | None, size: int, workers: in
         f"{result.seconds:.1f}s) {result.meta.content_hash[:19]}")
 
 
-@command(prepare_app, "multieye")
-def prepare_multieye(
-    raw: Annotated[Path, typer.Argument(help="Folder holding assemble/ and assemble_oct/.")],
-    out: PrepOut = None,
-    size: PrepSize = 224,
-    workers: PrepWorkers = 1,
-    resume: PrepResume = False,
-    overwrite: PrepOverwrite = False,
-    shard_size: PrepShardSize = 0,
-    compression: PrepCompression = Compression.none,
-    clahe: Annotated[bool, typer.Option(help="CLAHE on fundus photos (the paper's offline step).")] = False,
-    median: Annotated[int, typer.Option(help="Median filter kernel for OCT (0 = off; paper: 3).")] = 0,
-    list_name: Annotated[str | None, typer.Option(help="List file name in each split folder.")] = None,
-    allow_leakage: PrepAllowLeakage = False,
-    part: PrepPart = None,
-) -> None:
-    """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
-    run_prepare("multieye", raw, out, size, workers, resume, overwrite, shard_size, compression,
-                {"clahe": clahe, "median": median, **({"list_name": list_name} if list_name else {})}, part=part,
-                allow_leakage=allow_leakage)
+# `prepare <source>`: generated from each source's Options dataclass (kdcli/sources/<name>.py)
+add_prepare_commands(prepare_app, run_prepare, friendly_errors)
 
 
 @command(prepare_app, "merge")
@@ -416,160 +199,6 @@ def prepare_merge(
 
     meta = merge_parts(out, overwrite)
     err(f"merged into {out} ({sum(sum(c.values()) for c in meta.counts.values())} samples) {meta.content_hash[:19]}")
-
-
-@command(prepare_app, "fundus-grading")
-def prepare_fundus_grading(
-    raw: Annotated[Path, typer.Argument(help="The set's folder (holds the label CSV and the images).")],
-    labels: Annotated[Path, typer.Option(help="Label CSV (EyePACS image,level or APTOS id_code,diagnosis).")],
-    task: Annotated[str, typer.Option(help="The task this set is graded for, e.g. dr or amd.")],
-    out: PrepOut = None,
-    size: PrepSize = 224,
-    workers: PrepWorkers = 1,
-    resume: PrepResume = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace this task's samples if --out already has them.")] = False,
-    shard_size: PrepShardSize = 0,
-    compression: PrepCompression = Compression.none,
-    image_dir: Annotated[Path | None, typer.Option(help="Image folder (default: train/, train_images/ or "
-                                                        "images/ beside the CSV).")] = None,
-    image_column: Annotated[str | None, typer.Option(help="CSV column with image names.")] = None,
-    label_column: Annotated[str | None, typer.Option(help="CSV column with grades.")] = None,
-    grades: Annotated[int | None, typer.Option(help="Number of grades (default 5 for dr, 4 for amd).")] = None,
-    split_seed: Annotated[int, typer.Option(help="Seed of the patient-level 60/20/20 split.")] = 0,
-    splits: Annotated[Path | None, typer.Option(help="Each image's split: CSV image,split or JSON {train: [...], "
-                                                     "dev: [...], test: [...]} (default: the seeded split).")]
-    = None,
-    allow_leakage: PrepAllowLeakage = False,
-) -> None:
-    """A graded fundus set for one task; a second call with another --task adds to the same --out."""
-    options = {"labels": str(labels), "task": task, "split_seed": split_seed,
-               **{k: str(v) if isinstance(v, Path) else v for k, v in
-                  (("image_dir", image_dir), ("image_column", image_column), ("label_column", label_column),
-                   ("grades", grades), ("splits", splits)) if v is not None}}
-    run_prepare("fundus-grading", raw, out, size, workers, resume, overwrite, shard_size, compression, options,
-                append=True, allow_leakage=allow_leakage)
-
-
-@command(prepare_app, "brats")
-def prepare_brats(
-    raw: Annotated[Path, typer.Argument(help="Folder of BraTS cases (any release's naming, nested or not).")],
-    out: PrepOut = None,
-    size: PrepSize = 128,
-    workers: PrepWorkers = 1,
-    resume: PrepResume = False,
-    overwrite: PrepOverwrite = False,
-    shard_size: PrepShardSize = 0,
-    compression: PrepCompression = Compression.none,
-    empty_slices: Annotated[float, typer.Option(help="Fraction of tumour-free brain slices kept in train "
-                                                     "(dev/test keep every brain slice).")] = 0.2,
-    splits: Annotated[Path | None, typer.Option(help="Case splits: CSV case,split or JSON {train: [...], ...} "
-                                                     "(default: seeded ratios by patient).")] = None,
-    ratios: Annotated[str, typer.Option(help="train,dev,test fractions when --splits is not given.")]
-    = "0.7,0.1,0.2",
-    split_seed: Annotated[int, typer.Option(help="Seed of the patient split and of the empty-slice choice.")] = 0,
-    skip_bad: Annotated[bool, typer.Option(help="Skip broken cases with a report instead of stopping.")] = False,
-    unlabeled: Annotated[Path | None, typer.Option(help="Folder of cases with the four sequences and no label "
-                                                        "(BraTS validation data as shipped): unlabeled training "
-                                                        "cases, every brain slice kept, for distillation only.")]
-    = None,
-    allow_leakage: PrepAllowLeakage = False,
-    part: PrepPart = None,
-) -> None:
-    """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
-    options = {"empty_slices": empty_slices, "ratios": ratios, "seed": split_seed, "skip_bad": skip_bad,
-               **({"splits": str(splits)} if splits else {}), **({"unlabeled": str(unlabeled)} if unlabeled else {})}
-    run_prepare("brats", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
-                allow_leakage=allow_leakage)
-
-
-class Uncertain(StrEnum):
-    ones = "ones"
-    zeros = "zeros"
-    ignore = "ignore"
-
-
-@command(prepare_app, "cxr")
-def prepare_cxr(
-    raw: Annotated[Path, typer.Argument(help="ChestX-ray14 folder (Data_Entry_2017.csv, images_*/) or "
-                                             "MIMIC-CXR-JPG folder (files/, the split/metadata/chexpert CSVs).")],
-    out: PrepOut = None,
-    gaze: Annotated[Path | None, typer.Option(help="EGD-CXR folder (master_sheet.csv, fixations.csv) or REFLACX "
-                                                   "folder (main_data/).")] = None,
-    boxes: Annotated[Path | None, typer.Option(help="NIH BBox_List_2017.csv.")] = None,
-    uncertain: Annotated[Uncertain, typer.Option(help="MIMIC/CheXpert -1 labels: ones (U-Ones), zeros or "
-                                                      "ignore (left out of loss and metrics).")] = Uncertain.ones,
-    egd_sigma: Annotated[float, typer.Option(help="EGD-CXR heat map Gaussian sigma in original-image pixels "
-                                                  "(official: 150).")] = 150.0,
-    size: PrepSize = 224,
-    workers: PrepWorkers = 1,
-    resume: PrepResume = False,
-    overwrite: PrepOverwrite = False,
-    shard_size: PrepShardSize = 0,
-    compression: PrepCompression = Compression.none,
-    dev_fraction: Annotated[float, typer.Option(help="NIH: patients of train_val_list moved to dev.")] = 0.1,
-    split_seed: Annotated[int, typer.Option(help="Seed of the dev split.")] = 0,
-    labels: Annotated[str | None, typer.Option(help="Comma list restricting the label set.")] = None,
-    skip_bad: Annotated[bool, typer.Option(help="Skip bad rows/images with a report instead of stopping.")] = False,
-    allow_leakage: PrepAllowLeakage = False,
-    part: PrepPart = None,
-) -> None:
-    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits.
-    Images without labels (NIH: blank Finding Labels; MIMIC: study without a CheXpert row, or every finding blank)
-    become unlabeled training samples (label -1) for distillation."""
-    options = {"uncertain": uncertain.value, "egd_sigma": egd_sigma, "dev_fraction": dev_fraction,
-               "seed": split_seed, "skip_bad": skip_bad,
-               **{k: str(v) for k, v in (("gaze", gaze), ("boxes", boxes), ("labels", labels)) if v is not None}}
-    run_prepare("cxr", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
-                allow_leakage=allow_leakage)
-
-
-@command(prepare_app, "camelyon")
-def prepare_camelyon(
-    raw: Annotated[Path, typer.Argument(help="Folder of slides (OpenSlide formats, or BCNB WSIs/*.jpg + .json).")],
-    out: PrepOut = None,
-    clinical: Annotated[Path | None, typer.Option(help="Clinical sheet (.xlsx/.csv; default raw/clinical.xlsx).")]
-    = None,
-    mag: Annotated[float, typer.Option(help="Magnification of the patches (objective power).")] = 20.0,
-    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --mag (then resized to --size).")] = 256,
-    max_patches: Annotated[int, typer.Option(help="Patches kept per slide, spread over the tissue (0: all).")] = 64,
-    size: PrepSize = 224,
-    workers: PrepWorkers = 1,
-    resume: PrepResume = False,
-    overwrite: PrepOverwrite = False,
-    shard_size: PrepShardSize = 0,
-    compression: PrepCompression = Compression.none,
-    id_column: Annotated[str, typer.Option(help="Sheet column holding the slide/patient id.")] = "Patient ID",
-    label_column: Annotated[str, typer.Option(help="Sheet column holding the ALN status.")] = "ALN status",
-    binary: Annotated[bool, typer.Option(help="N0 vs N+ (else N0 / N+(1-2) / N+(>2)).")] = True,
-    native_mag: Annotated[float | None, typer.Option(help="Magnification of JPEG slides, or of slides that "
-                                                          "record neither objective power nor mpp.")] = None,
-    tissue_threshold: Annotated[int, typer.Option(help="Saturation threshold of the tissue mask (CLAM's).")] = 8,
-    min_tissue: Annotated[float, typer.Option(help="Tissue fraction a patch needs.")] = 0.5,
-    annotated_only: Annotated[bool, typer.Option(help="Only patches inside the tumour outlines.")] = False,
-    ratios: Annotated[str, typer.Option(help="train,dev,test fractions (stratified by label).")] = "0.6,0.2,0.2",
-    split_seed: Annotated[int, typer.Option(help="Seed of the split and the patch choice.")] = 0,
-    splits: Annotated[Path | None, typer.Option(help="Splits file: JSON {train: [ids], dev: [...], test: [...]} "
-                                                     "or CSV slide,split (e.g. synth camelyon's splits.json).")]
-    = None,
-    thumbnails: Annotated[bool, typer.Option(help="A tissue-mask/patch thumbnail PNG per slide in "
-                                                  "<out>/thumbnails/.")] = True,
-    skip_bad: Annotated[bool, typer.Option(help="Skip bad slides/rows with a report instead of stopping.")] = False,
-    allow_leakage: PrepAllowLeakage = False,
-    part: PrepPart = None,
-) -> None:
-    """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
-    clinical record per slide (missing values kept as missing); rows without an ALN status are unlabeled
-    training slides (for distillation terms)."""
-    options = {"mag": mag, "patch_size": patch_size, "max_patches": max_patches, "id_column": id_column,
-               "label_column": label_column, "binary": binary, "tissue_threshold": tissue_threshold,
-               "min_tissue": min_tissue, "annotated_only": annotated_only, "ratios": ratios, "seed": split_seed,
-               "skip_bad": skip_bad,
-               **({"clinical": str(clinical)} if clinical else {}),
-               **({"splits": str(splits)} if splits else {}),
-               **({"native_mag": native_mag} if native_mag else {}),
-               **({"thumbnails": str(Path(str(out) + ".partial") / "thumbnails")} if thumbnails else {})}
-    run_prepare("camelyon", raw, out, size, workers, resume, overwrite, shard_size, compression, options, part=part,
-                allow_leakage=allow_leakage)
 
 
 # --------------------------------------------------------------------------------------------- inspect

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -388,12 +389,34 @@ def write_label_nifti(path: Path, volume: np.ndarray, info: dict[str, Any]) -> N
         tmp.unlink(missing_ok=True)
 
 
+@dataclass
+class BratsOptions:
+    """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
+
+    empty_slices: float = field(default=0.2, metadata={
+        "help": "Fraction of tumour-free brain slices kept in train (dev/test keep every brain slice)."})
+    splits: Path | None = field(default=None, metadata={
+        "help": "Case splits: CSV case,split or JSON {train: [...], ...} (default: seeded ratios by patient)."})
+    ratios: str = field(default="0.7,0.1,0.2", metadata={
+        "help": "train,dev,test fractions when --splits is not given."})
+    seed: int = field(default=0, metadata={
+        "flag": "--split-seed", "help": "Seed of the patient split and of the empty-slice choice."})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "Skip broken cases with a report instead of stopping."})
+    unlabeled: Path | None = field(default=None, metadata={
+        "help": "Folder of cases with the four sequences and no label (BraTS validation data as shipped): "
+                "unlabeled training cases, every brain slice kept, for distillation only."})
+
+
 class BratsSource(Source):
     """Options: empty_slices (fraction of tumour-free brain slices kept in train, default 0.2), splits (CSV
     `case,split` or JSON file), ratios ("0.7,0.1,0.2"), seed, skip_bad, unlabeled (a folder of cases without
     labels: unlabeled training cases, see the module doc)."""
 
     name = "brats"
+    Options = BratsOptions
+    raw_help = "Folder of BraTS cases (any release's naming, nested or not)."
+    default_size = 128
     records_per_shard = 4  # a case is ~100 slices of 5 arrays
 
     def __init__(self, **options: Any):
