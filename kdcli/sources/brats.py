@@ -44,6 +44,7 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.shards.quality import warn
+from kdcli.sources._skip import read_or_skip, skip_or_raise
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
 
@@ -99,7 +100,7 @@ def _reason(exc: Exception, path: str | Path) -> str:
 
 
 def _case_error(case: str, message: str, hint: str = SKIP_HINT) -> KdcliError:
-    return KdcliError(f"case {case}: {message}", hint=hint)
+    return KdcliError(message, hint=hint, subject=f"case {case}")
 
 
 # ---------------------------------------------------------------- scanning: folders -> cases
@@ -220,9 +221,7 @@ def _find_cases(raw: Path, notes: list[str], skip_bad: bool, labelled: bool = Tr
                                  hint="point RAW at one copy of the data")
             _check_case(case, files)
         except KdcliError as exc:
-            if not skip_bad or not str(exc).startswith("case "):
-                raise
-            notes.append(f"skipped {str(exc).split(' — ')[0]}")  # the hint (how to skip) is moot now
+            skip_or_raise(exc, skip_bad, notes)
             skipped.add(folder_path.name)
             continue
         cases[case] = (naming, files, folder_path)
@@ -530,13 +529,7 @@ class BratsSource(Source):
         return {case: listed[case] for case in (*cases, *unlabeled) if case in listed}
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
-        try:
-            return self._read(record, size)
-        except KdcliError as exc:
-            if not self.skip_bad:
-                raise
-            # prepare's note names the record already; the hint (how to skip) is moot once skipped
-            return {"skipped": str(exc).split(" — ")[0].removeprefix(f"case {record.id}: ")}, iter([])
+        return read_or_skip(lambda: self._read(record, size), self.skip_bad)
 
     def _mapped_label(self, record: Record, naming: str) -> tuple[np.ndarray, nib.Nifti1Image]:
         """The label volume in kdcli indices, and the label file's image (for its header)."""

@@ -65,6 +65,7 @@ import cv2
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.sources._skip import read_or_skip, skip_or_raise
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import quiet_opencv
 from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
@@ -143,7 +144,7 @@ def _number(value: str | None) -> float | None:
 
 
 def _slide_error(slide: str, message: str, hint: str = SKIP_HINT) -> KdcliError:
-    return KdcliError(f"slide {slide}: {message}", hint=hint)
+    return KdcliError(message, hint=hint, subject=f"slide {slide}")
 
 
 def _reason(exc: Exception, path: str | Path) -> str:
@@ -651,9 +652,7 @@ class CamelyonSource(Source):
             try:
                 _check_header(slide_id, path)
             except KdcliError as exc:
-                if not self.skip_bad:
-                    raise
-                notes.append(f"skipped {str(exc).split(' — ')[0]}")
+                skip_or_raise(exc, self.skip_bad, notes)
                 bad.add(slide_id)
                 continue
             slides[slide_id] = path
@@ -729,7 +728,7 @@ class CamelyonSource(Source):
             except KdcliError as exc:
                 if not self.skip_bad:
                     raise
-                notes.append(f"skipped slide {slide_id}: {str(exc).split(' — ')[0]}")
+                notes.append(f"skipped slide {slide_id}: {exc.problem}")
         if not parsed:
             raise KdcliError("no slide is left with a usable clinical row; nothing to prepare", path=raw,
                              hint="see the notes for why")
@@ -819,13 +818,7 @@ class CamelyonSource(Source):
     # ------------------------------------------------------------ read
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
-        try:
-            return self._read(record, size)
-        except KdcliError as exc:
-            if not self.skip_bad:
-                raise
-            reason = str(exc).split(" — ")[0].removeprefix(f"slide {record.id}: ")
-            return {"skipped": reason}, iter([])
+        return read_or_skip(lambda: self._read(record, size), self.skip_bad)
 
     def _read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
         if not isinstance(record, SlideRecord):

@@ -66,6 +66,7 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.shards.quality import warn
+from kdcli.sources._skip import read_or_skip
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import resize_square
 from kdcli.sources.text import decoding, open_text, read_text
@@ -847,13 +848,8 @@ class CxrSource(Source):
     # ------------------------------------------------------------ load
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
-        try:
-            arrays = self.load(record, size)
-        except KdcliError as exc:
-            if not self.skip_bad:
-                raise
-            return {"skipped": str(exc).split(" — ")[0]}, iter([])
-        return {}, iter([Sample(record.id, record.label, arrays)])
+        return read_or_skip(lambda: ({}, iter([Sample(record.id, record.label, self.load(record, size))])),
+                            self.skip_bad)
 
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
         image = read_xray(record.files["xray"])
