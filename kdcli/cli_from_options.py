@@ -86,7 +86,7 @@ def option_values(options: Any) -> dict[str, Any]:
 
 
 def build_command(name: str, callback: Callable[..., Any], parameters: list[inspect.Parameter], help: str,
-                  wrap: Callable) -> typer.core.TyperCommand:
+                  wrap: Callable) -> TyperCommand:
     """A Typer command whose signature is `parameters` (Typer reads it through inspect.signature)."""
     callback.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     single = typer.Typer(add_completion=False)
@@ -105,13 +105,13 @@ class LazyGroup(TyperGroup):
     def __init__(self, *, commands: dict | None = None, **attrs: Any) -> None:
         stand_ins = {name: TyperCommand(name=name, help=help) for name, help in self.listed.items()}
         super().__init__(commands={**stand_ins, **(commands or {})}, **attrs)
+        self.built: set[str] = set()
 
     def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
         name, command, rest = super().resolve_command(ctx, args)
-        if name in self.builders and command is not None and not getattr(command, "built", False):
-            command = self.builders[name]()
-            command.built = True
-            self.commands[name] = command
+        if name in self.builders and name not in self.built:
+            self.commands[name] = command = self.builders[name]()
+            self.built.add(name)
         return name, command, rest
 
 
