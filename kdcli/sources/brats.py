@@ -35,10 +35,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
-import nibabel as nib
 import numpy as np
 
 from kdcli.errors import KdcliError
@@ -47,6 +46,9 @@ from kdcli.shards.quality import warn
 from kdcli.sources._skip import read_or_skip, skip_or_raise
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
 
@@ -133,10 +135,17 @@ def _case_files(folder: Path, names: list[str]) -> tuple[dict[str, dict[str, Pat
     return found, misnamed, prefix
 
 
+def _nibabel():
+    """nibabel, imported on first use: half a second that `kdcli prepare brats --help` and TAB need not pay."""
+    import nibabel
+
+    return nibabel
+
+
 def _header(case: str, path: Path) -> nib.Nifti1Image:
     """The image with its header read and its data left on disk; names the file when that fails."""
     try:
-        image = nib.load(str(path))
+        image = _nibabel().load(str(path))
         shape = image.shape
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a damaged or foreign file
         raise _case_error(case, f"{path}: not a readable NIfTI file ({_reason(exc, path)})",
@@ -270,7 +279,7 @@ def read_splits(path: Path) -> dict[str, str]:
 
 def _voxels(case: str, path: str, dtype: type) -> np.ndarray:
     try:
-        image = nib.load(path)
+        image = _nibabel().load(path)
         if dtype is np.float32:
             return np.asarray(image.get_fdata(dtype=np.float32))
         return np.asanyarray(image.dataobj)
@@ -374,7 +383,7 @@ def write_label_nifti(path: Path, volume: np.ndarray, info: dict[str, Any]) -> N
     if tuple(volume.shape) != tuple(info["shape"]):
         raise ValueError(f"volume shape {volume.shape} is not the record's {tuple(info['shape'])}")
     affine = np.asarray(info["affine"], dtype=np.float64)
-    image = nib.Nifti1Image(np.asarray(volume, dtype=np.uint8), affine)
+    image = _nibabel().Nifti1Image(np.asarray(volume, dtype=np.uint8), affine)
     image.set_data_dtype(np.uint8)
     image.set_qform(affine, code=1)  # scanner coordinates, like the BraTS files: viewers overlay it on the MRI
     image.set_sform(affine, code=1)
@@ -382,7 +391,7 @@ def write_label_nifti(path: Path, volume: np.ndarray, info: dict[str, Any]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{extension}")
     try:
-        nib.save(image, str(tmp))
+        _nibabel().save(image, str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -535,7 +544,7 @@ class BratsSource(Source):
         """The label volume in kdcli indices, and the label file's image (for its header)."""
         case, et_value = record.id, ET_VALUE[naming]
         raw_label = _voxels(case, record.files["seg"], np.int32)
-        label_image = nib.load(record.files["seg"])  # header only: the data above already read cleanly
+        label_image = _nibabel().load(record.files["seg"])  # header only: the data above already read cleanly
         label = np.rint(raw_label).astype(np.int32) if raw_label.dtype.kind == "f" else raw_label.astype(np.int32)
         if raw_label.dtype.kind == "f" and not np.array_equal(label, raw_label):
             raise _case_error(case, f"{Path(record.files['seg']).name} holds non-integer labels")
@@ -560,7 +569,8 @@ class BratsSource(Source):
             _zero_nonfinite(case, name, record.files[name], volume)
         labelled = record.label != UNLABELED
         # an unlabeled case's grid comes from its T1 header (the sequences share it: checked by the scan)
-        mapped, grid_image = self._mapped_label(record, naming) if labelled else (None, nib.load(record.files["t1"]))
+        mapped, grid_image = (self._mapped_label(record, naming) if labelled
+                              else (None, _nibabel().load(record.files["t1"])))
         shape = volumes["t1"].shape
 
         brain = brain_mask(volumes)
