@@ -12,11 +12,14 @@ class KdcliError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
-        parts = [f"{path}: {message}" if path is not None else message]
-        if hint:
-            parts.append(hint)
-        super().__init__(" — ".join(parts))
+    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None,
+                 subject: str | None = None):
+        # kept apart so no caller parses the text: `subject` names the record at fault ("case BraTS_001"), which
+        # --skip-bad may leave out; `fault` is what is wrong with it and `problem` both, each without the hint
+        self.subject = subject
+        self.fault = f"{path}: {message}" if path is not None else message
+        self.problem = f"{subject}: {self.fault}" if subject else self.fault
+        super().__init__(f"{self.problem} — {hint}" if hint else self.problem)
 
 
 class UsageError(KdcliError):

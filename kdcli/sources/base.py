@@ -34,12 +34,26 @@ class Scan:
 
 
 class Source:
-    """Subclass per dataset: set `name`, implement `scan` and `load`; register one line in __init__."""
+    """Subclass per dataset: set `name` and `Options`, implement `scan` and `load`; register one line in
+    __init__. `kdcli prepare <name>` is generated from `Options` (kdcli/cli_from_options.py)."""
 
     name: ClassVar[str] = ""
+    #: the source's own options: a dataclass whose docstring is the command's help and whose fields carry
+    #: metadata={"help": ...} (optional "flag", "metavar", "hidden"); a field without default is required
+    Options: ClassVar[type]
+    raw_help: ClassVar[str] = "Raw dataset folder."  # the RAW argument's help
+    default_size: ClassVar[int] = 224  # --size when not given
+    #: a second run adds to an existing --out (one set per label space) instead of refusing it; no --part
+    appends: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.options = options
+
+    @classmethod
+    def command_options(cls, options: dict[str, Any], out: Path) -> dict[str, Any]:
+        """The source options of a `prepare` run from its Options values (None left out), e.g. a flag that names
+        a folder under --out; recorded in dataset.json."""
+        return options
 
     def scan(self, raw: Path) -> Scan:
         raise NotImplementedError

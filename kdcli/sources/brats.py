@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -44,8 +45,12 @@ from kdcli.errors import KdcliError
 from kdcli.extras import require
 from kdcli.shards.format import SPLITS
 from kdcli.shards.quality import warn
+from kdcli.sources._skip import read_or_skip, skip_or_raise
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.splits import parse_ratios, read_split_file, split_groups, stable_seed
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -102,7 +107,7 @@ def _reason(exc: Exception, path: str | Path) -> str:
 
 
 def _case_error(case: str, message: str, hint: str = SKIP_HINT) -> KdcliError:
-    return KdcliError(f"case {case}: {message}", hint=hint)
+    return KdcliError(message, hint=hint, subject=f"case {case}")
 
 
 # ---------------------------------------------------------------- scanning: folders -> cases
@@ -228,9 +233,7 @@ def _find_cases(raw: Path, notes: list[str], skip_bad: bool, labelled: bool = Tr
                                  hint="point RAW at one copy of the data")
             _check_case(case, files)
         except KdcliError as exc:
-            if not skip_bad or not str(exc).startswith("case "):
-                raise
-            notes.append(f"skipped {str(exc).split(' — ')[0]}")  # the hint (how to skip) is moot now
+            skip_or_raise(exc, skip_bad, notes)
             skipped.add(folder_path.name)
             continue
         cases[case] = (naming, files, folder_path)
@@ -374,12 +377,34 @@ def write_label_nifti(path: Path, volume: np.ndarray, info: dict[str, Any]) -> N
         tmp.unlink(missing_ok=True)
 
 
+@dataclass
+class BratsOptions:
+    """BraTS volumes -> axial slices of the 4 sequences (z-scored in the brain, cropped) and label maps."""
+
+    empty_slices: float = field(default=0.2, metadata={
+        "help": "Fraction of tumour-free brain slices kept in train (dev/test keep every brain slice)."})
+    splits: Path | None = field(default=None, metadata={
+        "help": "Case splits: CSV case,split or JSON {train: [...], ...} (default: seeded ratios by patient)."})
+    ratios: str = field(default="0.7,0.1,0.2", metadata={
+        "help": "train,dev,test fractions when --splits is not given."})
+    seed: int = field(default=0, metadata={
+        "flag": "--split-seed", "help": "Seed of the patient split and of the empty-slice choice."})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "Skip broken cases with a report instead of stopping."})
+    unlabeled: Path | None = field(default=None, metadata={
+        "help": "Folder of cases with the four sequences and no label (BraTS validation data as shipped): "
+                "unlabeled training cases, every brain slice kept, for distillation only."})
+
+
 class BratsSource(Source):
     """Options: empty_slices (fraction of tumour-free brain slices kept in train, default 0.2), splits (CSV
     `case,split` or JSON file), ratios ("0.7,0.1,0.2"), seed, skip_bad, unlabeled (a folder of cases without
     labels: unlabeled training cases, see the module doc)."""
 
     name = "brats"
+    Options = BratsOptions
+    raw_help = "Folder of BraTS cases (any release's naming, nested or not)."
+    default_size = 128
     records_per_shard = 4  # a case is ~100 slices of 5 arrays
 
     def __init__(self, **options: Any):
@@ -494,13 +519,7 @@ class BratsSource(Source):
         return {case: listed[case] for case in (*cases, *unlabeled) if case in listed}
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
-        try:
-            return self._read(record, size)
-        except KdcliError as exc:
-            if not self.skip_bad:
-                raise
-            # prepare's note names the record already; the hint (how to skip) is moot once skipped
-            return {"skipped": str(exc).split(" — ")[0].removeprefix(f"case {record.id}: ")}, iter([])
+        return read_or_skip(lambda: self._read(record, size), self.skip_bad)
 
     def _mapped_label(self, record: Record, naming: str) -> tuple[np.ndarray, nib.Nifti1Image]:
         """The label volume in kdcli indices, and the label file's image (for its header)."""

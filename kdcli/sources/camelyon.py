@@ -58,7 +58,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -68,6 +68,7 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.extras import require
+from kdcli.sources._skip import read_or_skip, skip_or_raise
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import quiet_opencv
 from kdcli.sources.splits import parse_ratios, read_split_file, stable_seed
@@ -146,7 +147,7 @@ def _number(value: str | None) -> float | None:
 
 
 def _slide_error(slide: str, message: str, hint: str = SKIP_HINT) -> KdcliError:
-    return KdcliError(f"slide {slide}: {message}", hint=hint)
+    return KdcliError(message, hint=hint, subject=f"slide {slide}")
 
 
 def _reason(exc: Exception, path: str | Path) -> str:
@@ -635,6 +636,39 @@ def spread_sample(count: int, limit: int, seed: int) -> list[int]:
 # ---------------------------------------------------------------- the source
 
 
+@dataclass
+class CamelyonOptions:
+    """Slides + clinical sheet -> tissue patches at a magnification (with level-0 coordinates) and the encoded
+    clinical record per slide (missing values kept as missing); rows without an ALN status are unlabeled
+    training slides (for distillation terms)."""
+
+    clinical: Path | None = field(default=None, metadata={
+        "help": "Clinical sheet (.xlsx/.csv; default raw/clinical.xlsx)."})
+    mag: float = field(default=20.0, metadata={"help": "Magnification of the patches (objective power)."})
+    patch_size: int = field(default=256, metadata={"help": "Patch side in pixels at --mag (then resized to --size)."})
+    max_patches: int = field(default=64, metadata={
+        "help": "Patches kept per slide, spread over the tissue (0: all)."})
+    id_column: str = field(default="Patient ID", metadata={"help": "Sheet column holding the slide/patient id."})
+    label_column: str = field(default="ALN status", metadata={"help": "Sheet column holding the ALN status."})
+    binary: bool = field(default=True, metadata={"help": "N0 vs N+ (else N0 / N+(1-2) / N+(>2))."})
+    native_mag: float | None = field(default=None, metadata={
+        "help": "Magnification of JPEG slides, or of slides that record neither objective power nor mpp."})
+    tissue_threshold: int = field(default=8, metadata={
+        "help": "Saturation threshold of the tissue mask (CLAM's)."})
+    min_tissue: float = field(default=0.5, metadata={"help": "Tissue fraction a patch needs."})
+    annotated_only: bool = field(default=False, metadata={"help": "Only patches inside the tumour outlines."})
+    ratios: str = field(default="0.6,0.2,0.2", metadata={"help": "train,dev,test fractions (stratified by label)."})
+    seed: int = field(default=0, metadata={
+        "flag": "--split-seed", "help": "Seed of the split and the patch choice."})
+    splits: Path | None = field(default=None, metadata={
+        "help": "Splits file: JSON {train: [ids], dev: [...], test: [...]} or CSV slide,split (e.g. synth "
+                "camelyon's splits.json)."})
+    thumbnails: bool = field(default=True, metadata={
+        "help": "A tissue-mask/patch thumbnail PNG per slide in <out>/thumbnails/."})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "Skip bad slides/rows with a report instead of stopping."})
+
+
 class CamelyonSource(Source):
     """Options: clinical (sheet path), id_column, label_column, binary, mag, native_mag, patch_size, max_patches,
     tissue_threshold, min_tissue, annotated_only, ratios, seed, splits (JSON or CSV file), skip_bad, thumbnails
@@ -642,6 +676,16 @@ class CamelyonSource(Source):
 
     name = "camelyon"
     records_per_shard = 2  # a slide is up to max_patches samples
+    Options = CamelyonOptions
+    raw_help = "Folder of slides (OpenSlide formats, or BCNB WSIs/*.jpg + .json)."
+
+    @classmethod
+    def command_options(cls, options: dict[str, Any], out: Path) -> dict[str, Any]:
+        """--thumbnails is a flag; the source takes the folder, written in the staging folder and moved with it."""
+        options = dict(options)
+        if options.pop("thumbnails"):
+            options["thumbnails"] = str(Path(str(out) + ".partial") / "thumbnails")
+        return options
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -697,9 +741,7 @@ class CamelyonSource(Source):
             try:
                 _check_header(slide_id, path)
             except KdcliError as exc:
-                if not self.skip_bad:
-                    raise
-                notes.append(f"skipped {str(exc).split(' — ')[0]}")
+                skip_or_raise(exc, self.skip_bad, notes)
                 bad.add(slide_id)
                 continue
             slides[slide_id] = path
@@ -756,7 +798,7 @@ class CamelyonSource(Source):
             except KdcliError as exc:
                 if not self.skip_bad:
                     raise
-                notes.append(f"skipped slide {slide_id}: {str(exc).split(' — ')[0]}")
+                notes.append(f"skipped slide {slide_id}: {exc.problem}")
         if not parsed:
             raise KdcliError("no slide is left with a usable clinical row; nothing to prepare", path=raw,
                              hint="see the notes for why")
@@ -846,13 +888,7 @@ class CamelyonSource(Source):
     # ------------------------------------------------------------ read
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
-        try:
-            return self._read(record, size)
-        except KdcliError as exc:
-            if not self.skip_bad:
-                raise
-            reason = str(exc).split(" — ")[0].removeprefix(f"slide {record.id}: ")
-            return {"skipped": reason}, iter([])
+        return read_or_skip(lambda: self._read(record, size), self.skip_bad)
 
     def _read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
         if not isinstance(record, SlideRecord):

@@ -56,7 +56,8 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -67,6 +68,7 @@ import numpy as np
 from kdcli.errors import KdcliError
 from kdcli.extras import require
 from kdcli.shards.quality import warn
+from kdcli.sources._skip import read_or_skip
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
 from kdcli.sources.imaging import resize_square
 from kdcli.sources.text import decoding, open_text, read_text
@@ -389,10 +391,41 @@ class _Entry:
     line: int = 0  # its row in the label (NIH) or split (MIMIC) file, for messages
 
 
+class Uncertain(StrEnum):
+    """MIMIC/CheXpert -1 labels: U-Ones, U-Zeros, or left out of loss and metrics."""
+
+    ones = "ones"
+    zeros = "zeros"
+    ignore = "ignore"
+
+
+@dataclass
+class CxrOptions:
+    """Chest X-rays -> multi-label targets, gaze heat maps (official recipes) and box masks, patient-wise splits.
+    Images without labels (NIH: blank Finding Labels; MIMIC: study without a CheXpert row, or every finding blank)
+    become unlabeled training samples (label -1) for distillation."""
+
+    gaze: Path | None = field(default=None, metadata={
+        "help": "EGD-CXR folder (master_sheet.csv, fixations.csv) or REFLACX folder (main_data/)."})
+    boxes: Path | None = field(default=None, metadata={"help": "NIH BBox_List_2017.csv."})
+    uncertain: Uncertain = field(default=Uncertain.ones, metadata={
+        "help": "MIMIC/CheXpert -1 labels: ones (U-Ones), zeros or ignore (left out of loss and metrics)."})
+    egd_sigma: float = field(default=150.0, metadata={
+        "help": "EGD-CXR heat map Gaussian sigma in original-image pixels (official: 150)."})
+    dev_fraction: float = field(default=0.1, metadata={"help": "NIH: patients of train_val_list moved to dev."})
+    seed: int = field(default=0, metadata={"flag": "--split-seed", "help": "Seed of the dev split."})
+    labels: str | None = field(default=None, metadata={"help": "Comma list restricting the label set."})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "Skip bad rows/images with a report instead of stopping."})
+
+
 class CxrSource(Source):
     """ChestX-ray14 / MIMIC-CXR multi-label X-rays with EGD-CXR or REFLACX gaze and BBox boxes on a subset."""
 
     name = "cxr"
+    Options = CxrOptions
+    raw_help = ("ChestX-ray14 folder (Data_Entry_2017.csv, images_*/) or MIMIC-CXR-JPG folder (files/, the "
+                "split/metadata/chexpert CSVs).")
     records_per_shard = 512
 
     def __init__(self, **options: Any):
@@ -839,13 +872,8 @@ class CxrSource(Source):
     # ------------------------------------------------------------ load
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
-        try:
-            arrays = self.load(record, size)
-        except KdcliError as exc:
-            if not self.skip_bad:
-                raise
-            return {"skipped": str(exc).split(" — ")[0]}, iter([])
-        return {}, iter([Sample(record.id, record.label, arrays)])
+        return read_or_skip(lambda: ({}, iter([Sample(record.id, record.label, self.load(record, size))])),
+                            self.skip_bad)
 
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
         image = read_xray(record.files["xray"])

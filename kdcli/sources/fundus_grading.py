@@ -21,6 +21,7 @@ import csv
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -155,12 +156,32 @@ def preprocess_image(path: str | Path, size: int) -> np.ndarray:
     return resize_square(read_image(path, 3), size)
 
 
+@dataclass
+class FundusGradingOptions:
+    """A graded fundus set for one task; a second call with another --task adds to the same --out."""
+
+    labels: Path = field(metadata={"help": "Label CSV (EyePACS image,level or APTOS id_code,diagnosis)."})
+    task: str = field(metadata={"help": "The task this set is graded for, e.g. dr or amd."})
+    image_dir: Path | None = field(default=None, metadata={
+        "help": "Image folder (default: train/, train_images/ or images/ beside the CSV)."})
+    image_column: str | None = field(default=None, metadata={"help": "CSV column with image names."})
+    label_column: str | None = field(default=None, metadata={"help": "CSV column with grades."})
+    grades: int | None = field(default=None, metadata={"help": "Number of grades (default 5 for dr, 4 for amd)."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the patient-level 60/20/20 split."})
+    splits: Path | None = field(default=None, metadata={
+        "help": "Each image's split: CSV image,split or JSON {train: [...], dev: [...], test: [...]} (default: the "
+                "seeded split)."})
+
+
 class FundusGradingSource(Source):
     """Options: labels (CSV, required), task (required), image_dir, image_column, label_column,
     grades (number of grades, at least 2; default 5 for dr, 4 for amd, else the largest grade + 1), splits
     (CSV `image,split` or JSON: the split of every image), split_seed, ratios."""
 
     name = "fundus-grading"
+    Options = FundusGradingOptions
+    raw_help = "The set's folder (holds the label CSV and the images)."
+    appends = True
 
     def scan(self, raw: Path) -> Scan:
         task = self.options.get("task")

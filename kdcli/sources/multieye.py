@@ -21,6 +21,7 @@ The class order is the code's, not the README's (the README omits MYO at index 6
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -110,10 +111,21 @@ def preprocess_image(path: str | Path, modality: str, size: int, clahe: bool = F
     return resize_square(image, size)
 
 
+@dataclass
+class MultiEyeOptions:
+    """MultiEYE: fundus (assemble/) and OCT (assemble_oct/) lists and images."""
+
+    clahe: bool = field(default=False, metadata={"help": "CLAHE on fundus photos (the paper's offline step)."})
+    median: int = field(default=0, metadata={"help": "Median filter kernel for OCT (0 = off; paper: 3)."})
+    list_name: str | None = field(default=None, metadata={"help": "List file name in each split folder."})
+
+
 class MultiEyeSource(Source):
     """Options: clahe (bool, fundus), median (odd kernel, OCT; 0 = off), list_name (override)."""
 
     name = "multieye"
+    Options = MultiEyeOptions
+    raw_help = "Folder holding assemble/ and assemble_oct/."
 
     def scan(self, raw: Path) -> Scan:
         root = find_root(Path(raw))

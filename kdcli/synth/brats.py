@@ -105,12 +105,14 @@ import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from scipy import ndimage
 
 from kdcli.extras import require
 from kdcli.shards.format import atomic_write_bytes
+from kdcli.synth._options import seed_field, takes, workers_field
 
 NAMINGS = ("2018", "2019", "2020", "2021", "2023")
 SEQUENCES = ("t1", "t1ce", "t2", "flair")  # canonical names; file suffixes per naming in _suffixes()
@@ -628,6 +630,42 @@ def _main_splits(ids: list[str], extra_tests: int) -> list[str]:
     return [by_patient[patient_of(i)] for i in ids]
 
 
+@dataclass
+class BratsSynthOptions:
+    """BraTS NIfTI phantoms: a per-case tumour latent rendered strongly in T1/T2/FLAIR, faintly in T1ce."""
+
+    out_help: ClassVar[str] = "Folder to write, in the chosen release's layout."
+
+    cases: int = field(default=12, metadata={"help": "Cases (patients)."})
+    size: int = field(default=64, metadata={"help": "In-plane side (240 = real BraTS; depth follows 240:155)."})
+    naming: str = field(default="2021", metadata={
+        "help": "2018 (HGG/LGG), 2019, 2020 (with its misnamed label), 2021 or 2023 (t1n/t1c/t2w/t2f, ET=3)."})
+    seed: int = seed_field()
+    workers: int = workers_field()
+    label_noise: float = field(default=0.0, metadata={
+        "help": "Rater noise 0-1 on the TRAIN cases' label files (boundary dilation/erosion, dropped oedema "
+                "fingers); clean maps go to clean_labels/."})
+    test_cases: int = field(default=0, metadata={
+        "help": "Extra test cases, identical whatever --cases is (a fixed test set across training sizes)."})
+    independent: bool = field(default=False, metadata={
+        "help": "Negative control: fixed contrasts, no shared latent, labels exactly the pixels' geometry."})
+    unlabeled: int = field(default=0, metadata={
+        "help": "Cases without label files in OUT/unlabeled/ (as validation data ship), for prepare --unlabeled."})
+
+    def report(self, summary: dict, out: Path) -> list[str]:
+        counts = {split: len(ids) for split, ids in summary["splits"].items()}
+        lines = [f"wrote {len(summary['cases'])} cases ({self.naming} naming, {summary['design']} design; "
+                 f"{counts['train']}/{counts['dev']}/{counts['test']} train/dev/test) to {out}"]
+        if summary["splits_file"]:
+            lines.append(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test "
+                         "cases depend on this split)")
+        if self.unlabeled:
+            lines.append(f"{self.unlabeled} unlabeled cases in {out / 'unlabeled'}: prepare with --unlabeled "
+                         f"{out / 'unlabeled'}")
+        return lines
+
+
+@takes(BratsSynthOptions)
 def synth_brats(
     out: Path,
     cases: int = 12,

@@ -100,9 +100,10 @@ import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import cv2
 import numpy as np
@@ -110,6 +111,7 @@ import numpy as np
 from kdcli.extras import require
 from kdcli.shards.format import atomic_write_bytes
 from kdcli.synth._noise import scale_for_rate
+from kdcli.synth._options import label_noise_field, seed_field, takes, workers_field
 
 FORMATS = ("tiff", "bcnb")
 ALN_STATUS = ("N0", "N+(1-2)", "N+(>2)")
@@ -669,6 +671,44 @@ def _render(job: Job) -> dict:
     return {"tumour_boxes": boxes, "pen": meta["pen"], "blur": meta["blur"]}
 
 
+@dataclass
+class CamelyonSynthOptions:
+    """Core-needle biopsy slide phantoms and a BCNB clinical sheet: one tumour-biology latent per patient, shown
+    strongly in the record and faintly in the slide."""
+
+    out_help: ClassVar[str] = "Folder to write: slides/ (tiff) or WSIs/ (bcnb), clinical.xlsx."
+
+    slides: int = field(default=12, metadata={"help": "Slides (patients)."})
+    format: str = field(default="tiff", metadata={"help": "tiff (pyramidal, OpenSlide) or bcnb (jpg + json outlines)."})
+    size: int = field(default=4096, metadata={"help": "Level-0 width in pixels (20x, 0.5 um/px)."})
+    seed: int = seed_field()
+    workers: int = workers_field()
+    label_noise: float = label_noise_field(
+        "Share of TRAINING ALN statuses flipped across N0 / N+, borderline patients most often; dev/test stay "
+        "clean; flips listed in label_noise.csv.")
+    independent: bool = field(default=False, metadata={
+        "help": "Negative control: slide and clinical record render latents of their own; they share only the ALN "
+                "status."})
+    test_slides: int = field(default=0, metadata={
+        "help": "Extra test slides, identical whatever --slides is (a fixed test set across training sizes)."})
+    unlabeled: int = field(default=0, metadata={
+        "help": "Extra slides whose sheet row has no ALN status (unlabeled training slides for prepare)."})
+
+    def report(self, summary: dict, out: Path) -> list[str]:
+        counts = {split: len(ids) for split, ids in summary["splits"].items()}
+        lines = [f"wrote {len(summary['slides'])} slides ({self.format}, {summary['design']} design; "
+                 f"{counts['train']}/{counts['dev']}/{counts['test']} train/dev/test"
+                 + (f", {self.unlabeled} unlabeled" if self.unlabeled else "")
+                 + f") and {summary['clinical']} to {out}"]
+        if self.label_noise:
+            lines.append(f"labels of {summary['flipped']} training slides flipped, see {out / 'label_noise.csv'}")
+        if summary["splits_file"]:
+            lines.append(f"prepare with --splits {out / summary['splits_file']} (the noisy labels and extra test "
+                         "slides depend on this split)")
+        return lines
+
+
+@takes(CamelyonSynthOptions)
 def synth_camelyon(
     out: Path,
     slides: int = 12,

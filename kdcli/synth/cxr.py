@@ -113,9 +113,10 @@ import csv
 import hashlib
 import io
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import cv2
 import numpy as np
@@ -126,6 +127,7 @@ from kdcli.sources.cxr import nih_dev_patients
 from kdcli.synth import _chest
 from kdcli.synth._chest import DISTRACTOR_RATE, DISTRACTORS, FINDINGS, THRESHOLD
 from kdcli.synth._noise import scale_for_rate
+from kdcli.synth._options import label_noise_field, seed_field, size_field, takes, workers_field
 
 LAYOUTS = ("nih", "mimic")
 GAZES = ("egd", "reflacx", "none")
@@ -485,6 +487,44 @@ def _reflacx(out: Path, items: list[dict], size: int, seed: int) -> dict[str, li
 # ---------------------------------------------------------------- main entry
 
 
+@dataclass
+class CxrSynthOptions:
+    """Chest X-ray phantoms: one latent per image (lesion severities and places) rendered faintly in the X-ray and
+    strongly in the gaze and boxes, plus look-alike distractors that the gaze avoids."""
+
+    out_help: ClassVar[str] = "Folder to write (NIH or MIMIC layout; gaze under egd-cxr/ or reflacx/)."
+
+    per_class: int = field(default=6, metadata={"help": "Images per finding (plus as many without finding)."})
+    size: int = size_field(256)
+    layout: str = field(default="nih", metadata={"help": "nih (ChestX-ray14) or mimic (MIMIC-CXR-JPG)."})
+    gaze: str = field(default="egd", metadata={"help": "egd, reflacx or none."})
+    annotated_fraction: float = field(default=0.3, metadata={
+        "help": "Fraction of images with gaze (and NIH boxes)."})
+    dicom_fraction: float = field(default=0.0, metadata={"help": "Fraction written as DICOM (half MONOCHROME1)."})
+    seed: int = seed_field()
+    workers: int = workers_field()
+    label_noise: float = label_noise_field(
+        "Share of TRAINING images whose finding labels a rater flips, borderline lesions most often; dev/test "
+        "stay clean; flips listed in label_noise.csv.")
+    independent: bool = field(default=False, metadata={
+        "help": "Negative control: gaze and boxes drawn from a latent of their own with the same labels; they "
+                "carry nothing beyond them."})
+    test_per_class: int = field(default=0, metadata={
+        "help": "Test images per finding (plus 7x as many normal) from a case pool of their own, the same "
+                "whatever --per-class is (0: 20% of the patients)."})
+    unlabeled: int = field(default=0, metadata={
+        "help": "Unlabeled training images (patients of their own): NIH rows with blank Finding Labels; MIMIC "
+                "studies without a CheXpert label."})
+
+    def report(self, summary: dict, out: Path) -> list[str]:
+        return [f"wrote {summary['n_images']} labelled images ({self.layout} layout, gaze {self.gaze}, "
+                f"{summary['design']} design) to {out}"
+                + (f", {summary['n_unlabeled']} unlabeled" if self.unlabeled else "")
+                + (f" (labels of {summary['flipped']} training images flipped, see {out / 'label_noise.csv'})"
+                   if self.label_noise else "")]
+
+
+@takes(CxrSynthOptions)
 def synth_cxr(
     out: Path,
     per_class: int = 6,

@@ -94,15 +94,17 @@ import csv
 import hashlib
 import math
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import cv2
 import numpy as np
 
 from kdcli.synth._fundus import fx, vessel_paths
 from kdcli.synth._noise import scale_for_rate
+from kdcli.synth._options import label_noise_field, seed_field, size_field, takes, workers_field
 
 DR_GRADES = ("none", "mild", "moderate", "severe", "proliferative")  # 0..4, EyePACS/APTOS
 AMD_GRADES = ("none", "early", "intermediate", "late")  # 0..3
@@ -456,6 +458,44 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+@dataclass
+class FundusGradingSynthOptions:
+    """Two disjoint graded fundus sets (DR 0-4, AMD 0-3): every eye renders one latent with both diseases, each
+    set lists its own grade; splits.csv in each set is the phantom's split (prepare --splits)."""
+
+    out_help: ClassVar[str] = "Folder to write: dr/ (EyePACS or APTOS layout) and amd/."
+
+    per_class: int = field(default=100, metadata={
+        "help": "DR eyes per DR grade, all splits together (without --test-per-class's pool)."})
+    amd_per_class: int = field(default=20, metadata={"help": "AMD eyes per AMD grade: the small set SALL helps."})
+    size: int = size_field(128)
+    seed: int = seed_field()
+    dr_layout: str = field(default="eyepacs", metadata={"help": "eyepacs (trainLabels.csv) or aptos (train.csv)."})
+    label_noise: float = label_noise_field(
+        "Share of TRAINING grades moved to the neighbouring grade, borderline eyes most often (grader noise); "
+        "dev/test stay clean; listed in label_noise.csv.")
+    independent: bool = field(default=False, metadata={
+        "help": "Negative control: each set's eyes show no sign of the other disease, so SALL's extra labels "
+                "carry nothing."})
+    test_per_class: int = field(default=0, metadata={
+        "help": "Test eyes per grade and set from a pool of their own, the same whatever --per-class is (0: 20% "
+                "of each set)."})
+    workers: int = workers_field()
+
+    def report(self, summary: dict, out: Path) -> list[str]:
+        lines = []
+        for name, info in summary["sets"].items():
+            counts = info["split_counts"]
+            moved = f", {info['flipped']} training grades moved" if self.label_noise else ""
+            lines.append(f"{name}: {sum(info['counts'])} images ({counts['train']}/{counts['dev']}/{counts['test']} "
+                         f"train/dev/test{moved}), labels {info['labels']}")
+        if self.label_noise or self.test_per_class:
+            lines.append("prepare each set with --splits <set>/splits.csv (the grader noise and the test pool "
+                         "depend on it)")
+        return lines
+
+
+@takes(FundusGradingSynthOptions)
 def synth_fundus_grading(
     out: Path,
     *,

@@ -65,9 +65,10 @@ from __future__ import annotations
 import csv
 import hashlib
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import cv2
 import numpy as np
@@ -75,6 +76,7 @@ import numpy as np
 from kdcli.sources.multieye import CONCEPTS
 from kdcli.synth._fundus import fx, vessel_paths
 from kdcli.synth._noise import scale_for_rate
+from kdcli.synth._options import label_noise_field, seed_field, size_field, takes, workers_field
 
 CLASSES = ("NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD")
 SPLITS = ("train", "dev", "test")
@@ -558,6 +560,45 @@ def _render(job: Job) -> None:
         raise OSError(f"cv2 could not write {path}")
 
 
+@dataclass
+class MultiEyeSynthOptions:
+    """MultiEYE phantoms: one latent per eye (severity, subtype mix, lesion position) rendered clearly in OCT and
+    faintly in fundus; concept_embeddings.npy beside the data is for --concept-embeddings."""
+
+    out_help: ClassVar[str] = "Folder to write (MultiEYE layout: assemble/, assemble_oct/)."
+
+    per_class: int = field(default=20, metadata={
+        "help": "Images per class and modality, all splits together (without the splits --test-per-class / "
+                "--dev-per-class fill)."})
+    size: int = size_field(128)
+    seed: int = seed_field()
+    paired: bool = field(default=False, metadata={
+        "help": "Same eyes in both modalities (for --method kd): each eye's fundus and OCT render one latent."})
+    label_noise: float = label_noise_field(
+        "Share of TRAINING labels flipped to the eye's confusable neighbour class, borderline eyes most often; "
+        "dev/test stay clean; flips listed in label_noise.csv.")
+    independent: bool = field(default=False, metadata={
+        "help": "Negative control: each fundus image renders a latent of its own; fundus and OCT of an eye share "
+                "only the class."})
+    test_per_class: int = field(default=0, metadata={
+        "help": "Test images per class from a case pool of their own, the same whatever --per-class is (0: 20% "
+                "of it)."})
+    dev_per_class: int = field(default=0, metadata={
+        "help": "Dev images per class from a case pool of their own (0: 20% of --per-class, 25% with "
+                "--test-per-class)."})
+    unlabeled: int = field(default=0, metadata={
+        "help": "Unlabeled eyes per modality (the same eyes in both with --paired), listed in "
+                "train/unlabeled.txt."})
+    workers: int = workers_field()
+
+    def report(self, summary: dict, out: Path) -> list[str]:
+        flipped = sum(summary["flipped"].values())
+        return [f"wrote {sum(sum(c.values()) for c in summary['counts'].values())} images to {out}"
+                + (f" (labels of {flipped} training images flipped, see {out / 'label_noise.csv'})"
+                   if self.label_noise else "")]
+
+
+@takes(MultiEyeSynthOptions)
 def synth_multieye(
     out: Path,
     *,

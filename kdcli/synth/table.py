@@ -14,9 +14,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
+
+from kdcli.synth._options import takes
 
 CLASSES = ["normal", "benign", "malignant"]
 FINDINGS = ["spots", "ring"]
@@ -29,6 +32,8 @@ class TableSynthOptions:
     """A lab's table phantom: a colour photo and a grey scan per sample, from one latent, and table.csv (columns
     id, patient, split, label or finding columns, photo, scan) for `kdcli prepare table`."""
 
+    out_help: ClassVar[str] = "Folder to write: photo/, scan/ and table.csv."
+
     samples: int = field(default=30, metadata={"help": "Rows (samples); two per patient."})
     size: int = field(default=64, metadata={"help": "Image side in pixels."})
     seed: int = field(default=0, metadata={"help": "Random seed; same seed, same bytes."})
@@ -37,6 +42,11 @@ class TableSynthOptions:
     multilabel: bool = field(default=False, metadata={
         "help": "Finding columns spots,ring (0/1) instead of one label column (prepare with --label-columns)."})
     scan_format: str = field(default="png", metadata={"help": "Scan files as png or nifti (.nii.gz)."})
+
+    def report(self, summary: dict, out: Path) -> list[str]:
+        counts = summary["counts"]
+        return [f"wrote {summary['samples']} samples ({counts['train']}/{counts['dev']}/{counts['test']} "
+                f"train/dev/test{', unpaired' if self.unpaired else ''}) and {summary['csv']}"]
 
 
 def findings_of(index: int) -> tuple[int, int]:
@@ -78,6 +88,7 @@ def _write_scan(path: Path, image: np.ndarray) -> None:
         cv2.imwrite(str(path), image)
 
 
+@takes(TableSynthOptions)
 def synth_table(out: Path, samples: int = 30, size: int = 64, seed: int = 0, unpaired: bool = False,
                 multilabel: bool = False, scan_format: str = "png") -> dict:
     if samples < 10:
