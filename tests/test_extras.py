@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from kdcli.cli import app
+from conftest import kdcli_run
 
 OPTIONAL = ("openslide", "tifffile", "fastexcel", "xlsxwriter", "pydicom", "nibabel")
 
@@ -24,7 +22,7 @@ def hide(monkeypatch: pytest.MonkeyPatch, *packages: str) -> None:
 
 
 def missing_extra_line(args: list[str], package: str, extra: str) -> str:
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = kdcli_run(*args, ok=False)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
@@ -98,6 +96,5 @@ def test_fundus_and_png_xrays_need_no_optional_package(multieye_raw, xrays, tmp_
     hide(monkeypatch, *OPTIONAL)
     for args in (["prepare", "multieye", multieye_raw, "--out", tmp_path / "fundus", "--size", "32"],
                  ["prepare", "cxr", xrays["png"], "--out", tmp_path / "xray", "--size", "32"]):
-        result = CliRunner().invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
+        kdcli_run(*args)
         assert (Path(args[4]) / "manifest.parquet").is_file()

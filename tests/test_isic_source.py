@@ -11,16 +11,10 @@ import cv2
 import numpy as np
 import polars as pl
 import pytest
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
-
-from kdcli.cli import app
 
 COLUMNS_2019 = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -68,8 +62,7 @@ def isic_2020(root: Path, target: str | None = None) -> Path:
 
 def test_2019_keeps_the_diagnoses_present_and_each_lesion_in_one_split(tmp_path):
     raw, out = isic_2019(tmp_path / "isic2019"), tmp_path / "shards"
-    result = run("prepare", "isic", raw, "--out", out, "--size", "16", "--ratios", "0.5,0.25,0.25")
-    assert result.exit_code == 0, result.output
+    result = kdcli_run("prepare", "isic", raw, "--out", out, "--size", "16", "--ratios", "0.5,0.25,0.25")
     assert "classes without images left out: AK, BKL, DF, VASC, SCC, UNK" in result.output
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["classes"] == ["MEL", "NV", "BCC"] and meta["extra"]["release"] == "2019"
@@ -81,13 +74,12 @@ def test_2019_keeps_the_diagnoses_present_and_each_lesion_in_one_split(tmp_path)
     assert manifest.group_by("group").agg(pl.col("split").n_unique())["split"].max() == 1
     per_split = manifest.group_by("split").agg(pl.col("label").n_unique())
     assert dict(zip(per_split["split"], per_split["label"], strict=True)) == {"train": 3, "dev": 3, "test": 3}
-    assert run("inspect", out, "--verify").exit_code == 0
+    kdcli_run("inspect", out, "--verify")
 
 
 def test_2020_reads_target_and_patient(tmp_path):
     raw, out = isic_2020(tmp_path / "isic2020"), tmp_path / "shards"
-    result = run("prepare", "isic", raw, "--out", out, "--size", "16")
-    assert result.exit_code == 0, result.output
+    kdcli_run("prepare", "isic", raw, "--out", out, "--size", "16")
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["classes"] == ["benign", "malignant"] and meta["extra"]["release"] == "2020"
     manifest = pl.read_parquet(out / "manifest.parquet")
@@ -110,6 +102,6 @@ def test_bad_isic_downloads_are_refused_in_one_line(tmp_path, case):
         raw = isic_2020(tmp_path / "raw")
         (raw / "ISIC_2020_Training_GroundTruth.csv").unlink()
         needles = ["no ground-truth CSV in RAW", "--labels"]
-    result = run("prepare", "isic", raw, "--out", tmp_path / "shards", "--size", "16")
+    result = kdcli_run("prepare", "isic", raw, "--out", tmp_path / "shards", "--size", "16", ok=False)
     assert_one_line_error(result, *needles)
     assert not (tmp_path / "shards").exists()

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.methods import METHODS
 from kdcli.methods.base import Method, parse_params
 
@@ -34,18 +33,13 @@ class Setup:
     distill: list[str]  # student modality and model options
 
 
-def ok(args: list) -> None:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-
-
 def multieye(root: Path) -> Setup:
     """Paired fundus + OCT eyes (paired and unpaired methods both read them); the OCT teacher has the dataset's
     default concept head, which CoDA needs and logit methods ignore."""
-    ok(["synth", "multieye", root / "raw", "--paired", "--per-class", "3", "--size", "16"])
-    ok(["prepare", "multieye", root / "raw", "--out", root / "shards", "--size", "16"])
+    kdcli_run("synth", "multieye", root / "raw", "--paired", "--per-class", "3", "--size", "16")
+    kdcli_run("prepare", "multieye", root / "raw", "--out", root / "shards", "--size", "16")
     fast = [*TINY, "--batch-size", "8", "--model", "test_resnet"]
-    ok(["teach", "--data", root / "shards", "--modality", "oct", "--out", root / "oct.pt", *fast])
+    kdcli_run("teach", "--data", root / "shards", "--modality", "oct", "--out", root / "oct.pt", *fast)
     return Setup(root / "shards", [root / "oct.pt"], ["--student", "fundus", *fast])
 
 
@@ -61,37 +55,37 @@ def grading(root: Path) -> Setup:
                                append=True, source_options={"labels": labels, "task": task}))
     fast = [*TINY, "--batch-size", "8", "--model", "test_resnet"]
     for task in ("dr", "amd"):
-        ok(["teach", "--data", root / "shards", "--task", task, "--out", root / f"{task}.pt", *fast])
+        kdcli_run("teach", "--data", root / "shards", "--task", task, "--out", root / f"{task}.pt", *fast)
     return Setup(root / "shards", [root / "dr.pt", root / "amd.pt"], fast)
 
 
 def cxr(root: Path) -> Setup:
     """Chest X-rays with gaze maps and boxes; the teacher is a multi-label stage-1 model."""
-    ok(["synth", "cxr", root / "raw", "--per-class", "3", "--size", "64", "--annotated-fraction", "0.5"])
-    ok(["prepare", "cxr", root / "raw", "--out", root / "shards", "--size", "32", "--gaze", root / "raw" / "egd-cxr",
-        "--boxes", root / "raw" / "BBox_List_2017.csv", "--egd-sigma", "10"])
+    kdcli_run("synth", "cxr", root / "raw", "--per-class", "3", "--size", "64", "--annotated-fraction", "0.5")
+    kdcli_run("prepare", "cxr", root / "raw", "--out", root / "shards", "--size", "32", "--gaze",
+              root / "raw" / "egd-cxr", "--boxes", root / "raw" / "BBox_List_2017.csv", "--egd-sigma", "10")
     fast = [*TINY, "--batch-size", "8", "--model", "test_resnet"]
-    ok(["teach", "--data", root / "shards", "--modality", "xray", "--head", "linear", "--out", root / "xray.pt",
-        *fast])
+    kdcli_run("teach", "--data", root / "shards", "--modality", "xray", "--head", "linear", "--out",
+              root / "xray.pt", *fast)
     return Setup(root / "shards", [root / "xray.pt"], ["--student", "xray", *fast])
 
 
 def brats(root: Path) -> Setup:
     """MRI volumes; the teacher reads all four sequences, the student one."""
-    ok(["synth", "brats", root / "raw", "--cases", "6", "--size", "32"])
-    ok(["prepare", "brats", root / "raw", "--out", root / "shards", "--size", "32"])
+    kdcli_run("synth", "brats", root / "raw", "--cases", "6", "--size", "32")
+    kdcli_run("prepare", "brats", root / "raw", "--out", root / "shards", "--size", "32")
     fast = [*TINY, "--batch-size", "8", "--model", "plain-4-2"]
-    ok(["teach", "--data", root / "shards", "--modality", "t1,t1ce,t2,flair", "--out", root / "all.pt", *fast])
+    kdcli_run("teach", "--data", root / "shards", "--modality", "t1,t1ce,t2,flair", "--out", root / "all.pt", *fast)
     return Setup(root / "shards", [root / "all.pt"], ["--student", "t1ce", *fast])
 
 
 def camelyon(root: Path) -> Setup:
     """Slides with clinical records; the teacher reads both, the student the slides."""
-    ok(["synth", "camelyon", root / "raw", "--slides", "8", "--size", "1024"])
-    ok(["prepare", "camelyon", root / "raw", "--out", root / "shards", "--patch-size", "128", "--max-patches", "4",
-        "--size", "32"])
+    kdcli_run("synth", "camelyon", root / "raw", "--slides", "8", "--size", "1024")
+    kdcli_run("prepare", "camelyon", root / "raw", "--out", root / "shards", "--patch-size", "128",
+              "--max-patches", "4", "--size", "32")
     fast = [*TINY, "--batch-size", "4", "--model", "test_resnet"]
-    ok(["teach", "--data", root / "shards", "--modality", "wsi,clinical", "--out", root / "mm.pt", *fast])
+    kdcli_run("teach", "--data", root / "shards", "--modality", "wsi,clinical", "--out", root / "mm.pt", *fast)
     return Setup(root / "shards", [root / "mm.pt"], ["--student", "wsi", *fast])
 
 
@@ -171,8 +165,8 @@ def test_one_step_logs_finite_terms_keeps_the_teacher_and_moves_the_student(meth
     teacher_args = [arg for path in setup.teachers for arg in ("--teacher", path)]
     batch = int(setup.distill[setup.distill.index("--batch-size") + 1])
     built_methods.clear()  # the recipe's teach runs built methods too
-    ok(["distill", "--data", setup.shards, *teacher_args, "--method", method_name, "--out", tmp_path / "s.pt",
-        "--set", f"samples_per_epoch={batch}", "--set", "weight_decay=0", *setup.distill])
+    kdcli_run("distill", "--data", setup.shards, *teacher_args, "--method", method_name, "--out", tmp_path / "s.pt",
+              "--set", f"samples_per_epoch={batch}", "--set", "weight_decay=0", *setup.distill)
     # one batch: one optimisation step; no weight decay, which would move the weights without any gradient
 
     [(method, student_before, teachers_before)] = [entry for entry in built_methods

@@ -14,24 +14,12 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.shards.reader import ShardStore
 
-runner = CliRunner()
 pytestmark = pytest.mark.slow
-
-
-def cli(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args) -> object:
-    result = cli(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def read_sheet(path: Path) -> pl.DataFrame:
@@ -67,17 +55,17 @@ def run(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("clinical")
     raw, shards = root / "raw", root / "shards"
-    ok("synth", "camelyon", raw, "--slides", "8", "--size", "1024")
+    kdcli_run("synth", "camelyon", raw, "--slides", "8", "--size", "1024")
     sheet = read_sheet(raw / "clinical.xlsx")
     # empty cells (a missing numeric and a missing category) so the mask path is compared too
     sheet = sheet.with_columns([pl.when(pl.col("Patient ID") == "cnb_0002").then(pl.lit(None, pl.String))
                                 .otherwise(pl.col(name)).alias(name) for name in ("Age(years)", "ER")])
     sheet.write_csv(root / "clinical.csv")
     (raw / "clinical.xlsx").unlink()
-    ok("prepare", "camelyon", raw, "--out", shards, "--clinical", root / "clinical.csv", "--patch-size", "128",
-       "--max-patches", "6", "--size", "32")
-    ok("teach", "--data", shards, "--modality", "wsi,clinical", "--out", root / "mm.pt", "--epochs", "1",
-       "--batch-size", "4", "--workers", "0", "--model", "test_resnet", "--device", "cpu")
+    kdcli_run("prepare", "camelyon", raw, "--out", shards, "--clinical", root / "clinical.csv", "--patch-size", "128",
+              "--max-patches", "6", "--size", "32")
+    kdcli_run("teach", "--data", shards, "--modality", "wsi,clinical", "--out", root / "mm.pt", "--epochs", "1",
+              "--batch-size", "4", "--workers", "0", "--model", "test_resnet", "--device", "cpu")
     mm = load_checkpoint(root / "mm.pt")
     spec = {**mm.meta["model"], "branches": ["mm", "sm"]}
     torch.manual_seed(1)
@@ -98,7 +86,8 @@ def test_predict_with_the_sheet_equals_evaluate_with_records_present(run) -> Non
     moved = run["root"] / "moved"
     run["shards"].rename(moved)  # predict reads the encoding from the checkpoint, never the shards
     try:
-        ok("predict", run["mm"], run["raw"] / "slides", "--clinical", run["sheet"], "--out", out, "--device", "cpu")
+        kdcli_run("predict", run["mm"], run["raw"] / "slides", "--clinical", run["sheet"], "--out", out, "--device",
+                  "cpu")
     finally:
         moved.rename(run["shards"])
     table = pl.read_csv(out)
@@ -114,7 +103,7 @@ def test_predict_with_the_sheet_equals_evaluate_with_records_present(run) -> Non
 
 
 def test_a_fusion_model_without_the_sheet_is_refused_in_one_line(run) -> None:
-    result = cli("predict", run["mm"], run["raw"] / "slides", "--out", run["root"] / "refused.csv")
+    result = kdcli_run("predict", run["mm"], run["raw"] / "slides", "--out", run["root"] / "refused.csv", ok=False)
     assert result.exit_code == 2 and "no WSI-only head" in result.output and "--clinical" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
@@ -125,7 +114,7 @@ def test_a_slide_without_a_row_takes_the_wsi_only_route_or_fails_in_one_line(run
     classes = load_checkpoint(run["mm"]).meta["classes"]
 
     out = run["root"] / "both.csv"
-    ok("predict", run["both"], run["raw"] / "slides", "--clinical", partial, "--out", out, "--device", "cpu")
+    kdcli_run("predict", run["both"], run["raw"] / "slides", "--clinical", partial, "--out", out, "--device", "cpu")
     table = pl.read_csv(out)
     used = dict(zip(table["id"], table["clinical_used"], strict=True))
     assert used.pop("cnb_0003") is False and all(used.values()) and len(used) == 7
@@ -133,8 +122,8 @@ def test_a_slide_without_a_row_takes_the_wsi_only_route_or_fails_in_one_line(run
     for slide, probs in expected.items():
         assert np.allclose(got[slide], probs, atol=1e-6), slide
 
-    result = cli("predict", run["mm"], run["raw"] / "slides", "--clinical", partial, "--out",
-                 run["root"] / "mm_partial.csv", "--device", "cpu")
+    result = kdcli_run("predict", run["mm"], run["raw"] / "slides", "--clinical", partial, "--out",
+                       run["root"] / "mm_partial.csv", "--device", "cpu", ok=False)
     assert result.exit_code == 1, result.output
     failed = [line for line in result.output.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "cnb_0003" in failed[0] and "no row" in failed[0] and "partial.csv" in failed[0]
@@ -144,8 +133,8 @@ def test_a_slide_without_a_row_takes_the_wsi_only_route_or_fails_in_one_line(run
 def test_a_sheet_without_a_column_the_model_reads_is_one_line_naming_it(run) -> None:
     sheet = run["root"] / "no_er.csv"
     read_sheet(run["sheet"]).drop("ER").write_csv(sheet)
-    result = cli("predict", run["mm"], run["raw"] / "slides", "--clinical", sheet, "--out",
-                 run["root"] / "no_er_out.csv", "--device", "cpu")
+    result = kdcli_run("predict", run["mm"], run["raw"] / "slides", "--clinical", sheet, "--out",
+                       run["root"] / "no_er_out.csv", "--device", "cpu", ok=False)
     assert result.exit_code == 1 and str(sheet) in result.output and "'ER'" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (run["root"] / "no_er_out.csv").exists()
 
@@ -155,13 +144,14 @@ def test_an_unknown_category_fails_that_slide_in_one_line_naming_the_sheet(run) 
     read_sheet(run["sheet"]).with_columns(pl.when(pl.col("Patient ID") == "cnb_0005").then(pl.lit("Maybe"))
                                           .otherwise(pl.col("PR")).alias("PR")).write_csv(sheet)
     out = run["root"] / "typo_out.csv"
-    result = cli("predict", run["mm"], run["raw"] / "slides", "--clinical", sheet, "--out", out, "--device", "cpu")
+    result = kdcli_run("predict", run["mm"], run["raw"] / "slides", "--clinical", sheet, "--out", out, "--device",
+                       "cpu", ok=False)
     assert result.exit_code == 1, result.output
     failed = [line for line in result.output.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "cnb_0005" in failed[0] and str(sheet) in failed[0] and "'Maybe'" in failed[0]
     assert pl.read_csv(out).height == 7
-    strict = cli("predict", run["mm"], run["raw"] / "slides", "--clinical", sheet, "--out",
-                 run["root"] / "typo_strict.csv", "--device", "cpu", "--strict")
+    strict = kdcli_run("predict", run["mm"], run["raw"] / "slides", "--clinical", sheet, "--out",
+                       run["root"] / "typo_strict.csv", "--device", "cpu", "--strict", ok=False)
     assert strict.exit_code == 1 and "'Maybe'" in strict.output and not (run["root"] / "typo_strict.csv").exists()
 
 
@@ -172,16 +162,16 @@ def test_clinical_is_refused_where_no_model_reads_it(run, tmp_path) -> None:
     spec = {**mm.meta["model"], "branches": ["sm"]}
     save_checkpoint(tmp_path / "wsi.pt", {**mm.meta, "model": spec, "modality": "wsi"},
                     MILClassifier(spec).state_dict())
-    result = cli("predict", tmp_path / "wsi.pt", run["raw"] / "slides", "--clinical", run["sheet"], "--out",
-                 tmp_path / "p.csv")
+    result = kdcli_run("predict", tmp_path / "wsi.pt", run["raw"] / "slides", "--clinical", run["sheet"], "--out",
+                       tmp_path / "p.csv", ok=False)
     assert result.exit_code == 2 and "drop --clinical" in result.output, result.output
 
     from test_predict import handmade_classifier
 
     image = handmade_classifier(tmp_path / "image.pt")
     shutil.copy(run["sheet"], tmp_path / "sheet.csv")
-    result = cli("predict", image, tmp_path / "sheet.csv", "--clinical", tmp_path / "sheet.csv", "--out",
-                 tmp_path / "q.csv")
+    result = kdcli_run("predict", image, tmp_path / "sheet.csv", "--clinical", tmp_path / "sheet.csv", "--out",
+                       tmp_path / "q.csv", ok=False)
     assert result.exit_code == 2 and "--clinical applies to slide datasets" in result.output, result.output
 
 
@@ -189,16 +179,16 @@ def test_a_checkpoint_recorded_before_the_clinical_encoding_reads_it_from_its_da
     mm = load_checkpoint(run["mm"])
     record = {k: v for k, v in mm.meta["preprocess"].items() if k != "clinical"}
     save_checkpoint(tmp_path / "old.pt", {**mm.meta, "preprocess": record}, mm.model)
-    ok("predict", tmp_path / "old.pt", run["raw"] / "slides", "--clinical", run["sheet"], "--out",
-       tmp_path / "old.csv", "--device", "cpu")
+    kdcli_run("predict", tmp_path / "old.pt", run["raw"] / "slides", "--clinical", run["sheet"], "--out",
+              tmp_path / "old.csv", "--device", "cpu")
     got = probabilities(pl.read_csv(tmp_path / "old.csv"), mm.meta["classes"])
     for slide, probs in evaluated(run["mm"], run["shards"]).items():
         assert np.allclose(got[slide], probs, atol=1e-6), slide
     moved = run["root"] / "moved"
     run["shards"].rename(moved)
     try:
-        result = cli("predict", tmp_path / "old.pt", run["raw"] / "slides", "--clinical", run["sheet"], "--out",
-                     tmp_path / "gone.csv", "--device", "cpu")
+        result = kdcli_run("predict", tmp_path / "old.pt", run["raw"] / "slides", "--clinical", run["sheet"], "--out",
+                           tmp_path / "gone.csv", "--device", "cpu", ok=False)
     finally:
         moved.rename(run["shards"])
     assert result.exit_code == 1 and "predates the clinical encoding" in result.output, result.output

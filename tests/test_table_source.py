@@ -13,23 +13,11 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
+from conftest import kdcli_run
 from test_prepare_multieye import assert_one_line_error
-from typer.testing import CliRunner
-
-from kdcli.cli import app
 
 CLASSES = "normal,benign,malignant"
 FAST = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--model", "test_resnet"]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -48,9 +36,9 @@ def write_rows(path: Path, rows: list[dict[str, str]], header: list[str] | None 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("table")
-    ok("synth", "table", root / "paired", "--size", "32")
-    ok("synth", "table", root / "unpaired", "--size", "32", "--unpaired")
-    ok("synth", "table", root / "multilabel", "--size", "32", "--multilabel", "--scan-format", "nifti")
+    kdcli_run("synth", "table", root / "paired", "--size", "32")
+    kdcli_run("synth", "table", root / "unpaired", "--size", "32", "--unpaired")
+    kdcli_run("synth", "table", root / "multilabel", "--size", "32", "--multilabel", "--scan-format", "nifti")
     return {name: root / name / "table.csv" for name in ("paired", "unpaired", "multilabel")}
 
 
@@ -67,7 +55,7 @@ def copy(phantoms, tmp_path):
 
 def test_paired_table_is_stored_row_by_row(phantoms, tmp_path):
     out = tmp_path / "shards"
-    ok("prepare", "table", phantoms["paired"], "--out", out, "--size", "32", "--classes", CLASSES)
+    kdcli_run("prepare", "table", phantoms["paired"], "--out", out, "--size", "32", "--classes", CLASSES)
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["source"] == "table" and meta["pairing"] == "paired" and meta["task"] == "classification"
     assert meta["classes"] == CLASSES.split(",")
@@ -84,21 +72,21 @@ def test_paired_table_is_stored_row_by_row(phantoms, tmp_path):
     raw = phantoms["paired"].parent
     assert np.array_equal(scan[:, :, 0], cv2.imread(str(raw / "scan/s0004.png"), cv2.IMREAD_UNCHANGED))
     assert np.array_equal(photo, cv2.cvtColor(cv2.imread(str(raw / "photo/s0004.png")), cv2.COLOR_BGR2RGB))
-    assert "(verified)" in ok("inspect", out, "--verify").output
+    assert "(verified)" in kdcli_run("inspect", out, "--verify").output
 
 
 @pytest.mark.slow
 def test_paired_table_teaches_distils_and_predicts_on_raw_files(phantoms, tmp_path):
     out = tmp_path / "shards"
-    ok("prepare", "table", phantoms["paired"], "--out", out, "--size", "32", "--classes", CLASSES)
-    ok("teach", "--data", out, "--modality", "scan", "--out", tmp_path / "scan.pt", *FAST)
-    ok("distill", "--data", out, "--teacher", tmp_path / "scan.pt", "--student", "photo", "--method", "kd",
-       "--out", tmp_path / "photo.pt", *FAST)
+    kdcli_run("prepare", "table", phantoms["paired"], "--out", out, "--size", "32", "--classes", CLASSES)
+    kdcli_run("teach", "--data", out, "--modality", "scan", "--out", tmp_path / "scan.pt", *FAST)
+    kdcli_run("distill", "--data", out, "--teacher", tmp_path / "scan.pt", "--student", "photo", "--method", "kd",
+              "--out", tmp_path / "photo.pt", *FAST)
     # the student where it is deployed: predict on the raw test photos gives evaluate's probabilities
-    ok("evaluate", tmp_path / "photo.pt", "--predictions", tmp_path / "eval.csv", "--device", "cpu", "--json")
+    kdcli_run("evaluate", tmp_path / "photo.pt", "--predictions", tmp_path / "eval.csv", "--device", "cpu", "--json")
     raw = phantoms["paired"].parent
     tests = [raw / r["photo"] for r in read_rows(phantoms["paired"]) if r["split"] == "test"]
-    ok("predict", tmp_path / "photo.pt", *tests, "--out", tmp_path / "raw.csv", "--device", "cpu")
+    kdcli_run("predict", tmp_path / "photo.pt", *tests, "--out", tmp_path / "raw.csv", "--device", "cpu")
     evaluated, predicted = pl.read_csv(tmp_path / "eval.csv"), pl.read_csv(tmp_path / "raw.csv")
     joined = evaluated.join(predicted, on="id", suffix="_raw")
     assert joined.height == len(tests) == 6
@@ -110,7 +98,7 @@ def test_paired_table_teaches_distils_and_predicts_on_raw_files(phantoms, tmp_pa
 @pytest.mark.slow
 def test_unpaired_table_gives_one_record_per_file_and_teaches(phantoms, tmp_path):
     out = tmp_path / "shards"
-    ok("prepare", "table", phantoms["unpaired"], "--out", out, "--size", "32")
+    kdcli_run("prepare", "table", phantoms["unpaired"], "--out", out, "--size", "32")
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["pairing"] == "unpaired" and meta["classes"] == sorted(CLASSES.split(","))
     rows = read_rows(phantoms["unpaired"])
@@ -119,14 +107,14 @@ def test_unpaired_table_gives_one_record_per_file_and_teaches(phantoms, tmp_path
     assert set(manifest["id"]) == expected and len(expected) == len(rows)  # one file per row
     assert dict(zip(manifest["id"], manifest["modality"], strict=True)) == {i: i.split(":")[0] for i in expected}
     assert meta["counts"]["photo"] == {"train": 9, "dev": 3, "test": 3}
-    ok("inspect", out, "--verify")
-    ok("teach", "--data", out, "--modality", "photo", "--out", tmp_path / "photo.pt", *FAST)
+    kdcli_run("inspect", out, "--verify")
+    kdcli_run("teach", "--data", out, "--modality", "photo", "--out", tmp_path / "photo.pt", *FAST)
 
 
 @pytest.mark.slow
 def test_multilabel_columns_and_nifti_scans_train_evaluate_and_predict(phantoms, tmp_path):
     out = tmp_path / "shards"
-    ok("prepare", "table", phantoms["multilabel"], "--out", out, "--size", "32", "--label-columns", "spots,ring")
+    kdcli_run("prepare", "table", phantoms["multilabel"], "--out", out, "--size", "32", "--label-columns", "spots,ring")
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["task"] == "multilabel" and meta["classes"] == ["spots", "ring"]
     assert meta["targets"]["labels"]["shape"] == [2]
@@ -139,12 +127,12 @@ def test_multilabel_columns_and_nifti_scans_train_evaluate_and_predict(phantoms,
                 row = rows[ident.decode()]
                 assert labels.tolist() == [int(row["spots"]), int(row["ring"])]
                 assert scan.max() == 255 and scan.min() == 0  # NIfTI scaled by its percentiles, not clipped
-    ok("inspect", out, "--verify")
-    ok("teach", "--data", out, "--modality", "scan", "--out", tmp_path / "scan.pt", *FAST)
+    kdcli_run("inspect", out, "--verify")
+    kdcli_run("teach", "--data", out, "--modality", "scan", "--out", tmp_path / "scan.pt", *FAST)
     # evaluated on the scans it learnt from (not on the dataset's first modality), and predicted on raw NIfTIs
-    ok("evaluate", tmp_path / "scan.pt", "--predictions", tmp_path / "eval.csv", "--device", "cpu", "--json")
+    kdcli_run("evaluate", tmp_path / "scan.pt", "--predictions", tmp_path / "eval.csv", "--device", "cpu", "--json")
     tests = [phantoms["multilabel"].parent / r["scan"] for r in rows.values() if r["split"] == "test"]
-    ok("predict", tmp_path / "scan.pt", *tests, "--out", tmp_path / "raw.csv", "--device", "cpu")
+    kdcli_run("predict", tmp_path / "scan.pt", *tests, "--out", tmp_path / "raw.csv", "--device", "cpu")
     joined = pl.read_csv(tmp_path / "eval.csv").join(pl.read_csv(tmp_path / "raw.csv"), on="id", suffix="_raw")
     assert joined.height == len(tests) == 6
     assert np.allclose(joined.select(["prob_spots", "prob_ring"]).to_numpy(),
@@ -158,8 +146,8 @@ def test_without_a_split_column_patients_are_split_by_seed(copy, tmp_path):
     splits = []
     for seed in ("0", "0", "1"):
         out = tmp_path / f"shards-{len(splits)}"
-        result = ok("prepare", "table", table, "--out", out, "--size", "16", "--ratios", "0.6,0.2,0.2",
-                    "--split-seed", seed)
+        result = kdcli_run("prepare", "table", table, "--out", out, "--size", "16", "--ratios", "0.6,0.2,0.2",
+                           "--split-seed", seed)
         assert "no split column: 15 patients split 0.6,0.2,0.2 by label" in result.output
         manifest = pl.read_parquet(out / "manifest.parquet")
         by_patient = manifest.group_by("group").agg(pl.col("split").n_unique().alias("n"))
@@ -190,7 +178,7 @@ def test_dicom_files_and_unlabeled_rows(copy, tmp_path):
     rows[1]["label"] = ""  # a training row nobody labelled
     write_rows(table, rows)
     out = tmp_path / "shards"
-    ok("prepare", "table", table, "--out", out, "--size", "32", "--classes", CLASSES)
+    kdcli_run("prepare", "table", table, "--out", out, "--size", "32", "--classes", CLASSES)
     manifest = pl.read_parquet(out / "manifest.parquet")
     assert manifest.filter(pl.col("id") == "s0001")["label"].to_list() == [-1]
     row = manifest.filter(pl.col("id") == "s0000").row(0, named=True)
@@ -259,7 +247,7 @@ def test_bad_tables_are_refused_in_one_line(copy, tmp_path, damage):
     extra, needles = damage(table, rows)
     write_rows(table, rows)
     out = tmp_path / "shards"
-    result = run("prepare", "table", table, "--out", out, "--size", "16", *extra)
+    result = kdcli_run("prepare", "table", table, "--out", out, "--size", "16", *extra, ok=False)
     assert_one_line_error(result, *needles)
     assert not out.exists()
 
@@ -268,7 +256,7 @@ def test_a_grade_column_gives_whole_number_classes(copy, tmp_path):
     table = copy()
     rows = [{**r, "grade": str(CLASSES.split(",").index(r["label"]) * 2)} for r in read_rows(table)]  # grades 0, 2, 4
     write_rows(table, rows, ["id", "patient", "split", "grade", "photo", "scan"])
-    ok("prepare", "table", table, "--out", tmp_path / "shards", "--size", "16")
+    kdcli_run("prepare", "table", table, "--out", tmp_path / "shards", "--size", "16")
     meta = json.loads((tmp_path / "shards" / "dataset.json").read_text())
     assert meta["classes"] == ["0", "1", "2", "3", "4"]  # a grade nobody has is still a grade
     manifest = pl.read_parquet(tmp_path / "shards" / "manifest.parquet")
@@ -281,13 +269,13 @@ def test_allow_leakage_keeps_the_patient_as_a_warning(copy, tmp_path):
     rows[7]["patient"] = rows[0]["patient"]
     write_rows(table, rows)
     out = tmp_path / "shards"
-    result = ok("prepare", "table", table, "--out", out, "--size", "16", "--allow-leakage")
+    result = kdcli_run("prepare", "table", table, "--out", out, "--size", "16", "--allow-leakage")
     assert "warning:" in result.output and rows[0]["patient"] in result.output
     assert json.loads((out / "dataset.json").read_text())["prepare"]["allow_leakage"] is True
 
 
 def test_a_folder_is_not_a_table(phantoms, tmp_path):
-    result = run("prepare", "table", phantoms["paired"].parent, "--out", tmp_path / "shards")
+    result = kdcli_run("prepare", "table", phantoms["paired"].parent, "--out", tmp_path / "shards", ok=False)
     assert_one_line_error(result, "is a folder", "pass the CSV file itself")
 
 
@@ -304,6 +292,6 @@ def test_synth_renders_the_class_in_both_modalities_and_repeats_itself(phantoms,
     assert scan[0] < scan[1] < scan[2]  # a larger, brighter lesion with each class
     assert photo[0] > photo[1] > photo[2]  # a larger, darker patch
     assert scan[2] - scan[0] > 2 * (photo[0] - photo[2])  # clear in the scan, faint in the photo
-    ok("synth", "table", tmp_path / "again", "--size", "32")
+    kdcli_run("synth", "table", tmp_path / "again", "--size", "32")
     assert (tmp_path / "again" / "table.csv").read_bytes() == phantoms["paired"].read_bytes()
     assert (tmp_path / "again" / "scan" / "s0007.png").read_bytes() == (raw / "scan" / "s0007.png").read_bytes()

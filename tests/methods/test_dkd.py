@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import kdcli_run
 from torch import nn
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.engine.checkpoint import load_checkpoint
 from kdcli.methods.dkd import DKD, DKDParams, decoupled_kd
 from kdcli.methods.losses import kd_loss
@@ -103,18 +102,14 @@ def test_distill_dkd_on_paired_phantom_writes_a_checkpoint_evaluate_reads(tmp_pa
     prepare(PrepareOptions(source="multieye", raw=tmp_path / "raw", out=tmp_path / "s", size=32))
     common = ["--data", str(tmp_path / "s"), "--epochs", "1", "--batch-size", "8", "--workers", "0",
               "--model", "test_resnet", "--head", "linear"]
-    runner = CliRunner()
-    teach = runner.invoke(app, ["teach", *common, "--modality", "oct", "--out", str(tmp_path / "t.pt")])
-    assert teach.exit_code == 0, teach.output
-    distill = runner.invoke(app, ["distill", *common, "--teacher", str(tmp_path / "t.pt"), "--student", "fundus",
-                                  "--method", "dkd", "-p", "beta=4", "--out", str(tmp_path / "dkd.pt")])
-    assert distill.exit_code == 0, distill.output
+    kdcli_run("teach", *common, "--modality", "oct", "--out", tmp_path / "t.pt")
+    distill = kdcli_run("distill", *common, "--teacher", tmp_path / "t.pt", "--student", "fundus", "--method", "dkd",
+                        "-p", "beta=4", "--out", tmp_path / "dkd.pt")
     assert "6 unlabeled fundus samples: distillation terms only" in distill.output
     assert load_checkpoint(tmp_path / "dkd.pt").meta["method_params"]["beta"] == 4.0
     row = json.loads((tmp_path / "dkd.metrics.jsonl").read_text().splitlines()[0])
     assert row["train_warmup"] == pytest.approx(1 / 20)  # the engine's epoch 0 reached the ramp
     assert row["train_tckd"] > 0 and row["train_nckd"] > 0 and np.isfinite(row["train_ce"])
-    report = runner.invoke(app, ["evaluate", str(tmp_path / "dkd.pt"), "--data", str(tmp_path / "s"), "--json"])
-    assert report.exit_code == 0, report.output
+    report = kdcli_run("evaluate", tmp_path / "dkd.pt", "--data", tmp_path / "s", "--json")
     evaluated = json.loads(report.stdout)
     assert evaluated["metrics"]["n"] > 0 and 0 <= evaluated["metrics"]["accuracy"] <= 1

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import kdcli_run
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from typer.testing import CliRunner
 
-from kdcli.cli import app
 from kdcli.errors import KdcliError
 from kdcli.predict.images import image_reader
 from kdcli.shards.reader import ShardStore
@@ -112,8 +111,7 @@ def test_prepare_stores_and_predict_reads_the_voi_lut_mapping(tmp_path) -> None:
     raw, lut = stored_values(4), gamma_lut(4096)
     write_dicom(path, raw, "MONOCHROME1", VOILUTSequence=voi_lut(0, lut), WindowCenter=10, WindowWidth=5)
     expected = stored_xray(255 - np.round(lut[raw] / 65535 * 255).astype(np.uint8), 32)
-    result = CliRunner().invoke(app, ["prepare", "cxr", str(raw_root), "--out", str(shards), "--size", "32"])
-    assert result.exit_code == 0, result.output
+    kdcli_run("prepare", "cxr", raw_root, "--out", shards, "--size", "32")
     store = ShardStore(shards)
     row = store.rows().filter(id=name).row(0, named=True)
     np.testing.assert_array_equal(store.read(row["shard"], row["index"], "xray"), expected)

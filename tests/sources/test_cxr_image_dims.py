@@ -7,9 +7,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
-from kdcli.cli import app
 from kdcli.errors import KdcliError
 from kdcli.sources.cxr import image_dims
 from kdcli.synth.cxr import synth_cxr
@@ -60,8 +59,8 @@ def test_prepare_names_a_broken_annotated_image_in_one_line(tmp_path) -> None:
     name = next(n for n in info["annotated"] if not info["images"][n]["dicom"])
     path = raw / info["images"][name]["path"]
     path.write_bytes(path.read_bytes()[:12])  # the PNG signature and no header
-    result = CliRunner().invoke(app, ["prepare", "cxr", str(raw), "--out", str(tmp_path / "out"), "--size", "32",
-                                      "--gaze", str(raw / "egd-cxr")])
+    result = kdcli_run("prepare", "cxr", raw, "--out", tmp_path / "out", "--size", "32", "--gaze", raw / "egd-cxr",
+                       ok=False)
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(path) in errors[0] and "will not decode" in errors[0], result.output
