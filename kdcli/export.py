@@ -299,42 +299,8 @@ def model_mean_std(checkpoint: Checkpoint) -> tuple[list[float], list[float]]:
 
 
 def preprocessing_steps(meta: dict[str, Any], record: dict[str, Any]) -> list[str]:
-    """What `prepare` (and `kdcli predict`) does to a raw input, in words, for whoever reimplements it."""
-    source, size, options = record["source"], int(record["size"]), record.get("options") or {}
-    square = f"zero-pad to a centred square, resize to {size}x{size} (cv2 INTER_AREA down, INTER_CUBIC up)"
-    if source == "multieye":
-        if meta["modality"] == "fundus":
-            steps = ["decode to RGB uint8 (16-bit / 257)"]
-            if options.get("clahe"):
-                steps.append("CLAHE on the L channel of Lab (clip limit 2, 8x8 tiles)")
-        else:
-            steps = ["decode to grey uint8 (16-bit / 257)"]
-            if options.get("median"):
-                steps.append(f"median filter, kernel {int(options['median'])}")
-        return [*steps, square]
-    if source == "fundus-grading":
-        return ["decode to RGB uint8 (16-bit / 257)", square]
-    if source == "cxr":
-        return ["decode to grey uint8: PNG/JPEG (16-bit min-max scaled); DICOM: rescale slope/intercept, the stored "
-                "window (else min-max), MONOCHROME1 inverted", square]
-    if source == "table":
-        grey = int(record["modalities"][meta["modality"]]["shape"][2]) == 1
-        return [f"decode to {'grey' if grey else 'RGB'} uint8: PNG/JPEG/TIFF (16-bit / 257); DICOM: rescale "
-                "slope/intercept, the stored window (else min-max); NIfTI: a volume's middle slice along the last "
-                "axis, scaled from its 0.5..99.5 percentiles" + ("" if grey else "; grey files repeated to 3 channels"),
-                square]
-    if source == "brats":
-        return ["read each NIfTI sequence as float32 (nibabel, no reorientation)",
-                "brain = voxels non-zero in any sequence; z-score each sequence inside it, 0 outside",
-                "crop every axial slice vol[:, :, z] to the brain's in-plane bounding box (all slices), zero-pad to a "
-                f"centred square, resize to {size}x{size} (cv2 INTER_LINEAR); slices without brain are background",
-                f"stack the sequences as channels in the order {', '.join(meta['model']['modalities'])}"]
-    if source == "camelyon":
-        return [f"tissue mask on a thumbnail (HSV saturation > {options.get('tissue_threshold', 8)}, CLAM's "
-                "median/close/area filters)",
-                f"grid of {options.get('patch_size', 256)} px patches at {options.get('mag', 20.0)}x on level 0, kept "
-                f"with tissue fraction >= {options.get('min_tissue', 0.5)}",
-                f"at most {options.get('max_patches', 64)} patches as kdcli's seeded spread sample (seed "
-                f"{options.get('seed', 0)}, the slide id)",
-                f"each patch resized to {options.get('patch_size', 256)} px, then to {size}x{size} (RGB uint8)"]
-    return []
+    """What `prepare` (and `kdcli predict`) does to a raw input, in words, for whoever reimplements it (the
+    source's own, Source.preprocessing_steps)."""
+    from kdcli.sources import SOURCES
+
+    return SOURCES.get(record["source"]).preprocessing_steps(record, meta) if record["source"] in SOURCES else []

@@ -192,7 +192,7 @@ def checkpoint_meta(cfg: TrainConfig, store: ShardStore, spec: dict[str, Any], k
     import time
 
     from kdcli import __version__
-    from kdcli.shards.preprocessing import preprocessing_record
+    from kdcli.sources.preprocessing import preprocessing_record
 
     return {
         "kdcli_version": __version__, "kind": kind, "task": store.meta.task, "model": spec,

@@ -1,7 +1,7 @@
 """What a checkpoint records about how its data were preprocessed, so `kdcli predict` (and `kdcli export`'s
 contract) can treat raw files exactly as `prepare` did, without the shards.
 
-Training stores `preprocessing_record(dataset)` (kdcli.shards.preprocessing) in the checkpoint's meta under
+Training stores `preprocessing_record(dataset)` (kdcli.sources.preprocessing) in the checkpoint's meta under
 "preprocess": the source, the stored side, the source options that change pixels (CLAHE, median filter,
 magnification and patch geometry), the modalities' stored shapes and dtypes, and for slides the clinical
 encoding (vocabularies, train statistics) that turns a sheet row into the model's clinical vector. Everything
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.errors import KdcliError
-from kdcli.shards.preprocessing import preprocessing_record
+from kdcli.sources.preprocessing import preprocessing_record
 
 
 def checkpoint_preprocessing(meta: dict[str, Any], checkpoint: Path, data: Path | None = None) -> dict[str, Any]:

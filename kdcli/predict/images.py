@@ -7,7 +7,6 @@ autocast)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,31 +15,23 @@ import numpy as np
 import torch
 
 from kdcli.errors import KdcliError, UsageError
-from kdcli.predict.inputs import IMAGE_SUFFIXES, XRAY_SUFFIXES, Failure, Item, image_items, progress
+from kdcli.predict.inputs import Failure, Item, image_items, progress
 
 
 def image_reader(record: dict[str, Any], modality: str) -> Callable[[str], np.ndarray]:
-    """The function `prepare` applies to one raw image of this checkpoint's data: path -> (size, size, C) uint8."""
-    source, size, options = record["source"], int(record["size"]), record.get("options") or {}
-    if source == "multieye":
-        from kdcli.sources.multieye import preprocess_image
+    """The function `prepare` applies to one raw image of this checkpoint's data: path -> (size, size, C) uint8
+    (the source's own, Source.raw_image_reader)."""
+    reader = _source(record).raw_image_reader(record, modality)
+    if reader is None:
+        raise UsageError(f"predict cannot yet read raw files the way `prepare {record['source']}` does; evaluate "
+                         "the checkpoint on prepared shards instead")
+    return reader
 
-        return functools.partial(preprocess_image, modality=modality, size=size, clahe=bool(options.get("clahe")),
-                                 median=int(options.get("median") or 0))
-    if source == "fundus-grading":
-        from kdcli.sources.fundus_grading import preprocess_image as fundus
 
-        return functools.partial(fundus, size=size)
-    if source == "cxr":
-        from kdcli.sources.cxr import preprocess_xray
+def _source(record: dict[str, Any]) -> Any:
+    from kdcli.sources import SOURCES
 
-        return functools.partial(preprocess_xray, size=size)
-    if source == "table":
-        from kdcli.sources.table import preprocess_file
-
-        return functools.partial(preprocess_file, channels=int(record["modalities"][modality]["shape"][2]), size=size)
-    raise UsageError(f"predict cannot yet read raw files the way `prepare {source}` does; evaluate the checkpoint "
-                     "on prepared shards instead")
+    return SOURCES.get(record["source"])
 
 
 def one_line(exc: BaseException, path: str | None = None) -> str:
@@ -71,13 +62,8 @@ def as_list(batch: list) -> list:
 
 
 def items_for(record: dict[str, Any], inputs: list[str]) -> tuple[list[Item], list[Failure]]:
-    if record["source"] == "cxr":
-        return image_items(inputs, XRAY_SUFFIXES, "X-rays (PNG, JPEG or DICOM)")
-    if record["source"] == "table":
-        from kdcli.sources.table import FILE_SUFFIXES
-
-        return image_items(inputs, FILE_SUFFIXES, "images (PNG, JPEG, TIFF, DICOM or NIfTI)")
-    return image_items(inputs, IMAGE_SUFFIXES, "images")
+    source = _source(record)
+    return image_items(inputs, source.raw_suffixes, source.raw_kind)
 
 
 def heads_of(meta: dict[str, Any]) -> list[tuple[str | None, list[str]]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -64,6 +64,30 @@ class Source:
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
         """Decode and preprocess a record: modality -> uint8 array (size, size, channels)."""
         raise NotImplementedError
+
+    # --- what `kdcli predict` and `kdcli export` repeat on raw files (the checkpoint's meta["preprocess"])
+    #: the prepare options that change what a stored sample looks like (paths, splits, seeds of the split and
+    #: label policies do not): recorded in every checkpoint trained on this source's data
+    pixel_options: ClassVar[tuple[str, ...]] = ()
+    #: the raw files `kdcli predict` takes for an image model of this source, and what to call them
+    raw_suffixes: ClassVar[tuple[str, ...]] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+    raw_kind: ClassVar[str] = "images"
+
+    @classmethod
+    def record_extras(cls, dataset: Any) -> dict[str, Any]:
+        """What else the checkpoint must remember of the prepared data (DatasetMeta) to treat raw files alike."""
+        return {}
+
+    @classmethod
+    def raw_image_reader(cls, record: dict[str, Any], modality: str) -> Callable[[str], np.ndarray] | None:
+        """path -> (size, size, C) uint8, exactly as `prepare` stored one image of `modality`; None: predict cannot
+        read this source's raw files (its records are not single images, or nobody wrote it yet)."""
+        return None
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+        """The same in words, for whoever reimplements it (`kdcli export`'s contract)."""
+        return []
 
     def read(self, record: Record, size: int) -> tuple[dict[str, Any], Iterator[Sample]]:
         """The record's samples, streamed, and what must be remembered about the record (JSON-able: a volume's

@@ -407,6 +407,19 @@ class BratsSource(Source):
     default_size = 128
     records_per_shard = 4  # a case is ~100 slices of 5 arrays
 
+    @classmethod
+    def record_extras(cls, dataset: Any) -> dict[str, Any]:
+        return {"label_values": dataset.extra.get("label_values")}  # ET 4, or 3 for BraTS 2023 naming: written back
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
+        size = int(record["size"])
+        return ["read each NIfTI sequence as float32 (nibabel, no reorientation)",
+                "brain = voxels non-zero in any sequence; z-score each sequence inside it, 0 outside",
+                "crop every axial slice vol[:, :, z] to the brain's in-plane bounding box (all slices), zero-pad to a "
+                f"centred square, resize to {size}x{size} (cv2 INTER_LINEAR); slices without brain are background",
+                f"stack the sequences as channels in the order {', '.join(meta['model']['modalities'])}"]
+
     def __init__(self, **options: Any):
         super().__init__(**options)
         empty = options.get("empty_slices")

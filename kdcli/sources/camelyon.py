@@ -679,6 +679,30 @@ class CamelyonSource(Source):
     Options = CamelyonOptions
     raw_help = "Folder of slides (OpenSlide formats, or BCNB WSIs/*.jpg + .json)."
 
+    # the seed picks a slide's patches, so it belongs with the pixel options
+    pixel_options = ("mag", "native_mag", "patch_size", "max_patches", "tissue_threshold", "min_tissue", "seed",
+                     "annotated_only")
+
+    @classmethod
+    def record_extras(cls, dataset: Any) -> dict[str, Any]:
+        clinical = dataset.extra.get("clinical") or {}
+        extras: dict[str, Any] = {"clinical_features": list(clinical.get("features") or [])}
+        if clinical.get("encoding"):  # how a sheet row becomes the vector: `predict --clinical` encodes as prepare
+            extras["clinical"] = {key: clinical.get(key) for key in ("features", "encoding", "id_column",
+                                                                     "label_column")}
+        return extras
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
+        options, size = record.get("options") or {}, int(record["size"])
+        return [f"tissue mask on a thumbnail (HSV saturation > {options.get('tissue_threshold', 8)}, CLAM's "
+                "median/close/area filters)",
+                f"grid of {options.get('patch_size', 256)} px patches at {options.get('mag', 20.0)}x on level 0, kept "
+                f"with tissue fraction >= {options.get('min_tissue', 0.5)}",
+                f"at most {options.get('max_patches', 64)} patches as kdcli's seeded spread sample (seed "
+                f"{options.get('seed', 0)}, the slide id)",
+                f"each patch resized to {options.get('patch_size', 256)} px, then to {size}x{size} (RGB uint8)"]
+
     @classmethod
     def command_options(cls, options: dict[str, Any], out: Path) -> dict[str, Any]:
         """--thumbnails is a flag; the source takes the folder, written in the staging folder and moved with it."""

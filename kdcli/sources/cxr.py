@@ -52,10 +52,11 @@ the record to the worker processes, so `load` never re-reads the gaze CSVs, noth
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -70,7 +71,7 @@ from kdcli.extras import require
 from kdcli.shards.quality import warn
 from kdcli.sources._skip import read_or_skip
 from kdcli.sources.base import UNLABELED, Record, Sample, Scan, Source
-from kdcli.sources.imaging import resize_square
+from kdcli.sources.imaging import resize_square, resize_square_step
 from kdcli.sources.text import decoding, open_text, read_text
 
 cv2.setNumThreads(1)  # parallelism comes from prepare's worker processes, not from OpenCV threads
@@ -427,6 +428,19 @@ class CxrSource(Source):
     raw_help = ("ChestX-ray14 folder (Data_Entry_2017.csv, images_*/) or MIMIC-CXR-JPG folder (files/, the "
                 "split/metadata/chexpert CSVs).")
     records_per_shard = 512
+
+    raw_suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
+    raw_kind = "X-rays (PNG, JPEG or DICOM)"
+
+    @classmethod
+    def raw_image_reader(cls, record: dict, modality: str) -> Callable[[str], np.ndarray]:
+        return functools.partial(preprocess_xray, size=int(record["size"]))
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
+        return ["decode to grey uint8: PNG/JPEG (16-bit min-max scaled); DICOM: the modality LUT (rescale "
+                "slope/intercept), then the VOI LUT sequence or else the stored window (else min-max), MONOCHROME1 "
+                "inverted", resize_square_step(int(record["size"]))]
 
     def __init__(self, **options: Any):
         super().__init__(**options)

@@ -18,9 +18,11 @@ the file and row named, before anything is written.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.sources.base import Record, Scan, Source
-from kdcli.sources.imaging import read_image, resize_square
+from kdcli.sources.imaging import read_image, resize_square, resize_square_step
 from kdcli.sources.splits import read_split_file
 
 GRADE_NAMES = {
@@ -182,6 +184,14 @@ class FundusGradingSource(Source):
     Options = FundusGradingOptions
     raw_help = "The set's folder (holds the label CSV and the images)."
     appends = True
+
+    @classmethod
+    def raw_image_reader(cls, record: dict, modality: str) -> Callable[[str], np.ndarray]:
+        return functools.partial(preprocess_image, size=int(record["size"]))
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
+        return ["decode to RGB uint8 (16-bit / 257)", resize_square_step(int(record["size"]))]
 
     def scan(self, raw: Path) -> Scan:
         task = self.options.get("task")

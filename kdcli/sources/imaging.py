@@ -86,6 +86,11 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return square if square.ndim == 3 else square[:, :, None]
 
 
+def resize_square_step(size: int) -> str:
+    """resize_square in words, for the preprocessing contract `kdcli export` writes."""
+    return f"zero-pad to a centred square, resize to {size}x{size} (cv2 INTER_AREA down, INTER_CUBIC up)"
+
+
 def clahe_rgb(image: np.ndarray, clip_limit: float = 2.0, grid: int = 8) -> np.ndarray:
     """CLAHE on the L channel of Lab, the usual fundus enhancement."""
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)

@@ -21,6 +21,8 @@ The class order is the code's, not the README's (the README omits MYO at index 6
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from kdcli.errors import KdcliError
 from kdcli.shards.format import SPLITS
 from kdcli.shards.quality import warn
 from kdcli.sources.base import UNLABELED, Record, Scan, Source
-from kdcli.sources.imaging import clahe_rgb, median_filter, read_image, resize_square
+from kdcli.sources.imaging import clahe_rgb, median_filter, read_image, resize_square, resize_square_step
 from kdcli.sources.text import read_text
 
 CLASSES = ["NOR", "AMD", "CSC", "DR", "GLC", "MEM", "MYO", "RVO", "WAMD"]
@@ -126,6 +128,27 @@ class MultiEyeSource(Source):
     name = "multieye"
     Options = MultiEyeOptions
     raw_help = "Folder holding assemble/ and assemble_oct/."
+
+    pixel_options = ("clahe", "median")
+
+    @classmethod
+    def raw_image_reader(cls, record: dict, modality: str) -> Callable[[str], np.ndarray]:
+        options = record.get("options") or {}
+        return functools.partial(preprocess_image, modality=modality, size=int(record["size"]),
+                                 clahe=bool(options.get("clahe")), median=int(options.get("median") or 0))
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
+        options = record.get("options") or {}
+        if meta["modality"] == "fundus":
+            steps = ["decode to RGB uint8 (16-bit / 257)"]
+            if options.get("clahe"):
+                steps.append("CLAHE on the L channel of Lab (clip limit 2, 8x8 tiles)")
+        else:
+            steps = ["decode to grey uint8 (16-bit / 257)"]
+            if options.get("median"):
+                steps.append(f"median filter, kernel {int(options['median'])}")
+        return [*steps, resize_square_step(int(record["size"]))]
 
     def scan(self, raw: Path) -> Scan:
         root = find_root(Path(raw))

@@ -26,7 +26,9 @@ name cannot be an array name. An image that does not decode is named when prepar
 from __future__ import annotations
 
 import csv
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
@@ -35,7 +37,7 @@ import numpy as np
 
 from kdcli.errors import KdcliError
 from kdcli.sources.base import UNLABELED, Record, Scan, Source
-from kdcli.sources.imaging import read_image, resize_square
+from kdcli.sources.imaging import read_image, resize_square, resize_square_step
 from kdcli.sources.splits import SPLIT_ALIASES, parse_ratios, stratified_split
 from kdcli.sources.text import decoding, open_text
 
@@ -189,6 +191,22 @@ class TableSource(Source):
     Options: ClassVar[type] = TableOptions
     raw_help: ClassVar[str] = "The CSV: one row per sample (id, patient, split, label, one path column per modality)."
     default_size: ClassVar[int] = 224
+
+    raw_suffixes: ClassVar[tuple[str, ...]] = FILE_SUFFIXES
+    raw_kind: ClassVar[str] = "images (PNG, JPEG, TIFF, DICOM or NIfTI)"
+
+    @classmethod
+    def raw_image_reader(cls, record: dict, modality: str) -> Callable[[str], np.ndarray]:
+        channels = int(record["modalities"][modality]["shape"][2])  # each modality's channels: its stored shape
+        return functools.partial(preprocess_file, channels=channels, size=int(record["size"]))
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
+        grey = int(record["modalities"][meta["modality"]]["shape"][2]) == 1
+        return [f"decode to {'grey' if grey else 'RGB'} uint8: PNG/JPEG/TIFF (16-bit / 257); DICOM: as prepare cxr "
+                "(modality LUT, VOI LUT or window, else min-max); NIfTI: a volume's middle slice along the last axis, "
+                "scaled from its 0.5..99.5 percentiles" + ("" if grey else "; grey files repeated to 3 channels"),
+                resize_square_step(int(record["size"]))]
 
     def __init__(self, **options):
         known = {f.name for f in fields(TableOptions)}
