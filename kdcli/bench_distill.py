@@ -247,8 +247,8 @@ RECIPES: dict[str, Recipe] = {
         default=Grid((8, 16, 32, 64), 5, 15, 32, "test_resnet", min_samples=256, test_size=50),
         quick=Grid((8, 16), 2, 5, 32, "test_resnet", min_samples=256, test_size=10),
         notes=("multieye: CoDA on the unpaired phantom (its design: class-matched OCT partners), Hinton KD on a "
-               "--paired one (it needs the same eye in both modalities), DKD beside it; each phantom has its own teacher and "
-               "baseline; the label-smoothing control runs on the unpaired one",),
+               "--paired one (it needs the same eye in both modalities), DKD beside it; each phantom has its own "
+               "teacher and baseline; the label-smoothing control runs on the unpaired one",),
         self_train="kd"),
     "brats": Recipe(
         synth="brats", size_option="cases", test_option="test_cases",
