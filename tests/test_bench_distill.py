@@ -99,7 +99,7 @@ def test_bench_distill_multieye_end_to_end(tmp_path):
     out = tmp_path / "bench"
     # --no-independent: one variant keeps it cheap once the generator has the control (planning tests cover it)
     args = ["bench", "distill", "multieye", "--quick", "--sizes", "6", "--seeds", "2", "--epochs", "1",
-            "--no-independent", "--out", str(out), "--json"]
+            "--no-independent", "--methods", "coda,kd", "--out", str(out), "--json"]
     result = kdcli_run(*args)
     report = json.loads(result.stdout)
     assert report["dataset"] == "multieye" and report["metric"] == "accuracy"
@@ -162,7 +162,7 @@ def test_unlabeled_axis_plans_pooled_runs_against_the_same_baseline(tmp_path):
     labelled samples per epoch as the others plus as many unlabeled ones."""
     from kdcli.bench_distill import command_line, plan_benchmark, plan_cells
 
-    options = _options(tmp_path, unlabeled=(50, 0), independent=False)
+    options = _options(tmp_path, unlabeled=(50, 0), independent=False, methods=("coda", "kd"))
     plan = plan_benchmark(options)
     assert plan.pools == [0, 50] and plan.pooled == ["kd"] and plan.self_train
     assert any(note.startswith("coda learns nothing from unlabeled samples") for note in plan.notes)

@@ -19,6 +19,10 @@ from kdcli.tasks import TASKS
 ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--lr", "3e-3"]
 
 
+class Raw(str):
+    """An option's value that is a path under the phantom's RAW folder."""
+
+
 @dataclass
 class Recipe:
     synth: list = field(default_factory=list)  # `kdcli synth NAME RAW ...`
@@ -31,12 +35,13 @@ RECIPES = {
     "multieye": Recipe(["--per-class", 5, "--size", 32], [("multieye", ".", ["--size", 32])],
                        ["--modality", "oct"]),
     "fundus-grading": Recipe(["--per-class", 6, "--amd-per-class", 4, "--size", 32, "--test-per-class", 3],
-                             [("fundus-grading", "dr", ["--labels", "dr/trainLabels.csv", "--task", "dr"]),
-                              ("fundus-grading", "amd", ["--labels", "amd/labels.csv", "--task", "amd"])],
+                             [("fundus-grading", "dr", ["--labels", Raw("dr/trainLabels.csv"), "--task", "dr"]),
+                              ("fundus-grading", "amd", ["--labels", Raw("amd/labels.csv"), "--task", "amd"])],
                              ["--task", "dr"]),
     "brats": Recipe(["--cases", 8, "--size", 32], [("brats", ".", ["--size", 32])], ["--modality", "t1ce"],
                     model="plain-4-2"),
-    "cxr": Recipe(["--per-class", 3, "--size", 96], [("cxr", ".", ["--size", 48])], []),
+    "cxr": Recipe(["--per-class", 3, "--size", 96, "--annotated-fraction", 0.5],
+                  [("cxr", ".", ["--size", 48, "--gaze", Raw("egd-cxr"), "--boxes", Raw("BBox_List_2017.csv")])], []),
     "camelyon": Recipe(["--slides", 8, "--size", 1024],
                        [("camelyon", ".", ["--patch-size", 128, "--max-patches", 8, "--size", 32])],
                        ["--modality", "wsi"]),
@@ -59,7 +64,7 @@ def test_synth_prepare_verify_teach_evaluate_explain(name, tmp_path):
     raw, shards = tmp_path / "raw", tmp_path / "shards"
     kdcli_run("synth", name, raw, *recipe.synth)
     for source, where, options in recipe.prepares:
-        extra = [raw / o if isinstance(o, str) and "/" in o else o for o in options]  # paths under RAW
+        extra = [raw / o if isinstance(o, Raw) else o for o in options]
         kdcli_run("prepare", source, raw / where, "--out", shards, *extra)
     report = json.loads(kdcli_run("inspect", shards, "--verify", "--json").stdout)
     assert report["samples"] > 0
