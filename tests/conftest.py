@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -59,14 +59,15 @@ def brats_phantom(tmp_path_factory) -> dict[str, Path]:
     return {"raw": raw, "shards": shards}
 
 
-def kdcli_run(*args: object, ok: bool = True, env: dict[str, str] | None = None) -> Result:
+def kdcli_run(*args: object, ok: bool = True, env: dict[str, str] | None = None, **invoke: Any) -> Result:
     """Run `kdcli ARGS...` in-process (each argument str()-ed) and return its result. With ok (the default) the
-    test fails unless it exited 0, showing the command's output; ok=False leaves the exit code to the caller."""
+    test fails unless it exited 0, showing the command's output; ok=False leaves the exit code to the caller.
+    `invoke`: CliRunner.invoke's other keywords (terminal_width, ...)."""
     from typer.testing import CliRunner
 
     from kdcli.cli import app
 
-    result = CliRunner().invoke(app, [str(arg) for arg in args], env=env)
+    result = CliRunner().invoke(app, [str(arg) for arg in args], env=env, **invoke)
     if ok:
         assert result.exit_code == 0, f"kdcli {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}"
     return result

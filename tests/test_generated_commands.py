@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
+from conftest import kdcli_run
 
 from kdcli.cli import app
 from kdcli.cli_from_options import COMMON_PREPARE
@@ -84,14 +84,13 @@ def test_synth_command_offers_the_generator_options_with_its_defaults(name: str)
 @pytest.mark.parametrize("group", ["prepare", "synth"])
 def test_group_lists_every_registry_entry(group: str) -> None:
     registry = SOURCES if group == "prepare" else SYNTHS
-    result = CliRunner().invoke(app, [group, "--help"], terminal_width=200)
-    assert result.exit_code == 0, result.output
+    result = kdcli_run(group, "--help", terminal_width=200)
     for name in registry.names():
         assert name in result.output and registry.help(name)[:40] in result.output
 
 
 def test_mistyped_source_is_refused_with_a_suggestion() -> None:
-    result = CliRunner().invoke(app, ["prepare", "brat", "raw"])
+    result = kdcli_run("prepare", "brat", "raw", ok=False)
     assert result.exit_code == 2
     assert "brats" in result.output
 
@@ -99,12 +98,9 @@ def test_mistyped_source_is_refused_with_a_suggestion() -> None:
 def test_prepare_records_the_source_options_under_their_field_names(tmp_path: Path) -> None:
     """--split-seed reaches the source as `seed`, choices and paths as strings, unset options not at all."""
     raw, out = tmp_path / "raw", tmp_path / "shards"
-    made = CliRunner().invoke(app, ["synth", "multieye", str(raw), "--per-class", "3", "--size", "16"])
-    assert made.exit_code == 0, made.output
+    made = kdcli_run("synth", "multieye", raw, "--per-class", "3", "--size", "16")
     assert made.output.startswith(f"wrote 54 images to {raw}")  # 3 x 9 classes x 2 modalities: the report line
-    result = CliRunner().invoke(app, ["prepare", "multieye", str(raw), "--out", str(out), "--size", "16",
-                                      "--median", "3"])
-    assert result.exit_code == 0, result.output
+    kdcli_run("prepare", "multieye", raw, "--out", out, "--size", "16", "--median", "3")
     recorded = json.loads((out / "dataset.json").read_text())["prepare"]
     assert recorded["source_options"] == {"clahe": False, "median": 3}  # list_name not given: left out
     assert recorded["compression"] is None and recorded["size"] == 16
@@ -123,7 +119,7 @@ def captured_prepare(monkeypatch, *args: str):
         raise Captured
 
     monkeypatch.setattr("kdcli.prepare.prepare", capture)
-    result = CliRunner().invoke(app, ["prepare", *args])
+    result = kdcli_run("prepare", *args, ok=False)
     assert isinstance(result.exception, Captured), result.output
     return seen[0]
 
@@ -141,7 +137,7 @@ def test_source_options_reach_the_source_by_field_name(monkeypatch, tmp_path: Pa
 def test_fundus_grading_appends_and_requires_labels_and_task(monkeypatch, tmp_path: Path) -> None:
     options = captured_prepare(monkeypatch, "fundus-grading", str(tmp_path), "--labels", "l.csv", "--task", "dr")
     assert options.append and options.source_options == {"labels": "l.csv", "task": "dr", "split_seed": 0}
-    result = CliRunner().invoke(app, ["prepare", "fundus-grading", str(tmp_path), "--task", "dr"])
+    result = kdcli_run("prepare", "fundus-grading", tmp_path, "--task", "dr", ok=False)
     assert result.exit_code == 2 and "--labels" in result.output
 
 
