@@ -94,3 +94,22 @@ class Source:
         grid and crop, to rebuild it). Sources whose records are single images only implement `load`.
         A source that skips a bad record (--skip-bad) returns {"skipped": reason} and no samples."""
         return {}, iter([Sample(record.id, record.label, self.load(record, size))])
+
+
+class PhotoSource(Source):
+    """A source whose records are single RGB photos, stored padded to square and resized (graded fundus sets,
+    dermoscopy): `kdcli predict` reads raw photos with the same function."""
+
+    @classmethod
+    def raw_image_reader(cls, record: dict[str, Any], modality: str) -> Callable[[str], np.ndarray]:
+        import functools
+
+        from kdcli.sources.imaging import preprocess_photo
+
+        return functools.partial(preprocess_photo, size=int(record["size"]))
+
+    @classmethod
+    def preprocessing_steps(cls, record: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+        from kdcli.sources.imaging import resize_square_step
+
+        return ["decode to RGB uint8 (16-bit / 257)", resize_square_step(int(record["size"]))]

@@ -18,19 +18,17 @@ the file and row named, before anything is written.
 from __future__ import annotations
 
 import csv
-import functools
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kdcli.errors import KdcliError
-from kdcli.sources.base import Record, Scan, Source
-from kdcli.sources.imaging import read_image, resize_square, resize_square_step
+from kdcli.sources.base import PhotoSource, Record, Scan
+from kdcli.sources.imaging import preprocess_photo
 from kdcli.sources.splits import read_split_file
 
 GRADE_NAMES = {
@@ -153,9 +151,7 @@ def _declared_grades(value: object) -> int | None:
     return count
 
 
-def preprocess_image(path: str | Path, size: int) -> np.ndarray:
-    """One raw photo as `prepare` stores it (`kdcli predict` calls this too): RGB, zero-padded to square, resized."""
-    return resize_square(read_image(path, 3), size)
+preprocess_image = preprocess_photo  # one raw photo as `prepare` stores it (kdcli.sources.imaging)
 
 
 @dataclass
@@ -175,7 +171,7 @@ class FundusGradingOptions:
                 "seeded split)."})
 
 
-class FundusGradingSource(Source):
+class FundusGradingSource(PhotoSource):
     """Options: labels (CSV, required), task (required), image_dir, image_column, label_column,
     grades (number of grades, at least 2; default 5 for dr, 4 for amd, else the largest grade + 1), splits
     (CSV `image,split` or JSON: the split of every image), split_seed, ratios."""
@@ -184,14 +180,6 @@ class FundusGradingSource(Source):
     Options = FundusGradingOptions
     raw_help = "The set's folder (holds the label CSV and the images)."
     appends = True
-
-    @classmethod
-    def raw_image_reader(cls, record: dict, modality: str) -> Callable[[str], np.ndarray]:
-        return functools.partial(preprocess_image, size=int(record["size"]))
-
-    @classmethod
-    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
-        return ["decode to RGB uint8 (16-bit / 257)", resize_square_step(int(record["size"]))]
 
     def scan(self, raw: Path) -> Scan:
         task = self.options.get("task")

@@ -86,6 +86,12 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return square if square.ndim == 3 else square[:, :, None]
 
 
+def preprocess_photo(path: str | Path, size: int) -> np.ndarray:
+    """One raw RGB photo as a photo source stores it (`kdcli predict` calls this too): decoded to RGB uint8,
+    zero-padded to square, resized."""
+    return resize_square(read_image(path, 3), size)
+
+
 def resize_square_step(size: int) -> str:
     """resize_square in words, for the preprocessing contract `kdcli export` writes."""
     return f"zero-pad to a centred square, resize to {size}x{size} (cv2 INTER_AREA down, INTER_CUBIC up)"

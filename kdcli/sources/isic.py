@@ -16,8 +16,6 @@ This file and one registry line are all a new source needs (see kdcli/sources/ta
 from __future__ import annotations
 
 import csv
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -25,8 +23,8 @@ from typing import ClassVar
 import numpy as np
 
 from kdcli.errors import KdcliError
-from kdcli.sources.base import Record, Scan, Source
-from kdcli.sources.imaging import read_image, resize_square, resize_square_step
+from kdcli.sources.base import PhotoSource, Record, Scan
+from kdcli.sources.imaging import preprocess_photo
 from kdcli.sources.splits import parse_ratios, read_split_file, stratified_split
 from kdcli.sources.text import decoding, open_text
 
@@ -37,11 +35,6 @@ LABEL_FILES = ("ISIC_2019_Training_GroundTruth.csv", "ISIC_2020_Training_GroundT
 METADATA_2019 = "ISIC_2019_Training_Metadata.csv"
 IMAGE_DIRS = ("ISIC_2019_Training_Input", "train", "jpeg/train", "images", ".")
 SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def preprocess_image(path: str | Path, size: int) -> np.ndarray:
-    """One dermoscopy image as `prepare isic` stores it (`kdcli predict` calls this too): RGB, padded, resized."""
-    return resize_square(read_image(path, 3), size)
 
 
 @dataclass
@@ -103,19 +96,11 @@ def _target(path: Path, number: int, row: dict[str, str]) -> int:
     return int(value)
 
 
-class IsicSource(Source):
+class IsicSource(PhotoSource):
     name = "isic"
     Options: ClassVar[type] = IsicOptions
     raw_help: ClassVar[str] = "Folder of the ISIC download (ground-truth CSV and image folder)."
     default_size: ClassVar[int] = 224
-
-    @classmethod
-    def raw_image_reader(cls, record: dict, modality: str) -> Callable[[str], np.ndarray]:
-        return functools.partial(preprocess_image, size=int(record["size"]))
-
-    @classmethod
-    def preprocessing_steps(cls, record: dict, meta: dict) -> list[str]:
-        return ["decode to RGB uint8 (16-bit / 257)", resize_square_step(int(record["size"]))]
 
     def __init__(self, **options):
         try:
@@ -153,7 +138,7 @@ class IsicSource(Source):
                     extra={"release": release, "id_column": id_column}, notes=notes)
 
     def load(self, record: Record, size: int) -> dict[str, np.ndarray]:
-        return {"dermoscopy": preprocess_image(record.files["dermoscopy"], size)}
+        return {"dermoscopy": preprocess_photo(record.files["dermoscopy"], size)}
 
     @staticmethod
     def _lesions(metadata: Path) -> dict[str, str]:

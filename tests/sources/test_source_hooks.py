@@ -42,14 +42,15 @@ def test_the_record_keeps_only_the_pixel_options_and_the_sources_extras():
 def test_isic_raw_reader_is_what_prepare_stores(tmp_path):
     import cv2
 
-    from kdcli.sources.isic import IsicSource, preprocess_image
+    from kdcli.sources.imaging import preprocess_photo
+    from kdcli.sources.isic import IsicSource
 
     image = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(40, 30, 3)
     path = tmp_path / "ISIC_0000001.jpg"
     cv2.imwrite(str(path), image)
     record = {"source": "isic", "size": 32, "options": {}, "modalities": {"dermoscopy": {"shape": [32, 32, 3]}}}
     reader = IsicSource.raw_image_reader(record, "dermoscopy")
-    assert np.array_equal(reader(str(path)), preprocess_image(path, 32))
+    assert np.array_equal(reader(str(path)), preprocess_photo(path, 32))
     assert reader(str(path)).shape == (32, 32, 3)
     assert IsicSource.preprocessing_steps(record, {"modality": "dermoscopy"})[-1].endswith(
         "(cv2 INTER_AREA down, INTER_CUBIC up)")
