@@ -98,3 +98,16 @@ def test_fundus_and_png_xrays_need_no_optional_package(multieye_raw, xrays, tmp_
                  ["prepare", "cxr", xrays["png"], "--out", tmp_path / "xray", "--size", "32"]):
         kdcli_run(*args)
         assert (Path(args[4]) / "manifest.parquet").is_file()
+
+
+def test_a_nifti_column_without_nibabel_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    """`prepare table` reads NIfTI columns through the [mri] extra: without nibabel, one line naming it."""
+    from kdcli.synth.table import synth_table
+
+    synth_table(tmp_path / "lab", samples=10, size=16, scan_format="nifti")
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    result = kdcli_run("prepare", "table", tmp_path / "lab" / "table.csv", "--out", tmp_path / "out", ok=False)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "needs the nibabel package" in lines[0] and "kdcli[mri]" in lines[0], result.output
+    assert not (tmp_path / "out").exists()

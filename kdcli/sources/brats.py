@@ -141,7 +141,7 @@ def _case_files(folder: Path, names: list[str]) -> tuple[dict[str, dict[str, Pat
 
 
 def nibabel_module() -> ModuleType:
-    """nibabel, the [mri] extra: BraTS volumes are the only NIfTI kdcli reads."""
+    """nibabel, the [mri] extra (BraTS volumes; `prepare table` asks for it too, for NIfTI columns)."""
     return require("nibabel", "mri", "reading BraTS NIfTI volumes")
 
 

@@ -36,6 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from kdcli.errors import KdcliError
+from kdcli.extras import require
 from kdcli.sources.base import UNLABELED, Record, Scan, Source
 from kdcli.sources.imaging import read_image, resize_square, resize_square_step
 from kdcli.sources.splits import SPLIT_ALIASES, parse_ratios, stratified_split
@@ -107,8 +108,7 @@ def is_dicom(path: str | Path) -> bool:
 def read_nifti(path: str | Path) -> np.ndarray:
     """A NIfTI image as grey uint8 (H, W): a 2-D image, or a volume's middle slice along its last axis, scaled
     from its 0.5..99.5 percentiles (MRI and CT have no fixed range)."""
-    import nibabel as nib
-
+    nib = require("nibabel", "mri", "reading NIfTI columns")
     try:
         data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
     except FileNotFoundError:
